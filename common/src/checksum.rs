@@ -1,0 +1,114 @@
+//! `IMPORTER_CHECKSUM=algorithm:hex`, verified over the source bytes as they stream.
+
+use sha2::digest::DynDigest;
+use std::io::{self, Read};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ChecksumError {
+    #[error(
+        "invalid checksum {0:?}: expected algorithm:hexdigest with md5, sha1, sha256 or sha512"
+    )]
+    Invalid(String),
+    #[error("checksum mismatch: expected {algorithm}:{expected}, got {algorithm}:{actual}")]
+    Mismatch {
+        algorithm: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checksum {
+    algorithm: String,
+    expected: String,
+}
+
+impl Checksum {
+    pub fn parse(s: &str) -> Result<Self, ChecksumError> {
+        let invalid = || ChecksumError::Invalid(s.to_string());
+        let (alg, hex_digest) = s.trim().split_once(':').ok_or_else(invalid)?;
+        let alg = alg.to_ascii_lowercase();
+        let len = match alg.as_str() {
+            "md5" => 32,
+            "sha1" => 40,
+            "sha256" => 64,
+            "sha512" => 128,
+            _ => return Err(invalid()),
+        };
+        let expected = hex_digest.to_ascii_lowercase();
+        if expected.len() != len || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid());
+        }
+        Ok(Checksum {
+            algorithm: alg,
+            expected,
+        })
+    }
+
+    fn hasher(&self) -> Box<dyn DynDigest + Send> {
+        match self.algorithm.as_str() {
+            "md5" => Box::new(md5::Md5::default()),
+            "sha1" => Box::new(sha1::Sha1::default()),
+            "sha512" => Box::new(sha2::Sha512::default()),
+            _ => Box::new(sha2::Sha256::default()),
+        }
+    }
+}
+
+/// Hashes everything read through it; [`HashingReader::verify`] at the end.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Box<dyn DynDigest + Send>,
+    want: Checksum,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R, want: Checksum) -> Self {
+        HashingReader {
+            inner,
+            hasher: want.hasher(),
+            want,
+        }
+    }
+
+    pub fn verify(self) -> Result<(), ChecksumError> {
+        let actual = hex::encode(self.hasher.finalize());
+        if actual == self.want.expected {
+            Ok(())
+        } else {
+            Err(ChecksumError::Mismatch {
+                algorithm: self.want.algorithm,
+                expected: self.want.expected,
+                actual,
+            })
+        }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_and_reports_mismatch() {
+        let sha = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let mut r = HashingReader::new(&b"abc"[..], Checksum::parse(sha).expect("parse"));
+        std::io::copy(&mut r, &mut std::io::sink()).expect("read");
+        r.verify().expect("match");
+        let mut r = HashingReader::new(&b"abd"[..], Checksum::parse(sha).expect("parse"));
+        std::io::copy(&mut r, &mut std::io::sink()).expect("read");
+        let e = r.verify().expect_err("mismatch");
+        assert!(e.to_string().contains("checksum mismatch"));
+        assert!(Checksum::parse("md5:xyz").is_err());
+        assert!(Checksum::parse("crc32:00000000").is_err());
+        assert!(Checksum::parse("MD5:900150983CD24FB0D6963F7D28E17F72").is_ok());
+    }
+}

@@ -1,0 +1,9 @@
+//! Decoding layers, each a `Read -> Read` adapter: compression (gzip, xz, zstd,
+//! bzip2) and tar (pick the one disk file, or unpack an archive safely).
+
+pub mod compression;
+pub mod peek;
+pub mod tar;
+
+pub use compression::decompressor;
+pub use peek::PeekReader;

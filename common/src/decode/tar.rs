@@ -1,0 +1,429 @@
+//! Tar, two ways. For a disk image (`IMPORTER_CONTENTTYPE=kubevirt`) the archive must
+//! hold exactly one regular file, which is streamed on without ever touching the
+//! filesystem. For `archive` content the tar is unpacked into a directory with no way
+//! out of it: no absolute paths, no `..`, no writes through links, no device nodes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("reading tar archive: {0}")]
+    Read(#[source] io::Error),
+    #[error("tar archive contains no regular file")]
+    NoFile,
+    #[error("tar archive contains more than one regular file ({first:?} and {second:?}); a disk archive must hold exactly one")]
+    SeveralFiles { first: String, second: String },
+    #[error("tar entry {path:?} is unsafe: {why}")]
+    Unsafe { path: String, why: &'static str },
+    #[error("unpacking {path:?}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("archive content is larger than the reported available storage {limit}. A larger PVC is required")]
+    TooLarge { limit: u64 },
+}
+
+/// One regular file found in a tar stream.
+pub struct TarFile<'a> {
+    pub name: String,
+    pub size: u64,
+    pub reader: &'a mut dyn Read,
+}
+
+/// Streams the archive's one regular file through `f`, then reads the rest of the
+/// archive to make sure there is no second one (a tar with two files is ambiguous; we
+/// refuse it instead of guessing). `f`'s error type must absorb tar errors.
+pub fn with_single_file<R, T, E>(
+    reader: R,
+    f: impl FnOnce(TarFile<'_>) -> Result<T, E>,
+) -> Result<T, E>
+where
+    R: Read,
+    E: From<TarError>,
+{
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = archive.entries().map_err(TarError::Read)?;
+    let mut result = None;
+    let mut first_name = String::new();
+    let mut f = Some(f);
+    for entry in entries.by_ref() {
+        let mut entry = entry.map_err(TarError::Read)?;
+        if !entry.header().entry_type().is_file() && !entry.header().entry_type().is_gnu_sparse() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "<invalid name>".into());
+        let size = entry.size();
+        if let Some(f) = f.take() {
+            first_name = name.clone();
+            let out = f(TarFile {
+                name,
+                size,
+                reader: &mut entry,
+            })?;
+            // The consumer may stop early (e.g. after a trailer); drain so the next
+            // header is read from the right place.
+            io::copy(&mut entry, &mut io::sink()).map_err(TarError::Read)?;
+            result = Some(out);
+        } else if size > 0 {
+            return Err(TarError::SeveralFiles {
+                first: first_name,
+                second: name,
+            }
+            .into());
+        }
+    }
+    result.ok_or_else(|| TarError::NoFile.into())
+}
+
+/// What [`unpack`] wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UnpackStats {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Unpacks a tar stream into `dir`, writing at most `limit` bytes of file content.
+/// Permissions are kept (without setuid/setgid/sticky), ownership is not
+/// (`--no-same-owner`, as CDI runs tar). Device nodes and fifos are skipped with a log
+/// line: an unprivileged pod cannot create them and they have no place on a data volume.
+pub fn unpack<R: Read>(
+    reader: R,
+    dir: &Path,
+    limit: u64,
+    mut on_bytes: impl FnMut(u64),
+) -> Result<UnpackStats, TarError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut stats = UnpackStats::default();
+    for entry in archive.entries().map_err(TarError::Read)? {
+        let mut entry = entry.map_err(TarError::Read)?;
+        let raw_path = entry.path().map_err(TarError::Read)?.into_owned();
+        let shown = raw_path.display().to_string();
+        let Some(rel) = safe_relative(&raw_path).map_err(|why| TarError::Unsafe {
+            path: shown.clone(),
+            why,
+        })?
+        else {
+            continue; // "." itself
+        };
+        let target = dir.join(&rel);
+        let kind = entry.header().entry_type();
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let werr = |source| TarError::Write {
+            path: target.clone(),
+            source,
+        };
+        if kind.is_dir() {
+            make_dirs(dir, &rel).map_err(werr)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700)).map_err(werr)?;
+        } else if kind.is_file() || kind.is_gnu_sparse() || kind.is_contiguous() {
+            if let Some(parent) = rel.parent() {
+                make_dirs(dir, parent).map_err(werr)?;
+            }
+            let mut out = create_nofollow(&target, mode).map_err(werr)?;
+            let mut limited = LimitedCopy {
+                remaining: limit.saturating_sub(stats.bytes),
+                on_bytes: &mut on_bytes,
+            };
+            let n = limited.copy(&mut entry, &mut out).map_err(|e| match e {
+                CopyError::Limit => TarError::TooLarge { limit },
+                CopyError::Read(e) => TarError::Read(e),
+                CopyError::Write(e) => werr(e),
+            })?;
+            stats.bytes += n;
+            stats.files += 1;
+        } else if kind.is_symlink() {
+            let link = entry
+                .link_name()
+                .map_err(TarError::Read)?
+                .ok_or(TarError::Unsafe {
+                    path: shown.clone(),
+                    why: "symlink without target",
+                })?;
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            if link.is_absolute() || !stays_inside(parent, &link) {
+                return Err(TarError::Unsafe {
+                    path: shown,
+                    why: "symlink points outside the destination",
+                });
+            }
+            make_dirs(dir, parent).map_err(werr)?;
+            std::os::unix::fs::symlink(&link, &target).map_err(werr)?;
+        } else if kind.is_hard_link() {
+            let link = entry
+                .link_name()
+                .map_err(TarError::Read)?
+                .ok_or(TarError::Unsafe {
+                    path: shown.clone(),
+                    why: "hard link without target",
+                })?;
+            let Some(link_rel) = safe_relative(&link).map_err(|why| TarError::Unsafe {
+                path: shown.clone(),
+                why,
+            })?
+            else {
+                return Err(TarError::Unsafe {
+                    path: shown,
+                    why: "hard link to the destination itself",
+                });
+            };
+            let src = dir.join(link_rel);
+            // Only to a regular file we unpacked ourselves: never through a symlink.
+            match fs::symlink_metadata(&src) {
+                Ok(m) if m.file_type().is_file() => {}
+                _ => {
+                    return Err(TarError::Unsafe {
+                        path: shown,
+                        why: "hard link target is not a regular file inside the destination",
+                    })
+                }
+            }
+            if let Some(parent) = rel.parent() {
+                make_dirs(dir, parent).map_err(werr)?;
+            }
+            fs::hard_link(&src, &target).map_err(werr)?;
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+            tracing::warn!(path = %shown, "skipping device node or fifo in archive");
+        }
+    }
+    Ok(stats)
+}
+
+/// Normalises a tar path to a relative path, refusing absolute paths and `..`.
+/// `Ok(None)` means the path names the destination itself (`.` or `./`).
+fn safe_relative(p: &Path) -> Result<Option<PathBuf>, &'static str> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path contains '..'"),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+        }
+    }
+    Ok(if out.as_os_str().is_empty() {
+        None
+    } else {
+        Some(out)
+    })
+}
+
+/// Whether `link`, taken relative to directory `from` (itself relative to the
+/// destination root), stays inside the root when resolved lexically.
+fn stays_inside(from: &Path, link: &Path) -> bool {
+    let mut depth: i64 = from.components().count() as i64;
+    for c in link.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Creates `rel` below `root` one component at a time, refusing to pass through
+/// anything that is not a real directory (an earlier entry may have planted a symlink).
+fn make_dirs(root: &Path, rel: &Path) -> io::Result<()> {
+    let mut cur = root.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "path component exists and is not a directory",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&cur)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn create_nofollow(path: &Path, mode: u32) -> io::Result<File> {
+    // An existing symlink at the final component makes open fail (ELOOP) instead of
+    // writing wherever it points; an existing regular file is replaced.
+    if let Ok(m) = fs::symlink_metadata(path) {
+        if m.file_type().is_file() {
+            fs::remove_file(path)?;
+        }
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+enum CopyError {
+    Limit,
+    Read(io::Error),
+    Write(io::Error),
+}
+
+struct LimitedCopy<'a, F: FnMut(u64)> {
+    remaining: u64,
+    on_bytes: &'a mut F,
+}
+
+impl<F: FnMut(u64)> LimitedCopy<'_, F> {
+    fn copy(&mut self, r: &mut dyn Read, w: &mut File) -> Result<u64, CopyError> {
+        use std::io::Write;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(CopyError::Read(e)),
+            };
+            if n as u64 > self.remaining {
+                return Err(CopyError::Limit);
+            }
+            self.remaining -= n as u64;
+            w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+            (self.on_bytes)(n as u64);
+            total += n as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link");
+            }
+            // Bypass the builder's own path checks: we want hostile names in the stream.
+            let nb = name.as_bytes();
+            h.as_old_mut().name[..nb.len()].copy_from_slice(nb);
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn single_file_is_streamed() {
+        let t = tar_of(&[
+            ("d/", tar::EntryType::Directory, b"", None),
+            ("d/disk.img", tar::EntryType::Regular, b"DATA", None),
+        ]);
+        let got: Result<(String, Vec<u8>), TarError> = with_single_file(&t[..], |f| {
+            let mut v = Vec::new();
+            f.reader.read_to_end(&mut v).map_err(TarError::Read)?;
+            Ok((f.name, v))
+        });
+        let (name, data) = got.expect("one file");
+        assert_eq!(name, "d/disk.img");
+        assert_eq!(data, b"DATA");
+    }
+
+    #[test]
+    fn two_files_refused() {
+        let t = tar_of(&[
+            ("a", tar::EntryType::Regular, b"1", None),
+            ("b", tar::EntryType::Regular, b"2", None),
+        ]);
+        let r: Result<(), TarError> = with_single_file(&t[..], |_| Ok(()));
+        assert!(matches!(r, Err(TarError::SeveralFiles { .. })), "{r:?}");
+        let empty = tar_of(&[("d/", tar::EntryType::Directory, b"", None)]);
+        let r: Result<(), TarError> = with_single_file(&empty[..], |_| Ok(()));
+        assert!(matches!(r, Err(TarError::NoFile)));
+    }
+
+    #[test]
+    fn unpack_refuses_escapes() {
+        for (entries, what) in [
+            (
+                vec![("../evil", tar::EntryType::Regular, &b"x"[..], None)],
+                "dotdot",
+            ),
+            (
+                vec![("/etc/evil", tar::EntryType::Regular, &b"x"[..], None)],
+                "absolute",
+            ),
+            (
+                vec![("l", tar::EntryType::Symlink, &b""[..], Some("../../etc"))],
+                "symlink out",
+            ),
+            (
+                vec![("l", tar::EntryType::Symlink, &b""[..], Some("/etc"))],
+                "symlink absolute",
+            ),
+            (
+                vec![("h", tar::EntryType::Link, &b""[..], Some("../outside"))],
+                "hardlink out",
+            ),
+        ] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let t = tar_of(&entries);
+            let r = unpack(&t[..], dir.path(), u64::MAX, |_| {});
+            assert!(matches!(r, Err(TarError::Unsafe { .. })), "{what}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn unpack_never_writes_through_a_symlink() {
+        let outside = tempfile::tempdir().expect("tmp");
+        let dir = tempfile::tempdir().expect("tmp");
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("sub")).expect("plant");
+        let t = tar_of(&[("sub/file", tar::EntryType::Regular, b"x", None)]);
+        assert!(unpack(&t[..], dir.path(), u64::MAX, |_| {}).is_err());
+        assert!(!outside.path().join("file").exists());
+
+        let t = tar_of(&[
+            ("inner", tar::EntryType::Symlink, b"", Some("a")),
+            ("inner", tar::EntryType::Regular, b"x", None),
+        ]);
+        let dir2 = tempfile::tempdir().expect("tmp");
+        assert!(unpack(&t[..], dir2.path(), u64::MAX, |_| {}).is_err());
+    }
+
+    #[test]
+    fn unpack_writes_files_links_and_respects_limit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t = tar_of(&[
+            ("./a/", tar::EntryType::Directory, b"", None),
+            ("./a/f", tar::EntryType::Regular, b"hello", None),
+            ("./a/l", tar::EntryType::Symlink, b"", Some("f")),
+            ("./h", tar::EntryType::Link, b"", Some("a/f")),
+        ]);
+        let stats = unpack(&t[..], dir.path(), u64::MAX, |_| {}).expect("unpack");
+        assert_eq!(stats.bytes, 5);
+        assert_eq!(
+            fs::read(dir.path().join("a/l")).expect("via link"),
+            b"hello"
+        );
+        assert_eq!(fs::read(dir.path().join("h")).expect("hardlink"), b"hello");
+        let dir = tempfile::tempdir().expect("tmp");
+        let r = unpack(&t[..], dir.path(), 3, |_| {});
+        assert!(matches!(r, Err(TarError::TooLarge { .. })));
+    }
+}

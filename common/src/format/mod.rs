@@ -1,0 +1,5 @@
+//! Recognising what a byte stream is, by content alone (never by file name).
+
+pub mod sniff;
+
+pub use sniff::{sniff, Format, SNIFF_LEN};

@@ -1,0 +1,21 @@
+//! The ferrydisk streaming pipeline: `Source -> decode layers -> format -> Sink`.
+//!
+//! Everything here is I/O-policy free: the binaries decide where bytes come from and
+//! where they go; this crate turns a byte stream into a disk image on a sink in bounded
+//! memory. The pipeline is built from blocking `std::io::Read` adapters because every
+//! decoder we use (flate2, xz2, zstd, bzip2, tar) is synchronous and CPU-bound; async
+//! sources hand their bytes in through [`stream::ChannelReader`], which applies
+//! back-pressure to the network.
+
+pub mod checksum;
+pub mod decode;
+pub mod error;
+pub mod format;
+pub mod pipeline;
+pub mod progress;
+pub mod sink;
+pub mod space;
+pub mod stream;
+pub mod termination;
+
+pub use error::ErrorKind;

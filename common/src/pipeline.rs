@@ -1,0 +1,343 @@
+//! The data path: peel compression and tar layers (detected by content, nestable), then
+//! hand the disk format's bytes to the writer. Runs on a blocking thread.
+
+use crate::decode::{self, tar::TarError, PeekReader};
+use crate::error::{find_in_chain, ErrorKind, SourceError};
+use crate::format::{sniff, Format, SNIFF_LEN};
+use crate::progress::Progress;
+use crate::sink::sparse::{CopyError, SparseWriter};
+use crate::sink::SinkError;
+use crate::stream::CountingReader;
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+/// More nesting than this (a gzip of a tar of an xz of ...) is refused: real images have
+/// one or two layers, and each layer costs a decoder's memory.
+pub const MAX_LAYERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading source: {0}")]
+    Read(#[source] io::Error),
+    #[error("{format} stream is corrupt: {source}")]
+    Corrupt {
+        format: Format,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tar(#[from] TarError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("{0} images are not supported yet: ferrydisk converts raw disk images (optionally compressed or in a tar)")]
+    Unsupported(Format),
+    #[error("archive content must be a tar archive, found {0}")]
+    NotAnArchive(Format),
+    #[error("more than {MAX_LAYERS} nested compression/archive layers")]
+    TooDeep,
+    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+impl PipelineError {
+    pub fn kind(&self) -> ErrorKind {
+        if let Some(s) = find_in_chain::<SourceError>(self) {
+            return s.kind;
+        }
+        match self {
+            PipelineError::Read(_) => ErrorKind::Io,
+            PipelineError::Corrupt { .. }
+            | PipelineError::NotAnArchive(_)
+            | PipelineError::TooDeep => ErrorKind::CorruptImage,
+            PipelineError::Tar(TarError::TooLarge { .. }) | PipelineError::TooLarge { .. } => {
+                ErrorKind::TooLarge
+            }
+            PipelineError::Tar(TarError::Write { .. }) => ErrorKind::Io,
+            PipelineError::Tar(_) => ErrorKind::CorruptImage,
+            PipelineError::Sink(e) => e.kind(),
+            PipelineError::Unsupported(_) => ErrorKind::UnsupportedFormat,
+        }
+    }
+
+    /// The source failure this error carries, if the source is what failed.
+    pub fn source_error(&self) -> Option<&SourceError> {
+        find_in_chain::<SourceError>(self)
+    }
+}
+
+/// What was found and written.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Layers peeled, outermost first (e.g. `[Gzip, Tar]`).
+    pub layers: Vec<Format>,
+    /// The disk format under the layers.
+    pub format: Option<Format>,
+    pub virtual_size: u64,
+    pub tar_entry: Option<String>,
+}
+
+impl Report {
+    /// `gzip+tar+raw`, for logs.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<&str> = self.layers.iter().map(|f| f.name()).collect();
+        if let Some(f) = self.format {
+            parts.push(f.name());
+        }
+        parts.join("+")
+    }
+}
+
+pub struct Options {
+    /// The most bytes the image may occupy (available space of the volume).
+    pub limit: u64,
+    /// Length of the source stream if known (Content-Length); it is the virtual size
+    /// when no layer sits on top of a raw image.
+    pub source_len: Option<u64>,
+    pub progress: Arc<Progress>,
+}
+
+/// Decodes `source` into `writer` (content type `kubevirt`).
+pub fn write_disk(
+    source: &mut dyn Read,
+    writer: &mut SparseWriter,
+    opts: &Options,
+) -> Result<Report, PipelineError> {
+    let mut report = Report::default();
+    disk_layer(source, writer, opts, opts.source_len, &mut report)?;
+    Ok(report)
+}
+
+fn disk_layer(
+    r: &mut dyn Read,
+    writer: &mut SparseWriter,
+    opts: &Options,
+    known_len: Option<u64>,
+    report: &mut Report,
+) -> Result<(), PipelineError> {
+    let last = report.layers.last().copied();
+    let mut peek = PeekReader::new(r, SNIFF_LEN).map_err(|e| read_error(e, last))?;
+    let format = sniff(peek.head());
+    if format.is_compression() {
+        push_layer(report, format)?;
+        if format == Format::Zstd {
+            if let Some(size) =
+                decode::compression::zstd_declared_size(peek.head()).filter(|&s| s > opts.limit)
+            {
+                return Err(PipelineError::TooLarge {
+                    size,
+                    limit: opts.limit,
+                });
+            }
+        }
+        let mut d = decode::decompressor(format, &mut peek)
+            .map_err(|e| read_error(e, Some(format)))?
+            .ok_or(PipelineError::Unsupported(format))?;
+        return disk_layer(&mut d, writer, opts, None, report);
+    }
+    match format {
+        Format::Tar => {
+            push_layer(report, format)?;
+            decode::tar::with_single_file(&mut peek, |f| {
+                if f.size > opts.limit {
+                    return Err(PipelineError::TooLarge {
+                        size: f.size,
+                        limit: opts.limit,
+                    });
+                }
+                report.tar_entry = Some(f.name);
+                disk_layer(f.reader, writer, opts, Some(f.size), report)
+            })
+        }
+        Format::Raw => {
+            report.format = Some(Format::Raw);
+            if let Some(size) = known_len {
+                if size > opts.limit {
+                    return Err(PipelineError::TooLarge {
+                        size,
+                        limit: opts.limit,
+                    });
+                }
+                opts.progress.set_virtual_total(Some(size));
+            }
+            tracing::info!(format = %report.describe(), virtual_size = ?known_len, "detected image");
+            let progress = opts.progress.clone();
+            let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
+            writer.copy_from(&mut counted).map_err(|e| match e {
+                CopyError::Read(e) => read_error(e, last),
+                CopyError::Sink(e) => PipelineError::Sink(e),
+            })?;
+            report.virtual_size = writer.position();
+            Ok(())
+        }
+        other => {
+            report.format = Some(other);
+            Err(PipelineError::Unsupported(other))
+        }
+    }
+}
+
+/// Unpacks a (possibly compressed) tar into `dir` (content type `archive`).
+pub fn unpack_archive(
+    source: &mut dyn Read,
+    dir: &Path,
+    opts: &Options,
+) -> Result<Report, PipelineError> {
+    let mut report = Report::default();
+    archive_layer(source, dir, opts, &mut report)?;
+    Ok(report)
+}
+
+fn archive_layer(
+    r: &mut dyn Read,
+    dir: &Path,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<(), PipelineError> {
+    let last = report.layers.last().copied();
+    let mut peek = PeekReader::new(r, SNIFF_LEN).map_err(|e| read_error(e, last))?;
+    let format = sniff(peek.head());
+    push_layer(report, format)?;
+    if format.is_compression() {
+        let mut d = decode::decompressor(format, &mut peek)
+            .map_err(|e| read_error(e, Some(format)))?
+            .ok_or(PipelineError::Unsupported(format))?;
+        return archive_layer(&mut d, dir, opts, report);
+    }
+    if format != Format::Tar {
+        return Err(PipelineError::NotAnArchive(format));
+    }
+    let progress = opts.progress.clone();
+    let stats = decode::tar::unpack(&mut peek, dir, opts.limit, |n| {
+        progress.add_decoded(n);
+        progress.add_written(n);
+    })?;
+    report.virtual_size = stats.bytes;
+    tracing::info!(files = stats.files, bytes = stats.bytes, dir = %dir.display(), "unpacked archive");
+    Ok(())
+}
+
+fn push_layer(report: &mut Report, f: Format) -> Result<(), PipelineError> {
+    if report.layers.len() >= MAX_LAYERS {
+        return Err(PipelineError::TooDeep);
+    }
+    report.layers.push(f);
+    Ok(())
+}
+
+/// A read error below a decoder is the decoder's (corrupt data) unless it came from
+/// the source itself.
+fn read_error(e: io::Error, layer: Option<Format>) -> PipelineError {
+    if find_in_chain::<SourceError>(&e).is_some() {
+        return PipelineError::Read(e);
+    }
+    match layer {
+        Some(format) => PipelineError::Corrupt { format, source: e },
+        None => PipelineError::Read(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::sparse::tests::MemTarget;
+    use crate::sink::sparse::WriterOptions;
+    use std::io::Write;
+
+    fn run(input: &[u8], limit: u64) -> (Result<Report, PipelineError>, Vec<u8>) {
+        let t = MemTarget::default();
+        let mut w = SparseWriter::spawn(
+            Box::new(t.clone()),
+            WriterOptions {
+                limit,
+                ..Default::default()
+            },
+        );
+        let opts = Options {
+            limit,
+            source_len: Some(input.len() as u64),
+            progress: Arc::default(),
+        };
+        let r = write_disk(&mut &input[..], &mut w, &opts);
+        match &r {
+            Ok(rep) => {
+                w.finish(rep.virtual_size).expect("finish");
+            }
+            Err(_) => w.abort(),
+        }
+        let data = t.data.lock().expect("lock").clone();
+        (r, data)
+    }
+
+    fn disk() -> Vec<u8> {
+        let mut d = vec![0u8; 3 << 20];
+        for (i, b) in d.iter_mut().enumerate().skip(70_000).take(500_000) {
+            *b = (i % 251) as u8;
+        }
+        d
+    }
+
+    #[test]
+    fn gzip_of_tar_of_raw() {
+        let img = disk();
+        let mut tb = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(img.len() as u64);
+        h.set_mode(0o644);
+        tb.append_data(&mut h, "disk.img", &img[..]).expect("tar");
+        let t = tb.into_inner().expect("tar");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&t).expect("gz");
+        let gz = e.finish().expect("gz");
+        let (r, data) = run(&gz, u64::MAX);
+        let rep = r.expect("ok");
+        assert_eq!(rep.describe(), "gzip+tar+raw");
+        assert_eq!(rep.tar_entry.as_deref(), Some("disk.img"));
+        assert_eq!(data, img);
+    }
+
+    #[test]
+    fn too_large_raw_is_refused_before_writing() {
+        let img = disk();
+        let (r, data) = run(&img, 1 << 20);
+        assert!(matches!(r, Err(PipelineError::TooLarge { .. })), "{r:?}");
+        assert!(data.is_empty());
+        assert_eq!(r.expect_err("err").kind(), ErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn decompression_bomb_is_capped() {
+        let zeros = vec![0u8; 8 << 20];
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&zeros).expect("xz");
+        let xz = e.finish().expect("xz");
+        let (r, _) = run(&xz, 2 << 20);
+        let err = r.expect_err("bomb");
+        assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+        assert!(err
+            .to_string()
+            .contains("is larger than the reported available storage"));
+    }
+
+    #[test]
+    fn corrupt_zstd_is_named() {
+        let mut z = zstd::encode_all(&disk()[..], 1).expect("zstd");
+        let n = z.len();
+        z.truncate(n / 2);
+        let (r, _) = run(&z, u64::MAX);
+        let err = r.expect_err("corrupt");
+        assert_eq!(err.kind(), ErrorKind::CorruptImage, "{err}");
+        assert!(
+            err.to_string().starts_with("zstd stream is corrupt"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn qcow2_is_reported_unsupported() {
+        let mut q = b"QFI\xfb\0\0\0\x03".to_vec();
+        q.resize(4096, 0);
+        let (r, _) = run(&q, u64::MAX);
+        assert!(matches!(r, Err(PipelineError::Unsupported(Format::Qcow2))));
+    }
+}

@@ -1,0 +1,154 @@
+//! A block device as the disk (`/dev/cdi-block-volume`). A device keeps whatever it held
+//! before, so skipped zero runs must be zeroed explicitly: `fallocate(ZERO_RANGE)`
+//! (the kernel's BLKZEROOUT path, offloaded to the device where it can), falling back to
+//! writing zeros. Adjacent zero runs are merged so a mostly-empty disk costs few calls.
+
+use super::{FinishInfo, Target};
+use rustix::fs::{fadvise, fallocate, fdatasync, Advice, FallocateFlags};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+pub struct BlockTarget {
+    path: PathBuf,
+    file: File,
+    direct: Option<File>,
+    size: u64,
+    pending_zero: Option<(u64, u64)>,
+    zero_offload: bool,
+}
+
+impl BlockTarget {
+    pub fn open(path: &Path, try_direct: bool) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        // lseek(SEEK_END) on a block device returns its size: no ioctl needed.
+        let size = file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(0))?;
+        let direct = if try_direct {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+        } else {
+            None
+        };
+        Ok(BlockTarget {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            size,
+            pending_zero: None,
+            zero_offload: true,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn flush_zero(&mut self) -> io::Result<()> {
+        let Some((start, end)) = self.pending_zero.take() else {
+            return Ok(());
+        };
+        zero_range(&self.file, &mut self.zero_offload, start, end - start)
+    }
+}
+
+/// Zeroes `[offset, offset+len)` of a device; also used for blank preallocated disks.
+pub fn zero_range(file: &File, offload: &mut bool, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // ZERO_RANGE needs logical-block alignment; everything we pass is 4 KiB aligned
+    // except possibly the image's tail, which goes through the write path below.
+    if *offload && offset.is_multiple_of(512) && len.is_multiple_of(512) {
+        match fallocate(
+            file,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::info!(error = %e, "device does not zero ranges by itself; writing zeros");
+                *offload = false;
+            }
+        }
+    }
+    static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+    let mut off = offset;
+    let end = offset + len;
+    while off < end {
+        let n = ((end - off) as usize).min(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+impl Target for BlockTarget {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if offset + buf.len() as u64 > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("write past the end of the device ({} bytes)", self.size),
+            ));
+        }
+        match &self.direct {
+            Some(d) if super::direct_aligned(offset, buf) => d.write_all_at(buf, offset),
+            _ => self.file.write_all_at(buf, offset),
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        match self.pending_zero {
+            Some((s, e)) if e == offset => self.pending_zero = Some((s, offset + len)),
+            _ => {
+                self.flush_zero()?;
+                self.pending_zero = Some((offset, offset + len));
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
+        self.flush_zero()?;
+        if self.direct.is_none() {
+            fdatasync(&self.file)?;
+            let _ = fadvise(
+                &self.file,
+                0,
+                std::num::NonZeroU64::new(upto),
+                Advice::DontNeed,
+            );
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _final_len: u64) -> io::Result<FinishInfo> {
+        self.flush_zero()?;
+        self.file.sync_all()?;
+        if let Some(d) = &self.direct {
+            d.sync_all()?;
+        }
+        let _ = fadvise(&self.file, 0, None, Advice::DontNeed);
+        // Every byte of the image was written or explicitly zeroed.
+        Ok(FinishInfo {
+            preallocated: false,
+        })
+    }
+
+    fn abort(&mut self) {
+        let _ = self.file.sync_all();
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        Some(self.size)
+    }
+}

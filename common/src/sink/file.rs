@@ -1,0 +1,169 @@
+//! A regular file as the disk (`/data/disk.img`). The file is truncated when opened, so
+//! every byte we do not write is a hole that reads as zero: a rerun after `kill -9`
+//! starts from an empty file, never appends, and zero runs cost nothing.
+
+use super::{FinishInfo, Target};
+use rustix::fs::{fadvise, fallocate, fdatasync, Advice, FallocateFlags};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub struct FileTarget {
+    path: PathBuf,
+    file: File,
+    /// A second handle with O_DIRECT for aligned writes when `CACHE_MODE=TRYNONE` and
+    /// the filesystem allows it (tmpfs, for one, does not).
+    direct: Option<File>,
+    preallocate: bool,
+}
+
+impl FileTarget {
+    /// Creates or truncates `path` (mode 0660, as CDI leaves disk.img).
+    pub fn create(path: &Path, preallocate: bool, try_direct: bool) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o660)
+            .open(path)?;
+        // An existing file keeps its old mode through open(); CDI chmods to 0660.
+        file.set_permissions(std::fs::Permissions::from_mode(0o660))?;
+        let direct = if try_direct {
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::info!(path = %path.display(), error = %e, "O_DIRECT not available on this destination; using buffered writes with page-cache checkpoints");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(FileTarget {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            preallocate,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+}
+
+impl Target for FileTarget {
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        match &self.direct {
+            Some(d) if super::direct_aligned(offset, buf) => d.write_all_at(buf, offset),
+            _ => self.file.write_all_at(buf, offset),
+        }
+    }
+
+    fn zero(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(()) // a hole in a freshly truncated file already reads as zeros
+    }
+
+    fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
+        if self.direct.is_none() {
+            fdatasync(&self.file)?;
+            // Written pages are clean now; dropping them keeps the pod's page cache (and
+            // its memory cgroup charge) flat however large the image is.
+            let _ = fadvise(
+                &self.file,
+                0,
+                std::num::NonZeroU64::new(upto),
+                Advice::DontNeed,
+            );
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo> {
+        if self.file.metadata()?.len() != final_len {
+            self.file.set_len(final_len)?;
+        }
+        let mut preallocated = false;
+        if self.preallocate && final_len > 0 {
+            match fallocate(&self.file, FallocateFlags::empty(), 0, final_len) {
+                Ok(()) => preallocated = true,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "preallocation not supported by this filesystem; the disk stays sparse")
+                }
+            }
+        }
+        self.file.sync_all()?;
+        if let Some(d) = &self.direct {
+            d.sync_all()?;
+        }
+        let _ = fadvise(&self.file, 0, None, Advice::DontNeed);
+        Ok(FinishInfo { preallocated })
+    }
+
+    fn abort(&mut self) {
+        // A half-written disk must not look like a disk: empty it (and free its space).
+        let _ = self.file.set_len(0);
+        let _ = self.file.sync_all();
+    }
+
+    fn capacity(&self) -> Option<u64> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn truncates_and_sets_length_sparsely() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, vec![0xffu8; 1 << 20]).expect("old content");
+        let mut t = FileTarget::create(&p, false, false).expect("create");
+        t.write_at(8192, &[1u8; 4096]).expect("write");
+        t.finish(64 << 20).expect("finish");
+        let data = std::fs::read(&p).expect("read");
+        assert_eq!(data.len(), 64 << 20);
+        assert!(
+            data[..8192].iter().all(|&b| b == 0),
+            "old content must be gone"
+        );
+        assert_eq!(data[8192], 1);
+        let m = std::fs::metadata(&p).expect("meta");
+        assert!(m.blocks() * 512 < 1 << 20, "sparse: {} blocks", m.blocks());
+        assert_eq!(m.mode() & 0o777, 0o660);
+    }
+
+    #[test]
+    fn preallocation_allocates() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        let mut t = FileTarget::create(&p, true, false).expect("create");
+        let info = t.finish(8 << 20).expect("finish");
+        if info.preallocated {
+            assert!(std::fs::metadata(&p).expect("meta").blocks() * 512 >= 8 << 20);
+        }
+    }
+
+    #[test]
+    fn abort_empties_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        let mut t = FileTarget::create(&p, false, false).expect("create");
+        t.write_at(0, &[1u8; 4096]).expect("write");
+        t.abort();
+        assert_eq!(std::fs::metadata(&p).expect("meta").len(), 0);
+    }
+}

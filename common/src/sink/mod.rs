@@ -1,0 +1,99 @@
+//! Where the disk goes. Two real targets, a sparse regular file ([`file::FileTarget`])
+//! and a block device ([`block::BlockTarget`]), behind [`Target`]; the
+//! [`sparse::SparseWriter`] in front of them skips zero blocks, enforces the size
+//! limit and keeps the page cache charged to the pod flat.
+
+pub mod aligned;
+pub mod block;
+pub mod file;
+pub mod sparse;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use aligned::AlignedBuf;
+pub use block::BlockTarget;
+pub use file::FileTarget;
+pub use sparse::{SparseWriter, WriteStats};
+
+/// The alignment O_DIRECT needs for offsets, lengths and memory (covers 512-byte and
+/// 4 KiB logical blocks), and the granularity at which zero blocks are skipped (the same
+/// as qemu-img convert's default `-S 4k`).
+pub const SECTOR: usize = 4096;
+
+/// A destination for image bytes at absolute offsets.
+pub trait Target: Send {
+    /// Writes `buf` at `offset`. Offsets and lengths are multiples of [`SECTOR`] except
+    /// for the very last write of an image.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes `[offset, offset+len)` read back as zeros.
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Called every few hundred MiB: push written data to storage and drop it from the
+    /// page cache so a pod's memory does not grow with the image.
+    fn checkpoint(&mut self, upto: u64) -> io::Result<()>;
+    /// Sets the final length (files) and makes everything durable.
+    fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo>;
+    /// After a failure: leave nothing that could pass for a complete disk.
+    fn abort(&mut self);
+    /// Largest image this target can hold, if the target knows (a block device does).
+    fn capacity(&self) -> Option<u64>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FinishInfo {
+    /// Whether the whole destination ended up allocated (CDI's `preallocationApplied`).
+    pub preallocated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("opening destination {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing destination {path} at offset {offset}: {source}")]
+    Write {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("flushing destination {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image data is at least {at_least} bytes, which is larger than the reported available storage {limit}. A larger PVC is required")]
+    TooLarge { at_least: u64, limit: u64 },
+    #[error("the writer stopped unexpectedly")]
+    WriterGone,
+}
+
+impl SinkError {
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            SinkError::TooLarge { .. } => crate::ErrorKind::TooLarge,
+            _ => crate::ErrorKind::Io,
+        }
+    }
+}
+
+/// Which [`Target`] a path calls for: block devices are written in place, anything else
+/// is a regular file.
+pub fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
+/// Whether a write can go through an O_DIRECT handle: offset, length and memory all
+/// sector-aligned. Anything else (the image's tail) takes the buffered handle.
+pub(crate) fn direct_aligned(offset: u64, buf: &[u8]) -> bool {
+    offset.is_multiple_of(SECTOR as u64)
+        && buf.len().is_multiple_of(SECTOR)
+        && (buf.as_ptr() as usize).is_multiple_of(SECTOR)
+}

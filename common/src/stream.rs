@@ -1,0 +1,110 @@
+//! Adapters between sources and the blocking pipeline.
+
+use crate::error::{ErrorKind, SourceError};
+use bytes::Bytes;
+use std::io::{self, Read};
+
+/// One message from an async source: bytes, or the explicit end of the stream. A
+/// channel that closes without [`Chunk::End`] is an error, never a clean end, so a
+/// source task that dies cannot make a truncated image look complete.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Bytes),
+    End,
+}
+
+/// A blocking `Read` over a bounded tokio channel filled by an async source task. The
+/// bound is the back-pressure: when the pipeline is slower than the network, the
+/// source task waits instead of buffering.
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Chunk>>,
+    cur: Bytes,
+    ended: bool,
+}
+
+impl ChannelReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<io::Result<Chunk>>) -> Self {
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(Chunk::Data(b))) => self.cur = b,
+                Some(Ok(Chunk::End)) => self.ended = true,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(SourceError::new(
+                        ErrorKind::Network,
+                        "the source stopped before the end of the stream",
+                    )
+                    .into_io())
+                }
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Counts bytes read through it.
+pub struct CountingReader<R, F> {
+    inner: R,
+    on_bytes: F,
+}
+
+impl<R: Read, F: FnMut(u64)> CountingReader<R, F> {
+    pub fn new(inner: R, on_bytes: F) -> Self {
+        CountingReader { inner, on_bytes }
+    }
+}
+
+impl<R: Read, F: FnMut(u64)> Read for CountingReader<R, F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_bytes)(n as u64);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_without_end_is_an_error() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.blocking_send(Ok(Chunk::Data(Bytes::from_static(b"abc"))))
+            .expect("send");
+        drop(tx);
+        let mut r = ChannelReader::new(rx);
+        let mut out = Vec::new();
+        let err = r.read_to_end(&mut out).expect_err("no End");
+        assert!(crate::error::find_in_chain::<SourceError>(&err).is_some());
+        assert_eq!(out, b"abc");
+    }
+
+    #[test]
+    fn channel_with_end_is_eof() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.blocking_send(Ok(Chunk::Data(Bytes::from_static(b"abc"))))
+            .expect("send");
+        tx.blocking_send(Ok(Chunk::End)).expect("send");
+        let mut out = Vec::new();
+        ChannelReader::new(rx)
+            .read_to_end(&mut out)
+            .expect("clean end");
+        assert_eq!(out, b"abc");
+    }
+}

@@ -1,0 +1,161 @@
+//! `/dev/termination-log`, as the CDI controller reads it (contract section 1.8): JSON
+//! on success and for the special exit-0 cases, one plain-text line on failure.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// The controller refuses longer messages.
+pub const MAX_LEN: usize = 4096;
+
+/// Field names and order as Go serialises CDI's `TerminationMessage` (pointer fields
+/// with `omitempty`: a field is absent when unset and present when false).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TerminationMessage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_space_required: Option<bool>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        rename = "preallocationApplied"
+    )]
+    pub preallocation_applied: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_passed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vddk_info: Option<VddkInfo>,
+    /// Go maps serialise with sorted keys; so does a BTreeMap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// CDI's struct has no json tags, hence the capitalised keys.
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct VddkInfo {
+    #[serde(rename = "Version")]
+    pub version: String,
+    #[serde(rename = "Host")]
+    pub host: String,
+}
+
+pub const IMPORT_COMPLETE: &str = "Import Complete";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TerminationError {
+    #[error("termination message is {0} bytes, more than the {MAX_LEN} the controller accepts")]
+    TooLong(usize),
+    #[error("writing termination message to {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TerminationMessage {
+    /// `{"scratchSpaceRequired":false,"preallocationApplied":<p>,"message":"Import Complete"}`
+    pub fn import_complete(preallocated: bool, labels: Option<BTreeMap<String, String>>) -> Self {
+        TerminationMessage {
+            scratch_space_required: Some(false),
+            preallocation_applied: Some(preallocated),
+            labels: labels.filter(|l| !l.is_empty()),
+            message: Some(IMPORT_COMPLETE.into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn to_json(&self) -> Result<String, TerminationError> {
+        let s = serde_json::to_string(self).unwrap_or_default();
+        if s.len() > MAX_LEN {
+            return Err(TerminationError::TooLong(s.len()));
+        }
+        Ok(s)
+    }
+
+    pub fn write(&self, path: &Path) -> Result<String, TerminationError> {
+        let s = self.to_json()?;
+        write_file(path, &s)?;
+        Ok(s)
+    }
+}
+
+/// The failure form: one line (CDI keeps only the first; we fold instead), at most
+/// [`MAX_LEN`] bytes.
+pub fn write_failure(path: &Path, message: &str) -> Result<String, TerminationError> {
+    let mut line = crate::error::one_line(message);
+    if line.len() > MAX_LEN {
+        let mut cut = MAX_LEN;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+    }
+    write_file(path, &line)?;
+    Ok(line)
+}
+
+fn write_file(path: &Path, content: &str) -> Result<(), TerminationError> {
+    let werr = |source| TerminationError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(werr)?;
+    f.write_all(content.as_bytes()).map_err(werr)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_json_is_byte_exact() {
+        let m = TerminationMessage::import_complete(false, None);
+        assert_eq!(
+            m.to_json().expect("json"),
+            r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"message":"Import Complete"}"#
+        );
+        let labels = BTreeMap::from([
+            ("b.kubevirt.io/x".to_string(), "2".to_string()),
+            ("a".to_string(), "1".to_string()),
+        ]);
+        let m = TerminationMessage::import_complete(true, Some(labels));
+        assert_eq!(
+            m.to_json().expect("json"),
+            r#"{"scratchSpaceRequired":false,"preallocationApplied":true,"labels":{"a":"1","b.kubevirt.io/x":"2"},"message":"Import Complete"}"#
+        );
+        let blank = TerminationMessage {
+            preallocation_applied: Some(false),
+            message: Some(IMPORT_COMPLETE.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            blank.to_json().expect("json"),
+            r#"{"preallocationApplied":false,"message":"Import Complete"}"#
+        );
+    }
+
+    #[test]
+    fn failure_is_one_line_and_too_long_json_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("log");
+        let line = write_failure(&p, "Unable to process data: a\nb").expect("write");
+        assert_eq!(line, "Unable to process data: a b");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), line);
+        let big = TerminationMessage {
+            message: Some("x".repeat(5000)),
+            ..Default::default()
+        };
+        assert!(matches!(big.to_json(), Err(TerminationError::TooLong(_))));
+    }
+}
