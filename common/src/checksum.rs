@@ -55,30 +55,33 @@ impl Checksum {
     }
 }
 
-/// Hashes everything read through it; [`HashingReader::verify`] at the end.
+/// Hashes everything read through it when a checksum is wanted (and passes bytes
+/// through untouched when not); [`HashingReader::verify`] at the end.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Box<dyn DynDigest + Send>,
-    want: Checksum,
+    check: Option<(Box<dyn DynDigest + Send>, Checksum)>,
 }
 
 impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R, want: Checksum) -> Self {
+    pub fn new(inner: R, want: Option<Checksum>) -> Self {
         HashingReader {
             inner,
-            hasher: want.hasher(),
-            want,
+            check: want.map(|w| (w.hasher(), w)),
         }
     }
 
-    pub fn verify(self) -> Result<(), ChecksumError> {
-        let actual = hex::encode(self.hasher.finalize());
-        if actual == self.want.expected {
+    /// Call after the stream has been read to its end.
+    pub fn verify(&mut self) -> Result<(), ChecksumError> {
+        let Some((hasher, want)) = self.check.take() else {
+            return Ok(());
+        };
+        let actual = hex::encode(hasher.finalize());
+        if actual == want.expected {
             Ok(())
         } else {
             Err(ChecksumError::Mismatch {
-                algorithm: self.want.algorithm,
-                expected: self.want.expected,
+                algorithm: want.algorithm,
+                expected: want.expected,
                 actual,
             })
         }
@@ -88,7 +91,9 @@ impl<R: Read> HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some((h, _)) = &mut self.check {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
 }
@@ -100,10 +105,10 @@ mod tests {
     #[test]
     fn verifies_and_reports_mismatch() {
         let sha = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let mut r = HashingReader::new(&b"abc"[..], Checksum::parse(sha).expect("parse"));
+        let mut r = HashingReader::new(&b"abc"[..], Some(Checksum::parse(sha).expect("parse")));
         std::io::copy(&mut r, &mut std::io::sink()).expect("read");
         r.verify().expect("match");
-        let mut r = HashingReader::new(&b"abd"[..], Checksum::parse(sha).expect("parse"));
+        let mut r = HashingReader::new(&b"abd"[..], Some(Checksum::parse(sha).expect("parse")));
         std::io::copy(&mut r, &mut std::io::sink()).expect("read");
         let e = r.verify().expect_err("mismatch");
         assert!(e.to_string().contains("checksum mismatch"));

@@ -1,1 +1,133 @@
-fn main() {}
+//! `importer`: CDI's cdi-importer, streaming. Exit codes and the termination message are
+//! decided in [`finish`] and nowhere else.
+
+mod cli;
+mod destination;
+mod failure;
+mod import;
+mod metrics;
+mod report;
+mod sources;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::termination;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+fn main() {
+    let args = cli::with_default_subcommand(std::env::args_os().collect());
+    let cli = Cli::parse_from(args);
+    let Command::Import(args) = cli.command;
+    init_logging(args.verbosity);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(run(*args));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
+}
+
+async fn run(args: cli::ImportArgs) -> i32 {
+    let progress = Arc::new(Progress::default());
+    let termination_log = args.termination_log.clone();
+    if let Some(addr) = args.metrics_addr() {
+        match metrics::bind(addr).await {
+            Ok((listener, acceptor)) => {
+                tracing::info!(%addr, "serving progress metric over HTTPS");
+                tokio::spawn(metrics::serve(
+                    listener,
+                    acceptor,
+                    args.owner_uid.clone(),
+                    progress.clone(),
+                ));
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "progress metric not served"),
+        }
+    }
+    let reporter = report::spawn(progress.clone(), std::io::stderr().is_terminal());
+    let result = match import::Plan::new(args) {
+        Ok(plan) => import::run(plan, progress.clone()).await,
+        Err(f) => Err(f),
+    };
+    reporter.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    finish(result, &progress, &termination_log)
+}
+
+fn finish(
+    result: Result<Option<termination::TerminationMessage>, failure::Failure>,
+    progress: &Progress,
+    log: &Path,
+) -> i32 {
+    match result {
+        Ok(Some(msg)) => {
+            progress.complete();
+            match msg.write(log) {
+                Ok(json) => {
+                    tracing::info!(termination_message = %json, "done");
+                    0
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not write the termination message");
+                    1
+                }
+            }
+        }
+        Ok(None) => {
+            progress.complete();
+            0
+        }
+        Err(f) => {
+            let message = f.message();
+            let kind = f.kind();
+            tracing::error!(class = kind.class(), kind = %kind, error = %message, "import failed");
+            let code = f.exit_code();
+            let written = if code == 0 {
+                // Checksum mismatch: JSON so the controller reads it and stops retrying.
+                termination::TerminationMessage {
+                    message: Some(message),
+                    ..Default::default()
+                }
+                .write(log)
+                .map(|_| ())
+            } else {
+                termination::write_failure(log, &message).map(|_| ())
+            };
+            if let Err(e) = written {
+                tracing::error!(error = %e, "could not write the termination message");
+            }
+            code
+        }
+    }
+}
+
+fn init_logging(verbosity: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = if verbosity >= 3 { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.compact().init();
+    } else {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    }
+}

@@ -1,0 +1,244 @@
+//! The `importer` command line. Every CDI env var is read through clap (`env = ...`)
+//! and every fixed path has a flag, so the same binary runs unchanged in a CDI pod and
+//! on a workstation.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "importer",
+    version,
+    about = "Streams VM disk images onto a file or block device (CDI importer compatible)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Import a disk image (the default: what the CDI controller runs).
+    Import(Box<ImportArgs>),
+}
+
+/// Subcommands the binary knows; anything else on the command line means `import`
+/// (CDI starts the container with only `-v=<n>`).
+pub const SUBCOMMANDS: &[&str] = &["import", "help"];
+
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// Log verbosity, klog style (CDI passes `-v=<n>`): 0-2 info, 3+ debug.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+
+    // ---- what to import ----
+    /// Source type: http, registry, none (blank disk); s3, gcs, imageio, vddk are CDI
+    /// sources ferrydisk does not implement.
+    #[arg(long, env = "IMPORTER_SOURCE", default_value = "http")]
+    pub source: String,
+    /// URL of the image (http(s)://...).
+    #[arg(long, env = "IMPORTER_ENDPOINT", default_value = "")]
+    pub endpoint: String,
+    /// `kubevirt` (a disk image, written raw) or `archive` (a tar unpacked into --data-dir).
+    #[arg(
+        long = "content-type",
+        env = "IMPORTER_CONTENTTYPE",
+        default_value = "kubevirt"
+    )]
+    pub content_type: String,
+    /// Requested size as a Kubernetes quantity (PVC request), e.g. 10Gi.
+    #[arg(long = "image-size", env = "IMPORTER_IMAGE_SIZE", default_value = "")]
+    pub image_size: String,
+    /// Fraction of a filesystem volume reserved for filesystem overhead (e.g. 0.06).
+    #[arg(
+        long = "filesystem-overhead",
+        env = "FILESYSTEM_OVERHEAD",
+        default_value = "0"
+    )]
+    pub filesystem_overhead: String,
+    /// Expected checksum of the source bytes, `md5|sha1|sha256|sha512:<hex>`.
+    #[arg(long, env = "IMPORTER_CHECKSUM")]
+    pub checksum: Option<String>,
+
+    // ---- credentials and transport ----
+    /// Username for basic auth (from the user's Secret key accessKeyId).
+    #[arg(
+        long = "access-key-id",
+        env = "IMPORTER_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    pub access_key_id: Option<String>,
+    /// Password for basic auth (from the user's Secret key secretKey).
+    #[arg(
+        long = "secret-key",
+        env = "IMPORTER_SECRET_KEY",
+        hide_env_values = true
+    )]
+    pub secret_key: Option<String>,
+    /// Directory of extra CA certificates (PEM), every non-dot file.
+    #[arg(long = "cert-dir", env = "IMPORTER_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Directory of the cluster proxy's CA bundle (CDI reads /proxycerts/ whatever this says).
+    #[arg(
+        long = "proxy-cert-dir",
+        env = "IMPORTER_PROXY_CERT_DIR",
+        default_value = "/proxycerts/"
+    )]
+    pub proxy_cert_dir: PathBuf,
+    /// Skip TLS verification (Go ParseBool syntax; invalid means false).
+    #[arg(long = "insecure-tls", env = "INSECURE_TLS", default_value = "false")]
+    pub insecure_tls: String,
+    /// Extra request header `Name: value`; repeatable. IMPORTER_EXTRA_HEADER_* env vars are added too.
+    #[arg(long = "extra-header", value_name = "HEADER")]
+    pub extra_headers: Vec<String>,
+    /// Directory of secret extra headers (each file is one `Name: value` line).
+    #[arg(long = "extra-headers-dir", default_value = "/extraheaders")]
+    pub extra_headers_dir: PathBuf,
+    /// HTTP proxy URL (also HTTP_PROXY).
+    #[arg(long = "http-proxy", env = "http_proxy", hide_env_values = true)]
+    pub http_proxy: Option<String>,
+    /// HTTPS proxy URL (also HTTPS_PROXY).
+    #[arg(long = "https-proxy", env = "https_proxy", hide_env_values = true)]
+    pub https_proxy: Option<String>,
+    /// Hosts that bypass the proxy (also NO_PROXY).
+    #[arg(long = "no-proxy", env = "no_proxy")]
+    pub no_proxy: Option<String>,
+    /// Resume attempts after a dropped connection before giving up.
+    #[arg(long, default_value_t = 8)]
+    pub retries: u32,
+    /// Give up on a transfer that delivers no byte for this many seconds (CDI: 600).
+    #[arg(long = "idle-timeout", value_name = "SECONDS", default_value_t = 600)]
+    pub idle_timeout: u64,
+
+    // ---- how to write ----
+    /// Allocate the whole destination (Go ParseBool syntax; an invalid value is an error, as in CDI).
+    #[arg(long, env = "PREALLOCATION")]
+    pub preallocation: Option<String>,
+    /// `TRYNONE`: bypass the page cache with O_DIRECT where the destination allows it.
+    #[arg(long = "cache-mode", env = "CACHE_MODE", default_value = "")]
+    pub cache_mode: String,
+
+    // ---- node pull handshake ----
+    /// `pod` or `node`.
+    #[arg(
+        long = "pull-method",
+        env = "IMPORTER_PULL_METHOD",
+        default_value = "pod"
+    )]
+    pub pull_method: String,
+    /// Wait for this file before importing; its content names the disk file (node pull).
+    #[arg(long = "ready-file", env = "IMPORTER_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// Create this file after a successful import (node pull).
+    #[arg(long = "done-file", env = "IMPORTER_DONE_FILE")]
+    pub done_file: Option<PathBuf>,
+    /// How long to wait for --ready-file, in seconds (CDI: a fixed 60).
+    #[arg(long = "ready-timeout", value_name = "SECONDS", default_value_t = 3600)]
+    pub ready_timeout: u64,
+
+    // ---- fixed paths ----
+    /// Destination disk [default: --block-device if it exists, else <data-dir>/disk.img].
+    #[arg(long)]
+    pub dest: Option<PathBuf>,
+    /// The block volume whose existence selects block mode.
+    #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
+    pub block_device: PathBuf,
+    /// The filesystem volume (archive content is unpacked here).
+    #[arg(long = "data-dir", default_value = "/data")]
+    pub data_dir: PathBuf,
+    /// Scratch volume, used only by formats that need random access (none so far).
+    #[arg(long, default_value = "/scratch")]
+    pub scratch: PathBuf,
+    /// Where the result for the controller goes.
+    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// HTTPS address of the progress metric; `none` to disable.
+    #[arg(long = "metrics-addr", default_value = "0.0.0.0:8443")]
+    pub metrics_addr: String,
+    /// UID used as the ownerUID label of the progress metric.
+    #[arg(long = "owner-uid", env = "OWNER_UID", default_value = "")]
+    pub owner_uid: String,
+
+    // ---- accepted for contract compatibility; used by sources ferrydisk does not implement ----
+    /// Architecture to select from an image index (registry source).
+    #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
+    pub registry_arch: Option<String>,
+    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS", hide = true)]
+    pub google_credentials: Option<String>,
+    #[arg(long, env = "IMPORTER_DISK_ID", hide = true)]
+    pub disk_id: Option<String>,
+    #[arg(long, env = "IMPORTER_UUID", hide = true)]
+    pub uuid: Option<String>,
+    #[arg(long, env = "IMPORTER_BACKING_FILE", hide = true)]
+    pub backing_file: Option<String>,
+    #[arg(long, env = "IMPORTER_THUMBPRINT", hide = true)]
+    pub thumbprint: Option<String>,
+    #[arg(long, env = "IMPORTER_CURRENT_CHECKPOINT", hide = true)]
+    pub current_checkpoint: Option<String>,
+    #[arg(long, env = "IMPORTER_PREVIOUS_CHECKPOINT", hide = true)]
+    pub previous_checkpoint: Option<String>,
+    #[arg(long, env = "IMPORTER_FINAL_CHECKPOINT", hide = true)]
+    pub final_checkpoint: Option<String>,
+}
+
+impl ImportArgs {
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        match self.metrics_addr.as_str() {
+            "" | "none" | "off" => None,
+            a => a.parse().ok(),
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`: the exact spellings CDI accepts.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Inserts the default `import` subcommand when none is given.
+pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    // `importer --help` shows the import options (with their env names): that is the
+    // command people run; `importer help` lists the subcommands.
+    let is_top = SUBCOMMANDS.contains(&first) || matches!(first, "-V" | "--version");
+    if !is_top {
+        args.insert(1.min(args.len()), "import".into());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ImportArgs {
+        let argv = with_default_subcommand(args.iter().map(Into::into).collect());
+        match Cli::try_parse_from(argv).expect("parse").command {
+            Command::Import(a) => *a,
+        }
+    }
+
+    #[test]
+    fn klog_verbosity_and_default_subcommand() {
+        assert_eq!(parse(&["importer", "-v=3"]).verbosity, 3);
+        assert_eq!(parse(&["importer"]).source, "http");
+        assert_eq!(
+            parse(&["importer", "import", "--endpoint", "http://x/"]).endpoint,
+            "http://x/"
+        );
+    }
+
+    #[test]
+    fn go_bools() {
+        assert_eq!(parse_go_bool("True"), Some(true));
+        assert_eq!(parse_go_bool("0"), Some(false));
+        assert_eq!(parse_go_bool(""), None);
+        assert_eq!(parse_go_bool("yes"), None);
+    }
+}

@@ -1,0 +1,334 @@
+//! `importer import`: the CDI importer's main flow (contract section 1.5), streaming.
+
+use crate::cli::{parse_go_bool, ImportArgs};
+use crate::destination::{fs_available, Destination, FileSpace};
+use crate::failure::Failure;
+use crate::sources::{blank, client, http, redact};
+use ferrydisk_common::checksum::{Checksum, HashingReader};
+use ferrydisk_common::error::chain_line;
+use ferrydisk_common::pipeline::{self, PipelineError, Report};
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::sink::sparse::WriterOptions;
+use ferrydisk_common::sink::{BlockTarget, FileTarget, SparseWriter, Target};
+use ferrydisk_common::space::{parse_overhead, parse_quantity};
+use ferrydisk_common::stream::ChannelReader;
+use ferrydisk_common::termination::TerminationMessage;
+use ferrydisk_common::ErrorKind;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings parsed and checked before anything touches the network or the disk.
+pub struct Plan {
+    pub args: ImportArgs,
+    pub preallocate: bool,
+    pub requested: Option<u64>,
+    pub overhead: f64,
+    pub checksum: Option<Checksum>,
+    pub direct: bool,
+    pub dest: Destination,
+}
+
+impl Plan {
+    pub fn new(args: ImportArgs) -> Result<Self, Failure> {
+        // CDI exits 1 when PREALLOCATION does not parse. The controller always sets it;
+        // for people running the binary by hand, unset means false.
+        let preallocate = match args.preallocation.as_deref() {
+            None => false,
+            Some(s) => parse_go_bool(s).ok_or_else(|| {
+                Failure::Config(format!(
+                    "Unable to parse PREALLOCATION {s:?}: expected a boolean"
+                ))
+            })?,
+        };
+        let requested = match args.image_size.trim() {
+            "" => None,
+            s => Some(
+                parse_quantity(s)
+                    .map_err(|e| Failure::Config(format!("IMPORTER_IMAGE_SIZE: {e}")))?,
+            ),
+        };
+        let checksum = match args
+            .checksum
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            None => None,
+            Some(s) => Some(Checksum::parse(s).map_err(|e| Failure::Config(e.to_string()))?),
+        };
+        let archive = match args.content_type.as_str() {
+            "" | "kubevirt" => false,
+            "archive" => true,
+            other => return Err(Failure::Config(format!("Unknown content type: {other}"))),
+        };
+        let dest = Destination::choose(
+            args.dest.as_deref(),
+            &args.block_device,
+            &args.data_dir,
+            archive,
+        );
+        Ok(Plan {
+            preallocate,
+            requested,
+            overhead: parse_overhead(&args.filesystem_overhead),
+            checksum,
+            direct: args.cache_mode == "TRYNONE",
+            dest,
+            args,
+        })
+    }
+}
+
+/// Runs the import; `Ok(None)` is a success that writes no termination message.
+pub async fn run(
+    plan: Plan,
+    progress: Arc<Progress>,
+) -> Result<Option<TerminationMessage>, Failure> {
+    let source = plan.args.source.clone();
+    match source.as_str() {
+        "none" => {
+            return blank::create(&plan.dest, plan.requested, plan.overhead, plan.preallocate)
+        }
+        "http" => {}
+        "registry" => {
+            if matches!(plan.dest, Destination::Dir(_)) {
+                return Err(Failure::Config(
+                    "registry imports require content type kubevirt".into(),
+                ));
+            }
+            return Err(Failure::Connect {
+                source_name: source,
+                kind: ErrorKind::UnsupportedFormat,
+                message: "the registry source is not implemented in this ferrydisk build yet"
+                    .into(),
+            });
+        }
+        "s3" | "gcs" | "imageio" | "vddk" => {
+            return Err(Failure::Connect {
+                source_name: source.clone(),
+                kind: ErrorKind::UnsupportedFormat,
+                message: format!("the {source} source is not supported by ferrydisk"),
+            });
+        }
+        other => return Err(Failure::UnknownSource(other.to_string())),
+    }
+    let endpoint = node_pull_endpoint(&plan.args).await?;
+    let connect_err = |kind, message: String| Failure::Connect {
+        source_name: "http".into(),
+        kind,
+        message,
+    };
+
+    let a = &plan.args;
+    let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
+    headers.extend(a.extra_headers.iter().cloned());
+    let mut ca_dirs: Vec<&Path> = vec![&a.proxy_cert_dir];
+    if let Some(d) = &a.cert_dir {
+        ca_dirs.push(d);
+    }
+    let client = client::build(&client::ClientOptions {
+        ca_dirs,
+        insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
+        headers,
+        http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
+        https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
+        no_proxy: a.no_proxy.clone(),
+    })
+    .map_err(|e| connect_err(ErrorKind::Config, e.to_string()))?;
+    let auth = match (&a.access_key_id, &a.secret_key) {
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
+        _ => None,
+    };
+    tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.dest.path().display(), "starting import");
+    let opts = http::HttpOptions {
+        auth,
+        retries: a.retries,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        progress: progress.clone(),
+    };
+    let download = http::open(client, &endpoint, opts)
+        .await
+        .map_err(|e| connect_err(e.kind(), e.to_string()))?;
+
+    let content_length = download.content_length;
+    let reader = ChannelReader::new(download.rx);
+    let done_file = plan.args.done_file.clone();
+    let msg = tokio::task::spawn_blocking(move || write(&plan, reader, content_length, progress))
+        .await
+        .map_err(|e| Failure::Process {
+            kind: ErrorKind::Io,
+            message: format!("pipeline thread failed: {e}"),
+        })??;
+    if let Some(done) = done_file {
+        // CDI creates it O_EXCL and only logs a failure.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&done)
+        {
+            tracing::warn!(path = %done.display(), error = %e, "could not create done file");
+        }
+    }
+    Ok(Some(msg))
+}
+
+/// The blocking half: pipeline, drain, checksum, finish. Nothing is fsynced and
+/// reported before the whole source has been read and verified.
+fn write(
+    plan: &Plan,
+    source: ChannelReader,
+    content_length: Option<u64>,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let mut src = HashingReader::new(source, plan.checksum.clone());
+    let mut opts = pipeline::Options {
+        limit: u64::MAX,
+        source_len: content_length,
+        progress: progress.clone(),
+    };
+    let io_fail = |what: String, e: io::Error| Failure::Process {
+        kind: ErrorKind::Io,
+        message: format!("{what}: {e}"),
+    };
+    let (target, space): (Box<dyn Target>, Option<FileSpace>) = match &plan.dest {
+        Destination::Dir(dir) => {
+            opts.limit = FileSpace::new(
+                fs_available(dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?,
+                plan.requested,
+                plan.overhead,
+            )
+            .available;
+            let report = pipeline::unpack_archive(&mut src, dir, &opts).map_err(process_failure)?;
+            drain(&mut src)?;
+            src.verify().map_err(|e| Failure::Process {
+                kind: ErrorKind::ChecksumMismatch,
+                message: e.to_string(),
+            })?;
+            log_done(&report, None);
+            return Ok(TerminationMessage::import_complete(false, None));
+        }
+        Destination::File(path) => {
+            let t = FileTarget::create(path, plan.preallocate, plan.direct)
+                .map_err(|e| io_fail(format!("creating {}", path.display()), e))?;
+            // Measured after truncation, so a rerun does not count the old image as used.
+            let dir = parent_dir(path);
+            let avail =
+                fs_available(&dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?;
+            let space = FileSpace::new(avail, plan.requested, plan.overhead);
+            opts.limit = space.available;
+            (Box::new(t), Some(space))
+        }
+        Destination::Block(path) => {
+            let t = BlockTarget::open(path, plan.direct)
+                .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
+            opts.limit = t.size();
+            (Box::new(t), None)
+        }
+    };
+    let mut writer = SparseWriter::spawn(
+        target,
+        WriterOptions {
+            limit: opts.limit,
+            progress: Some(progress),
+            ..Default::default()
+        },
+    );
+    let report = match pipeline::write_disk(&mut src, &mut writer, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            writer.abort();
+            return Err(process_failure(e));
+        }
+    };
+    if let Err(f) = drain(&mut src) {
+        writer.abort();
+        return Err(f);
+    }
+    if let Err(e) = src.verify() {
+        writer.abort();
+        return Err(Failure::Process {
+            kind: ErrorKind::ChecksumMismatch,
+            message: e.to_string(),
+        });
+    }
+    let final_len = space.map_or(report.virtual_size, |s| s.final_len(report.virtual_size));
+    let (stats, info) = writer.finish(final_len).map_err(|e| Failure::Process {
+        kind: e.kind(),
+        message: e.to_string(),
+    })?;
+    log_done(&report, Some((stats, final_len)));
+    // A block device has every byte of the image written or explicitly zeroed.
+    let preallocated =
+        info.preallocated || (plan.preallocate && matches!(plan.dest, Destination::Block(_)));
+    Ok(TerminationMessage::import_complete(preallocated, None))
+}
+
+/// Reads whatever follows the image in the source (tar padding, trailing bytes), so a
+/// short body or a checksum covers the whole download.
+fn drain(src: &mut dyn Read) -> Result<(), Failure> {
+    io::copy(src, &mut io::sink())
+        .map(|_| ())
+        .map_err(|e| process_failure(PipelineError::Read(e)))
+}
+
+fn process_failure(e: PipelineError) -> Failure {
+    Failure::Process {
+        kind: e.kind(),
+        message: chain_line(&e),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+fn log_done(report: &Report, written: Option<(ferrydisk_common::sink::WriteStats, u64)>) {
+    match written {
+        Some((s, len)) => tracing::info!(
+            format = %report.describe(),
+            virtual_size = report.virtual_size,
+            disk_size = len,
+            data_bytes = s.data_bytes,
+            zero_bytes = s.zero_bytes,
+            tar_entry = ?report.tar_entry,
+            "import complete"
+        ),
+        None => {
+            tracing::info!(format = %report.describe(), bytes = report.virtual_size, "archive import complete")
+        }
+    }
+}
+
+/// Node pull: wait for the ready file, whose content names the disk file served at the
+/// endpoint's directory (contract section 3). CDI waits 60 s; we wait `--ready-timeout`.
+async fn node_pull_endpoint(args: &ImportArgs) -> Result<String, Failure> {
+    let Some(ready) = &args.ready_file else {
+        return Ok(args.endpoint.clone());
+    };
+    let start = std::time::Instant::now();
+    let mut last_log = start;
+    while !ready.exists() {
+        if start.elapsed() >= Duration::from_secs(args.ready_timeout) {
+            return Err(Failure::ReadyTimeout(ready.display().to_string()));
+        }
+        if last_log.elapsed() >= Duration::from_secs(30) {
+            tracing::info!(file = %ready.display(), waited_s = start.elapsed().as_secs(), "waiting for ready file");
+            last_log = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let name = std::fs::read_to_string(ready).unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() || name.contains('/') {
+        return Ok(args.endpoint.clone());
+    }
+    Ok(format!(
+        "{}{name}",
+        args.endpoint.trim_end_matches("disk.img")
+    ))
+}

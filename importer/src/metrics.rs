@@ -1,0 +1,59 @@
+//! The progress metric over HTTPS with a fresh self-signed certificate, as CDI serves
+//! it (contract section 1.10): every path answers with the exposition.
+
+use ferrydisk_common::progress::{prometheus_text, Progress};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, tokio_rustls::TlsAcceptor)> {
+    let ck = rcgen::generate_simple_self_signed(vec![
+        "cloner_target".to_string(),
+        "localhost".to_string(),
+    ])?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)?;
+    let listener = TcpListener::bind(addr).await?;
+    Ok((listener, tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    owner_uid: String,
+    progress: Arc<Progress>,
+) {
+    let owner_uid: Arc<str> = owner_uid.into();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let progress = progress.clone();
+        let owner_uid = owner_uid.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let svc = service_fn(move |_req| {
+                let body = prometheus_text(&owner_uid, progress.percent());
+                async move {
+                    hyper::Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}

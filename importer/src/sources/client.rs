@@ -1,0 +1,204 @@
+//! The HTTP client every network source shares: rustls with the built-in roots plus
+//! the CA files CDI mounts, CDI's insecure switch, proxies, extra headers.
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading CA certificate {path}: {source}")]
+    Cert {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CA certificate {path} holds no usable PEM certificate: {message}")]
+    BadCert { path: PathBuf, message: String },
+    #[error("invalid extra header {0:?}: expected `Name: value`")]
+    Header(String),
+    #[error("invalid proxy {0:?}")]
+    Proxy(String),
+    #[error("building HTTP client: {0}")]
+    Build(String),
+}
+
+pub struct ClientOptions<'a> {
+    pub ca_dirs: Vec<&'a Path>,
+    pub insecure: bool,
+    pub headers: Vec<String>,
+    pub http_proxy: Option<String>,
+    pub https_proxy: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+pub const USER_AGENT: &str = concat!("ferrydisk-importer/", env!("CARGO_PKG_VERSION"));
+
+pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .user_agent(USER_AGENT)
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .tcp_keepalive(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .danger_accept_invalid_certs(opts.insecure)
+        .no_proxy();
+    for dir in &opts.ca_dirs {
+        for path in pem_files(dir) {
+            let pem = std::fs::read(&path).map_err(|source| ClientError::Cert {
+                path: path.clone(),
+                source,
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::BadCert {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(ClientError::BadCert {
+                    path,
+                    message: "no certificate found".into(),
+                });
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+    }
+    let no_proxy = opts
+        .no_proxy
+        .clone()
+        .or_else(|| std::env::var("NO_PROXY").ok())
+        .and_then(|s| reqwest::NoProxy::from_string(&s));
+    let http_proxy = opts
+        .http_proxy
+        .clone()
+        .or_else(|| std::env::var("HTTP_PROXY").ok())
+        .filter(|s| !s.is_empty());
+    let https_proxy = opts
+        .https_proxy
+        .clone()
+        .or_else(|| std::env::var("HTTPS_PROXY").ok())
+        .filter(|s| !s.is_empty());
+    if let Some(p) = http_proxy {
+        b = b.proxy(
+            reqwest::Proxy::http(&p)
+                .map_err(|_| ClientError::Proxy(super::redact::url(&p)))?
+                .no_proxy(no_proxy.clone()),
+        );
+    }
+    if let Some(p) = https_proxy {
+        b = b.proxy(
+            reqwest::Proxy::https(&p)
+                .map_err(|_| ClientError::Proxy(super::redact::url(&p)))?
+                .no_proxy(no_proxy),
+        );
+    }
+    b = b.default_headers(parse_headers(&opts.headers)?);
+    b.build().map_err(|e| ClientError::Build(e.to_string()))
+}
+
+/// Every regular, non-dot file in `dir` (CDI adds each as PEM). A missing dir is empty.
+fn pem_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+/// `Name: value` lines -> headers (split at the first colon, value trimmed).
+pub fn parse_headers(lines: &[String]) -> Result<HeaderMap, ClientError> {
+    let mut map = HeaderMap::new();
+    for line in lines {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| ClientError::Header(redact_header(line)))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| ClientError::Header(redact_header(line)))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| ClientError::Header(redact_header(line)))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn redact_header(line: &str) -> String {
+    match line.split_once(':') {
+        Some((n, _)) => format!("{n}: <redacted>"),
+        None => "<redacted>".into(),
+    }
+}
+
+/// Extra headers as CDI collects them: `IMPORTER_EXTRA_HEADER_*` env vars (in name
+/// order) and every non-dot file below `dir` (one header line each, recursively).
+pub fn collect_extra_headers(
+    env: impl Iterator<Item = (String, String)>,
+    dir: &Path,
+) -> Vec<String> {
+    let mut from_env: Vec<(String, String)> = env
+        .filter(|(k, _)| k.starts_with("IMPORTER_EXTRA_HEADER_"))
+        .collect();
+    from_env.sort();
+    let mut out: Vec<String> = from_env.into_iter().map(|(_, v)| v).collect();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        if let Ok(s) = std::fs::read_to_string(&f) {
+            out.push(s.trim().to_string());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse_and_invalid_ones_are_redacted() {
+        let h = parse_headers(&["X-Token: abc".into(), "Accept:  */*".into()]).expect("parse");
+        assert_eq!(h["x-token"], "abc");
+        assert_eq!(h["accept"], "*/*");
+        let e = parse_headers(&["Bad Header: secret".into()]).expect_err("invalid");
+        assert!(!e.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn collects_env_and_secret_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(dir.path().join("0/..data")).expect("mkdir");
+        std::fs::write(dir.path().join("0/secretHeader"), "X-Secret: s\n").expect("write");
+        std::fs::write(dir.path().join("0/.hidden"), "X-No: n").expect("write");
+        let env = vec![
+            ("IMPORTER_EXTRA_HEADER_1".to_string(), "B: 2".to_string()),
+            ("IMPORTER_EXTRA_HEADER_0".to_string(), "A: 1".to_string()),
+            ("PATH".to_string(), "x".to_string()),
+        ];
+        let got = collect_extra_headers(env.into_iter(), dir.path());
+        assert_eq!(got, vec!["A: 1", "B: 2", "X-Secret: s"]);
+    }
+}

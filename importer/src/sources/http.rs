@@ -1,0 +1,401 @@
+//! HTTP(S) source. The body is pumped into a bounded channel by a tokio task; a dropped
+//! connection (or a body shorter than its Content-Length) is resumed with a `Range`
+//! request guarded by `If-Range` (ETag or Last-Modified), and without range support the
+//! download restarts and skips what was already delivered, as long as the validators
+//! say the file is still the same one.
+
+use super::redact;
+use bytes::Bytes;
+use ferrydisk_common::error::SourceError;
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::stream::Chunk;
+use ferrydisk_common::ErrorKind;
+use reqwest::header::{
+    HeaderMap, ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
+};
+use reqwest::{Client, Response, StatusCode};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("invalid URL {0:?}")]
+    BadUrl(String),
+    #[error("HTTP request to {url} failed: {message}")]
+    Request { url: String, message: String },
+    #[error("{url} answered {status}{hint}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        hint: &'static str,
+    },
+}
+
+impl HttpError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            HttpError::BadUrl(_) => ErrorKind::Config,
+            HttpError::Request { .. } => ErrorKind::Network,
+            HttpError::Status { status, .. }
+                if status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                ErrorKind::Network
+            }
+            HttpError::Status { .. } => ErrorKind::SourceRefused,
+        }
+    }
+}
+
+pub struct HttpOptions {
+    pub auth: Option<(String, String)>,
+    pub retries: u32,
+    pub idle_timeout: Duration,
+    pub progress: Arc<Progress>,
+}
+
+/// An open download: its length if the server said, and the channel its bytes arrive on.
+pub struct Download {
+    pub content_length: Option<u64>,
+    pub rx: mpsc::Receiver<io::Result<Chunk>>,
+}
+
+/// What identifies "the same file" across requests.
+#[derive(Debug, Clone, PartialEq)]
+struct Validators {
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+impl Validators {
+    fn of(h: &HeaderMap) -> Self {
+        let get = |n| {
+            h.get(n)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // A weak ETag cannot validate a byte range (RFC 9110 13.1.5).
+        Validators {
+            etag: get(ETAG).filter(|e| !e.starts_with("W/")),
+            last_modified: get(LAST_MODIFIED),
+        }
+    }
+    fn if_range(&self) -> Option<&str> {
+        self.etag.as_deref().or(self.last_modified.as_deref())
+    }
+}
+
+/// Connects (retrying transient failures) and starts pumping the body.
+pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Download, HttpError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| HttpError::BadUrl(redact::url(url)))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(HttpError::BadUrl(redact::url(url)));
+    }
+    let shown = redact::url(url);
+    let mut attempt = 0;
+    let resp = loop {
+        match get(&client, &parsed, &opts, None).await {
+            Ok(r) if r.status().is_success() => break r,
+            Ok(r) => {
+                let e = status_error(&shown, r.status());
+                if e.kind() != ErrorKind::Network || attempt >= opts.retries {
+                    return Err(e);
+                }
+                tracing::warn!(url = %shown, status = %r.status(), attempt, "server error, retrying");
+            }
+            Err(e) => {
+                let e = HttpError::Request {
+                    url: shown.clone(),
+                    message: error_text(&e),
+                };
+                if attempt >= opts.retries {
+                    return Err(e);
+                }
+                tracing::warn!(url = %shown, error = %e, attempt, "request failed, retrying");
+            }
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt += 1;
+    };
+    let content_length = resp.content_length();
+    let ranges = resp
+        .headers()
+        .get(ACCEPT_RANGES)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("bytes"));
+    let validators = Validators::of(resp.headers());
+    tracing::info!(url = %shown, content_length = ?content_length, ranges, "connected");
+    opts.progress.set_source_total(content_length);
+    let (tx, rx) = mpsc::channel(64);
+    let pump = Pump {
+        client,
+        url: parsed,
+        shown,
+        opts,
+        content_length,
+        ranges,
+        validators,
+        tx,
+    };
+    tokio::spawn(pump.run(resp));
+    Ok(Download { content_length, rx })
+}
+
+async fn get(
+    client: &Client,
+    url: &reqwest::Url,
+    opts: &HttpOptions,
+    range: Option<(u64, &Validators)>,
+) -> reqwest::Result<Response> {
+    let mut req = client.get(url.clone());
+    if let Some((user, pass)) = &opts.auth {
+        req = req.basic_auth(user, Some(pass));
+    }
+    if let Some((from, v)) = range {
+        req = req.header(RANGE, format!("bytes={from}-"));
+        if let Some(ir) = v.if_range() {
+            req = req.header(IF_RANGE, ir);
+        }
+    }
+    req.send().await
+}
+
+fn status_error(url: &str, status: StatusCode) -> HttpError {
+    let hint = match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            " (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY)"
+        }
+        StatusCode::NOT_FOUND => " (no image at this URL)",
+        _ => "",
+    };
+    HttpError::Status {
+        url: url.to_string(),
+        status,
+        hint,
+    }
+}
+
+/// reqwest's Display hides the cause ("error sending request"); the chain says what
+/// broke. The URL it names may carry credentials, so it is redacted.
+fn error_text(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), &redact::url(u.as_str()));
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(250u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(10))
+}
+
+struct Pump {
+    client: Client,
+    url: reqwest::Url,
+    shown: String,
+    opts: HttpOptions,
+    content_length: Option<u64>,
+    ranges: bool,
+    validators: Validators,
+    tx: mpsc::Sender<io::Result<Chunk>>,
+}
+
+/// Resumes after this much progress reset the retry budget: a long download over a
+/// flaky link may drop many times, but never twice in a row without progress.
+const PROGRESS_RESETS_RETRIES: u64 = 16 << 20;
+
+impl Pump {
+    async fn run(self, first: Response) {
+        let mut resp = first;
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        let mut since_failure = 0u64;
+        loop {
+            let failure = match tokio::time::timeout(self.opts.idle_timeout, resp.chunk()).await {
+                Ok(Ok(Some(b))) => {
+                    offset += b.len() as u64;
+                    since_failure += b.len() as u64;
+                    if since_failure >= PROGRESS_RESETS_RETRIES {
+                        failures = 0;
+                    }
+                    self.opts.progress.add_source(b.len() as u64);
+                    if self.tx.send(Ok(Chunk::Data(b))).await.is_err() {
+                        return; // the pipeline stopped; its error is reported there
+                    }
+                    continue;
+                }
+                Ok(Ok(None)) => match self.content_length {
+                    Some(len) if offset < len => {
+                        format!("body ended after {offset} of {len} bytes")
+                    }
+                    _ => {
+                        let _ = self.tx.send(Ok(Chunk::End)).await;
+                        return;
+                    }
+                },
+                Ok(Err(e)) => error_text(&e),
+                Err(_) => format!("no data for {} s", self.opts.idle_timeout.as_secs()),
+            };
+            // Resume.
+            loop {
+                failures += 1;
+                since_failure = 0;
+                let total = self
+                    .content_length
+                    .map(|l| format!(" of {l}"))
+                    .unwrap_or_default();
+                if failures > self.opts.retries {
+                    let msg = format!("download of {} failed after {offset}{total} bytes and {} retries: {failure}", self.shown, self.opts.retries);
+                    let _ = self
+                        .tx
+                        .send(Err(SourceError::new(ErrorKind::Network, msg).into_io()))
+                        .await;
+                    return;
+                }
+                tracing::warn!(url = %self.shown, offset, error = %failure, attempt = failures, "connection lost, resuming");
+                tokio::time::sleep(backoff(failures - 1)).await;
+                match self.reopen(offset).await {
+                    Ok(r) => {
+                        resp = r;
+                        break;
+                    }
+                    Err(Reopen::Retry(m)) => {
+                        tracing::warn!(url = %self.shown, error = %m, "resume request failed")
+                    }
+                    Err(Reopen::Fatal(m)) => {
+                        let _ = self
+                            .tx
+                            .send(Err(SourceError::new(ErrorKind::Network, m).into_io()))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A response whose body continues at `offset`.
+    async fn reopen(&self, offset: u64) -> Result<Response, Reopen> {
+        let use_range = self.ranges && self.validators.if_range().is_some();
+        let range = use_range.then_some((offset, &self.validators));
+        let mut resp = get(&self.client, &self.url, &self.opts, range)
+            .await
+            .map_err(|e| Reopen::Retry(error_text(&e)))?;
+        let status = resp.status();
+        if status == StatusCode::PARTIAL_CONTENT {
+            let start = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(content_range_start);
+            if start != Some(offset) {
+                return Err(Reopen::Fatal(format!(
+                    "{} answered a resume at {offset} with a different range",
+                    self.shown
+                )));
+            }
+            return Ok(resp);
+        }
+        if !status.is_success() {
+            let e = status_error(&self.shown, status);
+            return Err(if e.kind() == ErrorKind::Network {
+                Reopen::Retry(e.to_string())
+            } else {
+                Reopen::Fatal(e.to_string())
+            });
+        }
+        // A full body: either no range support or If-Range said the file changed.
+        if Validators::of(resp.headers()) != self.validators
+            || resp.content_length() != self.content_length
+        {
+            return Err(Reopen::Fatal(format!(
+                "{} changed while it was being downloaded; restart the import",
+                self.shown
+            )));
+        }
+        tracing::info!(url = %self.shown, skip = offset, "server cannot resume; restarting the download and skipping what was already received");
+        let mut skipped = 0u64;
+        while skipped < offset {
+            match tokio::time::timeout(self.opts.idle_timeout, resp.chunk()).await {
+                Ok(Ok(Some(b))) => {
+                    let take = (offset - skipped).min(b.len() as u64);
+                    skipped += take;
+                    if take < b.len() as u64 {
+                        // Hand the rest of this chunk on before the body continues.
+                        let rest = b.slice(take as usize..);
+                        return Ok(self.prepend(rest, resp).await);
+                    }
+                }
+                Ok(Ok(None)) => {
+                    return Err(Reopen::Retry(format!(
+                        "body ended after {skipped} bytes while skipping to {offset}"
+                    )))
+                }
+                Ok(Err(e)) => return Err(Reopen::Retry(error_text(&e))),
+                Err(_) => return Err(Reopen::Retry("timeout while skipping".into())),
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Sends `rest` (the tail of the chunk that crossed `offset`) and returns the response
+    /// to keep reading from.
+    async fn prepend(&self, rest: Bytes, resp: Response) -> Response {
+        self.opts.progress.add_source(rest.len() as u64);
+        let _ = self.tx.send(Ok(Chunk::Data(rest))).await;
+        resp
+    }
+}
+
+enum Reopen {
+    Retry(String),
+    Fatal(String),
+}
+
+/// `bytes 100-199/200` -> 100.
+fn content_range_start(v: &str) -> Option<u64> {
+    let v = v.trim().strip_prefix("bytes")?.trim();
+    v.split('-').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(content_range_start("bytes */200"), None);
+    }
+
+    #[test]
+    fn weak_etags_do_not_validate() {
+        let mut h = HeaderMap::new();
+        h.insert(ETAG, "W/\"x\"".parse().expect("hv"));
+        assert_eq!(Validators::of(&h).if_range(), None);
+        h.insert(
+            LAST_MODIFIED,
+            "Mon, 01 Jan 2024 00:00:00 GMT".parse().expect("hv"),
+        );
+        assert_eq!(
+            Validators::of(&h).if_range(),
+            Some("Mon, 01 Jan 2024 00:00:00 GMT")
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(0) < backoff(3));
+        assert_eq!(backoff(30), Duration::from_secs(10));
+    }
+}

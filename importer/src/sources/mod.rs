@@ -1,0 +1,6 @@
+//! Where image bytes come from.
+
+pub mod blank;
+pub mod client;
+pub mod http;
+pub mod redact;
