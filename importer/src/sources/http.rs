@@ -265,8 +265,15 @@ impl Pump {
                 tracing::warn!(url = %self.shown, offset, error = %failure, attempt = failures, "connection lost, resuming");
                 tokio::time::sleep(backoff(failures - 1)).await;
                 match self.reopen(offset).await {
-                    Ok(r) => {
+                    Ok((r, leftover)) => {
                         resp = r;
+                        if let Some(b) = leftover {
+                            offset += b.len() as u64;
+                            self.opts.progress.add_source(b.len() as u64);
+                            if self.tx.send(Ok(Chunk::Data(b))).await.is_err() {
+                                return;
+                            }
+                        }
                         break;
                     }
                     Err(Reopen::Retry(m)) => {
@@ -284,8 +291,9 @@ impl Pump {
         }
     }
 
-    /// A response whose body continues at `offset`.
-    async fn reopen(&self, offset: u64) -> Result<Response, Reopen> {
+    /// A response whose body continues at `offset`, plus the bytes past `offset` of the
+    /// chunk that crossed it when the download had to restart and skip.
+    async fn reopen(&self, offset: u64) -> Result<(Response, Option<Bytes>), Reopen> {
         let use_range = self.ranges && self.validators.if_range().is_some();
         let range = use_range.then_some((offset, &self.validators));
         let mut resp = get(&self.client, &self.url, &self.opts, range)
@@ -304,7 +312,7 @@ impl Pump {
                     self.shown
                 )));
             }
-            return Ok(resp);
+            return Ok((resp, None));
         }
         if !status.is_success() {
             let e = status_error(&self.shown, status);
@@ -331,9 +339,7 @@ impl Pump {
                     let take = (offset - skipped).min(b.len() as u64);
                     skipped += take;
                     if take < b.len() as u64 {
-                        // Hand the rest of this chunk on before the body continues.
-                        let rest = b.slice(take as usize..);
-                        return Ok(self.prepend(rest, resp).await);
+                        return Ok((resp, Some(b.slice(take as usize..))));
                     }
                 }
                 Ok(Ok(None)) => {
@@ -345,15 +351,7 @@ impl Pump {
                 Err(_) => return Err(Reopen::Retry("timeout while skipping".into())),
             }
         }
-        Ok(resp)
-    }
-
-    /// Sends `rest` (the tail of the chunk that crossed `offset`) and returns the response
-    /// to keep reading from.
-    async fn prepend(&self, rest: Bytes, resp: Response) -> Response {
-        self.opts.progress.add_source(rest.len() as u64);
-        let _ = self.tx.send(Ok(Chunk::Data(rest))).await;
-        resp
+        Ok((resp, None))
     }
 }
 
