@@ -127,7 +127,9 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
     let validators = Validators::of(resp.headers());
     tracing::info!(url = %shown, content_length = ?content_length, ranges, "connected");
     opts.progress.set_source_total(content_length);
-    let (tx, rx) = mpsc::channel(64);
+    // 16 chunks of at most a few hundred KiB: enough to keep the socket busy, small
+    // enough that memory does not depend on how fast the network is.
+    let (tx, rx) = mpsc::channel(16);
     let pump = Pump {
         client,
         url: parsed,

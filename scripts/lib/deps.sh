@@ -1,0 +1,24 @@
+# Sourced by scripts/*: installs Debian packages only when something is missing, with a
+# single `apt-get update` per machine run. Safe to call many times.
+
+ensure_packages() {
+    local missing=()
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if [ ! -e /tmp/.ferrydisk-apt-updated ]; then
+        echo "==> apt-get update" >&2
+        $sudo apt-get update -qq >&2 && touch /tmp/.ferrydisk-apt-updated
+    fi
+    echo "==> installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}
+
+# What the end-to-end tests and the demo run: qemu-img/qemu-io as the oracle, curl, the
+# compressors that make fixtures, losetup for the block-device test, python3 for the
+# test HTTP server.
+TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time)
