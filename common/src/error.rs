@@ -24,12 +24,18 @@ pub enum ErrorKind {
     Config,
     /// The data does not match the checksum the user gave.
     ChecksumMismatch,
+    /// The format needs random access and no scratch volume is mounted: CDI's
+    /// `scratchSpaceRequired` answer makes the controller retry with one.
+    ScratchRequired,
 }
 
 impl ErrorKind {
     /// Whether the same import may succeed if simply run again.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorKind::Network | ErrorKind::Io)
+        matches!(
+            self,
+            ErrorKind::Network | ErrorKind::Io | ErrorKind::ScratchRequired
+        )
     }
 
     /// The log field value: `retryable` or `terminal`.
@@ -53,6 +59,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::SourceRefused => "source-refused",
             ErrorKind::Config => "config",
             ErrorKind::ChecksumMismatch => "checksum-mismatch",
+            ErrorKind::ScratchRequired => "scratch-required",
         };
         f.write_str(s)
     }

@@ -3,6 +3,7 @@
 
 use crate::decode::{self, tar::TarError, PeekReader};
 use crate::error::{find_in_chain, ErrorKind, SourceError};
+use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
 use crate::format::{sniff, Format, SNIFF_LEN};
 use crate::progress::Progress;
 use crate::sink::sparse::{CopyError, SparseWriter};
@@ -30,6 +31,8 @@ pub enum PipelineError {
     Tar(#[from] TarError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
     #[error("{0} images are not supported yet: ferrydisk converts raw disk images (optionally compressed or in a tar)")]
     Unsupported(Format),
     #[error("archive content must be a tar archive, found {0}")]
@@ -56,6 +59,17 @@ impl PipelineError {
             PipelineError::Tar(TarError::Write { .. }) => ErrorKind::Io,
             PipelineError::Tar(_) => ErrorKind::CorruptImage,
             PipelineError::Sink(e) => e.kind(),
+            PipelineError::Qcow2(e) => match e {
+                Qcow2Error::ScratchRequired { .. } => ErrorKind::ScratchRequired,
+                Qcow2Error::Spool(_) => ErrorKind::Io,
+                Qcow2Error::BackingFile(_)
+                | Qcow2Error::ExternalDataFile(_)
+                | Qcow2Error::Encrypted(_)
+                | Qcow2Error::UnknownFeatures(_)
+                | Qcow2Error::Version(_)
+                | Qcow2Error::CompressionType(_) => ErrorKind::UnsupportedFormat,
+                _ => ErrorKind::CorruptImage,
+            },
             PipelineError::Unsupported(_) => ErrorKind::UnsupportedFormat,
         }
     }
@@ -95,6 +109,9 @@ pub struct Options {
     /// when no layer sits on top of a raw image.
     pub source_len: Option<u64>,
     pub progress: Arc<Progress>,
+    /// A scratch directory for formats that may need to spool (qcow2 with data ahead of
+    /// its tables); `None` when no scratch volume is mounted.
+    pub scratch: Option<std::path::PathBuf>,
 }
 
 /// Decodes `source` into `writer` (content type `kubevirt`).
@@ -168,6 +185,26 @@ fn disk_layer(
                 CopyError::Sink(e) => PipelineError::Sink(e),
             })?;
             report.virtual_size = writer.position();
+            Ok(())
+        }
+        Format::Qcow2 => {
+            report.format = Some(Format::Qcow2);
+            let progress = opts.progress.clone();
+            let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
+            let copts = qcow2::StreamOptions {
+                scratch: opts.scratch.clone(),
+                limit: opts.limit,
+                ..Default::default()
+            };
+            let h = qcow2::convert(&mut counted, writer, &copts).map_err(|e| match e {
+                ConvertError::Qcow2(e) => PipelineError::Qcow2(e),
+                ConvertError::Read(e) => read_error(e, last),
+                ConvertError::Sink(e) => PipelineError::Sink(e),
+                ConvertError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
+            })?;
+            opts.progress.set_virtual_total(Some(h.virtual_size));
+            report.virtual_size = h.virtual_size;
+            tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, "converted image");
             Ok(())
         }
         other => {
@@ -257,6 +294,7 @@ mod tests {
             limit,
             source_len: Some(input.len() as u64),
             progress: Arc::default(),
+            scratch: None,
         };
         let r = write_disk(&mut &input[..], &mut w, &opts);
         match &r {
@@ -334,10 +372,10 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_is_reported_unsupported() {
-        let mut q = b"QFI\xfb\0\0\0\x03".to_vec();
+    fn vmdk_is_reported_unsupported() {
+        let mut q = b"KDMV".to_vec();
         q.resize(4096, 0);
         let (r, _) = run(&q, u64::MAX);
-        assert!(matches!(r, Err(PipelineError::Unsupported(Format::Qcow2))));
+        assert!(matches!(r, Err(PipelineError::Unsupported(Format::Vmdk))));
     }
 }

@@ -51,12 +51,12 @@ impl Failure {
         }
     }
 
-    /// Checksum mismatches end with exit 0 and a JSON message, as CDI does.
+    /// Checksum mismatches and "scratch space required" end with exit 0 and a JSON
+    /// message, as CDI does: the controller reads JSON only after exit 0.
     pub fn exit_code(&self) -> i32 {
-        if self.kind() == ErrorKind::ChecksumMismatch {
-            0
-        } else {
-            1
+        match self.kind() {
+            ErrorKind::ChecksumMismatch | ErrorKind::ScratchRequired => 0,
+            _ => 1,
         }
     }
 }

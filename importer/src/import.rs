@@ -187,6 +187,12 @@ fn write(
         limit: u64::MAX,
         source_len: content_length,
         progress: progress.clone(),
+        // Only a mounted scratch volume counts (CDI: a missing one means "required").
+        scratch: plan
+            .args
+            .scratch
+            .is_dir()
+            .then(|| plan.args.scratch.clone()),
     };
     let io_fail = |what: String, e: io::Error| Failure::Process {
         kind: ErrorKind::Io,

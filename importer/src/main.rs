@@ -13,6 +13,7 @@ use clap::Parser;
 use cli::{Cli, Command};
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::termination;
+use ferrydisk_common::ErrorKind;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
@@ -95,16 +96,24 @@ fn finish(
             let kind = f.kind();
             tracing::error!(class = kind.class(), kind = %kind, error = %message, "import failed");
             let code = f.exit_code();
-            let written = if code == 0 {
+            let written = match kind {
+                // The controller mounts scratch and starts a new pod.
+                ErrorKind::ScratchRequired => termination::TerminationMessage {
+                    scratch_space_required: Some(true),
+                    preallocation_applied: Some(false),
+                    message: Some(termination::IMPORT_COMPLETE.into()),
+                    ..Default::default()
+                }
+                .write(log)
+                .map(|_| ()),
                 // Checksum mismatch: JSON so the controller reads it and stops retrying.
-                termination::TerminationMessage {
+                _ if code == 0 => termination::TerminationMessage {
                     message: Some(message),
                     ..Default::default()
                 }
                 .write(log)
-                .map(|_| ())
-            } else {
-                termination::write_failure(log, &message).map(|_| ())
+                .map(|_| ()),
+                _ => termination::write_failure(log, &message).map(|_| ()),
             };
             if let Err(e) = written {
                 tracing::error!(error = %e, "could not write the termination message");

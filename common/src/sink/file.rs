@@ -116,6 +116,10 @@ impl Target for FileTarget {
         let _ = self.file.sync_all();
     }
 
+    fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
+        Ok(()) // truncated at open: unwritten ranges are holes
+    }
+
     fn capacity(&self) -> Option<u64> {
         None
     }

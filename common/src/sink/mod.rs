@@ -35,6 +35,9 @@ pub trait Target: Send {
     fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo>;
     /// After a failure: leave nothing that could pass for a complete disk.
     fn abort(&mut self);
+    /// Called before writes that arrive in random order (qcow2): afterwards every byte
+    /// of `[0, len)` that is never written must read as zero.
+    fn prepare_random(&mut self, len: u64) -> io::Result<()>;
     /// Largest image this target can hold, if the target knows (a block device does).
     fn capacity(&self) -> Option<u64>;
 }

@@ -50,6 +50,7 @@ enum Msg {
         buf: AlignedBuf,
         len: usize,
     },
+    PrepareRandom(u64),
     Finish(u64),
     Abort,
 }
@@ -69,6 +70,8 @@ pub struct SparseWriter {
     thread: Option<JoinHandle<Result<(WriteStats, FinishInfo), SinkError>>>,
     /// A buffer taken from the pool but not filled (end of one `copy_from`).
     spare: Option<AlignedBuf>,
+    /// A block being filled by [`SparseWriter::write_at`]: (offset, buffer, bytes used).
+    pending: Option<(u64, AlignedBuf, usize)>,
     pos: u64,
     limit: u64,
 }
@@ -90,6 +93,7 @@ impl SparseWriter {
             free,
             thread: Some(thread),
             spare: None,
+            pending: None,
             pos: 0,
             limit,
         }
@@ -102,43 +106,103 @@ impl SparseWriter {
 
     /// Streams `r` to the target from the current position until end of stream.
     pub fn copy_from(&mut self, r: &mut dyn Read) -> Result<u64, CopyError> {
+        self.flush_pending().map_err(CopyError::Sink)?;
         let start = self.pos;
         loop {
-            let mut buf = match self.spare.take() {
-                Some(b) => b,
-                None => match self.free.recv() {
-                    Ok(b) => b,
-                    Err(_) => return Err(CopyError::Sink(self.writer_error())),
-                },
-            };
+            let mut buf = self.take_buf().map_err(CopyError::Sink)?;
             let n = fill(r, buf.as_mut_slice()).map_err(CopyError::Read)?;
             if n == 0 {
                 self.spare = Some(buf);
                 return Ok(self.pos - start);
             }
-            if self.pos + n as u64 > self.limit {
-                return Err(CopyError::Sink(SinkError::TooLarge {
-                    at_least: self.pos + n as u64,
-                    limit: self.limit,
-                }));
-            }
-            if self
-                .tx
-                .send(Msg::Data {
-                    offset: self.pos,
-                    buf,
-                    len: n,
-                })
-                .is_err()
-            {
-                return Err(CopyError::Sink(self.writer_error()));
-            }
-            self.pos += n as u64;
+            self.send(self.pos, buf, n).map_err(CopyError::Sink)?;
         }
+    }
+
+    /// Writes `data` at `offset`, for formats whose data arrives out of guest order
+    /// (qcow2 clusters come in host order). Contiguous writes are coalesced into the
+    /// pooled blocks, so a mostly sequential image costs no more than a raw one.
+    pub fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> Result<(), SinkError> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(SinkError::TooLarge {
+                at_least: u64::MAX,
+                limit: self.limit,
+            })?;
+        if end > self.limit {
+            return Err(SinkError::TooLarge {
+                at_least: end,
+                limit: self.limit,
+            });
+        }
+        while !data.is_empty() {
+            let contiguous = matches!(&self.pending, Some((off, _, used)) if off + *used as u64 == offset && *used < BLOCK);
+            if !contiguous {
+                self.flush_pending()?;
+                let buf = self.take_buf()?;
+                self.pending = Some((offset, buf, 0));
+            }
+            let Some((_, buf, used)) = &mut self.pending else {
+                unreachable!("pending set above")
+            };
+            let n = data.len().min(BLOCK - *used);
+            buf.as_mut_slice()[*used..*used + n].copy_from_slice(&data[..n]);
+            *used += n;
+            offset += n as u64;
+            data = &data[n..];
+            if *used == BLOCK {
+                self.flush_pending()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces writes in random order over `[0, len)` (see [`Target::prepare_random`]).
+    pub fn prepare_random(&mut self, len: u64) -> Result<(), SinkError> {
+        self.flush_pending()?;
+        if self.tx.send(Msg::PrepareRandom(len)).is_err() {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
+    /// Hands a partly filled [`SparseWriter::write_at`] block to the writer thread.
+    pub fn flush_pending(&mut self) -> Result<(), SinkError> {
+        match self.pending.take() {
+            Some((off, buf, used)) if used > 0 => self.send(off, buf, used),
+            Some((_, buf, _)) => {
+                self.spare = Some(buf);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn take_buf(&mut self) -> Result<AlignedBuf, SinkError> {
+        match self.spare.take() {
+            Some(b) => Ok(b),
+            None => self.free.recv().map_err(|_| self.writer_error()),
+        }
+    }
+
+    fn send(&mut self, offset: u64, buf: AlignedBuf, len: usize) -> Result<(), SinkError> {
+        let end = offset + len as u64;
+        if end > self.limit {
+            return Err(SinkError::TooLarge {
+                at_least: end,
+                limit: self.limit,
+            });
+        }
+        if self.tx.send(Msg::Data { offset, buf, len }).is_err() {
+            return Err(self.writer_error());
+        }
+        self.pos = self.pos.max(end);
+        Ok(())
     }
 
     /// Sets the final length, makes the data durable and returns what was written.
     pub fn finish(mut self, final_len: u64) -> Result<(WriteStats, FinishInfo), SinkError> {
+        self.flush_pending()?;
         let _ = self.tx.send(Msg::Finish(final_len));
         self.join()
     }
@@ -212,6 +276,15 @@ fn run(
                             })?;
                         last_checkpoint = stats.end;
                     }
+                }
+                Msg::PrepareRandom(len) => {
+                    target
+                        .prepare_random(len)
+                        .map_err(|source| SinkError::Write {
+                            path: "destination".into(),
+                            offset: 0,
+                            source,
+                        })?;
                 }
                 Msg::Finish(len) => {
                     let info =
@@ -316,6 +389,9 @@ pub(crate) mod tests {
         fn abort(&mut self) {
             *self.aborted.lock().expect("lock") = true;
         }
+        fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
         fn capacity(&self) -> Option<u64> {
             None
         }
@@ -339,6 +415,26 @@ pub(crate) mod tests {
             2 * 4096 + 4096 + (img.len() as u64 % 4096)
         );
         assert!(stats.zero_bytes > 0);
+    }
+
+    #[test]
+    fn random_writes_are_placed_and_coalesced() {
+        let t = MemTarget::default();
+        let mut w = SparseWriter::spawn(Box::new(t.clone()), WriterOptions::default());
+        w.write_at(3 * BLOCK as u64, &[2u8; 4096]).expect("write");
+        w.write_at(0, &[1u8; 4096]).expect("write");
+        w.write_at(4096, &[1u8; 8192]).expect("write");
+        w.write_at(BLOCK as u64 - 100, &[3u8; 200]).expect("write");
+        w.finish(4 * BLOCK as u64).expect("finish");
+        let d = t.data.lock().expect("lock");
+        assert_eq!(d.len(), 4 * BLOCK);
+        assert!(d[..12288].iter().all(|&b| b == 1));
+        assert!(d[BLOCK - 100..BLOCK + 100].iter().all(|&b| b == 3));
+        assert!(d[3 * BLOCK..3 * BLOCK + 4096].iter().all(|&b| b == 2));
+        assert_eq!(d.iter().filter(|&&b| b != 0).count(), 12288 + 200 + 4096);
+        // 0 and 4096 coalesce into one write; the 200 bytes across the 1 MiB boundary
+        // stay one pending block of their own.
+        assert_eq!(t.writes.lock().expect("lock").len(), 3);
     }
 
     #[test]

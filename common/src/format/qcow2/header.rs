@@ -1,0 +1,387 @@
+//! The qcow2 header and header extensions (qemu's docs/interop/qcow2.txt). Images are
+//! untrusted: every field is bounded before it sizes an allocation or a loop, and
+//! anything that would make the converter read outside the image (a backing file, an
+//! external data file) or decrypt it is refused here, before a byte is written.
+
+/// Incompatible feature bits (header offset 72, v3).
+pub mod incompat {
+    pub const DIRTY: u64 = 1 << 0;
+    pub const CORRUPT: u64 = 1 << 1;
+    pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    pub const COMPRESSION_TYPE: u64 = 1 << 3;
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    /// What we read correctly. DIRTY only means refcounts may be stale; we never read
+    /// refcounts to find data, so a dirty image converts exactly as qemu-img converts it.
+    pub const SUPPORTED: u64 = DIRTY | COMPRESSION_TYPE | EXTENDED_L2;
+}
+
+const EXT_END: u32 = 0;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_FULL_DISK_ENCRYPTION: u32 = 0x0537_be77;
+
+/// qemu's own limits: clusters of 512 B to 2 MiB, an L1 table of at most 32 MiB.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// qemu refuses images larger than this (QCOW_MAX_VIRTUAL_SIZE is 2^56 bytes).
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
+/// qemu's limit on the backing file name: we only show it in the refusal.
+const MAX_BACKING_NAME: u64 = 1023;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Deflate,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub virtual_size: u64,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub incompatible: u64,
+    pub compression: Compression,
+    pub extended_l2: bool,
+    pub header_length: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    #[error("qcow2 header is truncated ({0} bytes)")]
+    ShortHeader(usize),
+    #[error("qcow2 version {0} is not supported (2 and 3 are)")]
+    Version(u32),
+    #[error("qcow2 image has a backing file {0:?}: images with backing files are refused (they would read files outside the image)")]
+    BackingFile(String),
+    #[error("qcow2 image uses an external data file{0}: refused (it would read a file outside the image)")]
+    ExternalDataFile(String),
+    #[error("qcow2 image is encrypted (method {0}): encrypted images are not supported")]
+    Encrypted(u32),
+    #[error("qcow2 image is marked corrupt by qemu")]
+    MarkedCorrupt,
+    #[error("qcow2 image uses unknown incompatible features {0:#x}")]
+    UnknownFeatures(u64),
+    #[error("qcow2 field {field} has invalid value {value}")]
+    Field { field: &'static str, value: u64 },
+    #[error("qcow2 compression type {0} is unknown")]
+    CompressionType(u8),
+    #[error("qcow2 image is corrupt: {0}")]
+    Corrupt(String),
+    #[error("qcow2 image ends at byte {end} but data at host offset {offset} is still referenced")]
+    Truncated { end: u64, offset: u64 },
+    #[error("qcow2 compressed cluster at guest offset {guest} does not decompress: {source}")]
+    Decompress {
+        guest: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qcow2 image keeps data before the tables that map it ({held} bytes so far) and no scratch space is mounted")]
+    ScratchRequired { held: u64 },
+    #[error("qcow2 spool: {0}")]
+    Spool(#[source] std::io::Error),
+}
+
+fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn be64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Bytes per L2 entry (16 with extended L2: entry + subcluster bitmap).
+    pub fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2 {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Guest bytes one L2 table maps.
+    pub fn l2_coverage(&self) -> u64 {
+        self.cluster_size() / self.l2_entry_size() * self.cluster_size()
+    }
+
+    /// The cluster size from the first bytes, to know how much of the image holds the
+    /// header and its extensions (qemu keeps both in cluster 0).
+    pub fn peek_cluster_bits(head: &[u8]) -> Result<u32, Qcow2Error> {
+        if head.len() < 72 {
+            return Err(Qcow2Error::ShortHeader(head.len()));
+        }
+        let bits = be32(head, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+            return Err(Qcow2Error::Field {
+                field: "cluster_bits",
+                value: bits.into(),
+            });
+        }
+        Ok(bits)
+    }
+
+    /// Parses and validates the header from cluster 0 of the image.
+    pub fn parse(c0: &[u8]) -> Result<Header, Qcow2Error> {
+        if c0.len() < 72 || &c0[..4] != b"QFI\xfb" {
+            return Err(Qcow2Error::ShortHeader(c0.len()));
+        }
+        let version = be32(c0, 4);
+        if version != 2 && version != 3 {
+            return Err(Qcow2Error::Version(version));
+        }
+        let cluster_bits = Self::peek_cluster_bits(c0)?;
+        let cs = 1u64 << cluster_bits;
+        let backing_file_offset = be64(c0, 8);
+        let backing_file_size = u64::from(be32(c0, 16));
+        if backing_file_offset != 0 {
+            return Err(Qcow2Error::BackingFile(backing_name(
+                c0,
+                backing_file_offset,
+                backing_file_size,
+            )));
+        }
+        let virtual_size = be64(c0, 24);
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(Qcow2Error::Field {
+                field: "size",
+                value: virtual_size,
+            });
+        }
+        let crypt_method = be32(c0, 32);
+        if crypt_method != 0 {
+            return Err(Qcow2Error::Encrypted(crypt_method));
+        }
+        let l1_size = be32(c0, 36);
+        let l1_table_offset = be64(c0, 40);
+        let refcount_table_offset = be64(c0, 48);
+        let refcount_table_clusters = be32(c0, 56);
+        let nb_snapshots = be32(c0, 60);
+        let (incompatible, header_length) = if version == 3 {
+            if c0.len() < 104 {
+                return Err(Qcow2Error::ShortHeader(c0.len()));
+            }
+            (be64(c0, 72), be32(c0, 100))
+        } else {
+            (0, 72)
+        };
+        if version == 3
+            && (header_length < 104
+                || u64::from(header_length) > cs
+                || header_length as usize > c0.len())
+        {
+            return Err(Qcow2Error::Field {
+                field: "header_length",
+                value: header_length.into(),
+            });
+        }
+        if incompatible & incompat::CORRUPT != 0 {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
+        if incompatible & incompat::EXTERNAL_DATA_FILE != 0 {
+            return Err(Qcow2Error::ExternalDataFile(String::new()));
+        }
+        let unknown = incompatible & !incompat::SUPPORTED;
+        if unknown != 0 {
+            return Err(Qcow2Error::UnknownFeatures(unknown));
+        }
+        let compression = if incompatible & incompat::COMPRESSION_TYPE != 0 {
+            if header_length < 105 {
+                return Err(Qcow2Error::Field {
+                    field: "header_length",
+                    value: header_length.into(),
+                });
+            }
+            match c0[104] {
+                0 => Compression::Deflate,
+                1 => Compression::Zstd,
+                t => return Err(Qcow2Error::CompressionType(t)),
+            }
+        } else {
+            Compression::Deflate
+        };
+        let extended_l2 = incompatible & incompat::EXTENDED_L2 != 0;
+        if extended_l2 && cluster_bits < 14 {
+            // qemu requires 16 KiB clusters for subclusters (32 subclusters of >= 512 B).
+            return Err(Qcow2Error::Field {
+                field: "cluster_bits (extended L2)",
+                value: cluster_bits.into(),
+            });
+        }
+        let h = Header {
+            version,
+            cluster_bits,
+            virtual_size,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            incompatible,
+            compression,
+            extended_l2,
+            header_length,
+        };
+        // The L1 table must cover the disk, fit qemu's limit, and be cluster-aligned.
+        let needed = virtual_size.div_ceil(h.l2_coverage());
+        if u64::from(l1_size) < needed || u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Qcow2Error::Field {
+                field: "l1_size",
+                value: l1_size.into(),
+            });
+        }
+        if l1_size > 0 && (l1_table_offset == 0 || !l1_table_offset.is_multiple_of(cs)) {
+            return Err(Qcow2Error::Field {
+                field: "l1_table_offset",
+                value: l1_table_offset,
+            });
+        }
+        if !refcount_table_offset.is_multiple_of(cs) {
+            return Err(Qcow2Error::Field {
+                field: "refcount_table_offset",
+                value: refcount_table_offset,
+            });
+        }
+        h.check_extensions(c0)?;
+        Ok(h)
+    }
+
+    fn check_extensions(&self, c0: &[u8]) -> Result<(), Qcow2Error> {
+        let mut off = self.header_length as usize;
+        let end = c0.len().min(self.cluster_size() as usize);
+        while off + 8 <= end {
+            let kind = be32(c0, off);
+            let len = be32(c0, off + 4) as usize;
+            let data = off + 8;
+            if kind == EXT_END {
+                return Ok(());
+            }
+            if data.checked_add(len).is_none_or(|e| e > end) {
+                return Err(Qcow2Error::Corrupt(format!(
+                    "header extension {kind:#x} overruns cluster 0"
+                )));
+            }
+            match kind {
+                EXT_DATA_FILE => {
+                    let name = String::from_utf8_lossy(&c0[data..data + len.min(256)]).into_owned();
+                    return Err(Qcow2Error::ExternalDataFile(format!(" {name:?}")));
+                }
+                EXT_FULL_DISK_ENCRYPTION => return Err(Qcow2Error::Encrypted(2)),
+                _ => {}
+            }
+            off = data + len.div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+}
+
+/// The backing file's name, for the refusal message only (never opened).
+fn backing_name(c0: &[u8], off: u64, size: u64) -> String {
+    let size = size.min(MAX_BACKING_NAME);
+    match (usize::try_from(off), usize::try_from(size)) {
+        (Ok(o), Ok(s)) if o.checked_add(s).is_some_and(|e| e <= c0.len()) => {
+            String::from_utf8_lossy(&c0[o..o + s])
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect()
+        }
+        _ => "<outside the first cluster>".to_string(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal valid v3 header in a 64 KiB cluster 0.
+    pub fn header_v3(size: u64) -> Vec<u8> {
+        let mut c = vec![0u8; 65536];
+        c[..4].copy_from_slice(b"QFI\xfb");
+        c[4..8].copy_from_slice(&3u32.to_be_bytes());
+        c[20..24].copy_from_slice(&16u32.to_be_bytes());
+        c[24..32].copy_from_slice(&size.to_be_bytes());
+        let l1 = size.div_ceil(8192 * 65536).max(1) as u32;
+        c[36..40].copy_from_slice(&l1.to_be_bytes());
+        c[40..48].copy_from_slice(&(3 * 65536u64).to_be_bytes());
+        c[48..56].copy_from_slice(&65536u64.to_be_bytes());
+        c[56..60].copy_from_slice(&1u32.to_be_bytes());
+        c[96..100].copy_from_slice(&4u32.to_be_bytes());
+        c[100..104].copy_from_slice(&104u32.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn parses_valid_header() {
+        let h = Header::parse(&header_v3(1 << 30)).expect("valid");
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.virtual_size, 1 << 30);
+        assert_eq!(h.compression, Compression::Deflate);
+    }
+
+    #[test]
+    fn refuses_hostile_headers() {
+        let mut c = header_v3(1 << 30);
+        c[8..16].copy_from_slice(&200u64.to_be_bytes());
+        c[16..20].copy_from_slice(&10u32.to_be_bytes());
+        c[200..210].copy_from_slice(b"/etc/shado");
+        assert!(matches!(Header::parse(&c), Err(Qcow2Error::BackingFile(n)) if n == "/etc/shado"));
+
+        let mut c = header_v3(1 << 30);
+        c[72..80].copy_from_slice(&incompat::EXTERNAL_DATA_FILE.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&c),
+            Err(Qcow2Error::ExternalDataFile(_))
+        ));
+
+        let mut c = header_v3(1 << 30);
+        c[104..108].copy_from_slice(&EXT_DATA_FILE.to_be_bytes());
+        c[108..112].copy_from_slice(&4u32.to_be_bytes());
+        c[112..116].copy_from_slice(b"/dev");
+        assert!(matches!(
+            Header::parse(&c),
+            Err(Qcow2Error::ExternalDataFile(_))
+        ));
+
+        let mut c = header_v3(1 << 30);
+        c[32..36].copy_from_slice(&1u32.to_be_bytes());
+        assert!(matches!(Header::parse(&c), Err(Qcow2Error::Encrypted(1))));
+
+        let mut c = header_v3(1 << 30);
+        c[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        assert!(matches!(
+            Header::parse(&c),
+            Err(Qcow2Error::UnknownFeatures(_))
+        ));
+
+        let mut c = header_v3(1 << 30);
+        c[36..40].copy_from_slice(&(1u32 << 31).to_be_bytes());
+        assert!(matches!(
+            Header::parse(&c),
+            Err(Qcow2Error::Field {
+                field: "l1_size",
+                ..
+            })
+        ));
+
+        let mut c = header_v3(1 << 30);
+        c[20..24].copy_from_slice(&30u32.to_be_bytes());
+        assert!(Header::parse(&c).is_err());
+
+        let mut c = header_v3(1 << 30);
+        c[104..108].copy_from_slice(&0x1234u32.to_be_bytes());
+        c[108..112].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(Header::parse(&c), Err(Qcow2Error::Corrupt(_))));
+
+        assert!(Header::parse(&header_v3(1 << 30)[..50]).is_err());
+    }
+}

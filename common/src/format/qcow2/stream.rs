@@ -1,0 +1,622 @@
+//! qcow2 -> raw from a sequential stream (an HTTP body, a registry layer, an upload).
+//!
+//! The image is read once, in host order, one cluster at a time. The L1 table names
+//! the L2 tables, the L2 tables name the data clusters; whatever arrives after its
+//! mapping is written straight to its guest offset. What arrives before we know what it
+//! is (qemu-img never writes images that way, but a qcow2 that was grown in place can
+//! have data ahead of a later L2 table) is held in memory up to a bound, then spooled to
+//! scratch, and placed when its mapping appears. Once every L2 table is known nothing
+//! else needs holding: unreferenced clusters (refcounts, snapshots) are dropped at once.
+
+use super::header::{Compression, Header, Qcow2Error};
+use crate::sink::{SinkError, SparseWriter};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO_FLAG: u64 = 1;
+
+pub struct StreamOptions {
+    /// Where to spool clusters that must be held beyond `hold_memory`.
+    pub scratch: Option<PathBuf>,
+    /// Bytes of not-yet-mapped clusters kept in memory before spooling.
+    pub hold_memory: u64,
+    /// The image may not be larger than this.
+    pub limit: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            scratch: None,
+            hold_memory: 32 << 20,
+            limit: u64::MAX,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
+    #[error("reading qcow2 image: {0}")]
+    Read(#[source] io::Error),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+/// Converts the qcow2 image read from `r` (positioned at its first byte) into `writer`.
+/// Returns the header; the caller drains whatever follows the last referenced cluster.
+pub fn convert(
+    r: &mut dyn Read,
+    writer: &mut SparseWriter,
+    opts: &StreamOptions,
+) -> Result<Header, ConvertError> {
+    let mut head = vec![0u8; 512];
+    let n = fill(r, &mut head)?;
+    let bits = Header::peek_cluster_bits(&head[..n])?;
+    let cs = 1usize << bits;
+    let mut c0 = head;
+    c0.resize(cs, 0);
+    let m = if n == 512 {
+        fill(r, &mut c0[512..])?
+    } else {
+        0
+    };
+    c0.truncate(n + m);
+    let h = Header::parse(&c0)?;
+    if h.virtual_size > opts.limit {
+        return Err(ConvertError::TooLarge {
+            size: h.virtual_size,
+            limit: opts.limit,
+        });
+    }
+    tracing::info!(
+        version = h.version,
+        cluster_size = cs,
+        virtual_size = h.virtual_size,
+        compression = ?h.compression,
+        extended_l2 = h.extended_l2,
+        "qcow2 image"
+    );
+    writer.prepare_random(h.virtual_size)?;
+    let mut st = State::new(h.clone(), writer, opts);
+    st.run(r)?;
+    Ok(h)
+}
+
+fn fill(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize, ConvertError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ConvertError::Read(e)),
+        }
+    }
+    Ok(n)
+}
+
+struct DataWant {
+    guest: u64,
+    /// Extended L2: which of the 32 subclusters hold data (the rest read as zeros).
+    mask: Option<u32>,
+}
+
+struct Comp {
+    host: u64,
+    len: u64,
+    guest: u64,
+}
+
+struct State<'w> {
+    h: Header,
+    cs: u64,
+    writer: &'w mut SparseWriter,
+    /// Host offset of the cluster being processed.
+    cur: u64,
+    l1: Option<Vec<u8>>,
+    l1_bytes: u64,
+    /// Every L1 entry has been seen (an L2 table parsed while the L1 is still being
+    /// walked must not conclude that nothing is left to map).
+    l1_parsed: bool,
+    l2_wanted: BTreeMap<u64, u64>,
+    data_wanted: BTreeMap<u64, Vec<DataWant>>,
+    comp_pending: BTreeMap<u64, Vec<Comp>>,
+    comp_refs: HashMap<u64, u32>,
+    comp_cache: HashMap<u64, Vec<u8>>,
+    /// Bytes of each cached cluster known to belong to compressed streams already
+    /// decoded. Several compressed clusters share a host cluster, and the rest of it may
+    /// belong to one an L2 table not yet read maps: a cluster is let go only when known
+    /// streams cover all of it (or every table is known).
+    comp_covered: HashMap<u64, u64>,
+    held: Held,
+    mapping_done: bool,
+    /// Host bytes the image really has (known at end of stream).
+    eof: Option<u64>,
+}
+
+impl<'w> State<'w> {
+    fn new(h: Header, writer: &'w mut SparseWriter, opts: &StreamOptions) -> Self {
+        let cs = h.cluster_size();
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        State {
+            cs,
+            writer,
+            cur: 0,
+            l1: (l1_bytes > 0).then(Vec::new),
+            l1_bytes,
+            l1_parsed: l1_bytes == 0,
+            l2_wanted: BTreeMap::new(),
+            data_wanted: BTreeMap::new(),
+            comp_pending: BTreeMap::new(),
+            comp_refs: HashMap::new(),
+            comp_cache: HashMap::new(),
+            comp_covered: HashMap::new(),
+            held: Held::new(opts.hold_memory, opts.scratch.clone()),
+            mapping_done: l1_bytes == 0,
+            eof: None,
+            h,
+        }
+    }
+
+    fn run(&mut self, r: &mut dyn Read) -> Result<(), ConvertError> {
+        let mut buf = vec![0u8; self.cs as usize];
+        let mut pos = self.cs;
+        loop {
+            if self.mapping_done && self.data_wanted.is_empty() && self.comp_pending.is_empty() {
+                break;
+            }
+            let n = fill(r, &mut buf)?;
+            if n == 0 {
+                self.eof = Some(pos);
+                break;
+            }
+            self.process(pos, &buf[..n])?;
+            if (n as u64) < self.cs {
+                self.eof = Some(pos + n as u64);
+                break;
+            }
+            pos += self.cs;
+        }
+        if let Some(end) = self.eof {
+            self.finish_at_eof(end)?;
+        }
+        self.writer.flush_pending()?;
+        Ok(())
+    }
+
+    fn process(&mut self, c: u64, data: &[u8]) -> Result<(), ConvertError> {
+        self.cur = c;
+        let mut used = false;
+        let l1_off = self.h.l1_table_offset;
+        if let Some(l1) = &mut self.l1 {
+            if c >= l1_off && c < l1_off + self.l1_bytes {
+                let want = (self.l1_bytes - l1.len() as u64).min(data.len() as u64) as usize;
+                l1.extend_from_slice(&data[..want]);
+                used = true;
+                if l1.len() as u64 == self.l1_bytes {
+                    let table = self.l1.take().unwrap_or_default();
+                    self.parse_l1(&table)?;
+                }
+            }
+        }
+        let rt = self.h.refcount_table_offset;
+        if rt != 0 && c >= rt && c < rt + u64::from(self.h.refcount_table_clusters) * self.cs {
+            used = true; // refcounts are never needed to find data
+        }
+        if let Some(guest_base) = self.l2_wanted.remove(&c) {
+            self.parse_l2(guest_base, data)?;
+            used = true;
+        }
+        if let Some(wants) = self.data_wanted.remove(&c) {
+            for w in wants {
+                self.write_data(&w, data, c)?;
+            }
+            used = true;
+        }
+        if self.comp_refs.contains_key(&c) {
+            self.comp_cache.insert(c, data.to_vec());
+            used = true;
+            let ready: Vec<u64> = self.comp_pending.range(..=c).map(|(k, _)| *k).collect();
+            for k in ready {
+                for comp in self.comp_pending.remove(&k).unwrap_or_default() {
+                    self.decompress(&comp)?;
+                }
+            }
+        }
+        if !used && !self.mapping_done {
+            self.held.put(c, data)?;
+        }
+        Ok(())
+    }
+
+    fn parse_l1(&mut self, table: &[u8]) -> Result<(), ConvertError> {
+        let coverage = self.h.l2_coverage();
+        for (i, e) in table.chunks_exact(8).enumerate() {
+            let off = be64(e) & L1_OFFSET_MASK;
+            let guest_base = i as u64 * coverage;
+            if off == 0 || guest_base >= self.h.virtual_size {
+                continue;
+            }
+            if !off.is_multiple_of(self.cs) {
+                return Err(corrupt(format!(
+                    "L1 entry {i} points at unaligned offset {off}"
+                )));
+            }
+            if off <= self.cur {
+                let t = self.held.get(off)?.ok_or_else(|| {
+                    corrupt(format!(
+                        "L2 table at {off} lies before the L1 table and overlaps metadata"
+                    ))
+                })?;
+                self.parse_l2(guest_base, &t)?;
+            } else if self.l2_wanted.insert(off, guest_base).is_some() {
+                return Err(corrupt(format!(
+                    "two L1 entries share the L2 table at {off}"
+                )));
+            }
+        }
+        self.l1 = None;
+        self.l1_parsed = true;
+        self.check_mapping_done();
+        Ok(())
+    }
+
+    fn parse_l2(&mut self, guest_base: u64, table: &[u8]) -> Result<(), ConvertError> {
+        if (table.len() as u64) < self.cs {
+            return Err(Qcow2Error::Truncated {
+                end: self.cur + table.len() as u64,
+                offset: self.cur,
+            }
+            .into());
+        }
+        let es = self.h.l2_entry_size() as usize;
+        let bits = self.h.cluster_bits;
+        for (j, e) in table.chunks_exact(es).enumerate() {
+            let guest = guest_base + j as u64 * self.cs;
+            if guest >= self.h.virtual_size {
+                break;
+            }
+            let entry = be64(&e[..8]);
+            if entry & COMPRESSED != 0 {
+                let x = 62 - (bits - 8);
+                let host = entry & ((1u64 << x) - 1);
+                let sectors = (entry >> x) & ((1u64 << (bits - 8)) - 1);
+                let len = (sectors + 1) * 512 - (host & 511);
+                self.want_compressed(Comp { host, len, guest })?;
+                continue;
+            }
+            let host = entry & L2_OFFSET_MASK;
+            let mask = if self.h.extended_l2 {
+                let bitmap = be64(&e[8..16]);
+                let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+                if alloc & zero != 0 {
+                    return Err(corrupt(format!("L2 entry for guest offset {guest} marks subclusters both allocated and zero")));
+                }
+                if host == 0 || alloc == 0 {
+                    continue;
+                }
+                (alloc != u32::MAX).then_some(alloc)
+            } else {
+                if entry & ZERO_FLAG != 0 || host == 0 {
+                    continue;
+                }
+                None
+            };
+            if !host.is_multiple_of(self.cs) {
+                return Err(corrupt(format!(
+                    "L2 entry for guest offset {guest} points at unaligned offset {host}"
+                )));
+            }
+            let w = DataWant { guest, mask };
+            if host <= self.cur {
+                let d = self.held.get(host)?.ok_or_else(|| {
+                    corrupt(format!(
+                        "data for guest offset {guest} at host offset {host} overlaps metadata"
+                    ))
+                })?;
+                self.write_data(&w, &d, host)?;
+            } else {
+                self.data_wanted.entry(host).or_default().push(w);
+            }
+        }
+        self.check_mapping_done();
+        Ok(())
+    }
+
+    fn check_mapping_done(&mut self) {
+        if self.l1_parsed && self.l2_wanted.is_empty() && !self.mapping_done {
+            self.mapping_done = true;
+            self.held.clear();
+        }
+    }
+
+    fn write_data(&mut self, w: &DataWant, data: &[u8], host: u64) -> Result<(), ConvertError> {
+        let vsize = self.h.virtual_size;
+        let full = (self.cs.min(vsize - w.guest)) as usize;
+        if data.len() < full {
+            return Err(Qcow2Error::Truncated {
+                end: host + data.len() as u64,
+                offset: host,
+            }
+            .into());
+        }
+        match w.mask {
+            None => self.writer.write_at(w.guest, &data[..full])?,
+            Some(mask) => {
+                let sub = self.cs / 32;
+                for i in 0..32u64 {
+                    let g = w.guest + i * sub;
+                    if g >= vsize {
+                        break;
+                    }
+                    if mask & (1 << i) != 0 {
+                        let len = sub.min(vsize - g) as usize;
+                        let at = (i * sub) as usize;
+                        self.writer.write_at(g, &data[at..at + len])?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn want_compressed(&mut self, comp: Comp) -> Result<(), ConvertError> {
+        let first = comp.host & !(self.cs - 1);
+        let last = (comp.host + comp.len - 1) & !(self.cs - 1);
+        let mut c = first;
+        while c <= last {
+            *self.comp_refs.entry(c).or_default() += 1;
+            if c <= self.cur && !self.comp_cache.contains_key(&c) {
+                match self.held.get(c)? {
+                    Some(d) => {
+                        self.comp_cache.insert(c, d);
+                    }
+                    // Compressed data may run past the end of the image (the length
+                    // is an upper bound), never into metadata before it.
+                    None if c == last && c > first => {}
+                    None => {
+                        return Err(corrupt(format!(
+                        "compressed data for guest offset {} at host offset {} overlaps metadata",
+                        comp.guest, comp.host
+                    )))
+                    }
+                }
+            }
+            c += self.cs;
+        }
+        if last <= self.cur {
+            self.decompress(&comp)
+        } else {
+            self.comp_pending.entry(last).or_default().push(comp);
+            Ok(())
+        }
+    }
+
+    fn decompress(&mut self, comp: &Comp) -> Result<(), ConvertError> {
+        let first = comp.host & !(self.cs - 1);
+        let last = (comp.host + comp.len - 1) & !(self.cs - 1);
+        let mut input = Vec::with_capacity(comp.len as usize + self.cs as usize);
+        let mut c = first;
+        while c <= last {
+            match self.comp_cache.get(&c) {
+                Some(d) => input.extend_from_slice(d),
+                None => break, // past the end of the image
+            }
+            c += self.cs;
+        }
+        let start = (comp.host - first) as usize;
+        let end = (start + comp.len as usize).min(input.len());
+        if start >= end {
+            return Err(Qcow2Error::Truncated {
+                end: first + input.len() as u64,
+                offset: comp.host,
+            }
+            .into());
+        }
+        let out_len = self.cs.min(self.h.virtual_size - comp.guest) as usize;
+        let mut out = vec![0u8; self.cs as usize];
+        let consumed =
+            decode_cluster(self.h.compression, &input[start..end], &mut out).map_err(|source| {
+                Qcow2Error::Decompress {
+                    guest: comp.guest,
+                    source,
+                }
+            })?;
+        self.writer.write_at(comp.guest, &out[..out_len])?;
+        // Account the exact bytes this stream used in each cluster it touched, then let
+        // go of clusters nothing else can need.
+        let (s_host, e_host) = (comp.host, comp.host + consumed);
+        let mut c = first;
+        while c <= last {
+            let used = e_host.min(c + self.cs).saturating_sub(s_host.max(c));
+            *self.comp_covered.entry(c).or_default() += used;
+            if let Some(n) = self.comp_refs.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.comp_refs.remove(&c);
+                    let covered = self.comp_covered.get(&c).copied().unwrap_or(0);
+                    if let Some(data) = self.comp_cache.remove(&c) {
+                        if !self.mapping_done
+                            && covered < data.len() as u64
+                            && self.held.get(c)?.is_none()
+                        {
+                            self.held.put(c, &data)?;
+                        }
+                    }
+                }
+            }
+            c += self.cs;
+        }
+        Ok(())
+    }
+
+    fn finish_at_eof(&mut self, end: u64) -> Result<(), ConvertError> {
+        if !self.l1_parsed {
+            return Err(Qcow2Error::Truncated {
+                end,
+                offset: self.h.l1_table_offset,
+            }
+            .into());
+        }
+        if let Some((&off, _)) = self.l2_wanted.iter().next() {
+            return Err(Qcow2Error::Truncated { end, offset: off }.into());
+        }
+        if let Some((&off, _)) = self.data_wanted.iter().next() {
+            return Err(Qcow2Error::Truncated { end, offset: off }.into());
+        }
+        // Compressed clusters at the very end: their stated length may pass EOF.
+        let pending: Vec<Comp> = std::mem::take(&mut self.comp_pending)
+            .into_values()
+            .flatten()
+            .collect();
+        for comp in pending {
+            self.decompress(&comp)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one compressed cluster into `out` (exactly one cluster); returns the bytes of
+/// `src` the stream really occupies (`src` is an upper bound that may run into the next
+/// compressed cluster).
+fn decode_cluster(c: Compression, src: &[u8], out: &mut [u8]) -> io::Result<u64> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    match c {
+        // qemu writes raw deflate (no zlib header), one stream per cluster.
+        Compression::Deflate => {
+            let mut d = flate2::Decompress::new(false);
+            d.decompress(src, out, flate2::FlushDecompress::Finish)
+                .map_err(|e| bad(e.to_string()))?;
+            if d.total_out() != out.len() as u64 {
+                return Err(bad(format!(
+                    "deflate stream gave {} bytes, not a cluster",
+                    d.total_out()
+                )));
+            }
+            Ok(d.total_in())
+        }
+        // One zstd frame per cluster.
+        Compression::Zstd => {
+            let frame = zstd::zstd_safe::find_frame_compressed_size(src)
+                .map_err(|code| bad(zstd::zstd_safe::get_error_name(code).to_string()))?;
+            let n = zstd::bulk::Decompressor::new()?.decompress_to_buffer(&src[..frame], out)?;
+            if n != out.len() {
+                return Err(bad(format!("zstd frame gave {n} bytes, not a cluster")));
+            }
+            Ok(frame as u64)
+        }
+    }
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn corrupt(m: String) -> ConvertError {
+    ConvertError::Qcow2(Qcow2Error::Corrupt(m))
+}
+
+/// Clusters whose role is not known yet: memory up to a bound, then a spool file on
+/// scratch (unlinked at creation, so nothing is left behind).
+/// An unlinked spool file, where each held cluster is (offset in file, length), and
+/// the next free offset.
+struct Spool {
+    file: File,
+    index: HashMap<u64, (u64, usize)>,
+    next: u64,
+}
+
+struct Held {
+    mem: HashMap<u64, Vec<u8>>,
+    mem_bytes: u64,
+    limit: u64,
+    scratch: Option<PathBuf>,
+    spool: Option<Spool>,
+}
+
+impl Held {
+    fn new(limit: u64, scratch: Option<PathBuf>) -> Self {
+        Held {
+            mem: HashMap::new(),
+            mem_bytes: 0,
+            limit,
+            scratch,
+            spool: None,
+        }
+    }
+
+    fn put(&mut self, off: u64, data: &[u8]) -> Result<(), ConvertError> {
+        if self.mem_bytes + data.len() as u64 <= self.limit {
+            self.mem_bytes += data.len() as u64;
+            self.mem.insert(off, data.to_vec());
+            return Ok(());
+        }
+        if self.spool.is_none() {
+            let Some(dir) = &self.scratch else {
+                return Err(Qcow2Error::ScratchRequired {
+                    held: self.mem_bytes,
+                }
+                .into());
+            };
+            let path = dir.join(format!(".ferrydisk-qcow2-spool-{}", std::process::id()));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(Qcow2Error::Spool)?;
+            let _ = std::fs::remove_file(&path);
+            tracing::info!(scratch = %dir.display(), held_bytes = self.mem_bytes, "qcow2 image stores data ahead of the tables that map it: spooling the unmapped clusters to scratch");
+            self.spool = Some(Spool {
+                file: f,
+                index: HashMap::new(),
+                next: 0,
+            });
+        }
+        let Some(sp) = &mut self.spool else {
+            unreachable!("spool created above")
+        };
+        sp.file
+            .write_all_at(data, sp.next)
+            .map_err(Qcow2Error::Spool)?;
+        sp.index.insert(off, (sp.next, data.len()));
+        sp.next += data.len() as u64;
+        Ok(())
+    }
+
+    /// A copy: held clusters are only read for out-of-order images, rarely.
+    fn get(&self, off: u64) -> Result<Option<Vec<u8>>, ConvertError> {
+        if let Some(d) = self.mem.get(&off) {
+            return Ok(Some(d.clone()));
+        }
+        if let Some(sp) = &self.spool {
+            if let Some(&(at, len)) = sp.index.get(&off) {
+                let mut v = vec![0u8; len];
+                sp.file
+                    .read_exact_at(&mut v, at)
+                    .map_err(Qcow2Error::Spool)?;
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    fn clear(&mut self) {
+        self.mem = HashMap::new();
+        self.mem_bytes = 0;
+        self.spool = None;
+    }
+}
