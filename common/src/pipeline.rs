@@ -1,6 +1,7 @@
 //! The data path: peel compression and tar layers (detected by content, nestable), then
 //! hand the disk format's bytes to the writer. Runs on a blocking thread.
 
+use crate::decode::containerdisk::{DiskError, DiskFinder};
 use crate::decode::{self, tar::TarError, PeekReader};
 use crate::error::{find_in_chain, ErrorKind, SourceError};
 use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
@@ -33,6 +34,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error("{0} images are not supported yet: ferrydisk converts raw disk images (optionally compressed or in a tar)")]
     Unsupported(Format),
     #[error("archive content must be a tar archive, found {0}")]
@@ -71,6 +74,7 @@ impl PipelineError {
                 _ => ErrorKind::CorruptImage,
             },
             PipelineError::Unsupported(_) => ErrorKind::UnsupportedFormat,
+            PipelineError::Disk(_) => ErrorKind::CorruptImage,
         }
     }
 
@@ -212,6 +216,47 @@ fn disk_layer(
             Err(PipelineError::Unsupported(other))
         }
     }
+}
+
+/// One containerDisk layer (gzip, zstd or plain tar): if it holds the visible disk
+/// (see [`DiskFinder`]), the disk is decoded into `writer` and its report returned. The
+/// layer is always read to its end, so the caller's digest check covers every byte.
+pub fn write_disk_from_layer(
+    layer: &mut dyn Read,
+    finder: &mut DiskFinder,
+    writer: &mut SparseWriter,
+    opts: &Options,
+) -> Result<Option<Report>, PipelineError> {
+    let mut peek = PeekReader::new(layer, SNIFF_LEN).map_err(|e| read_error(e, None))?;
+    let format = sniff(peek.head());
+    let found = {
+        let mut reader: Box<dyn Read + '_> = if format.is_compression() {
+            decode::decompressor(format, &mut peek)
+                .map_err(|e| read_error(e, Some(format)))?
+                .ok_or(PipelineError::Unsupported(format))?
+        } else {
+            Box::new(&mut peek)
+        };
+        let found = finder.scan_layer(&mut reader, |f| {
+            if f.size > opts.limit {
+                return Err(PipelineError::TooLarge {
+                    size: f.size,
+                    limit: opts.limit,
+                });
+            }
+            let mut report = Report {
+                tar_entry: Some(f.name),
+                ..Default::default()
+            };
+            disk_layer(f.reader, writer, opts, Some(f.size), &mut report)?;
+            Ok(report)
+        })?;
+        io::copy(&mut reader, &mut io::sink())
+            .map_err(|e| read_error(e, format.is_compression().then_some(format)))?;
+        found
+    };
+    io::copy(&mut peek, &mut io::sink()).map_err(|e| read_error(e, None))?;
+    Ok(found)
 }
 
 /// Unpacks a (possibly compressed) tar into `dir` (content type `archive`).

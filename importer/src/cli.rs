@@ -90,6 +90,10 @@ pub struct ImportArgs {
     /// Skip TLS verification (Go ParseBool syntax; invalid means false).
     #[arg(long = "insecure-tls", env = "INSECURE_TLS", default_value = "false")]
     pub insecure_tls: String,
+    /// Registry credentials file (docker `config.json` / containers `auth.json`), used when
+    /// IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY are not set.
+    #[arg(long = "auth-file", env = "REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
     /// Extra request header `Name: value`; repeatable. IMPORTER_EXTRA_HEADER_* env vars are added too.
     #[arg(long = "extra-header", value_name = "HEADER")]
     pub extra_headers: Vec<String>,

@@ -3,8 +3,9 @@
 use crate::cli::{parse_go_bool, ImportArgs};
 use crate::destination::{fs_available, Destination, FileSpace};
 use crate::failure::Failure;
-use crate::sources::{blank, client, http, redact};
+use crate::sources::{blank, client, http, redact, registry};
 use ferrydisk_common::checksum::{Checksum, HashingReader};
+use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
 use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
 use ferrydisk_common::progress::Progress;
@@ -14,6 +15,7 @@ use ferrydisk_common::space::{parse_overhead, parse_quantity};
 use ferrydisk_common::stream::ChannelReader;
 use ferrydisk_common::termination::TerminationMessage;
 use ferrydisk_common::ErrorKind;
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,24 +89,13 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> Result<Option<TerminationMessage>, Failure> {
     let source = plan.args.source.clone();
-    match source.as_str() {
+    let done_file = plan.args.done_file.clone();
+    let msg = match source.as_str() {
         "none" => {
             return blank::create(&plan.dest, plan.requested, plan.overhead, plan.preallocate)
         }
-        "http" => {}
-        "registry" => {
-            if matches!(plan.dest, Destination::Dir(_)) {
-                return Err(Failure::Config(
-                    "registry imports require content type kubevirt".into(),
-                ));
-            }
-            return Err(Failure::Connect {
-                source_name: source,
-                kind: ErrorKind::UnsupportedFormat,
-                message: "the registry source is not implemented in this ferrydisk build yet"
-                    .into(),
-            });
-        }
+        "http" => import_http(plan, progress).await?,
+        "registry" => import_registry(plan, progress).await?,
         "s3" | "gcs" | "imageio" | "vddk" => {
             return Err(Failure::Connect {
                 source_name: source.clone(),
@@ -113,23 +104,46 @@ pub async fn run(
             });
         }
         other => return Err(Failure::UnknownSource(other.to_string())),
+    };
+    if let Some(done) = done_file {
+        // CDI creates it O_EXCL and only logs a failure.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&done)
+        {
+            tracing::warn!(path = %done.display(), error = %e, "could not create done file");
+        }
     }
+    Ok(Some(msg))
+}
+
+fn blocking_failed(e: tokio::task::JoinError) -> Failure {
+    Failure::Process {
+        kind: ErrorKind::Io,
+        message: format!("pipeline thread failed: {e}"),
+    }
+}
+
+fn ca_dirs(a: &ImportArgs) -> Vec<PathBuf> {
+    let mut dirs = vec![a.proxy_cert_dir.clone()];
+    dirs.extend(a.cert_dir.clone());
+    dirs
+}
+
+async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
     let endpoint = node_pull_endpoint(&plan.args).await?;
     let connect_err = |kind, message: String| Failure::Connect {
         source_name: "http".into(),
         kind,
         message,
     };
-
     let a = &plan.args;
     let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
     headers.extend(a.extra_headers.iter().cloned());
-    let mut ca_dirs: Vec<&Path> = vec![&a.proxy_cert_dir];
-    if let Some(d) = &a.cert_dir {
-        ca_dirs.push(d);
-    }
+    let dirs = ca_dirs(a);
     let client = client::build(&client::ClientOptions {
-        ca_dirs,
+        ca_dirs: dirs.iter().map(PathBuf::as_path).collect(),
         insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
         headers,
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
@@ -151,69 +165,93 @@ pub async fn run(
     let download = http::open(client, &endpoint, opts)
         .await
         .map_err(|e| connect_err(e.kind(), e.to_string()))?;
-
     let content_length = download.content_length;
     let reader = ChannelReader::new(download.rx);
-    let done_file = plan.args.done_file.clone();
-    let msg = tokio::task::spawn_blocking(move || write(&plan, reader, content_length, progress))
+    tokio::task::spawn_blocking(move || write_http(&plan, reader, content_length, progress))
         .await
-        .map_err(|e| Failure::Process {
-            kind: ErrorKind::Io,
-            message: format!("pipeline thread failed: {e}"),
-        })??;
-    if let Some(done) = done_file {
-        // CDI creates it O_EXCL and only logs a failure.
-        if let Err(e) = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&done)
-        {
-            tracing::warn!(path = %done.display(), error = %e, "could not create done file");
-        }
-    }
-    Ok(Some(msg))
+        .map_err(blocking_failed)?
 }
 
-/// The blocking half: pipeline, drain, checksum, finish. Nothing is fsynced and
-/// reported before the whole source has been read and verified.
-fn write(
-    plan: &Plan,
-    source: ChannelReader,
-    content_length: Option<u64>,
+async fn import_registry(
+    plan: Plan,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
-    let mut src = HashingReader::new(source, plan.checksum.clone());
-    let mut opts = pipeline::Options {
+    if matches!(plan.dest, Destination::Dir(_)) {
+        return Err(Failure::Config(
+            "registry imports require content type kubevirt".into(),
+        ));
+    }
+    let a = &plan.args;
+    let opts = registry::RegistryOptions {
+        username: a.access_key_id.clone(),
+        password: a.secret_key.clone(),
+        auth_file: a.auth_file.clone(),
+        insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
+        ca_dirs: ca_dirs(a),
+        arch: a.registry_arch.clone().filter(|s| !s.is_empty()),
+        retries: a.retries,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
+        http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
+        no_proxy: a.no_proxy.clone(),
+    };
+    tracing::info!(source = "registry", endpoint = %a.endpoint, dest = %plan.dest.path().display(), "starting import");
+    let image = registry::resolve(&a.endpoint, &opts)
+        .await
+        .map_err(|e| Failure::Process {
+            kind: e.kind(),
+            message: e.to_string(),
+        })?;
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || write_registry(&plan, &image, &rt, progress))
+        .await
+        .map_err(blocking_failed)?
+}
+
+/// An open disk destination (file or block device).
+struct Disk {
+    writer: SparseWriter,
+    opts: pipeline::Options,
+    /// The resize rule, for a file.
+    space: Option<FileSpace>,
+}
+
+fn io_fail(what: String, e: io::Error) -> Failure {
+    Failure::Process {
+        kind: ErrorKind::Io,
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn pipeline_options(
+    plan: &Plan,
+    progress: Arc<Progress>,
+    source_len: Option<u64>,
+) -> pipeline::Options {
+    pipeline::Options {
         limit: u64::MAX,
-        source_len: content_length,
-        progress: progress.clone(),
+        source_len,
+        progress,
         // Only a mounted scratch volume counts (CDI: a missing one means "required").
         scratch: plan
             .args
             .scratch
             .is_dir()
             .then(|| plan.args.scratch.clone()),
-    };
-    let io_fail = |what: String, e: io::Error| Failure::Process {
-        kind: ErrorKind::Io,
-        message: format!("{what}: {e}"),
-    };
+    }
+}
+
+fn open_disk(
+    plan: &Plan,
+    progress: Arc<Progress>,
+    source_len: Option<u64>,
+) -> Result<Disk, Failure> {
+    let mut opts = pipeline_options(plan, progress.clone(), source_len);
     let (target, space): (Box<dyn Target>, Option<FileSpace>) = match &plan.dest {
-        Destination::Dir(dir) => {
-            opts.limit = FileSpace::new(
-                fs_available(dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?,
-                plan.requested,
-                plan.overhead,
-            )
-            .available;
-            let report = pipeline::unpack_archive(&mut src, dir, &opts).map_err(process_failure)?;
-            drain(&mut src)?;
-            src.verify().map_err(|e| Failure::Process {
-                kind: ErrorKind::ChecksumMismatch,
-                message: e.to_string(),
-            })?;
-            log_done(&report, None);
-            return Ok(TerminationMessage::import_complete(false, None));
+        Destination::Dir(_) => {
+            return Err(Failure::Config(
+                "a disk image needs a file or block destination".into(),
+            ))
         }
         Destination::File(path) => {
             let t = FileTarget::create(path, plan.preallocate, plan.direct)
@@ -233,7 +271,7 @@ fn write(
             (Box::new(t), None)
         }
     };
-    let mut writer = SparseWriter::spawn(
+    let writer = SparseWriter::spawn(
         target,
         WriterOptions {
             limit: opts.limit,
@@ -241,34 +279,131 @@ fn write(
             ..Default::default()
         },
     );
-    let report = match pipeline::write_disk(&mut src, &mut writer, &opts) {
-        Ok(r) => r,
-        Err(e) => {
-            writer.abort();
-            return Err(process_failure(e));
-        }
-    };
-    if let Err(f) = drain(&mut src) {
-        writer.abort();
-        return Err(f);
-    }
-    if let Err(e) = src.verify() {
-        writer.abort();
-        return Err(Failure::Process {
-            kind: ErrorKind::ChecksumMismatch,
+    Ok(Disk {
+        writer,
+        opts,
+        space,
+    })
+}
+
+/// Resizes per CDI's rule, makes the disk durable and builds the success message.
+fn finish_disk(
+    plan: &Plan,
+    disk: Disk,
+    report: &Report,
+    labels: Option<BTreeMap<String, String>>,
+) -> Result<TerminationMessage, Failure> {
+    let final_len = disk
+        .space
+        .map_or(report.virtual_size, |s| s.final_len(report.virtual_size));
+    let (stats, info) = disk
+        .writer
+        .finish(final_len)
+        .map_err(|e| Failure::Process {
+            kind: e.kind(),
             message: e.to_string(),
-        });
-    }
-    let final_len = space.map_or(report.virtual_size, |s| s.final_len(report.virtual_size));
-    let (stats, info) = writer.finish(final_len).map_err(|e| Failure::Process {
-        kind: e.kind(),
-        message: e.to_string(),
-    })?;
-    log_done(&report, Some((stats, final_len)));
+        })?;
+    log_done(report, Some((stats, final_len)));
     // A block device has every byte of the image written or explicitly zeroed.
     let preallocated =
         info.preallocated || (plan.preallocate && matches!(plan.dest, Destination::Block(_)));
-    Ok(TerminationMessage::import_complete(preallocated, None))
+    Ok(TerminationMessage::import_complete(preallocated, labels))
+}
+
+fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {
+    Failure::Process {
+        kind: ErrorKind::ChecksumMismatch,
+        message: e.to_string(),
+    }
+}
+
+/// The blocking half of an HTTP import: pipeline, drain, checksum, finish. Nothing is
+/// fsynced and reported before the whole source has been read and verified.
+fn write_http(
+    plan: &Plan,
+    source: ChannelReader,
+    content_length: Option<u64>,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let mut src = HashingReader::new(source, plan.checksum.clone());
+    if let Destination::Dir(dir) = &plan.dest {
+        let mut opts = pipeline_options(plan, progress, content_length);
+        opts.limit = FileSpace::new(
+            fs_available(dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?,
+            plan.requested,
+            plan.overhead,
+        )
+        .available;
+        let report = pipeline::unpack_archive(&mut src, dir, &opts).map_err(process_failure)?;
+        drain(&mut src)?;
+        src.verify().map_err(checksum_failure)?;
+        log_done(&report, None);
+        return Ok(TerminationMessage::import_complete(false, None));
+    }
+    let mut disk = open_disk(plan, progress, content_length)?;
+    let result = pipeline::write_disk(&mut src, &mut disk.writer, &disk.opts)
+        .map_err(process_failure)
+        .and_then(|r| {
+            drain(&mut src)?;
+            src.verify().map_err(checksum_failure)?;
+            Ok(r)
+        });
+    match result {
+        Ok(report) => finish_disk(plan, disk, &report, None),
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// The blocking half of a registry import: layers from the top until one holds the
+/// disk; lower layers are never downloaded.
+fn write_registry(
+    plan: &Plan,
+    image: &registry::Image,
+    rt: &tokio::runtime::Handle,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let mut disk = open_disk(plan, progress.clone(), None)?;
+    let mut finder = DiskFinder::default();
+    let mut fetched = 0u64;
+    let result = (|| {
+        for idx in (0..image.manifest.layers.len()).rev() {
+            fetched += u64::try_from(image.manifest.layers[idx].size).unwrap_or(0);
+            progress.set_source_total(Some(fetched));
+            let mut layer = image.layer(idx, progress.clone(), rt);
+            if let Some(report) = pipeline::write_disk_from_layer(
+                &mut layer,
+                &mut finder,
+                &mut disk.writer,
+                &disk.opts,
+            )
+            .map_err(process_failure)?
+            {
+                if idx > 0 {
+                    tracing::info!(
+                        layer = idx,
+                        below = idx,
+                        "disk found; the layers below it are not downloaded"
+                    );
+                }
+                return Ok(report);
+            }
+        }
+        Err(process_failure(PipelineError::Disk(DiskError::None)))
+    })();
+    match result {
+        Ok(report) => {
+            let labels = ferrydisk_common::labels::from_env(image.env.iter().map(String::as_str));
+            tracing::info!(image = %image.shown, labels = ?labels, "image labels");
+            finish_disk(plan, disk, &report, Some(labels))
+        }
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
 }
 
 /// Reads whatever follows the image in the source (tar padding, trailing bytes), so a

@@ -2,6 +2,7 @@
 //! bzip2) and tar (pick the one disk file, or unpack an archive safely).
 
 pub mod compression;
+pub mod containerdisk;
 pub mod peek;
 pub mod tar;
 

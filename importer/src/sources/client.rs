@@ -98,7 +98,7 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
 }
 
 /// Every regular, non-dot file in `dir` (CDI adds each as PEM). A missing dir is empty.
-fn pem_files(dir: &Path) -> Vec<PathBuf> {
+pub fn pem_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

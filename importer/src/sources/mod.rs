@@ -4,3 +4,4 @@ pub mod blank;
 pub mod client;
 pub mod http;
 pub mod redact;
+pub mod registry;

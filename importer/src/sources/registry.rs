@@ -1,0 +1,496 @@
+//! `IMPORTER_SOURCE=registry`: a containerDisk from an OCI/Docker registry, streamed
+//! layer by layer (top first) straight into the disk pipeline. No scratch, no copy of
+//! the image anywhere.
+
+use super::redact;
+use bytes::Bytes;
+use ferrydisk_common::error::SourceError;
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::stream::{ChannelReader, Chunk};
+use ferrydisk_common::ErrorKind;
+use futures_util::StreamExt;
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A config blob is a few KiB; anything this large is not an image config.
+const MAX_CONFIG: i64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("Invalid image name {0:?}: expected docker://registry/repository[:tag|@digest]")]
+    Name(String),
+    #[error("failed to pull image: {0}")]
+    Pull(String),
+    #[error("Error validating architecture: {0}")]
+    Platform(String),
+    #[error("bootc image detected: bootable container images are not VM disks (label {0})")]
+    Bootc(String),
+    #[error("image config is invalid: {0}")]
+    Config(String),
+}
+
+impl RegistryError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::Pull(_) => ErrorKind::Network,
+            RegistryError::Name(_) => ErrorKind::Config,
+            _ => ErrorKind::SourceRefused,
+        }
+    }
+}
+
+pub struct RegistryOptions {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub auth_file: Option<PathBuf>,
+    pub insecure: bool,
+    pub ca_dirs: Vec<PathBuf>,
+    /// `amd64`, `arm64`, `arm/v7`...; `None` = the node's own.
+    pub arch: Option<String>,
+    pub retries: u32,
+    pub idle_timeout: Duration,
+    pub https_proxy: Option<String>,
+    pub http_proxy: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+/// A resolved single-platform image.
+pub struct Image {
+    client: Arc<Client>,
+    reference: Reference,
+    pub manifest: OciImageManifest,
+    pub env: Vec<String>,
+    pub shown: String,
+    retries: u32,
+    idle_timeout: Duration,
+}
+
+/// The node's architecture in Go naming (what CDI defaults to).
+pub fn node_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+fn pull_err(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::Pull(e.to_string())
+}
+
+/// `docker://host/repo:tag` -> reference. CDI accepts only `docker://` and
+/// `oci-archive:` transports here.
+pub fn parse_endpoint(endpoint: &str) -> Result<Reference, RegistryError> {
+    let Some(rest) = endpoint.strip_prefix("docker://") else {
+        return Err(RegistryError::Name(redact::url(endpoint)));
+    };
+    rest.parse::<Reference>()
+        .map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
+}
+
+fn client(opts: &RegistryOptions, protocol: ClientProtocol) -> Client {
+    let mut extra = Vec::new();
+    for dir in &opts.ca_dirs {
+        for p in super::client::pem_files(dir) {
+            if let Ok(data) = std::fs::read(&p) {
+                extra.push(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data,
+                });
+            }
+        }
+    }
+    Client::new(ClientConfig {
+        protocol,
+        accept_invalid_certificates: opts.insecure,
+        extra_root_certificates: extra,
+        platform_resolver: None,
+        connect_timeout: Some(Duration::from_secs(30)),
+        read_timeout: Some(opts.idle_timeout),
+        user_agent: super::client::USER_AGENT,
+        https_proxy: opts.https_proxy.clone(),
+        http_proxy: opts.http_proxy.clone(),
+        no_proxy: opts.no_proxy.clone(),
+        ..Default::default()
+    })
+}
+
+/// Credentials: IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY (both set, as CDI requires),
+/// else the registry's entry in a docker/containers auth file, else anonymous.
+fn auth_for(opts: &RegistryOptions, registry: &str) -> RegistryAuth {
+    match (&opts.username, &opts.password) {
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => {
+            return RegistryAuth::Basic(u.clone(), p.clone())
+        }
+        _ => {}
+    }
+    opts.auth_file
+        .as_deref()
+        .and_then(|f| auth_file_entry(f, registry))
+        .map_or(RegistryAuth::Anonymous, |(u, p)| RegistryAuth::Basic(u, p))
+}
+
+/// Looks `registry` up in a `config.json`/`auth.json` (`{"auths":{"host":{"auth":"base64(user:pass)"}}}`).
+pub fn auth_file_entry(path: &Path, registry: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let auths = v.get("auths")?.as_object()?;
+    let want = normalise_host(registry);
+    let aliases: &[&str] = if want == "docker.io" {
+        &["docker.io", "index.docker.io", "registry-1.docker.io"]
+    } else {
+        &[]
+    };
+    let entry = auths.iter().find(|(k, _)| {
+        let k = normalise_host(k);
+        k == want || aliases.contains(&k.as_str())
+    })?;
+    let e = entry.1;
+    if let (Some(u), Some(p)) = (
+        e.get("username").and_then(|x| x.as_str()),
+        e.get("password").and_then(|x| x.as_str()),
+    ) {
+        return Some((u.to_string(), p.to_string()));
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(e.get("auth")?.as_str()?)
+        .ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn normalise_host(k: &str) -> String {
+    let k = k
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    k.split('/').next().unwrap_or(k).to_string()
+}
+
+/// Pulls the manifest (choosing a platform from an index) and the config.
+pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, RegistryError> {
+    let reference = parse_endpoint(endpoint)?;
+    let shown = format!("docker://{}", reference.whole());
+    let auth = auth_for(opts, reference.resolve_registry());
+    let mut client = client(opts, ClientProtocol::Https);
+    let first = client.pull_manifest(&reference, &auth).await;
+    let (manifest, _) = match first {
+        Ok(m) => m,
+        // CDI (containers/image) falls back to plain HTTP for insecure registries.
+        Err(e) if opts.insecure => {
+            tracing::info!(image = %shown, error = %e, "HTTPS failed for an insecure registry; trying plain HTTP");
+            client = self::client(opts, ClientProtocol::Http);
+            client
+                .pull_manifest(&reference, &auth)
+                .await
+                .map_err(pull_err)?
+        }
+        Err(e) => return Err(pull_err(e)),
+    };
+    let requested = opts.arch.clone();
+    let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
+    let (want_arch, want_variant) = match want.split_once('/') {
+        Some((a, v)) => (a.to_string(), Some(v.to_string())),
+        None => (want.clone(), None),
+    };
+    let (manifest, reference) = match manifest {
+        OciManifest::Image(m) => (m, reference),
+        OciManifest::ImageIndex(index) => {
+            let offered: Vec<String> = index
+                .manifests
+                .iter()
+                .filter_map(|e| e.platform.as_ref())
+                .map(|p| {
+                    format!(
+                        "{}/{}{}",
+                        p.os,
+                        p.architecture,
+                        p.variant
+                            .as_ref()
+                            .map(|v| format!("/{v}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let entry = index
+                .manifests
+                .iter()
+                .find(|e| {
+                    e.platform.as_ref().is_some_and(|p| {
+                        p.os.to_string() == "linux"
+                            && p.architecture.to_string() == want_arch
+                            && want_variant
+                                .as_ref()
+                                .is_none_or(|v| p.variant.as_deref() == Some(v.as_str()))
+                    })
+                })
+                .ok_or_else(|| {
+                    RegistryError::Platform(format!(
+                        "image index offers no manifest for linux/{want}; it has: {}",
+                        offered.join(", ")
+                    ))
+                })?;
+            tracing::info!(image = %shown, platform = %format!("linux/{want}"), digest = %entry.digest, "selected platform from image index");
+            let by_digest = Reference::with_digest(
+                reference.registry().to_string(),
+                reference.repository().to_string(),
+                entry.digest.clone(),
+            );
+            match client
+                .pull_manifest(&by_digest, &auth)
+                .await
+                .map_err(pull_err)?
+            {
+                (OciManifest::Image(m), _) => (m, by_digest),
+                (OciManifest::ImageIndex(_), _) => {
+                    return Err(RegistryError::Pull("nested image index".into()))
+                }
+            }
+        }
+    };
+    let config = pull_config(&client, &reference, &manifest.config).await?;
+    let arch = config
+        .get("architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if let Some(req) = &requested {
+        let variant = config.get("variant").and_then(|v| v.as_str());
+        if arch != want_arch || want_variant.as_deref().is_some_and(|v| Some(v) != variant) {
+            return Err(RegistryError::Platform(format!("manifest image architecture: {arch:?} doesn't match requested architecture: {req:?}")));
+        }
+    }
+    let cfg = config.get("config");
+    let labels: BTreeMap<String, String> = cfg
+        .and_then(|c| c.get("Labels"))
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .unwrap_or_default();
+    for key in ["containers.bootc", "ostree.bootable"] {
+        if labels.get(key).is_some_and(|v| v == "1" || v == "true") {
+            return Err(RegistryError::Bootc(format!("{key}={}", labels[key])));
+        }
+    }
+    let env: Vec<String> = cfg
+        .and_then(|c| c.get("Env"))
+        .and_then(|e| serde_json::from_value(e.clone()).ok())
+        .unwrap_or_default();
+    tracing::info!(image = %shown, layers = manifest.layers.len(), architecture = arch, "resolved image");
+    Ok(Image {
+        client: Arc::new(client),
+        reference,
+        manifest,
+        env,
+        shown,
+        retries: opts.retries,
+        idle_timeout: opts.idle_timeout,
+    })
+}
+
+async fn pull_config(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+) -> Result<serde_json::Value, RegistryError> {
+    if desc.size > MAX_CONFIG || desc.size < 0 {
+        return Err(RegistryError::Config(format!(
+            "config blob of {} bytes",
+            desc.size
+        )));
+    }
+    let mut buf = Vec::with_capacity(desc.size as usize);
+    client
+        .pull_blob(reference, desc, &mut buf)
+        .await
+        .map_err(pull_err)?;
+    check_digest(&desc.digest, &Sha256::digest(&buf)).map_err(RegistryError::Config)?;
+    serde_json::from_slice(&buf).map_err(|e| RegistryError::Config(e.to_string()))
+}
+
+fn check_digest(want: &str, got: &[u8]) -> Result<(), String> {
+    let hex = want
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("unsupported digest algorithm in {want}"))?;
+    let actual = hex_encode(got);
+    if actual == hex {
+        Ok(())
+    } else {
+        Err(format!(
+            "digest mismatch: expected sha256:{hex}, got sha256:{actual}"
+        ))
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Image {
+    /// Starts streaming layer `idx` (resuming with Range after drops, sha256 checked
+    /// over every byte); the returned reader ends with an error on a digest mismatch.
+    pub fn layer(
+        &self,
+        idx: usize,
+        progress: Arc<Progress>,
+        rt: &tokio::runtime::Handle,
+    ) -> ChannelReader {
+        let (tx, rx) = mpsc::channel(16);
+        let pump = LayerPump {
+            client: self.client.clone(),
+            reference: self.reference.clone(),
+            desc: self.manifest.layers[idx].clone(),
+            retries: self.retries,
+            idle: self.idle_timeout,
+            progress,
+            tx,
+        };
+        rt.spawn(pump.run());
+        ChannelReader::new(rx)
+    }
+}
+
+struct LayerPump {
+    client: Arc<Client>,
+    reference: Reference,
+    desc: OciDescriptor,
+    retries: u32,
+    idle: Duration,
+    progress: Arc<Progress>,
+    tx: mpsc::Sender<std::io::Result<Chunk>>,
+}
+
+impl LayerPump {
+    async fn run(self) {
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        let size = u64::try_from(self.desc.size).unwrap_or(0);
+        loop {
+            let failure = match self
+                .client
+                .pull_blob_stream_partial(&self.reference, &self.desc, offset, None)
+                .await
+            {
+                Ok(resp) => {
+                    let (mut stream, skip) = match resp {
+                        BlobResponse::Partial(s) => (s.stream, 0),
+                        // No range support: the blob starts over; skip what we have.
+                        BlobResponse::Full(s) => (s.stream, offset),
+                    };
+                    let mut skipped = 0u64;
+                    loop {
+                        match tokio::time::timeout(self.idle, stream.next()).await {
+                            Ok(Some(Ok(mut b))) => {
+                                if skipped < skip {
+                                    let take = (skip - skipped).min(b.len() as u64);
+                                    skipped += take;
+                                    b = b.slice(take as usize..);
+                                    if b.is_empty() {
+                                        continue;
+                                    }
+                                }
+                                hasher.update(&b);
+                                offset += b.len() as u64;
+                                self.progress.add_source(b.len() as u64);
+                                if self.send(b).await.is_err() {
+                                    return;
+                                }
+                                failures = 0;
+                            }
+                            Ok(Some(Err(e))) => break e.to_string(),
+                            Ok(None) if offset < size => {
+                                break format!("blob ended after {offset} of {size} bytes")
+                            }
+                            Ok(None) => {
+                                let result = check_digest(&self.desc.digest, &hasher.finalize());
+                                let msg = match result {
+                                    Ok(()) => Ok(Chunk::End),
+                                    Err(m) => Err(SourceError::new(
+                                        ErrorKind::CorruptImage,
+                                        format!("layer {}: {m}", self.desc.digest),
+                                    )
+                                    .into_io()),
+                                };
+                                let _ = self.tx.send(msg).await;
+                                return;
+                            }
+                            Err(_) => break format!("no data for {} s", self.idle.as_secs()),
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            failures += 1;
+            if failures > self.retries {
+                let m = format!(
+                    "failed to pull image: layer {} after {offset} of {size} bytes: {failure}",
+                    self.desc.digest
+                );
+                let _ = self
+                    .tx
+                    .send(Err(SourceError::new(ErrorKind::Network, m).into_io()))
+                    .await;
+                return;
+            }
+            tracing::warn!(layer = %self.desc.digest, offset, error = %failure, attempt = failures, "layer download interrupted, resuming");
+            tokio::time::sleep(Duration::from_millis(250u64 << failures.min(6))).await;
+        }
+    }
+
+    async fn send(&self, b: Bytes) -> Result<(), ()> {
+        self.tx.send(Ok(Chunk::Data(b))).await.map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let r = parse_endpoint("docker://127.0.0.1:5000/cd/fedora:41").expect("ref");
+        assert_eq!(r.registry(), "127.0.0.1:5000");
+        assert_eq!(r.repository(), "cd/fedora");
+        assert_eq!(r.tag(), Some("41"));
+        assert!(parse_endpoint("oci-archive:/x.tar").is_err());
+        assert!(parse_endpoint("127.0.0.1:5000/x").is_err());
+    }
+
+    #[test]
+    fn auth_file_lookup() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("auth.json");
+        std::fs::write(&p, r#"{"auths":{"https://reg.example:5000/v1/":{"auth":"dTpwdw=="},"index.docker.io":{"username":"a","password":"b"}}}"#).expect("write");
+        assert_eq!(
+            auth_file_entry(&p, "reg.example:5000"),
+            Some(("u".into(), "pw".into()))
+        );
+        assert_eq!(
+            auth_file_entry(&p, "docker.io"),
+            Some(("a".into(), "b".into()))
+        );
+        assert_eq!(auth_file_entry(&p, "other"), None);
+    }
+
+    #[test]
+    fn digests() {
+        let d = Sha256::digest(b"abc");
+        assert!(check_digest(
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            &d
+        )
+        .is_ok());
+        assert!(check_digest("sha256:00", &d).is_err());
+    }
+}
