@@ -20,5 +20,7 @@ ensure_packages() {
 
 # What the end-to-end tests and the demo run: qemu-img/qemu-io as the oracle, curl, the
 # compressors that make fixtures, losetup for the block-device test, python3 for the
-# test HTTP server.
-TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time)
+# test HTTP server; the CNCF registry, buildah, skopeo, htpasswd and openssl for the
+# registry tests.
+TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time
+    docker-registry buildah skopeo apache2-utils openssl)

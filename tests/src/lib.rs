@@ -2,6 +2,8 @@
 //! server, make fixtures with qemu-img, run the importer the way a CDI pod does (env
 //! vars only), compare disks byte for byte.
 
+pub mod registry;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

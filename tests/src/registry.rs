@@ -1,0 +1,245 @@
+//! A real CNCF distribution registry (Debian's `docker-registry`) on 127.0.0.1, images
+//! built with buildah (private storage per test) or written by tests/support/mkimage.py
+//! and pushed with skopeo.
+
+use super::{root, sh};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    /// The registry's filesystem storage (tests tamper with blobs here).
+    pub storage: PathBuf,
+    /// A directory holding the CA certificate, for IMPORTER_CERT_DIR (TLS only).
+    pub ca_dir: Option<PathBuf>,
+    pub creds: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Registry {
+    pub fn start(tls: bool, creds: Option<(&str, &str)>) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let storage = d.join("storage");
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        let mut ca_dir = None;
+        if tls {
+            let ca = d.join("ca");
+            std::fs::create_dir(&ca).expect("ca dir");
+            make_certs(d, &ca);
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("srv.crt").display(),
+                d.join("srv.key").display()
+            ));
+            ca_dir = Some(ca);
+        }
+        if let Some((u, p)) = creds {
+            let out = sh(Command::new("htpasswd").args(["-Bbn", u, p]));
+            std::fs::write(d.join("htpasswd"), out.stdout).expect("htpasswd");
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: ferrydisk-test\n    path: {}\n",
+                d.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(d.join("config.yml"), cfg).expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            port,
+            storage,
+            ca_dir,
+            creds: creds.map(|(u, p)| (u.into(), p.into())),
+            _dir: dir,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `docker://127.0.0.1:<port>/<repo_tag>`
+    pub fn image(&self, repo_tag: &str) -> String {
+        format!("docker://{}/{repo_tag}", self.host())
+    }
+
+    fn creds_args(&self, flag: &str) -> Vec<String> {
+        self.creds
+            .as_ref()
+            .map(|(u, p)| vec![flag.to_string(), format!("{u}:{p}")])
+            .unwrap_or_default()
+    }
+
+    /// Pushes an OCI layout (all platforms) with skopeo.
+    pub fn push_layout(&self, layout: &Path, tag: &str, repo_tag: &str) {
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "-q", "--all", "--dest-tls-verify=false"])
+            .args(self.creds_args("--dest-creds"));
+        c.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(self.image(repo_tag));
+        sh(&mut c);
+    }
+
+    /// The filesystem path of a blob in the registry's storage.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage.join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+
+    /// `skopeo inspect --raw` of an image.
+    pub fn raw_manifest(&self, repo_tag: &str) -> serde_json::Value {
+        let mut c = Command::new("skopeo");
+        c.args(["inspect", "--raw", "--tls-verify=false"])
+            .args(self.creds_args("--creds"))
+            .arg(self.image(repo_tag));
+        serde_json::from_slice(&sh(&mut c).stdout).expect("manifest json")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn make_certs(d: &Path, ca_dir: &Path) {
+    let p = |n: &str| d.join(n).to_str().expect("utf8").to_string();
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").expect("ext");
+    sh(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ferrydisk test CA",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+        ])
+        .stderr(Stdio::null()));
+    sh(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &p("srv.key"),
+            "-out",
+            &p("srv.csr"),
+        ])
+        .stderr(Stdio::null()));
+    sh(Command::new("openssl")
+        .args([
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &p("srv.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-extfile",
+            &p("ext.cnf"),
+            "-out",
+            &p("srv.crt"),
+        ])
+        .stderr(Stdio::null()));
+    std::fs::copy(d.join("ca.crt"), ca_dir.join("ca.crt")).expect("ca copy");
+}
+
+/// buildah with private storage, chroot isolation, vfs: works without a container engine.
+pub struct Buildah {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Buildah {
+    fn default() -> Self {
+        Buildah {
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+}
+
+impl Buildah {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("runroot"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+
+    /// Builds `containerfile` (text) in context `ctx` as `name`, one layer per instruction.
+    pub fn build(&self, ctx: &Path, containerfile: &str, name: &str) {
+        std::fs::write(ctx.join("Containerfile"), containerfile).expect("containerfile");
+        sh(self
+            .cmd()
+            .args(["bud", "-q", "--layers", "--isolation", "chroot", "-t", name])
+            .arg(ctx));
+    }
+
+    /// Pushes `name` to `dest` (`docker://...`), e.g. with `--format docker` or
+    /// `--compression-format zstd`.
+    pub fn push(&self, name: &str, reg: &Registry, repo_tag: &str, extra: &[&str]) {
+        let mut c = self.cmd();
+        c.args(["push", "-q", "--tls-verify=false"])
+            .args(reg.creds_args("--creds"))
+            .args(extra)
+            .arg(name)
+            .arg(reg.image(repo_tag));
+        sh(&mut c);
+    }
+}
+
+/// Writes an OCI layout from a JSON spec (see tests/support/mkimage.py).
+pub fn mkimage(out: &Path, tag: &str, spec: &serde_json::Value) {
+    let spec_file = out.with_extension("json");
+    std::fs::write(&spec_file, spec.to_string()).expect("spec");
+    sh(Command::new("python3")
+        .arg(root().join("tests/support/mkimage.py"))
+        .arg(out)
+        .arg(tag)
+        .arg(&spec_file));
+}
