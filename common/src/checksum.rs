@@ -98,9 +98,58 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// A blob reader that checks its digest (`sha256:<hex>`) when it reaches the end, and
+/// turns a mismatch into the read error that ends the stream: whoever reads a layer to
+/// its end has verified it, with no step to forget.
+pub struct DigestReader<R> {
+    inner: HashingReader<R>,
+    digest: String,
+}
+
+impl<R: Read> DigestReader<R> {
+    pub fn new(inner: R, digest: &str) -> Result<Self, ChecksumError> {
+        let want = Checksum::parse(digest)?;
+        Ok(DigestReader {
+            inner: HashingReader::new(inner, Some(want)),
+            digest: digest.to_string(),
+        })
+    }
+}
+
+impl<R: Read> Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Err(e) = self.inner.verify() {
+                let msg = format!("blob {}: {e}", self.digest)
+                    .replace("checksum mismatch", "digest mismatch");
+                return Err(
+                    crate::error::SourceError::new(crate::ErrorKind::CorruptImage, msg).into_io(),
+                );
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_reader_fails_at_eof_on_mismatch() {
+        let good = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let mut out = Vec::new();
+        DigestReader::new(&b"abc"[..], good)
+            .expect("digest")
+            .read_to_end(&mut out)
+            .expect("matches");
+        let err = DigestReader::new(&b"abx"[..], good)
+            .expect("digest")
+            .read_to_end(&mut out)
+            .expect_err("mismatch");
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+    }
 
     #[test]
     fn verifies_and_reports_mismatch() {

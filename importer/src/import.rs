@@ -3,7 +3,8 @@
 use crate::cli::{parse_go_bool, ImportArgs};
 use crate::destination::{fs_available, Destination, FileSpace};
 use crate::failure::Failure;
-use crate::sources::{blank, client, http, redact, registry};
+use crate::sources::image::ContainerImage;
+use crate::sources::{blank, client, http, local_image, redact, registry};
 use ferrydisk_common::checksum::{Checksum, HashingReader};
 use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
 use ferrydisk_common::error::chain_line;
@@ -196,14 +197,16 @@ async fn import_registry(
         no_proxy: a.no_proxy.clone(),
     };
     tracing::info!(source = "registry", endpoint = %a.endpoint, dest = %plan.dest.path().display(), "starting import");
-    let image = registry::resolve(&a.endpoint, &opts)
-        .await
-        .map_err(|e| Failure::Process {
-            kind: e.kind(),
-            message: e.to_string(),
-        })?;
-    let rt = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || write_registry(&plan, &image, &rt, progress))
+    let fail = |e: registry::RegistryError| Failure::Process {
+        kind: e.kind(),
+        message: e.to_string(),
+    };
+    let image: Box<dyn ContainerImage> =
+        match local_image::open(&a.endpoint, opts.arch.as_deref()).map_err(fail)? {
+            Some(local) => Box::new(local),
+            None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
+        };
+    tokio::task::spawn_blocking(move || write_image(&plan, image.as_ref(), progress))
         .await
         .map_err(blocking_failed)?
 }
@@ -357,22 +360,27 @@ fn write_http(
     }
 }
 
-/// The blocking half of a registry import: layers from the top until one holds the
-/// disk; lower layers are never downloaded.
-fn write_registry(
+/// The blocking half of a containerDisk import: layers from the top until one holds
+/// the disk; lower layers are never read.
+fn write_image(
     plan: &Plan,
-    image: &registry::Image,
-    rt: &tokio::runtime::Handle,
+    image: &dyn ContainerImage,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     let mut disk = open_disk(plan, progress.clone(), None)?;
     let mut finder = DiskFinder::default();
     let mut fetched = 0u64;
     let result = (|| {
-        for idx in (0..image.manifest.layers.len()).rev() {
-            fetched += u64::try_from(image.manifest.layers[idx].size).unwrap_or(0);
+        for idx in (0..image.layer_count()).rev() {
+            fetched += image.layer_size(idx);
             progress.set_source_total(Some(fetched));
-            let mut layer = image.layer(idx, progress.clone(), rt);
+            let mut layer =
+                image
+                    .open_layer(idx, progress.clone())
+                    .map_err(|e| Failure::Process {
+                        kind: ErrorKind::Io,
+                        message: format!("opening layer {idx} of {}: {e}", image.describe()),
+                    })?;
             if let Some(report) = pipeline::write_disk_from_layer(
                 &mut layer,
                 &mut finder,
@@ -395,8 +403,8 @@ fn write_registry(
     })();
     match result {
         Ok(report) => {
-            let labels = ferrydisk_common::labels::from_env(image.env.iter().map(String::as_str));
-            tracing::info!(image = %image.shown, labels = ?labels, "image labels");
+            let labels = ferrydisk_common::labels::from_env(image.env().iter().map(String::as_str));
+            tracing::info!(image = %image.describe(), labels = ?labels, "image labels");
             finish_disk(plan, disk, &report, Some(labels))
         }
         Err(f) => {

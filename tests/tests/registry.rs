@@ -324,3 +324,76 @@ fn tampered_blob_fails_with_a_digest_error() {
         "no disk is left behind"
     );
 }
+
+#[test]
+fn local_oci_layout_oci_archive_and_docker_archive() {
+    let d = tmp();
+    let (ctx, reference) = context(d.path(), 0x5e);
+    let reg = Registry::start(false, None);
+    let b = Buildah::default();
+    b.build(
+        &ctx,
+        "FROM scratch\nADD motd /etc/motd\nADD disk.qcow2 /disk/\nENV KUBEVIRT_IO_OS=fedora\n",
+        "cd",
+    );
+    b.push("cd", &reg, "cd/local:1", &[]);
+    let src = reg.image("cd/local:1");
+    let layout = d.path().join("layout");
+    let oci_tar = d.path().join("image.oci.tar");
+    let docker_tar = d.path().join("image.docker.tar");
+    for dest in [
+        format!("oci:{}:v1", layout.display()),
+        format!("oci-archive:{}:v1", oci_tar.display()),
+        format!("docker-archive:{}:cd/local:1", docker_tar.display()),
+    ] {
+        sh(Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(&src)
+            .arg(&dest));
+    }
+    for endpoint in [
+        format!("oci:{}:v1", layout.display()),
+        format!("oci-archive:{}:v1", oci_tar.display()),
+        format!("docker-archive:{}", docker_tar.display()),
+    ] {
+        let run = tmp();
+        let o = Importer::new(run.path())
+            .env("IMPORTER_SOURCE", "registry")
+            .env("IMPORTER_ENDPOINT", &endpoint)
+            .arg("--metrics-addr")
+            .arg("none")
+            .run();
+        assert_eq!(o.code, 0, "{endpoint}: {}\n{}", o.termination, o.stderr);
+        assert!(
+            o.termination
+                .contains(r#""labels":{"kubevirt.io/os":"fedora"}"#),
+            "{endpoint}: {}",
+            o.termination
+        );
+        assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+    }
+    // A corrupted blob in the layout fails its digest check.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &sh(Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:v1", layout.display())))
+        .stdout,
+    )
+    .expect("json");
+    let top = manifest["layers"][1]["digest"]
+        .as_str()
+        .expect("digest")
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = layout.join("blobs/sha256").join(top);
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    bytes[4] ^= 0xff;
+    std::fs::write(&blob, bytes).expect("tamper");
+    let o = Importer::new(tmp().path())
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", &format!("oci:{}:v1", layout.display()))
+        .arg("--metrics-addr")
+        .arg("none")
+        .run();
+    o.assert_failure("digest mismatch");
+}

@@ -66,6 +66,7 @@ pub struct RegistryOptions {
 
 /// A resolved single-platform image.
 pub struct Image {
+    rt: tokio::runtime::Handle,
     client: Arc<Client>,
     reference: Reference,
     pub manifest: OciImageManifest,
@@ -180,6 +181,89 @@ fn normalise_host(k: &str) -> String {
     k.split('/').next().unwrap_or(k).to_string()
 }
 
+/// One entry of an image index, as the platform choice sees it.
+pub struct PlatformEntry {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+    pub digest: String,
+}
+
+/// Picks `linux/<want>` (`want` = `arch` or `arch/variant`) from an index, as
+/// containers/image does for CDI; the error lists what the index offers.
+pub fn select_platform<'a>(
+    entries: &'a [PlatformEntry],
+    want: &str,
+) -> Result<&'a PlatformEntry, RegistryError> {
+    let (arch, variant) = match want.split_once('/') {
+        Some((a, v)) => (a, Some(v)),
+        None => (want, None),
+    };
+    entries
+        .iter()
+        .find(|e| {
+            e.os == "linux"
+                && e.arch == arch
+                && variant.is_none_or(|v| e.variant.as_deref() == Some(v))
+        })
+        .ok_or_else(|| {
+            let offered: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}{}",
+                        e.os,
+                        e.arch,
+                        e.variant
+                            .as_ref()
+                            .map(|v| format!("/{v}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            RegistryError::Platform(format!(
+                "image index offers no manifest for linux/{want}; it has: {}",
+                offered.join(", ")
+            ))
+        })
+}
+
+/// Checks a single-platform image's config against an explicitly requested platform and
+/// refuses bootc images; returns the config's `Env`.
+pub fn check_config(
+    config: &serde_json::Value,
+    requested: Option<&str>,
+) -> Result<Vec<String>, RegistryError> {
+    let arch = config
+        .get("architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    if let Some(req) = requested {
+        let (want_arch, want_variant) = match req.split_once('/') {
+            Some((a, v)) => (a, Some(v)),
+            None => (req, None),
+        };
+        let variant = config.get("variant").and_then(|v| v.as_str());
+        if arch != want_arch || want_variant.is_some_and(|v| Some(v) != variant) {
+            return Err(RegistryError::Platform(format!("manifest image architecture: {arch:?} doesn't match requested architecture: {req:?}")));
+        }
+    }
+    let cfg = config.get("config");
+    let labels: BTreeMap<String, String> = cfg
+        .and_then(|c| c.get("Labels"))
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .unwrap_or_default();
+    for key in ["containers.bootc", "ostree.bootable"] {
+        if labels.get(key).is_some_and(|v| v == "1" || v == "true") {
+            return Err(RegistryError::Bootc(format!("{key}={}", labels[key])));
+        }
+    }
+    Ok(cfg
+        .and_then(|c| c.get("Env"))
+        .and_then(|e| serde_json::from_value(e.clone()).ok())
+        .unwrap_or_default())
+}
+
 /// Pulls the manifest (choosing a platform from an index) and the config.
 pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, RegistryError> {
     let reference = parse_endpoint(endpoint)?;
@@ -202,47 +286,22 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
     };
     let requested = opts.arch.clone();
     let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
-    let (want_arch, want_variant) = match want.split_once('/') {
-        Some((a, v)) => (a.to_string(), Some(v.to_string())),
-        None => (want.clone(), None),
-    };
     let (manifest, reference) = match manifest {
         OciManifest::Image(m) => (m, reference),
         OciManifest::ImageIndex(index) => {
-            let offered: Vec<String> = index
+            let entries: Vec<PlatformEntry> = index
                 .manifests
                 .iter()
-                .filter_map(|e| e.platform.as_ref())
-                .map(|p| {
-                    format!(
-                        "{}/{}{}",
-                        p.os,
-                        p.architecture,
-                        p.variant
-                            .as_ref()
-                            .map(|v| format!("/{v}"))
-                            .unwrap_or_default()
-                    )
-                })
-                .collect();
-            let entry = index
-                .manifests
-                .iter()
-                .find(|e| {
-                    e.platform.as_ref().is_some_and(|p| {
-                        p.os.to_string() == "linux"
-                            && p.architecture.to_string() == want_arch
-                            && want_variant
-                                .as_ref()
-                                .is_none_or(|v| p.variant.as_deref() == Some(v.as_str()))
+                .filter_map(|e| {
+                    e.platform.as_ref().map(|p| PlatformEntry {
+                        os: p.os.to_string(),
+                        arch: p.architecture.to_string(),
+                        variant: p.variant.clone(),
+                        digest: e.digest.clone(),
                     })
                 })
-                .ok_or_else(|| {
-                    RegistryError::Platform(format!(
-                        "image index offers no manifest for linux/{want}; it has: {}",
-                        offered.join(", ")
-                    ))
-                })?;
+                .collect();
+            let entry = select_platform(&entries, &want)?;
             tracing::info!(image = %shown, platform = %format!("linux/{want}"), digest = %entry.digest, "selected platform from image index");
             let by_digest = Reference::with_digest(
                 reference.registry().to_string(),
@@ -262,32 +321,14 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
         }
     };
     let config = pull_config(&client, &reference, &manifest.config).await?;
+    let env = check_config(&config, requested.as_deref())?;
     let arch = config
         .get("architecture")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    if let Some(req) = &requested {
-        let variant = config.get("variant").and_then(|v| v.as_str());
-        if arch != want_arch || want_variant.as_deref().is_some_and(|v| Some(v) != variant) {
-            return Err(RegistryError::Platform(format!("manifest image architecture: {arch:?} doesn't match requested architecture: {req:?}")));
-        }
-    }
-    let cfg = config.get("config");
-    let labels: BTreeMap<String, String> = cfg
-        .and_then(|c| c.get("Labels"))
-        .and_then(|l| serde_json::from_value(l.clone()).ok())
-        .unwrap_or_default();
-    for key in ["containers.bootc", "ostree.bootable"] {
-        if labels.get(key).is_some_and(|v| v == "1" || v == "true") {
-            return Err(RegistryError::Bootc(format!("{key}={}", labels[key])));
-        }
-    }
-    let env: Vec<String> = cfg
-        .and_then(|c| c.get("Env"))
-        .and_then(|e| serde_json::from_value(e.clone()).ok())
-        .unwrap_or_default();
     tracing::info!(image = %shown, layers = manifest.layers.len(), architecture = arch, "resolved image");
     Ok(Image {
+        rt: tokio::runtime::Handle::current(),
         client: Arc::new(client),
         reference,
         manifest,
@@ -336,15 +377,32 @@ fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-impl Image {
-    /// Starts streaming layer `idx` (resuming with Range after drops, sha256 checked
-    /// over every byte); the returned reader ends with an error on a digest mismatch.
-    pub fn layer(
+impl super::image::ContainerImage for Image {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+    fn env(&self) -> &[String] {
+        &self.env
+    }
+    fn layer_count(&self) -> usize {
+        self.manifest.layers.len()
+    }
+    fn layer_size(&self, idx: usize) -> u64 {
+        u64::try_from(self.manifest.layers[idx].size).unwrap_or(0)
+    }
+    fn open_layer(
         &self,
         idx: usize,
         progress: Arc<Progress>,
-        rt: &tokio::runtime::Handle,
-    ) -> ChannelReader {
+    ) -> std::io::Result<Box<dyn std::io::Read + Send + '_>> {
+        Ok(Box::new(self.layer(idx, progress)))
+    }
+}
+
+impl Image {
+    /// Starts streaming layer `idx` (resuming with Range after drops, sha256 checked
+    /// over every byte); the returned reader ends with an error on a digest mismatch.
+    pub fn layer(&self, idx: usize, progress: Arc<Progress>) -> ChannelReader {
         let (tx, rx) = mpsc::channel(16);
         let pump = LayerPump {
             client: self.client.clone(),
@@ -355,7 +413,7 @@ impl Image {
             progress,
             tx,
         };
-        rt.spawn(pump.run());
+        self.rt.spawn(pump.run());
         ChannelReader::new(rx)
     }
 }
