@@ -397,3 +397,83 @@ fn local_oci_layout_oci_archive_and_docker_archive() {
         .run();
     o.assert_failure("digest mismatch");
 }
+
+#[test]
+fn dropped_blob_downloads_resume_with_range() {
+    let d = tmp();
+    // A disk full of incompressible data, so its layer is megabytes long.
+    let raw = d.path().join("noisy.raw");
+    raw_fixture(&raw, "16M", &[]);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..6_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .expect("open"),
+        &noise,
+        1 << 20,
+    )
+    .expect("noise");
+    let ctx = d.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(ctx.join("disk.qcow2")));
+    let reg = Registry::start(false, None);
+    let b = Buildah::default();
+    b.build(&ctx, "FROM scratch\nADD disk.qcow2 /disk/\n", "cd");
+    b.push("cd", &reg, "cd/flaky:1", &[]);
+    // Between importer and registry: a network that breaks three times mid-blob.
+    let mut proxy = Command::new("python3")
+        .arg(root().join("tests/support/dropproxy.py"))
+        .args([
+            "--to",
+            &reg.port.to_string(),
+            "--after",
+            "300000",
+            "--drops",
+            "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("proxy");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("port");
+    let port = line.trim().trim_start_matches("PORT ").to_string();
+    let run = tmp();
+    let o = Importer::new(run.path())
+        .env("IMPORTER_SOURCE", "registry")
+        .env(
+            "IMPORTER_ENDPOINT",
+            &format!("docker://127.0.0.1:{port}/cd/flaky:1"),
+        )
+        .env("INSECURE_TLS", "true")
+        .arg("--metrics-addr")
+        .arg("none")
+        .run();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_eq!(
+        o.stderr
+            .matches("layer download interrupted, resuming")
+            .count(),
+        3,
+        "{}",
+        o.stderr
+    );
+    assert_same_bytes(&run.path().join("data/disk.img"), &raw);
+}

@@ -542,6 +542,28 @@ mod tests {
     }
 
     #[test]
+    fn config_checks() {
+        let cfg = serde_json::json!({"architecture": "amd64", "config": {"Env": ["KUBEVIRT_IO_X=1"], "Labels": {"containers.bootc": "1"}}});
+        assert!(matches!(
+            check_config(&cfg, None),
+            Err(RegistryError::Bootc(_))
+        ));
+        let cfg = serde_json::json!({"architecture": "arm64", "variant": "v8", "config": {"Env": ["KUBEVIRT_IO_X=1"]}});
+        assert_eq!(
+            check_config(&cfg, Some("arm64/v8")).expect("match"),
+            vec!["KUBEVIRT_IO_X=1".to_string()]
+        );
+        assert!(matches!(
+            check_config(&cfg, Some("amd64")),
+            Err(RegistryError::Platform(_))
+        ));
+        assert!(
+            check_config(&cfg, None).is_ok(),
+            "no request: no check, as CDI"
+        );
+    }
+
+    #[test]
     fn digests() {
         let d = Sha256::digest(b"abc");
         assert!(check_digest(
