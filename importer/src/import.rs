@@ -25,12 +25,20 @@ use std::time::Duration;
 /// Settings parsed and checked before anything touches the network or the disk.
 pub struct Plan {
     pub args: ImportArgs,
+    pub disk: DiskPlan,
+}
+
+/// How the bytes are written, whatever the source (import or upload).
+pub struct DiskPlan {
+    pub dest: Destination,
     pub preallocate: bool,
     pub requested: Option<u64>,
     pub overhead: f64,
     pub checksum: Option<Checksum>,
+    /// O_DIRECT where the destination allows it (`CACHE_MODE=TRYNONE`).
     pub direct: bool,
-    pub dest: Destination,
+    /// A mounted scratch volume, if any (CDI: a missing one means "required").
+    pub scratch: Option<PathBuf>,
 }
 
 impl Plan {
@@ -73,12 +81,15 @@ impl Plan {
             archive,
         );
         Ok(Plan {
-            preallocate,
-            requested,
-            overhead: parse_overhead(&args.filesystem_overhead),
-            checksum,
-            direct: args.cache_mode == "TRYNONE",
-            dest,
+            disk: DiskPlan {
+                preallocate,
+                requested,
+                overhead: parse_overhead(&args.filesystem_overhead),
+                checksum,
+                direct: args.cache_mode == "TRYNONE",
+                dest,
+                scratch: args.scratch.is_dir().then(|| args.scratch.clone()),
+            },
             args,
         })
     }
@@ -93,7 +104,12 @@ pub async fn run(
     let done_file = plan.args.done_file.clone();
     let msg = match source.as_str() {
         "none" => {
-            return blank::create(&plan.dest, plan.requested, plan.overhead, plan.preallocate)
+            return blank::create(
+                &plan.disk.dest,
+                plan.disk.requested,
+                plan.disk.overhead,
+                plan.disk.preallocate,
+            )
         }
         "http" => import_http(plan, progress).await?,
         "registry" => import_registry(plan, progress).await?,
@@ -156,7 +172,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
         _ => None,
     };
-    tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.dest.path().display(), "starting import");
+    tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.disk.dest.path().display(), "starting import");
     let opts = http::HttpOptions {
         auth,
         retries: a.retries,
@@ -168,7 +184,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         .map_err(|e| connect_err(e.kind(), e.to_string()))?;
     let content_length = download.content_length;
     let reader = ChannelReader::new(download.rx);
-    tokio::task::spawn_blocking(move || write_http(&plan, reader, content_length, progress))
+    tokio::task::spawn_blocking(move || write_http(&plan.disk, reader, content_length, progress))
         .await
         .map_err(blocking_failed)?
 }
@@ -177,7 +193,7 @@ async fn import_registry(
     plan: Plan,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
-    if matches!(plan.dest, Destination::Dir(_)) {
+    if matches!(plan.disk.dest, Destination::Dir(_)) {
         return Err(Failure::Config(
             "registry imports require content type kubevirt".into(),
         ));
@@ -196,7 +212,7 @@ async fn import_registry(
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
     };
-    tracing::info!(source = "registry", endpoint = %a.endpoint, dest = %plan.dest.path().display(), "starting import");
+    tracing::info!(source = "registry", endpoint = %a.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
     let fail = |e: registry::RegistryError| Failure::Process {
         kind: e.kind(),
         message: e.to_string(),
@@ -206,7 +222,7 @@ async fn import_registry(
             Some(local) => Box::new(local),
             None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
         };
-    tokio::task::spawn_blocking(move || write_image(&plan, image.as_ref(), progress))
+    tokio::task::spawn_blocking(move || write_image(&plan.disk, image.as_ref(), progress))
         .await
         .map_err(blocking_failed)?
 }
@@ -227,7 +243,7 @@ fn io_fail(what: String, e: io::Error) -> Failure {
 }
 
 fn pipeline_options(
-    plan: &Plan,
+    plan: &DiskPlan,
     progress: Arc<Progress>,
     source_len: Option<u64>,
 ) -> pipeline::Options {
@@ -236,16 +252,12 @@ fn pipeline_options(
         source_len,
         progress,
         // Only a mounted scratch volume counts (CDI: a missing one means "required").
-        scratch: plan
-            .args
-            .scratch
-            .is_dir()
-            .then(|| plan.args.scratch.clone()),
+        scratch: plan.scratch.clone(),
     }
 }
 
 fn open_disk(
-    plan: &Plan,
+    plan: &DiskPlan,
     progress: Arc<Progress>,
     source_len: Option<u64>,
 ) -> Result<Disk, Failure> {
@@ -291,7 +303,7 @@ fn open_disk(
 
 /// Resizes per CDI's rule, makes the disk durable and builds the success message.
 fn finish_disk(
-    plan: &Plan,
+    plan: &DiskPlan,
     disk: Disk,
     report: &Report,
     labels: Option<BTreeMap<String, String>>,
@@ -323,7 +335,7 @@ fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {
 /// The blocking half of an HTTP import: pipeline, drain, checksum, finish. Nothing is
 /// fsynced and reported before the whole source has been read and verified.
 fn write_http(
-    plan: &Plan,
+    plan: &DiskPlan,
     source: ChannelReader,
     content_length: Option<u64>,
     progress: Arc<Progress>,
@@ -363,7 +375,7 @@ fn write_http(
 /// The blocking half of a containerDisk import: layers from the top until one holds
 /// the disk; lower layers are never read.
 fn write_image(
-    plan: &Plan,
+    plan: &DiskPlan,
     image: &dyn ContainerImage,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
