@@ -21,11 +21,20 @@ pub struct Cli {
 pub enum Command {
     /// Import a disk image (the default: what the CDI controller runs).
     Import(Box<ImportArgs>),
+    /// The per-PVC upload server (CDI's cdi-uploadserver).
+    UploadServer(Box<crate::upload::UploadArgs>),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
 /// (CDI starts the container with only `-v=<n>`).
-pub const SUBCOMMANDS: &[&str] = &["import", "help"];
+pub const SUBCOMMANDS: &[&str] = &["import", "upload-server", "help"];
+
+/// CDI's binary names, for images that link them to this binary: the subcommand each
+/// one means when the program is started under that name.
+const ARGV0: &[(&str, &str)] = &[
+    ("cdi-uploadserver", "upload-server"),
+    ("cdi-importer", "import"),
+];
 
 #[derive(Args, Debug, Clone)]
 pub struct ImportArgs {
@@ -207,6 +216,20 @@ pub fn parse_go_bool(s: &str) -> Option<bool> {
 
 /// Inserts the default `import` subcommand when none is given.
 pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let argv0 = args
+        .first()
+        .map(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    if let Some((_, sub)) = ARGV0.iter().find(|(name, _)| *name == argv0) {
+        args.insert(1.min(args.len()), (*sub).into());
+        return args;
+    }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     // `importer --help` shows the import options (with their env names): that is the
     // command people run; `importer help` lists the subcommands.
@@ -225,6 +248,7 @@ mod tests {
         let argv = with_default_subcommand(args.iter().map(Into::into).collect());
         match Cli::try_parse_from(argv).expect("parse").command {
             Command::Import(a) => *a,
+            Command::UploadServer(_) => panic!("not an import"),
         }
     }
 

@@ -51,6 +51,16 @@ impl Failure {
         }
     }
 
+    /// The message without CDI's importer prefix (the upload server adds its own).
+    pub fn detail(&self) -> String {
+        match self {
+            Failure::Connect { message, .. }
+            | Failure::Process { message, .. }
+            | Failure::Blank { message, .. } => message.clone(),
+            other => other.message(),
+        }
+    }
+
     /// Checksum mismatches and "scratch space required" end with exit 0 and a JSON
     /// message, as CDI does: the controller reads JSON only after exit 0.
     pub fn exit_code(&self) -> i32 {

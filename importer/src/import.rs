@@ -334,7 +334,7 @@ fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {
 
 /// The blocking half of an HTTP import: pipeline, drain, checksum, finish. Nothing is
 /// fsynced and reported before the whole source has been read and verified.
-fn write_http(
+pub fn write_http(
     plan: &DiskPlan,
     source: ChannelReader,
     content_length: Option<u64>,

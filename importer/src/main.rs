@@ -8,6 +8,8 @@ mod import;
 mod metrics;
 mod report;
 mod sources;
+mod tls;
+mod upload;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -21,8 +23,11 @@ use std::sync::Arc;
 fn main() {
     let args = cli::with_default_subcommand(std::env::args_os().collect());
     let cli = Cli::parse_from(args);
-    let Command::Import(args) = cli.command;
-    init_logging(args.verbosity);
+    let verbosity = match &cli.command {
+        Command::Import(a) => a.verbosity,
+        Command::UploadServer(a) => a.verbosity,
+    };
+    init_logging(verbosity);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -34,7 +39,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = runtime.block_on(run(*args));
+    let code = match cli.command {
+        Command::Import(args) => runtime.block_on(run(*args)),
+        Command::UploadServer(args) => runtime.block_on(upload::run(*args)),
+    };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);
 }

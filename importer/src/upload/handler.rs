@@ -1,0 +1,347 @@
+//! One upload request: routing, client-certificate check, CDI's status codes, and the
+//! body streamed (raw or the multipart `file` field) into the import pipeline.
+
+use super::{Phase, Server};
+use crate::failure::Failure;
+use bytes::Bytes;
+use ferrydisk_common::error::SourceError;
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::stream::{ChannelReader, Chunk};
+use ferrydisk_common::termination::TerminationMessage;
+use ferrydisk_common::ErrorKind;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, BodyStream, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+#[derive(Clone, Copy)]
+struct Route {
+    asynchronous: bool,
+    form: bool,
+    archive: bool,
+}
+
+/// The exact paths CDI's upload server serves (contract section 4.4).
+fn route(path: &str) -> Option<Route> {
+    let rest = path
+        .strip_prefix("/v1beta1/")
+        .or_else(|| path.strip_prefix("/v1alpha1/"))?;
+    let r = |asynchronous, form, archive| {
+        Some(Route {
+            asynchronous,
+            form,
+            archive,
+        })
+    };
+    match rest {
+        "upload" => r(false, false, false),
+        "upload-async" => r(true, false, false),
+        "upload-form" => r(false, true, false),
+        "upload-form-async" => r(true, true, false),
+        "upload-archive" => r(false, false, true),
+        _ => None,
+    }
+}
+
+pub fn spawn_connection(
+    server: Arc<Server>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let tls = match acceptor.accept(tcp).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+        };
+        // Verified by rustls against CLIENT_CERT_FILE when present.
+        let peer_cns: Option<Arc<Vec<String>>> = tls.get_ref().1.peer_certificates().map(|certs| {
+            Arc::new(
+                certs
+                    .iter()
+                    .flat_map(|c| crate::tls::common_names(c))
+                    .collect(),
+            )
+        });
+        let svc =
+            hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req));
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+        let _ = watcher.watch(conn).await;
+    });
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Resp, Infallible> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    Ok(r)
+}
+
+async fn handle(
+    server: Arc<Server>,
+    peer_cns: Option<Arc<Vec<String>>>,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return reply(StatusCode::OK, "OK");
+    }
+    let Some(route) = route(&path) else {
+        return reply(StatusCode::NOT_FOUND, "");
+    };
+    if req.method() == Method::HEAD && route.asynchronous {
+        return reply(StatusCode::OK, ""); // lets clients probe for async support
+    }
+    // CDI accepts POST only; `curl -T` sends PUT, so we take both.
+    if req.method() != Method::POST && req.method() != Method::PUT {
+        return reply(StatusCode::NOT_FOUND, "");
+    }
+    if !server.args.no_client_auth {
+        let authorized = peer_cns
+            .as_ref()
+            .is_some_and(|cns| cns.iter().any(|cn| *cn == server.args.client_name));
+        if !authorized {
+            tracing::warn!(
+                path,
+                "refused upload: no client certificate with the expected common name"
+            );
+            return reply(StatusCode::UNAUTHORIZED, "");
+        }
+    }
+    if let Some(ct) = req
+        .headers()
+        .get("x-cdi-content-type")
+        .and_then(|v| v.to_str().ok())
+    {
+        if ct == "filesystem-clone" || ct == "blockdevice-clone" {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Saving stream failed: host-assisted clone streams are not supported by ferrydisk",
+            );
+        }
+    }
+    match server.try_start() {
+        Ok(()) => {}
+        Err(Phase::Done) => return reply(StatusCode::CONFLICT, ""),
+        Err(_) => return reply(StatusCode::SERVICE_UNAVAILABLE, ""),
+    }
+    let boundary = if route.form {
+        let ct = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        match multer::parse_boundary(ct) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                server.set_phase(Phase::Idle);
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("Saving stream failed: {e}"),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let content_length = if route.form {
+        None
+    } else {
+        req.headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    tracing::info!(path, content_length = ?content_length, "upload started");
+    let plan = server.disk_plan(route.archive);
+    let (tx, rx) = mpsc::channel(16);
+    let progress = Arc::new(Progress::default());
+    let reporter = crate::report::spawn(progress.clone(), false);
+    let work = tokio::task::spawn_blocking(move || {
+        crate::import::write_http(&plan, ChannelReader::new(rx), content_length, progress)
+    });
+    let body = req.into_body();
+    let pumped = match boundary {
+        Some(b) => pump_form(body, b, &tx).await,
+        None => pump_raw(body, &tx).await,
+    };
+    match &pumped {
+        Pumped::Complete(n) => {
+            tracing::info!(bytes = n, "upload body received");
+            let _ = tx.send(Ok(Chunk::End)).await;
+        }
+        Pumped::ClientFailed(e) => {
+            tracing::warn!(error = %e, "upload body failed; the server takes a new upload");
+            let _ = tx
+                .send(Err(
+                    SourceError::new(ErrorKind::Network, e.clone()).into_io()
+                ))
+                .await;
+        }
+        Pumped::PipelineStopped => {}
+    }
+    drop(tx);
+    if route.asynchronous && matches!(pumped, Pumped::Complete(_)) {
+        // CDI: 200 once the body is in; the rest happens in the background and a failure
+        // there ends the process with exit 1.
+        let server = server.clone();
+        tokio::spawn(async move {
+            let result = join(work).await;
+            reporter.abort();
+            finish(&server, result.map_err(|f| f.detail()));
+        });
+        return reply(StatusCode::OK, "");
+    }
+    let result = join(work).await;
+    reporter.abort();
+    match result {
+        Ok(msg) => {
+            finish(&server, Ok(msg));
+            reply(StatusCode::OK, "")
+        }
+        Err(f) => {
+            server.set_phase(Phase::Idle);
+            let detail = f.detail();
+            tracing::error!(class = f.kind().class(), kind = %f.kind(), error = %detail, "upload failed");
+            if f.kind() == ErrorKind::TooLarge
+                || detail.contains("No space left")
+                || detail.contains("quota")
+            {
+                reply(StatusCode::BAD_REQUEST, format!("Saving stream failed: effective image size is larger than the reported available storage: {detail}"))
+            } else if f.kind() == ErrorKind::ScratchRequired {
+                reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Saving stream failed: scratch space required and none found",
+                )
+            } else {
+                reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("Saving stream failed: {detail}"),
+                )
+            }
+        }
+    }
+}
+
+async fn join(
+    work: tokio::task::JoinHandle<Result<TerminationMessage, Failure>>,
+) -> Result<TerminationMessage, Failure> {
+    work.await.unwrap_or_else(|e| {
+        Err(Failure::Process {
+            kind: ErrorKind::Io,
+            message: format!("pipeline thread failed: {e}"),
+        })
+    })
+}
+
+/// Records the outcome; the server loop writes the termination message and exits.
+fn finish(server: &Server, result: Result<TerminationMessage, String>) {
+    let result = result.map(|m| {
+        server.set_phase(Phase::Done);
+        TerminationMessage {
+            preallocation_applied: m.preallocation_applied,
+            message: Some("Upload Complete".into()),
+            ..Default::default()
+        }
+    });
+    if result.is_err() {
+        server.set_phase(Phase::Idle);
+    }
+    let _ = server.finished.send(Some(result));
+}
+
+enum Pumped {
+    Complete(u64),
+    ClientFailed(String),
+    /// The pipeline stopped reading (it failed); its error is the answer.
+    PipelineStopped,
+}
+
+async fn send(tx: &mpsc::Sender<std::io::Result<Chunk>>, b: Bytes) -> bool {
+    tx.send(Ok(Chunk::Data(b))).await.is_ok()
+}
+
+async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    n += data.len() as u64;
+                    if !send(tx, data).await {
+                        return Pumped::PipelineStopped;
+                    }
+                }
+            }
+            Err(e) => {
+                return Pumped::ClientFailed(format!("upload body ended after {n} bytes: {e}"))
+            }
+        }
+    }
+    Pumped::Complete(n)
+}
+
+/// Skips form parts until the one named `file` (CDI's rule) and streams it.
+async fn pump_form(
+    body: Incoming,
+    boundary: String,
+    tx: &mpsc::Sender<std::io::Result<Chunk>>,
+) -> Pumped {
+    let stream = BodyStream::new(body).filter_map(|f| async move {
+        match f {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        }
+    });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut n = 0u64;
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Pumped::ClientFailed("the form has no part named \"file\"".into()),
+            Err(e) => return Pumped::ClientFailed(format!("reading form: {e}")),
+        };
+        if field.name() != Some("file") {
+            continue;
+        }
+        let mut field = field;
+        loop {
+            match field.chunk().await {
+                Ok(Some(data)) => {
+                    n += data.len() as u64;
+                    if !send(tx, data).await {
+                        return Pumped::PipelineStopped;
+                    }
+                }
+                Ok(None) => return Pumped::Complete(n),
+                Err(e) => {
+                    return Pumped::ClientFailed(format!("upload form ended after {n} bytes: {e}"))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_cdis() {
+        assert!(route("/v1beta1/upload").is_some_and(|r| !r.asynchronous && !r.form));
+        assert!(route("/v1alpha1/upload-form-async").is_some_and(|r| r.asynchronous && r.form));
+        assert!(route("/v1beta1/upload-archive").is_some_and(|r| r.archive));
+        assert!(route("/v1beta1/upload-archive-async").is_none());
+        assert!(route("/v2/upload").is_none());
+    }
+}

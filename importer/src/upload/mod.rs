@@ -1,0 +1,282 @@
+//! `importer upload-server`: CDI's cdi-uploadserver (contract section 4), streaming.
+//! The body goes through the same pipeline as an import while it arrives, so a sync
+//! upload answers as soon as the last byte is durable.
+
+mod handler;
+
+use crate::cli::parse_go_bool;
+use crate::destination::Destination;
+use crate::import::DiskPlan;
+use clap::Args;
+use ferrydisk_common::space::{parse_overhead, parse_quantity};
+use ferrydisk_common::termination::TerminationMessage;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+#[derive(Args, Debug, Clone)]
+pub struct UploadArgs {
+    /// Log verbosity, klog style (`-v=<n>`).
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Server private key (PEM).
+    #[arg(
+        long = "tls-key",
+        env = "TLS_KEY_FILE",
+        default_value = "/etc/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// Server certificate (PEM).
+    #[arg(
+        long = "tls-cert",
+        env = "TLS_CERT_FILE",
+        default_value = "/etc/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// CA bundle that signs client certificates (the upload proxy's).
+    #[arg(
+        long = "client-ca",
+        env = "CLIENT_CERT_FILE",
+        default_value = "/etc/tls/ca.crt"
+    )]
+    pub client_ca: PathBuf,
+    /// Required client certificate common name.
+    #[arg(
+        long = "client-name",
+        env = "CLIENT_NAME",
+        default_value = "client.upload-server.cdi.kubevirt.io"
+    )]
+    pub client_name: String,
+    /// Accept uploads without a client certificate (for use outside a cluster only).
+    #[arg(long = "no-client-auth")]
+    pub no_client_auth: bool,
+    /// Requested size as a Kubernetes quantity (the PVC request).
+    #[arg(long = "image-size", env = "UPLOAD_IMAGE_SIZE", default_value = "")]
+    pub image_size: String,
+    #[arg(
+        long = "filesystem-overhead",
+        env = "FILESYSTEM_OVERHEAD",
+        default_value = "0"
+    )]
+    pub filesystem_overhead: String,
+    /// Allocate the whole disk (lenient here, as in CDI: invalid means false).
+    #[arg(long, env = "PREALLOCATION", default_value = "false")]
+    pub preallocation: String,
+    /// RFC 3339 time after which an idle server exits with `deadlinePassed`.
+    #[arg(long, env = "DEADLINE")]
+    pub deadline: Option<String>,
+    /// Disk destination [default: /dev/cdi-block-volume if it exists, else <data-dir>/disk.img].
+    #[arg(long, env = "DESTINATION")]
+    pub dest: Option<PathBuf>,
+    /// The filesystem volume (archive uploads unpack here).
+    #[arg(long = "data-dir", default_value = "/data")]
+    pub data_dir: PathBuf,
+    #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
+    pub block_device: PathBuf,
+    #[arg(long, default_value = "/scratch")]
+    pub scratch: PathBuf,
+    #[arg(long = "listen", env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: String,
+    /// Port (invalid means 8443, as in CDI).
+    #[arg(long = "port", env = "LISTEN_PORT", default_value = "8443")]
+    pub listen_port: String,
+    /// `VersionTLS12` or `VersionTLS13`.
+    #[arg(long = "tls-min-version", env = "TLS_MIN_VERSION", default_value = "")]
+    pub tls_min_version: String,
+    /// Accepted for compatibility; rustls offers only modern AEAD suites.
+    #[arg(long = "tls-ciphers", env = "TLS_CIPHERS", default_value = "")]
+    pub tls_ciphers: String,
+    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// `TRYNONE`: O_DIRECT where the destination allows it.
+    #[arg(long = "cache-mode", env = "CACHE_MODE", default_value = "")]
+    pub cache_mode: String,
+}
+
+/// What the server is doing; CDI's status codes follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Busy,
+    Done,
+}
+
+pub struct Server {
+    pub args: UploadArgs,
+    pub disk_dest: Destination,
+    pub archive_dir: PathBuf,
+    pub phase: std::sync::Mutex<Phase>,
+    /// Set once, with the message to write, when the upload is complete.
+    pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, String>>>,
+}
+
+impl Server {
+    pub fn disk_plan(&self, archive: bool) -> DiskPlan {
+        let a = &self.args;
+        DiskPlan {
+            dest: if archive {
+                Destination::Dir(self.archive_dir.clone())
+            } else {
+                self.disk_dest.clone()
+            },
+            preallocate: parse_go_bool(&a.preallocation).unwrap_or(false),
+            requested: parse_quantity(&a.image_size).ok(),
+            overhead: parse_overhead(&a.filesystem_overhead),
+            checksum: None,
+            direct: a.cache_mode == "TRYNONE",
+            scratch: a.scratch.is_dir().then(|| a.scratch.clone()),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_phase(&self, p: Phase) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// Idle -> Busy atomically; otherwise the phase that refused it.
+    pub fn try_start(&self) -> Result<(), Phase> {
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        match *p {
+            Phase::Idle => {
+                *p = Phase::Busy;
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+}
+
+/// Runs the server until an upload completes (exit 0 with "Upload Complete"), the
+/// deadline passes while idle (exit 0 with `deadlinePassed`) or it fails to serve (1).
+pub async fn run(args: UploadArgs) -> i32 {
+    let deadline = match args.deadline.as_deref().filter(|d| !d.is_empty()) {
+        None => None,
+        Some(d) => match humantime::parse_rfc3339_weak(d) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // CDI: klog.Fatal -> exit 255.
+                tracing::error!(deadline = d, error = %e, "invalid DEADLINE");
+                return 255;
+            }
+        },
+    };
+    let client_ca = (!args.no_client_auth).then_some(args.client_ca.as_path());
+    let config = match crate::tls::server_config(
+        &args.tls_cert,
+        &args.tls_key,
+        client_ca,
+        &args.tls_min_version,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "invalid TLS config");
+            return 1;
+        }
+    };
+    let port: u16 = args.listen_port.parse().unwrap_or(8443);
+    let addr: SocketAddr = match format!(
+        "{}:{port}",
+        if args.listen_address.is_empty() {
+            "0.0.0.0"
+        } else {
+            &args.listen_address
+        }
+    )
+    .parse()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid listen address");
+            return 1;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot listen");
+            return 1;
+        }
+    };
+    let disk_dest = Destination::choose(
+        args.dest.as_deref(),
+        &args.block_device,
+        &args.data_dir,
+        false,
+    );
+    let (finished, mut done_rx) = tokio::sync::watch::channel(None);
+    let server = Arc::new(Server {
+        archive_dir: args.data_dir.clone(),
+        disk_dest,
+        phase: std::sync::Mutex::new(Phase::Idle),
+        finished,
+        args,
+    });
+    tracing::info!(%addr, dest = %server.disk_dest.path().display(), client_auth = !server.args.no_client_auth, "upload server listening");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let deadline_hit = deadline_watch(server.clone(), deadline);
+    tokio::pin!(deadline_hit);
+    let outcome: Result<TerminationMessage, String> = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, &graceful);
+            }
+            _ = done_rx.changed() => {
+                if let Some(result) = done_rx.borrow().clone() {
+                    break result;
+                }
+            }
+            msg = &mut deadline_hit => break Ok(msg),
+        }
+    };
+    drop(listener);
+    // Let the answer to the last request reach the client before exiting.
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    let log = server.args.termination_log.clone();
+    match outcome {
+        Ok(msg) => match msg.write(&log) {
+            Ok(json) => {
+                tracing::info!(termination_message = %json, "done");
+                0
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the termination message");
+                1
+            }
+        },
+        Err(e) => {
+            // An async upload failed after its 200: CDI exits 1, no termination message.
+            tracing::error!(error = %e, "upload processing failed");
+            1
+        }
+    }
+}
+
+/// Resolves when the deadline passes while no upload is running.
+async fn deadline_watch(server: Arc<Server>, deadline: Option<SystemTime>) -> TerminationMessage {
+    let Some(deadline) = deadline else {
+        return std::future::pending().await;
+    };
+    if let Ok(wait) = deadline.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    loop {
+        match server.phase() {
+            Phase::Idle => {
+                tracing::info!("deadline passed with no upload running");
+                return TerminationMessage {
+                    deadline_passed: Some(true),
+                    message: Some("Deadline Passed".into()),
+                    ..Default::default()
+                };
+            }
+            // An upload in flight finishes first (CDI polls every 2 s).
+            _ => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
+}
