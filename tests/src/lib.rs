@@ -3,6 +3,7 @@
 //! vars only), compare disks byte for byte.
 
 pub mod registry;
+pub mod token;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

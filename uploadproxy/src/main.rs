@@ -1,9 +1,289 @@
-//! `uploadproxy`: CDI's cdi-uploadproxy. Not implemented yet (tracked as its own
-//! issue); it refuses to start rather than pretend to proxy uploads.
+//! `uploadproxy`: CDI's cdi-uploadproxy (contract section 5). Checks the upload token,
+//! waits for the PVC's upload server, and streams the body to it over mTLS.
+
+mod kube;
+mod proxy;
+mod token;
+mod upstream;
+
+use anyhow::Context;
+use axum::routing::any;
+use clap::Parser;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// CDI's upload paths, all proxied whatever the method (the server enforces it).
+const PATHS: &[&str] = &[
+    "/v1beta1/upload",
+    "/v1alpha1/upload",
+    "/v1beta1/upload-async",
+    "/v1alpha1/upload-async",
+    "/v1beta1/upload-form",
+    "/v1alpha1/upload-form",
+    "/v1beta1/upload-form-async",
+    "/v1alpha1/upload-form-async",
+];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "uploadproxy",
+    version,
+    about = "Streams `curl -T` uploads to per-PVC upload servers (CDI upload proxy compatible)"
+)]
+struct Args {
+    /// Log verbosity, klog style (`-v=<n>`).
+    #[arg(short = 'v', long = "v", default_value_t = 0)]
+    verbosity: u8,
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    #[arg(
+        long = "server-cert",
+        env = "SERVER_CERT_FILE",
+        default_value = "/var/run/certs/cdi-uploadproxy-server-cert/tls.crt"
+    )]
+    server_cert: PathBuf,
+    #[arg(
+        long = "server-key",
+        env = "SERVER_KEY_FILE",
+        default_value = "/var/run/certs/cdi-uploadproxy-server-cert/tls.key"
+    )]
+    server_key: PathBuf,
+    /// Client certificate presented to upload servers (re-read when it changes).
+    #[arg(
+        long = "client-cert",
+        env = "UPLOAD_CLIENT_CERT_FILE",
+        default_value = "/var/run/certs/cdi-uploadserver-client-cert/tls.crt"
+    )]
+    client_cert: PathBuf,
+    #[arg(
+        long = "client-key",
+        env = "UPLOAD_CLIENT_KEY_FILE",
+        default_value = "/var/run/certs/cdi-uploadserver-client-cert/tls.key"
+    )]
+    client_key: PathBuf,
+    /// CA bundle that signs upload server certificates [default: ConfigMap
+    /// UPLOAD_SERVER_CA_BUNDLE_CONFIG_MAP, key ca-bundle.crt, read through the API].
+    #[arg(long = "upload-server-ca", env = "UPLOAD_SERVER_CA_FILE")]
+    upload_server_ca: Option<PathBuf>,
+    #[arg(
+        long = "upload-server-ca-configmap",
+        env = "UPLOAD_SERVER_CA_BUNDLE_CONFIG_MAP",
+        default_value = "cdi-uploadserver-signer-bundle"
+    )]
+    upload_server_ca_configmap: String,
+    /// The cdi-apiserver's public key (PEM) that signs upload tokens.
+    #[arg(
+        long = "public-key",
+        env = "APISERVER_PUBLIC_KEY",
+        hide_env_values = true
+    )]
+    public_key: Option<String>,
+    /// The same, from a file.
+    #[arg(long = "public-key-file")]
+    public_key_file: Option<PathBuf>,
+    /// Upload server URL; `{service}` (cdi-upload-<pvc>, as a Service name), `{pvc}`, `{namespace}`.
+    #[arg(
+        long = "upstream-template",
+        default_value = "https://{service}.{namespace}.svc:8443"
+    )]
+    upstream_template: String,
+    /// Route by template alone and take readiness from the upload server's /healthz.
+    #[arg(long = "no-kubernetes")]
+    no_kubernetes: bool,
+    /// Kubernetes API URL [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long = "kube-api")]
+    kube_api: Option<String>,
+    #[arg(
+        long = "kube-token-file",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    kube_token_file: PathBuf,
+    #[arg(
+        long = "kube-ca-file",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    kube_ca_file: PathBuf,
+    /// CDI's namespace (where the CA ConfigMap lives) [default: the service account's].
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// How long an upload waits for its upload server (CDI: 10 s).
+    #[arg(long = "ready-timeout", value_name = "SECONDS", default_value_t = 10)]
+    ready_timeout: u64,
+    /// How long running uploads may take to finish after SIGTERM.
+    #[arg(
+        long = "shutdown-timeout",
+        value_name = "SECONDS",
+        default_value_t = 3600
+    )]
+    shutdown_timeout: u64,
+}
 
 fn main() {
-    eprintln!(
-        "uploadproxy: not implemented yet in this ferrydisk build; use CDI's cdi-uploadproxy image"
-    );
-    std::process::exit(2);
+    let args = Args::parse();
+    init_logging(args.verbosity);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("starting runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(args)) {
+        tracing::error!(error = %format!("{e:#}"), "uploadproxy failed");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let key_pem = match (&args.public_key, &args.public_key_file) {
+        (_, Some(f)) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        (Some(k), None) => k.clone().into_bytes(),
+        (None, None) => anyhow::bail!("APISERVER_PUBLIC_KEY (or --public-key-file) is required"),
+    };
+    let verifier = token::Verifier::new(&key_pem)
+        .context("APISERVER_PUBLIC_KEY must be a PEM RSA public key")?;
+    let kube = if args.no_kubernetes {
+        None
+    } else {
+        let base = match &args.kube_api {
+            Some(u) => u.clone(),
+            None => {
+                let host = std::env::var("KUBERNETES_SERVICE_HOST")
+                    .context("not in a cluster: pass --kube-api or --no-kubernetes")?;
+                let port =
+                    std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+                format!("https://{host}:{port}")
+            }
+        };
+        Some(kube::Kube::new(
+            &base,
+            &args.kube_token_file,
+            &args.kube_ca_file,
+        )?)
+    };
+    let upstream_ca = match (&args.upload_server_ca, &kube) {
+        (Some(f), _) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(k)) => {
+            let ns = args
+                .namespace
+                .clone()
+                .or_else(|| {
+                    std::fs::read_to_string(
+                        "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+                    )
+                    .ok()
+                })
+                .unwrap_or_else(|| "cdi".into());
+            let cm = k
+                .config_map(ns.trim(), &args.upload_server_ca_configmap)
+                .await
+                .with_context(|| {
+                    format!(
+                        "reading ConfigMap {}/{}",
+                        ns.trim(),
+                        args.upload_server_ca_configmap
+                    )
+                })?;
+            cm.data
+                .and_then(|d| d.get("ca-bundle.crt").cloned())
+                .context("the upload server CA ConfigMap has no ca-bundle.crt")?
+                .into_bytes()
+        }
+        (None, None) => anyhow::bail!("--upload-server-ca is required with --no-kubernetes"),
+    };
+    let app = Arc::new(proxy::App::new(
+        proxy::Config {
+            upstream_template: args.upstream_template.clone(),
+            ready_timeout: Duration::from_secs(args.ready_timeout),
+            client_cert: args.client_cert.clone(),
+            client_key: args.client_key.clone(),
+            upstream_ca,
+        },
+        verifier,
+        kube,
+    ));
+    let mut router = axum::Router::new()
+        .route("/healthz", any(|| async { "OK" }))
+        .route("/upload/{token}", any(proxy::with_path_token));
+    for p in PATHS {
+        router = router.route(p, any(proxy::with_header));
+    }
+    // CDI wraps the proxy in an allow-all CORS handler (browser uploads).
+    let router = router
+        .layer(tower_http::cors::CorsLayer::very_permissive())
+        .with_state(app);
+    serve(&args, router).await
+}
+
+/// TLS accept loop; on SIGTERM/SIGINT stops accepting and lets running uploads finish.
+async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = rustls_pemfile::certs(
+        &mut &std::fs::read(&args.server_cert)
+            .with_context(|| format!("reading {}", args.server_cert.display()))?[..],
+    )
+    .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(
+        &mut &std::fs::read(&args.server_key)
+            .with_context(|| format!("reading {}", args.server_key.display()))?[..],
+    )?
+    .context("no private key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %args.listen, "upload proxy listening");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, _)) = accepted else { continue };
+                let acceptor = acceptor.clone();
+                let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), svc).into_owned();
+                    let _ = watcher.watch(conn).await;
+                });
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down: no new connections, waiting for running uploads");
+    drop(listener);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(args.shutdown_timeout),
+        graceful.shutdown(),
+    )
+    .await;
+    Ok(())
+}
+
+fn init_logging(verbosity: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if verbosity >= 3 { "debug" } else { "info" }));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        b.compact().init();
+    } else {
+        b.json().flatten_event(true).with_current_span(false).init();
+    }
 }

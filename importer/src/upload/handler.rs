@@ -81,6 +81,25 @@ pub fn spawn_connection(
 
 type Resp = Response<Full<Bytes>>;
 
+/// Before refusing early: read (and drop) a small body the client already sent, so it
+/// sees the status instead of a reset. `Expect: 100-continue` clients sent nothing.
+async fn drain_small(req: Request<Incoming>) {
+    if req.headers().contains_key(hyper::header::EXPECT) {
+        return;
+    }
+    let mut body = req.into_body();
+    let mut n = 0usize;
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            n += frame.data_ref().map_or(0, |d| d.len());
+            if n > 2 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+}
+
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Resp, Infallible> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -132,8 +151,15 @@ async fn handle(
     }
     match server.try_start() {
         Ok(()) => {}
-        Err(Phase::Done) => return reply(StatusCode::CONFLICT, ""),
-        Err(_) => return reply(StatusCode::SERVICE_UNAVAILABLE, ""),
+        Err(phase) => {
+            drain_small(req).await;
+            let status = if phase == Phase::Done {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return reply(status, "");
+        }
     }
     let boundary = if route.form {
         let ct = req

@@ -1,0 +1,156 @@
+//! The little of the Kubernetes API the proxy needs: read a PVC (and a ConfigMap) with
+//! the pod's service account, typed with k8s-openapi.
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim};
+use std::path::Path;
+
+pub struct Kube {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("not found")]
+    NotFound,
+    #[error("kubernetes API: {0}")]
+    Api(String),
+}
+
+impl Kube {
+    pub fn new(base: &str, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(std::time::Duration::from_secs(5));
+        if let Ok(pem) = std::fs::read(ca_file) {
+            for c in reqwest::Certificate::from_pem_bundle(&pem)? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let token = std::fs::read_to_string(token_file)
+            .ok()
+            .map(|t| t.trim().to_string());
+        Ok(Kube {
+            client: b.build()?,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
+        let mut req = self.client.get(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| KubeError::Api(e.to_string()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(KubeError::NotFound);
+        }
+        if !resp.status().is_success() {
+            return Err(KubeError::Api(format!("GET {path}: {}", resp.status())));
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| KubeError::Api(e.to_string()))?;
+        serde_json::from_slice(&body).map_err(|e| KubeError::Api(format!("GET {path}: {e}")))
+    }
+
+    pub async fn pvc(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PersistentVolumeClaim, KubeError> {
+        self.get(&format!(
+            "/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}"
+        ))
+        .await
+    }
+
+    pub async fn config_map(&self, namespace: &str, name: &str) -> Result<ConfigMap, KubeError> {
+        self.get(&format!("/api/v1/namespaces/{namespace}/configmaps/{name}"))
+            .await
+    }
+}
+
+pub const ANN_UPLOAD_TARGET: &str = "cdi.kubevirt.io/storage.upload.target";
+pub const ANN_POD_READY: &str = "cdi.kubevirt.io/storage.pod.ready";
+pub const ANN_POD_PHASE: &str = "cdi.kubevirt.io/storage.pod.phase";
+pub const ANN_CONTENT_TYPE: &str = "cdi.kubevirt.io/storage.contentType";
+pub const ANN_PVC_PRIME: &str = "cdi.kubevirt.io/storage.populator.pvcPrime";
+
+/// What one look at the PVC says (contract section 5.4).
+#[derive(Debug, PartialEq)]
+pub enum Readiness {
+    /// Upload to this PVC (the name may be the populator's PVC'), with this content type.
+    Ready { pvc: String, content_type: String },
+    /// Look again in a second.
+    NotYet,
+    /// Refuse now, with this message.
+    Refused(String),
+}
+
+fn annotation<'a>(pvc: &'a PersistentVolumeClaim, key: &str) -> Option<&'a str> {
+    pvc.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+pub async fn readiness(kube: &Kube, namespace: &str, name: &str) -> Readiness {
+    let pvc = match kube.pvc(namespace, name).await {
+        Ok(p) => p,
+        Err(KubeError::NotFound) => {
+            return Readiness::Refused(format!(
+                "rejecting Upload Request for PVC {name} that doesn't exist"
+            ))
+        }
+        Err(e) => return Readiness::Refused(e.to_string()),
+    };
+    let mut target = pvc;
+    let mut target_name = name.to_string();
+    let populated = target
+        .spec
+        .as_ref()
+        .and_then(|s| s.data_source_ref.as_ref())
+        .is_some_and(|r| r.kind == "VolumeUploadSource");
+    if populated {
+        let Some(prime) = annotation(&target, ANN_PVC_PRIME).map(str::to_string) else {
+            return Readiness::NotYet;
+        };
+        target = match kube.pvc(namespace, &prime).await {
+            Ok(p) => p,
+            Err(KubeError::NotFound) => {
+                return Readiness::Refused(format!(
+                    "rejecting Upload Request for PVC {name}, PVC' wasn't created yet"
+                ))
+            }
+            Err(e) => return Readiness::Refused(e.to_string()),
+        };
+        target_name = prime;
+    }
+    if annotation(&target, ANN_UPLOAD_TARGET).is_none() {
+        return Readiness::Refused(format!("PVC {name} is not an upload target"));
+    }
+    if annotation(&target, ANN_POD_PHASE) == Some("Succeeded") {
+        return Readiness::Refused(format!(
+            "rejecting Upload Request for PVC {name} that already finished uploading"
+        ));
+    }
+    if annotation(&target, ANN_POD_READY)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1" || v == "t")
+    {
+        return Readiness::Ready {
+            pvc: target_name,
+            content_type: annotation(&target, ANN_CONTENT_TYPE)
+                .unwrap_or("")
+                .to_string(),
+        };
+    }
+    Readiness::NotYet
+}

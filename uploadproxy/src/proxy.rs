@@ -1,0 +1,312 @@
+//! The proxy handler: token, readiness, then the body streamed to the upload server over
+//! mTLS with back-pressure (never buffered), and the answer streamed back verbatim.
+
+use crate::kube::{readiness, Kube, Readiness};
+use crate::token::{from_header, TokenError, UploadTarget, Verifier};
+use crate::upstream;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use futures_util::TryStreamExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+pub struct Config {
+    pub upstream_template: String,
+    pub ready_timeout: Duration,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// PEM of the CA that signs upload server certificates.
+    pub upstream_ca: Vec<u8>,
+}
+
+pub struct App {
+    pub cfg: Config,
+    pub verifier: Verifier,
+    pub kube: Option<Kube>,
+    clients: Mutex<Option<(Vec<SystemTime>, reqwest::Client)>>,
+}
+
+impl App {
+    pub fn new(cfg: Config, verifier: Verifier, kube: Option<Kube>) -> Self {
+        App {
+            cfg,
+            verifier,
+            kube,
+            clients: Mutex::new(None),
+        }
+    }
+
+    /// The mTLS client; rebuilt when the client certificate or key file changes (CDI
+    /// re-reads them on every request so rotated certificates take effect).
+    fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let stamp: Vec<SystemTime> = [&self.cfg.client_cert, &self.cfg.client_key]
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH)
+            })
+            .collect();
+        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, c)) = cache.as_ref() {
+            if *s == stamp {
+                return Ok(c.clone());
+            }
+        }
+        let mut pem = std::fs::read(&self.cfg.client_cert)?;
+        pem.push(b'\n');
+        pem.extend(std::fs::read(&self.cfg.client_key)?);
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .identity(reqwest::Identity::from_pem(&pem)?)
+            .tls_built_in_root_certs(false)
+            .min_tls_version(reqwest::tls::Version::TLS_1_2)
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        for c in reqwest::Certificate::from_pem_bundle(&self.cfg.upstream_ca)? {
+            b = b.add_root_certificate(c);
+        }
+        let c = b.build()?;
+        *cache = Some((stamp, c.clone()));
+        Ok(c)
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(Body::from(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&#34;")
+        .replace('\'', "&#39;")
+}
+
+/// `Authorization: Bearer` uploads on CDI's paths.
+pub async fn with_header(State(app): State<Arc<App>>, req: Request<Body>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let token = from_header(
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+    )
+    .map(str::to_string);
+    forward(app, token, path, req).await
+}
+
+/// `curl -T disk.img https://proxy/upload/<token>`: the token in the path, for clients
+/// that cannot set headers.
+pub async fn with_path_token(
+    State(app): State<Arc<App>>,
+    UrlPath(token): UrlPath<String>,
+    req: Request<Body>,
+) -> Response<Body> {
+    let token = if crate::token::is_token(&token) {
+        Ok(token)
+    } else {
+        Err(TokenError::Malformed)
+    };
+    forward(app, token, "/v1beta1/upload".into(), req).await
+}
+
+/// Before refusing a request early: read (and drop) a small body the client has already
+/// sent, so it sees our answer instead of a connection reset. A client that asked for
+/// `100-continue` has sent nothing and is not asked to.
+async fn drain_small(req: Request<Body>) {
+    if req.headers().contains_key("expect") {
+        return;
+    }
+    let mut stream = req.into_body().into_data_stream();
+    let mut n = 0usize;
+    let read = async {
+        while let Ok(Some(chunk)) = stream.try_next().await {
+            n += chunk.len();
+            if n > 2 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+}
+
+async fn forward(
+    app: Arc<App>,
+    token: Result<String, TokenError>,
+    path: String,
+    req: Request<Body>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let shown_path = if req.uri().path().starts_with("/upload/") {
+        "/upload/<token>".to_string()
+    } else {
+        req.uri().path().to_string()
+    };
+    let bytes = Arc::new(AtomicU64::new(0));
+    let mut pvc_shown = String::from("-");
+    let resp = async {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let target = match token.and_then(|t| app.verifier.verify(&t, now)) {
+            Ok(t) => t,
+            Err(e) => {
+                drain_small(req).await;
+                return text(
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                    e.to_string(),
+                );
+            }
+        };
+        pvc_shown = format!("{}/{}", target.namespace, target.pvc);
+        let (pvc, upstream_path) = match wait_ready(&app, &target).await {
+            Ok(r) => r,
+            Err(msg) => {
+                drain_small(req).await;
+                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, escape(&msg));
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("5"));
+                return r;
+            }
+        };
+        let path = match upstream_path {
+            Some(ct) => match upstream::path_for(&ct, &path) {
+                Ok(p) => p,
+                Err(e) => {
+                    drain_small(req).await;
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        escape(&format!(
+                            "rejecting upload request for PVC {} - {e}",
+                            target.pvc
+                        )),
+                    );
+                }
+            },
+            None => path,
+        };
+        let url = format!(
+            "{}{path}",
+            upstream::base_url(&app.cfg.upstream_template, &target.namespace, &pvc)
+        );
+        let client = match app.client() {
+            Ok(c) => c,
+            Err(e) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("error in upload-proxy: {e:#}"),
+                )
+            }
+        };
+        let counter = bytes.clone();
+        let (parts, body) = req.into_parts();
+        let stream = body.into_data_stream().inspect_ok(move |b| {
+            counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+        });
+        let mut out = client
+            .request(parts.method.clone(), &url)
+            .body(reqwest::Body::wrap_stream(stream));
+        for (k, v) in forwarded_headers(&parts.headers).iter() {
+            out = out.header(k, v);
+        }
+        match out.send().await {
+            Ok(r) => {
+                let mut resp = Response::builder().status(r.status().as_u16());
+                for (k, v) in forwarded_headers(r.headers()).iter() {
+                    resp = resp.header(k, v);
+                }
+                resp.body(Body::from_stream(r.bytes_stream()))
+                    .unwrap_or_else(|e| {
+                        text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("error in upload-proxy: {e}"),
+                        )
+                    })
+            }
+            Err(e) => {
+                let mut m = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    m.push_str(": ");
+                    m.push_str(&s.to_string());
+                    src = s.source();
+                }
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("error in upload-proxy: {m}"),
+                )
+            }
+        }
+    }
+    .await;
+    // The access log: never the token (it is only ever in a header or a redacted path).
+    tracing::info!(method = %method, path = %shown_path, pvc = %pvc_shown, bytes = bytes.load(Ordering::Relaxed), duration_ms = started.elapsed().as_millis() as u64, status = resp.status().as_u16(), "request");
+    resp
+}
+
+/// Hop-by-hop headers stay on their hop; `Expect` was answered by us.
+fn forwarded_headers(h: &HeaderMap) -> HeaderMap {
+    let mut out = h.clone();
+    for k in [
+        "host",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "expect",
+    ] {
+        out.remove(k);
+    }
+    out
+}
+
+/// Waits up to the configured time for the upload server (CDI polls the PVC every
+/// second for 10 s). Returns the PVC to route to and, in Kubernetes mode, its content
+/// type for the archive rewrite.
+async fn wait_ready(app: &App, t: &UploadTarget) -> Result<(String, Option<String>), String> {
+    let deadline = Instant::now() + app.cfg.ready_timeout;
+    loop {
+        match &app.kube {
+            Some(kube) => match readiness(kube, &t.namespace, &t.pvc).await {
+                Readiness::Ready { pvc, content_type } => return Ok((pvc, Some(content_type))),
+                Readiness::Refused(m) => return Err(m),
+                Readiness::NotYet => {}
+            },
+            None => {
+                let url = format!(
+                    "{}/healthz",
+                    upstream::base_url(&app.cfg.upstream_template, &t.namespace, &t.pvc)
+                );
+                if let Ok(c) = app.client() {
+                    if c.get(&url)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                    {
+                        return Ok((t.pvc.clone(), None));
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "upload server for PVC {}/{} is not ready: timed out waiting for the condition",
+                t.namespace, t.pvc
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
