@@ -4,6 +4,7 @@
 
 pub mod registry;
 pub mod token;
+pub mod upload;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

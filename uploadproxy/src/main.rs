@@ -238,7 +238,10 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: an upload is one long body, HTTP/2 flow control only slows it, and
+    // curl (7.88) reports an early refusal on HTTP/2 as a framing error instead of the
+    // status we send.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -255,8 +258,7 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), svc).into_owned();
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
                     let _ = watcher.watch(conn).await;
                 });
             }

@@ -117,24 +117,23 @@ pub async fn with_path_token(
     forward(app, token, "/v1beta1/upload".into(), req).await
 }
 
-/// Before refusing a request early: read (and drop) a small body the client has already
-/// sent, so it sees our answer instead of a connection reset. A client that asked for
-/// `100-continue` has sent nothing and is not asked to.
-async fn drain_small(req: Request<Body>) {
-    if req.headers().contains_key("expect") {
-        return;
-    }
-    let mut stream = req.into_body().into_data_stream();
-    let mut n = 0usize;
-    let read = async {
-        while let Ok(Some(chunk)) = stream.try_next().await {
-            n += chunk.len();
-            if n > 2 << 20 {
-                break;
+/// Refusing early: answer at once and keep reading (and dropping) what the client is
+/// still sending for a bounded while (a "lingering close"): closing with unread data
+/// makes the kernel send a reset that can destroy the answer before the client reads it.
+fn linger(req: Request<Body>) {
+    tokio::spawn(async move {
+        let mut stream = req.into_body().into_data_stream();
+        let mut n = 0usize;
+        let read = async {
+            while let Ok(Some(chunk)) = stream.try_next().await {
+                n += chunk.len();
+                if n > 256 << 20 {
+                    break;
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    });
 }
 
 async fn forward(
@@ -160,7 +159,7 @@ async fn forward(
         let target = match token.and_then(|t| app.verifier.verify(&t, now)) {
             Ok(t) => t,
             Err(e) => {
-                drain_small(req).await;
+                linger(req);
                 return text(
                     StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
                     e.to_string(),
@@ -171,7 +170,7 @@ async fn forward(
         let (pvc, upstream_path) = match wait_ready(&app, &target).await {
             Ok(r) => r,
             Err(msg) => {
-                drain_small(req).await;
+                linger(req);
                 let mut r = text(StatusCode::SERVICE_UNAVAILABLE, escape(&msg));
                 r.headers_mut()
                     .insert("retry-after", HeaderValue::from_static("5"));
@@ -182,7 +181,7 @@ async fn forward(
             Some(ct) => match upstream::path_for(&ct, &path) {
                 Ok(p) => p,
                 Err(e) => {
-                    drain_small(req).await;
+                    linger(req);
                     return text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         escape(&format!(

@@ -81,23 +81,24 @@ pub fn spawn_connection(
 
 type Resp = Response<Full<Bytes>>;
 
-/// Before refusing early: read (and drop) a small body the client already sent, so it
-/// sees the status instead of a reset. `Expect: 100-continue` clients sent nothing.
-async fn drain_small(req: Request<Incoming>) {
-    if req.headers().contains_key(hyper::header::EXPECT) {
-        return;
-    }
-    let mut body = req.into_body();
-    let mut n = 0usize;
-    let read = async {
-        while let Some(Ok(frame)) = body.frame().await {
-            n += frame.data_ref().map_or(0, |d| d.len());
-            if n > 2 << 20 {
-                break;
+/// Refusing early: answer at once, and keep reading (and dropping) what the client is
+/// still sending for a little while (a "lingering close"). Closing a socket with unread
+/// data makes the kernel send a reset, which can destroy our answer before the client
+/// reads it. Bounded in time and bytes, so a refused 10 GB upload costs at most that.
+fn linger(req: Request<Incoming>) {
+    tokio::spawn(async move {
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        let read = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                n += frame.data_ref().map_or(0, |d| d.len());
+                if n > 256 << 20 {
+                    break;
+                }
             }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    });
 }
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Resp, Infallible> {
@@ -134,6 +135,7 @@ async fn handle(
                 path,
                 "refused upload: no client certificate with the expected common name"
             );
+            linger(req);
             return reply(StatusCode::UNAUTHORIZED, "");
         }
     }
@@ -152,7 +154,7 @@ async fn handle(
     match server.try_start() {
         Ok(()) => {}
         Err(phase) => {
-            drain_small(req).await;
+            linger(req);
             let status = if phase == Phase::Done {
                 StatusCode::CONFLICT
             } else {

@@ -1,0 +1,305 @@
+//! The upload path under test: a throwaway PKI (CA, upload server cert, the proxy's
+//! client certs, the cdi-apiserver key pair), the built `importer upload-server` and
+//! `uploadproxy` on 127.0.0.1, real `curl` as the client.
+
+use super::{bin, root, sh};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CLIENT_NAME: &str = "client.upload-server.cdi.kubevirt.io";
+
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        let p = |n: &str| d.join(n).to_str().expect("utf8").to_string();
+        let ossl = |args: &[&str]| sh(Command::new("openssl").args(args).stderr(Stdio::null()));
+        std::fs::write(d.join("srv.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("cnf");
+        std::fs::write(
+            d.join("cl.cnf"),
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        )
+        .expect("cnf");
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=upload test CA",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+        ]);
+        for (name, cn, ext) in [
+            ("srv", "127.0.0.1", "srv.cnf"),
+            ("client", CLIENT_NAME, "cl.cnf"),
+            ("intruder", "someone-else", "cl.cnf"),
+        ] {
+            ossl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &p(&format!("{name}.key")),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ]);
+            ossl(&[
+                "x509",
+                "-req",
+                "-days",
+                "2",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-extfile",
+                &p(ext),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ]);
+        }
+        for k in ["api", "other"] {
+            ossl(&["genrsa", "-out", &p(&format!("{k}.key")), "2048"]);
+            ossl(&[
+                "rsa",
+                "-in",
+                &p(&format!("{k}.key")),
+                "-pubout",
+                "-out",
+                &p(&format!("{k}.pub")),
+            ]);
+        }
+        Pki { dir }
+    }
+}
+
+impl Pki {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn key(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).expect("key")
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn start(mut cmd: Command, port: u16, log: PathBuf) -> Self {
+        let f = std::fs::File::create(&log).expect("log");
+        let child = cmd.stdout(Stdio::null()).stderr(f).spawn().expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?} did not start listening: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        Proc { child, port, log }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `importer upload-server` writing into `dir/data`.
+pub fn upload_server(pki: &Pki, dir: &Path) -> Proc {
+    std::fs::create_dir_all(dir.join("data")).expect("data");
+    let port = free_port();
+    let mut c = Command::new(bin("importer"));
+    c.env_clear()
+        .env("TLS_KEY_FILE", pki.path("srv.key"))
+        .env("TLS_CERT_FILE", pki.path("srv.crt"))
+        .env("CLIENT_CERT_FILE", pki.path("ca.crt"))
+        .env("CLIENT_NAME", CLIENT_NAME)
+        .env("LISTEN_ADDRESS", "127.0.0.1")
+        .env("LISTEN_PORT", port.to_string())
+        .env("PREALLOCATION", "false")
+        .arg("upload-server")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--block-device")
+        .arg(dir.join("no-block-device"))
+        .arg("--termination-log")
+        .arg(dir.join("termination-log"));
+    Proc::start(c, port, dir.join("upload-server.log"))
+}
+
+pub enum Mode<'a> {
+    /// `--no-kubernetes`: readiness from the upload server's /healthz.
+    Standalone,
+    /// Kubernetes mode against the API stand-in at this port with this token file.
+    Kube { api_port: u16, token_file: &'a Path },
+}
+
+/// `uploadproxy` in front of the upload server on `upstream_port`, presenting the client
+/// certificate `client` ("client" or "intruder").
+pub fn proxy(pki: &Pki, dir: &Path, upstream_port: u16, mode: Mode<'_>, client: &str) -> Proc {
+    let port = free_port();
+    let mut c = Command::new(bin("uploadproxy"));
+    c.env_clear()
+        .env("SERVER_CERT_FILE", pki.path("srv.crt"))
+        .env("SERVER_KEY_FILE", pki.path("srv.key"))
+        .env(
+            "UPLOAD_CLIENT_CERT_FILE",
+            pki.path(&format!("{client}.crt")),
+        )
+        .env("UPLOAD_CLIENT_KEY_FILE", pki.path(&format!("{client}.key")))
+        .env(
+            "APISERVER_PUBLIC_KEY",
+            std::fs::read_to_string(pki.path("api.pub")).expect("pub"),
+        )
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--upload-server-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--upstream-template")
+        .arg(format!("https://127.0.0.1:{upstream_port}"))
+        .arg("--ready-timeout")
+        .arg("3");
+    match mode {
+        Mode::Standalone => {
+            c.arg("--no-kubernetes");
+        }
+        Mode::Kube {
+            api_port,
+            token_file,
+        } => {
+            c.arg("--kube-api")
+                .arg(format!("http://127.0.0.1:{api_port}"))
+                .arg("--kube-token-file")
+                .arg(token_file);
+        }
+    }
+    Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
+}
+
+/// The Kubernetes API stand-in (tests/support/kubeapi.py) serving PVCs from `dir`.
+pub struct KubeApi {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub token_file: PathBuf,
+}
+
+impl KubeApi {
+    pub fn start(dir: &Path) -> Self {
+        let token_file = dir.join("sa-token");
+        std::fs::write(&token_file, "sa-token-value\n").expect("token");
+        let pvcs = dir.join("api");
+        std::fs::create_dir_all(&pvcs).expect("api dir");
+        let mut child = Command::new("python3")
+            .arg(root().join("tests/support/kubeapi.py"))
+            .arg("--dir")
+            .arg(&pvcs)
+            .args(["--token", "sa-token-value"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kubeapi");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("port");
+        let port = line
+            .trim()
+            .trim_start_matches("PORT ")
+            .parse()
+            .expect("port");
+        KubeApi {
+            child,
+            port,
+            dir: pvcs,
+            token_file,
+        }
+    }
+
+    /// Writes a real PersistentVolumeClaim object with these annotations.
+    pub fn put_pvc(&self, ns: &str, name: &str, annotations: &[(&str, &str)]) {
+        let ann: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let pvc = serde_json::json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns, "annotations": ann},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+        });
+        let d = self.dir.join(ns).join("persistentvolumeclaims");
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join(format!("{name}.json")), pvc.to_string()).expect("pvc");
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs curl against 127.0.0.1 trusting the test CA; returns (status, body).
+pub fn curl(pki: &Pki, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+        .arg(pki.path("ca.crt"))
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
