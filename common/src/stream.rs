@@ -58,6 +58,21 @@ impl Read for ChannelReader {
     }
 }
 
+/// Reads until `buf` is full or the stream ends; returns the bytes read (short only at
+/// end of stream). `Read::read_exact` cannot say how much a short stream held.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Counts bytes read through it.
 pub struct CountingReader<R, F> {
     inner: R,

@@ -2,7 +2,8 @@
 //! built with buildah (private storage per test) or written by tests/support/mkimage.py
 //! and pushed with skopeo.
 
-use super::{root, sh};
+use super::upload::Pki;
+use super::{free_port, root, sh};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,14 +17,7 @@ pub struct Registry {
     pub ca_dir: Option<PathBuf>,
     pub creds: Option<(String, String)>,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    _pki: Option<Pki>,
 }
 
 impl Registry {
@@ -37,14 +31,18 @@ impl Registry {
             storage.display()
         );
         let mut ca_dir = None;
-        if tls {
+        let pki = tls.then(Pki::default);
+        if let Some(pki) = &pki {
             let ca = d.join("ca");
             std::fs::create_dir(&ca).expect("ca dir");
-            make_certs(d, &ca);
+            std::fs::copy(pki.path("ca.crt"), ca.join("ca.crt")).expect("ca copy");
             cfg.push_str(&format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                d.join("srv.crt").display(),
-                d.join("srv.key").display()
+                "  tls:
+    certificate: {}
+    key: {}
+",
+                pki.path("srv.crt").display(),
+                pki.path("srv.key").display()
             ));
             ca_dir = Some(ca);
         }
@@ -76,6 +74,7 @@ impl Registry {
             ca_dir,
             creds: creds.map(|(u, p)| (u.into(), p.into())),
             _dir: dir,
+            _pki: pki,
         }
     }
 
@@ -129,62 +128,6 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn make_certs(d: &Path, ca_dir: &Path) {
-    let p = |n: &str| d.join(n).to_str().expect("utf8").to_string();
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").expect("ext");
-    sh(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=ferrydisk test CA",
-            "-keyout",
-            &p("ca.key"),
-            "-out",
-            &p("ca.crt"),
-        ])
-        .stderr(Stdio::null()));
-    sh(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            &p("srv.key"),
-            "-out",
-            &p("srv.csr"),
-        ])
-        .stderr(Stdio::null()));
-    sh(Command::new("openssl")
-        .args([
-            "x509",
-            "-req",
-            "-days",
-            "2",
-            "-in",
-            &p("srv.csr"),
-            "-CA",
-            &p("ca.crt"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-extfile",
-            &p("ext.cnf"),
-            "-out",
-            &p("srv.crt"),
-        ])
-        .stderr(Stdio::null()));
-    std::fs::copy(d.join("ca.crt"), ca_dir.join("ca.crt")).expect("ca copy");
 }
 
 /// buildah with private storage, chroot isolation, vfs: works without a container engine.

@@ -2,7 +2,7 @@
 //! client certs, the cdi-apiserver key pair), the built `importer upload-server` and
 //! `uploadproxy` on 127.0.0.1, real `curl` as the client.
 
-use super::{bin, root, sh};
+use super::{bin, free_port, root, sh};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -99,14 +99,6 @@ impl Pki {
     pub fn key(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.path(name)).expect("key")
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// A child process killed on drop.

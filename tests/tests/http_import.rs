@@ -507,14 +507,6 @@ fn block_device_gets_image_and_zeroed_holes() {
         .all(|&b| b == 0));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 #[test]
 fn progress_metric_moves_during_download_in_cdis_format() {
     let d = tmp();

@@ -13,15 +13,7 @@ pub struct PeekReader<R> {
 impl<R: Read> PeekReader<R> {
     pub fn new(mut inner: R, n: usize) -> io::Result<Self> {
         let mut head = vec![0u8; n];
-        let mut filled = 0;
-        while filled < n {
-            match inner.read(&mut head[filled..]) {
-                Ok(0) => break,
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = crate::stream::read_full(&mut inner, &mut head)?;
         head.truncate(filled);
         Ok(PeekReader {
             inner,

@@ -5,6 +5,7 @@
 
 use super::{AlignedBuf, FinishInfo, SinkError, Target, SECTOR};
 use crate::progress::Progress;
+use crate::stream::read_full;
 use std::io::{self, Read};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -110,7 +111,7 @@ impl SparseWriter {
         let start = self.pos;
         loop {
             let mut buf = self.take_buf().map_err(CopyError::Sink)?;
-            let n = fill(r, buf.as_mut_slice()).map_err(CopyError::Read)?;
+            let n = read_full(r, buf.as_mut_slice()).map_err(CopyError::Read)?;
             if n == 0 {
                 self.spare = Some(buf);
                 return Ok(self.pos - start);
@@ -235,19 +236,6 @@ impl Drop for SparseWriter {
             let _ = self.join();
         }
     }
-}
-
-fn fill(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn run(

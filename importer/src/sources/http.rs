@@ -181,20 +181,11 @@ fn status_error(url: &str, status: StatusCode) -> HttpError {
 /// reqwest's Display hides the cause ("error sending request"); the chain says what
 /// broke. The URL it names may carry credentials, so it is redacted.
 fn error_text(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(u) = e.url() {
-        s = s.replace(u.as_str(), &redact::url(u.as_str()));
+    let s = ferrydisk_common::error::chain_line(e);
+    match e.url() {
+        Some(u) => s.replace(u.as_str(), &redact::url(u.as_str())),
+        None => s,
     }
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn backoff(attempt: u32) -> Duration {

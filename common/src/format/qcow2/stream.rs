@@ -93,16 +93,7 @@ pub fn convert(
 }
 
 fn fill(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize, ConvertError> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ConvertError::Read(e)),
-        }
-    }
-    Ok(n)
+    crate::stream::read_full(r, buf).map_err(ConvertError::Read)
 }
 
 struct DataWant {
