@@ -23,17 +23,23 @@ pub enum Command {
     Import(Box<ImportArgs>),
     /// The per-PVC upload server (CDI's cdi-uploadserver).
     UploadServer(Box<crate::upload::UploadArgs>),
+    /// Serve a containerDisk's /disk on loopback for pullMethod node (CDI's
+    /// cdi-containerimage-server; Go-style single-dash flags are accepted).
+    ServeDisk(crate::serve_disk::ServeArgs),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
 /// (CDI starts the container with only `-v=<n>`).
-pub const SUBCOMMANDS: &[&str] = &["import", "upload-server", "help"];
+pub const SUBCOMMANDS: &[&str] = &["import", "upload-server", "serve-disk", "help"];
 
 /// CDI's binary names, for images that link them to this binary: the subcommand each
 /// one means when the program is started under that name.
 const ARGV0: &[(&str, &str)] = &[
     ("cdi-uploadserver", "upload-server"),
     ("cdi-importer", "import"),
+    ("cdi-containerimage-server", "serve-disk"),
+    // CDI copies the server to /shared/server and starts it under that name.
+    ("server", "serve-disk"),
 ];
 
 #[derive(Args, Debug, Clone)]
@@ -228,7 +234,9 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
         .unwrap_or_default();
     if let Some((_, sub)) = ARGV0.iter().find(|(name, _)| *name == argv0) {
         args.insert(1.min(args.len()), (*sub).into());
-        return args;
+    }
+    if args.get(1).and_then(|a| a.to_str()) == Some("serve-disk") {
+        return go_flags(args);
     }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     // `importer --help` shows the import options (with their env names): that is the
@@ -240,6 +248,25 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
     args
 }
 
+/// Go's flag package takes `-image-dir x` and `-image-dir=x`: single-dash long flags
+/// become clap's double-dash ones (CDI starts the server that way).
+fn go_flags(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.into_iter()
+        .map(|a| match a.to_str() {
+            Some(s)
+                if s.len() > 2
+                    && s.starts_with('-')
+                    && !s.starts_with("--")
+                    && s.as_bytes()[1].is_ascii_alphabetic()
+                    && !s.starts_with("-p=") =>
+            {
+                format!("-{s}").into()
+            }
+            _ => a,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,7 +275,7 @@ mod tests {
         let argv = with_default_subcommand(args.iter().map(Into::into).collect());
         match Cli::try_parse_from(argv).expect("parse").command {
             Command::Import(a) => *a,
-            Command::UploadServer(_) => panic!("not an import"),
+            _ => panic!("not an import"),
         }
     }
 
@@ -260,6 +287,33 @@ mod tests {
             parse(&["importer", "import", "--endpoint", "http://x/"]).endpoint,
             "http://x/"
         );
+    }
+
+    #[test]
+    fn cdi_server_command_line() {
+        let argv = with_default_subcommand(
+            [
+                "/shared/server",
+                "-p",
+                "8100",
+                "-image-dir",
+                "/disk",
+                "-ready-file=/shared/ready",
+                "-done-file",
+                "/shared/done",
+            ]
+            .iter()
+            .map(Into::into)
+            .collect(),
+        );
+        match Cli::try_parse_from(argv).expect("parse").command {
+            Command::ServeDisk(a) => {
+                assert_eq!(a.port, 8100);
+                assert_eq!(a.image_dir, std::path::PathBuf::from("/disk"));
+                assert_eq!(a.ready_file, std::path::PathBuf::from("/shared/ready"));
+            }
+            _ => panic!("serve-disk expected"),
+        }
     }
 
     #[test]

@@ -179,14 +179,41 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress: progress.clone(),
     };
-    let download = http::open(client, &endpoint, opts)
+    let node_pull = a.pull_method == "node";
+    let download = http::open(client.clone(), &endpoint, opts)
         .await
         .map_err(|e| connect_err(e.kind(), e.to_string()))?;
     let content_length = download.content_length;
     let reader = ChannelReader::new(download.rx);
-    tokio::task::spawn_blocking(move || write_http(&plan.disk, reader, content_length, progress))
-        .await
-        .map_err(blocking_failed)?
+    let mut msg = tokio::task::spawn_blocking(move || {
+        write_http(&plan.disk, reader, content_length, progress)
+    })
+    .await
+    .map_err(blocking_failed)??;
+    if node_pull {
+        msg.labels = node_pull_labels(&client, &endpoint).await;
+    }
+    Ok(msg)
+}
+
+/// Node pull: the server inside the containerDisk container serves its environment (the
+/// image's ENV) at `/info`; its KUBEVIRT_IO_ entries become labels, as with a registry.
+async fn node_pull_labels(
+    client: &reqwest::Client,
+    endpoint: &str,
+) -> Option<BTreeMap<String, String>> {
+    let mut url = reqwest::Url::parse(endpoint).ok()?;
+    url.set_path("/info");
+    let info: serde_json::Value = match client.get(url).send().await {
+        Ok(r) => serde_json::from_slice(&r.bytes().await.ok()?).ok()?,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the image environment from the disk server");
+            return None;
+        }
+    };
+    let env: Vec<String> = serde_json::from_value(info.get("env")?.clone()).ok()?;
+    let labels = ferrydisk_common::labels::from_env(env.iter().map(String::as_str));
+    (!labels.is_empty()).then_some(labels)
 }
 
 async fn import_registry(

@@ -7,6 +7,7 @@ mod failure;
 mod import;
 mod metrics;
 mod report;
+mod serve_disk;
 mod sources;
 mod tls;
 mod upload;
@@ -26,8 +27,12 @@ fn main() {
     let verbosity = match &cli.command {
         Command::Import(a) => a.verbosity,
         Command::UploadServer(a) => a.verbosity,
+        Command::ServeDisk(_) => 0,
     };
     init_logging(verbosity);
+    // One TLS implementation for every client and server in the binary (oci-client's
+    // reqwest takes the process default instead of bringing a second crypto library).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -42,6 +47,7 @@ fn main() {
     let code = match cli.command {
         Command::Import(args) => runtime.block_on(run(*args)),
         Command::UploadServer(args) => runtime.block_on(upload::run(*args)),
+        Command::ServeDisk(args) => runtime.block_on(serve_disk::run(args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

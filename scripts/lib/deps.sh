@@ -23,4 +23,4 @@ ensure_packages() {
 # test HTTP server; the CNCF registry, buildah, skopeo, htpasswd and openssl for the
 # registry tests.
 TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time
-    docker-registry buildah skopeo apache2-utils openssl)
+    docker-registry buildah skopeo umoci apache2-utils openssl)

@@ -163,6 +163,11 @@ impl Buildah {
             .arg(ctx));
     }
 
+    /// Pushes `name` to any transport buildah knows (`oci:DIR:tag`, ...).
+    pub fn push_to(&self, name: &str, dest: &str) {
+        sh(self.cmd().args(["push", "-q"]).arg(name).arg(dest));
+    }
+
     /// Pushes `name` to `dest` (`docker://...`), e.g. with `--format docker` or
     /// `--compression-format zstd`.
     pub fn push(&self, name: &str, reg: &Registry, repo_tag: &str, extra: &[&str]) {

@@ -101,22 +101,26 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Reference, RegistryError> {
         .map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
 }
 
+/// Extra roots for registries: the CA files CDI mounts (`IMPORTER_CERT_DIR`, the proxy
+/// CA dir). Mozilla's roots are compiled in through reqwest's webpki-roots feature, so a
+/// FROM-scratch image needs no CA bundle.
+fn roots(opts: &RegistryOptions) -> Vec<Certificate> {
+    opts.ca_dirs
+        .iter()
+        .flat_map(|d| super::client::pem_files(d))
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|data| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data,
+        })
+        .collect()
+}
+
 fn client(opts: &RegistryOptions, protocol: ClientProtocol) -> Client {
-    let mut extra = Vec::new();
-    for dir in &opts.ca_dirs {
-        for p in super::client::pem_files(dir) {
-            if let Ok(data) = std::fs::read(&p) {
-                extra.push(Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data,
-                });
-            }
-        }
-    }
     Client::new(ClientConfig {
         protocol,
         accept_invalid_certificates: opts.insecure,
-        extra_root_certificates: extra,
+        extra_root_certificates: roots(opts),
         platform_resolver: None,
         connect_timeout: Some(Duration::from_secs(30)),
         read_timeout: Some(opts.idle_timeout),

@@ -1,0 +1,180 @@
+//! The static binaries (scripts/build-static) in an empty root: only /etc/hosts and
+//! /etc/resolv.conf, as in a FROM-scratch image or a containerDisk the disk server is
+//! injected into. No dynamic loader, no NSS, no /dev/urandom.
+
+use ferrydisk_tests::registry::{Buildah, Registry};
+use ferrydisk_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/static` (or $FERRYDISK_STATIC_DIR). scripts/test builds it and sets
+/// FERRYDISK_REQUIRE_STATIC, so CI fails rather than skips when it is missing.
+fn static_dir() -> Option<PathBuf> {
+    let dir = std::env::var("FERRYDISK_STATIC_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target/static"));
+    if dir.join("importer").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("FERRYDISK_REQUIRE_STATIC").is_err(),
+        "static binaries missing: run scripts/build-static"
+    );
+    eprintln!(
+        "SKIP: no static binaries in {} (scripts/build-static)",
+        dir.display()
+    );
+    None
+}
+
+/// An empty root with the binaries, /etc/hosts mapping `registry.ferrydisk.test`.
+fn empty_root(bins: &Path, dir: &Path) -> PathBuf {
+    let r = dir.join("root");
+    for sub in ["etc", "data", "disk", "shared"] {
+        std::fs::create_dir_all(r.join(sub)).expect("mkdir");
+    }
+    std::fs::write(
+        r.join("etc/hosts"),
+        "127.0.0.1 localhost\n127.0.0.1 registry.ferrydisk.test\n",
+    )
+    .expect("hosts");
+    std::fs::write(r.join("etc/resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv");
+    std::fs::copy(bins.join("importer"), r.join("importer")).expect("importer");
+    std::fs::copy(bins.join("uploadproxy"), r.join("uploadproxy")).expect("uploadproxy");
+    // CDI's init container copies the disk server to /shared/server.
+    std::fs::copy(bins.join("importer"), r.join("shared/server")).expect("server");
+    r
+}
+
+#[test]
+fn binaries_are_static() {
+    let Some(bins) = static_dir() else { return };
+    for b in ["importer", "uploadproxy"] {
+        let out = Command::new("ldd").arg(bins.join(b)).output().expect("ldd");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("statically linked") || text.contains("not a dynamic executable"),
+            "{b}: {text}"
+        );
+        eprintln!(
+            "{b}: {} bytes, static",
+            std::fs::metadata(bins.join(b)).expect("size").len()
+        );
+    }
+}
+
+#[test]
+fn disk_server_and_registry_import_in_an_empty_root() {
+    let Some(bins) = static_dir() else { return };
+    let d = tempfile::tempdir().expect("tmp");
+    let root = empty_root(&bins, d.path());
+    let raw = d.path().join("disk.raw");
+    raw_fixture(&raw, "8M", &[(4096, 100_000, 0x77)]);
+    std::fs::copy(&raw, root.join("disk/disk.img")).expect("disk");
+
+    // The disk server, as CDI starts it inside the containerDisk container.
+    let port = free_port();
+    let mut srv = Command::new("chroot")
+        .arg(&root)
+        .args([
+            "/shared/server",
+            "-p",
+            &port.to_string(),
+            "-image-dir",
+            "/disk",
+            "-ready-file",
+            "/shared/ready",
+            "-done-file",
+            "/shared/done",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chroot");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !root.join("shared/ready").exists() {
+        assert!(
+            Instant::now() < deadline && srv.try_wait().expect("wait").is_none(),
+            "server did not get ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = d.path().join("served.img");
+    sh(Command::new("curl")
+        .args(["-sSf", "-o"])
+        .arg(&got)
+        .arg(format!("http://127.0.0.1:{port}/disk.img")));
+    assert_same_bytes(&got, &raw);
+    std::fs::write(root.join("shared/done"), "").expect("done");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = srv.try_wait().expect("wait") {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not stop on the done file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, Some(0));
+
+    // The importer, resolving the registry's name from /etc/hosts alone.
+    let reg = Registry::start(false, None);
+    let ctx = d.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(ctx.join("disk.qcow2")));
+    let b = Buildah::default();
+    b.build(&ctx, "FROM scratch\nADD disk.qcow2 /disk/\n", "cd");
+    b.push("cd", &reg, "cd/static:1", &[]);
+    let out = Command::new("chroot")
+        .arg(&root)
+        .arg("/importer")
+        .args([
+            "--data-dir",
+            "/data",
+            "--termination-log",
+            "/termination-log",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--block-device",
+            "/no-device",
+        ])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") // to find chroot; the root has none
+        .env("IMPORTER_SOURCE", "registry")
+        .env(
+            "IMPORTER_ENDPOINT",
+            format!("docker://registry.ferrydisk.test:{}/cd/static:1", reg.port),
+        )
+        .env("INSECURE_TLS", "true")
+        .env("PREALLOCATION", "false")
+        .output()
+        .expect("chroot importer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("serving progress metric over HTTPS"),
+        "the self-signed metrics cert needs randomness: {stderr}"
+    );
+    assert_same_bytes(&root.join("data/disk.img"), &raw);
+
+    let out = Command::new("chroot")
+        .arg(&root)
+        .args(["/uploadproxy", "--version"])
+        .output()
+        .expect("chroot uploadproxy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
