@@ -314,12 +314,12 @@ fn upload_server_refusals_busy_done_intruder_disconnect() {
     assert!(!run.path().join("termination-log").exists());
     // ...while one upload runs, a second one is refused with 503...
     let mut slow = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "--limit-rate", "16M", "--cacert"])
+        .args(["-sS", "-o", "/dev/null", "--limit-rate", "12M", "--cacert"])
         .arg(pki.path("ca.crt"))
         .args(["-H", &bearer(&token(&pki)), "-T", &b, &url])
         .spawn()
         .expect("curl");
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_secs(2)); // the throttled upload is surely running
     let (code, _) = curl(&pki, &["-H", &bearer(&token(&pki)), "-T", &b, &url]);
     assert_eq!(code, 503, "{}", server.log());
     assert!(slow.wait().expect("slow").success());
