@@ -24,3 +24,15 @@ ensure_packages() {
 # registry tests.
 TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time
     docker-registry buildah skopeo umoci apache2-utils openssl)
+
+# The manifest test's validators: yamllint (Debian) and kubernetes-validate (PyPI,
+# ships the Kubernetes JSON schemas, so it needs no cluster and no network at run time).
+ensure_python_packages() {
+    local p
+    for p in "$@"; do
+        python3 -c "import ${p//-/_}" 2>/dev/null && continue
+        echo "==> pip install $p" >&2
+        python3 -m pip install -q "$p" >&2 2>/dev/null || python3 -m pip install -q --break-system-packages "$p" >&2
+    done
+}
+TEST_PACKAGES+=(yamllint python3-pip)
