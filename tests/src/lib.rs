@@ -19,6 +19,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits for `child` to exit by itself; its exit code, or `None` if it is still running.
+pub fn wait_exit(child: &mut Child, within: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s.code();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
+
+/// A buildah context `<dir>/ctx` holding `raw` as a compressed `disk.qcow2`.
+pub fn qcow2_context(dir: &Path, raw: &Path) -> PathBuf {
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(ctx.join("disk.qcow2")));
+    ctx
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -126,14 +126,7 @@ impl Proc {
 
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        super::wait_exit(&mut self.child, within)
     }
 
     pub fn log(&self) -> String {

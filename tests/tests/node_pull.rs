@@ -6,7 +6,7 @@ use ferrydisk_tests::registry::Buildah;
 use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tmp")
@@ -20,12 +20,7 @@ fn unpacked_containerdisk(dir: &Path) -> (PathBuf, Vec<String>, PathBuf) {
         "16M",
         &[(1 << 20, 1 << 20, 0x6b), ((9 << 20) + 9, 999, 0x13)],
     );
-    let ctx = dir.join("ctx");
-    std::fs::create_dir(&ctx).expect("ctx");
-    sh(Command::new("qemu-img")
-        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(ctx.join("disk.qcow2")));
+    let ctx = qcow2_context(dir, &raw);
     let b = Buildah::default();
     b.build(&ctx, "FROM scratch\nADD disk.qcow2 /disk/\nENV INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small\n", "cd");
     let layout = dir.join("layout");
@@ -96,25 +91,47 @@ fn importer(run: &Path, shared: &Path, port: u16) -> Importer {
         .arg("none")
 }
 
-fn wait_exit(child: &mut std::process::Child, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            return s.code();
+/// An unpacked containerDisk, the /shared dir with the server copied in, a port.
+struct Pull {
+    _d: tempfile::TempDir,
+    rootfs: PathBuf,
+    env: Vec<String>,
+    raw: PathBuf,
+    shared: PathBuf,
+    server: PathBuf,
+    port: u16,
+}
+
+impl Pull {
+    fn new() -> Self {
+        let d = tmp();
+        let (rootfs, env, raw) = unpacked_containerdisk(d.path());
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).expect("shared");
+        let server = install_server(&shared);
+        Pull {
+            _d: d,
+            rootfs,
+            env,
+            raw,
+            shared,
+            server,
+            port: free_port(),
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    None
 }
 
 #[test]
 fn node_pull_through_the_disk_server() {
-    let d = tmp();
-    let (rootfs, env, raw) = unpacked_containerdisk(d.path());
-    let shared = d.path().join("shared");
-    std::fs::create_dir(&shared).expect("shared");
-    let server = install_server(&shared);
-    let port = free_port();
+    let Pull {
+        _d,
+        rootfs,
+        env,
+        raw,
+        shared,
+        server,
+        port,
+    } = Pull::new();
     let mut srv = start_server(&server, &rootfs, &env, &shared, port);
     let run = tmp();
     let o = importer(run.path(), &shared, port).run();
@@ -131,12 +148,15 @@ fn node_pull_through_the_disk_server() {
 
 #[test]
 fn a_ready_file_after_90_seconds_still_works() {
-    let d = tmp();
-    let (rootfs, env, raw) = unpacked_containerdisk(d.path());
-    let shared = d.path().join("shared");
-    std::fs::create_dir(&shared).expect("shared");
-    let server = install_server(&shared);
-    let port = free_port();
+    let Pull {
+        _d,
+        rootfs,
+        env,
+        raw,
+        shared,
+        server,
+        port,
+    } = Pull::new();
     let run = tmp();
     // The importer starts first (kubelet is still pulling a big containerDisk)...
     let mut imp = importer(run.path(), &shared, port).spawn();

@@ -111,27 +111,15 @@ fn disk_server_and_registry_import_in_an_empty_root() {
         .arg(format!("http://127.0.0.1:{port}/disk.img")));
     assert_same_bytes(&got, &raw);
     std::fs::write(root.join("shared/done"), "").expect("done");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = srv.try_wait().expect("wait") {
-            break s.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server did not stop on the done file"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(
+        wait_exit(&mut srv, Duration::from_secs(10)),
+        Some(0),
+        "the done file stops the server"
+    );
 
     // The importer, resolving the registry's name from /etc/hosts alone.
     let reg = Registry::start(false, None);
-    let ctx = d.path().join("ctx");
-    std::fs::create_dir(&ctx).expect("ctx");
-    sh(Command::new("qemu-img")
-        .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(ctx.join("disk.qcow2")));
+    let ctx = qcow2_context(d.path(), &raw);
     let b = Buildah::default();
     b.build(&ctx, "FROM scratch\nADD disk.qcow2 /disk/\n", "cd");
     b.push("cd", &reg, "cd/static:1", &[]);
