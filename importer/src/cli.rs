@@ -44,9 +44,9 @@ const ARGV0: &[(&str, &str)] = &[
 
 #[derive(Args, Debug, Clone)]
 pub struct ImportArgs {
-    /// Log verbosity, klog style (CDI passes `-v=<n>`): 0-2 info, 3+ debug.
-    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
-    pub verbosity: u8,
+    /// Where the disk goes and how it is written (shared with the other subcommands).
+    #[command(flatten)]
+    pub volume: crate::cli::VolumeArgs,
 
     // ---- what to import ----
     /// Source type: http, registry, none (blank disk); s3, gcs, imageio, vddk are CDI
@@ -66,13 +66,6 @@ pub struct ImportArgs {
     /// Requested size as a Kubernetes quantity (PVC request), e.g. 10Gi.
     #[arg(long = "image-size", env = "IMPORTER_IMAGE_SIZE", default_value = "")]
     pub image_size: String,
-    /// Fraction of a filesystem volume reserved for filesystem overhead (e.g. 0.06).
-    #[arg(
-        long = "filesystem-overhead",
-        env = "FILESYSTEM_OVERHEAD",
-        default_value = "0"
-    )]
-    pub filesystem_overhead: String,
     /// Expected checksum of the source bytes, `md5|sha1|sha256|sha512:<hex>`.
     #[arg(long, env = "IMPORTER_CHECKSUM")]
     pub checksum: Option<String>,
@@ -135,9 +128,6 @@ pub struct ImportArgs {
     /// Allocate the whole destination (Go ParseBool syntax; an invalid value is an error, as in CDI).
     #[arg(long, env = "PREALLOCATION")]
     pub preallocation: Option<String>,
-    /// `TRYNONE`: bypass the page cache with O_DIRECT where the destination allows it.
-    #[arg(long = "cache-mode", env = "CACHE_MODE", default_value = "")]
-    pub cache_mode: String,
 
     // ---- node pull handshake ----
     /// `pod` or `node`.
@@ -161,18 +151,6 @@ pub struct ImportArgs {
     /// Destination disk [default: --block-device if it exists, else <data-dir>/disk.img].
     #[arg(long)]
     pub dest: Option<PathBuf>,
-    /// The block volume whose existence selects block mode.
-    #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
-    pub block_device: PathBuf,
-    /// The filesystem volume (archive content is unpacked here).
-    #[arg(long = "data-dir", default_value = "/data")]
-    pub data_dir: PathBuf,
-    /// Scratch volume, used only by formats that need random access (none so far).
-    #[arg(long, default_value = "/scratch")]
-    pub scratch: PathBuf,
-    /// Where the result for the controller goes.
-    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
-    pub termination_log: PathBuf,
     /// HTTPS address of the progress metric; `none` to disable.
     #[arg(long = "metrics-addr", default_value = "0.0.0.0:8443")]
     pub metrics_addr: String,
@@ -209,6 +187,36 @@ impl ImportArgs {
             a => a.parse().ok(),
         }
     }
+}
+
+/// Where the disk goes and how it is written: the same for `import` and `upload-server`.
+#[derive(Args, Debug, Clone)]
+pub struct VolumeArgs {
+    /// Log verbosity, klog style (CDI passes `-v=<n>`): 0-2 info, 3+ debug.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Fraction of a filesystem volume reserved for filesystem overhead (e.g. 0.06).
+    #[arg(
+        long = "filesystem-overhead",
+        env = "FILESYSTEM_OVERHEAD",
+        default_value = "0"
+    )]
+    pub filesystem_overhead: String,
+    /// `TRYNONE`: bypass the page cache with O_DIRECT where the destination allows it.
+    #[arg(long = "cache-mode", env = "CACHE_MODE", default_value = "")]
+    pub cache_mode: String,
+    /// The block volume whose existence selects block mode.
+    #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
+    pub block_device: PathBuf,
+    /// The filesystem volume (archive content is unpacked here).
+    #[arg(long = "data-dir", default_value = "/data")]
+    pub data_dir: PathBuf,
+    /// Scratch volume, used only by a qcow2 whose data precedes its tables.
+    #[arg(long, default_value = "/scratch")]
+    pub scratch: PathBuf,
+    /// Where the result for the controller goes.
+    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
 }
 
 /// Go's `strconv.ParseBool`: the exact spellings CDI accepts.
@@ -281,7 +289,7 @@ mod tests {
 
     #[test]
     fn klog_verbosity_and_default_subcommand() {
-        assert_eq!(parse(&["importer", "-v=3"]).verbosity, 3);
+        assert_eq!(parse(&["importer", "-v=3"]).volume.verbosity, 3);
         assert_eq!(parse(&["importer"]).source, "http");
         assert_eq!(
             parse(&["importer", "import", "--endpoint", "http://x/"]).endpoint,

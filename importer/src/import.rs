@@ -76,19 +76,23 @@ impl Plan {
         };
         let dest = Destination::choose(
             args.dest.as_deref(),
-            &args.block_device,
-            &args.data_dir,
+            &args.volume.block_device,
+            &args.volume.data_dir,
             archive,
         );
         Ok(Plan {
             disk: DiskPlan {
                 preallocate,
                 requested,
-                overhead: parse_overhead(&args.filesystem_overhead),
+                overhead: parse_overhead(&args.volume.filesystem_overhead),
                 checksum,
-                direct: args.cache_mode == "TRYNONE",
+                direct: args.volume.cache_mode == "TRYNONE",
                 dest,
-                scratch: args.scratch.is_dir().then(|| args.scratch.clone()),
+                scratch: args
+                    .volume
+                    .scratch
+                    .is_dir()
+                    .then(|| args.volume.scratch.clone()),
             },
             args,
         })

@@ -25,8 +25,8 @@ fn main() {
     let args = cli::with_default_subcommand(std::env::args_os().collect());
     let cli = Cli::parse_from(args);
     let verbosity = match &cli.command {
-        Command::Import(a) => a.verbosity,
-        Command::UploadServer(a) => a.verbosity,
+        Command::Import(a) => a.volume.verbosity,
+        Command::UploadServer(a) => a.volume.verbosity,
         Command::ServeDisk(_) => 0,
     };
     init_logging(verbosity);
@@ -55,7 +55,7 @@ fn main() {
 
 async fn run(args: cli::ImportArgs) -> i32 {
     let progress = Arc::new(Progress::default());
-    let termination_log = args.termination_log.clone();
+    let termination_log = args.volume.termination_log.clone();
     if let Some(addr) = args.metrics_addr() {
         match metrics::bind(addr).await {
             Ok((listener, acceptor)) => {

@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime};
 
 #[derive(Args, Debug, Clone)]
 pub struct UploadArgs {
-    /// Log verbosity, klog style (`-v=<n>`).
-    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
-    pub verbosity: u8,
+    /// Where the disk goes and how it is written (shared with the other subcommands).
+    #[command(flatten)]
+    pub volume: crate::cli::VolumeArgs,
     /// Server private key (PEM).
     #[arg(
         long = "tls-key",
@@ -54,12 +54,6 @@ pub struct UploadArgs {
     /// Requested size as a Kubernetes quantity (the PVC request).
     #[arg(long = "image-size", env = "UPLOAD_IMAGE_SIZE", default_value = "")]
     pub image_size: String,
-    #[arg(
-        long = "filesystem-overhead",
-        env = "FILESYSTEM_OVERHEAD",
-        default_value = "0"
-    )]
-    pub filesystem_overhead: String,
     /// Allocate the whole disk (lenient here, as in CDI: invalid means false).
     #[arg(long, env = "PREALLOCATION", default_value = "false")]
     pub preallocation: String,
@@ -69,13 +63,6 @@ pub struct UploadArgs {
     /// Disk destination [default: /dev/cdi-block-volume if it exists, else <data-dir>/disk.img].
     #[arg(long, env = "DESTINATION")]
     pub dest: Option<PathBuf>,
-    /// The filesystem volume (archive uploads unpack here).
-    #[arg(long = "data-dir", default_value = "/data")]
-    pub data_dir: PathBuf,
-    #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
-    pub block_device: PathBuf,
-    #[arg(long, default_value = "/scratch")]
-    pub scratch: PathBuf,
     #[arg(long = "listen", env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: String,
     /// Port (invalid means 8443, as in CDI).
@@ -87,11 +74,6 @@ pub struct UploadArgs {
     /// Accepted for compatibility; rustls offers only modern AEAD suites.
     #[arg(long = "tls-ciphers", env = "TLS_CIPHERS", default_value = "")]
     pub tls_ciphers: String,
-    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
-    pub termination_log: PathBuf,
-    /// `TRYNONE`: O_DIRECT where the destination allows it.
-    #[arg(long = "cache-mode", env = "CACHE_MODE", default_value = "")]
-    pub cache_mode: String,
 }
 
 /// What the server is doing; CDI's status codes follow from it.
@@ -122,10 +104,10 @@ impl Server {
             },
             preallocate: parse_go_bool(&a.preallocation).unwrap_or(false),
             requested: parse_quantity(&a.image_size).ok(),
-            overhead: parse_overhead(&a.filesystem_overhead),
+            overhead: parse_overhead(&a.volume.filesystem_overhead),
             checksum: None,
-            direct: a.cache_mode == "TRYNONE",
-            scratch: a.scratch.is_dir().then(|| a.scratch.clone()),
+            direct: a.volume.cache_mode == "TRYNONE",
+            scratch: a.volume.scratch.is_dir().then(|| a.volume.scratch.clone()),
         }
     }
 
@@ -203,13 +185,13 @@ pub async fn run(args: UploadArgs) -> i32 {
     };
     let disk_dest = Destination::choose(
         args.dest.as_deref(),
-        &args.block_device,
-        &args.data_dir,
+        &args.volume.block_device,
+        &args.volume.data_dir,
         false,
     );
     let (finished, mut done_rx) = tokio::sync::watch::channel(None);
     let server = Arc::new(Server {
-        archive_dir: args.data_dir.clone(),
+        archive_dir: args.volume.data_dir.clone(),
         disk_dest,
         phase: std::sync::Mutex::new(Phase::Idle),
         finished,
@@ -237,7 +219,7 @@ pub async fn run(args: UploadArgs) -> i32 {
     drop(listener);
     // Let the answer to the last request reach the client before exiting.
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
-    let log = server.args.termination_log.clone();
+    let log = server.args.volume.termination_log.clone();
     match outcome {
         Ok(msg) => match msg.write(&log) {
             Ok(json) => {
