@@ -2,8 +2,7 @@
 //! client certs, the cdi-apiserver key pair), the built `importer upload-server` and
 //! `uploadproxy` on 127.0.0.1, real `curl` as the client.
 
-use super::{bin, free_port, root, sh};
-use std::io::{BufRead, BufReader};
+use super::{bin, free_port, sh, spawn_support};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -227,23 +226,15 @@ impl KubeApi {
         std::fs::write(&token_file, "sa-token-value\n").expect("token");
         let pvcs = dir.join("api");
         std::fs::create_dir_all(&pvcs).expect("api dir");
-        let mut child = Command::new("python3")
-            .arg(root().join("tests/support/kubeapi.py"))
-            .arg("--dir")
-            .arg(&pvcs)
-            .args(["--token", "sa-token-value"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("kubeapi");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("port");
-        let port = line
-            .trim()
-            .trim_start_matches("PORT ")
-            .parse()
-            .expect("port");
+        let (child, port) = spawn_support(
+            "kubeapi.py",
+            &[
+                "--dir".as_ref(),
+                pvcs.as_os_str(),
+                "--token".as_ref(),
+                "sa-token-value".as_ref(),
+            ],
+        );
         KubeApi {
             child,
             port,

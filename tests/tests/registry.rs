@@ -433,26 +433,18 @@ fn dropped_blob_downloads_resume_with_range() {
     b.build(&ctx, "FROM scratch\nADD disk.qcow2 /disk/\n", "cd");
     b.push("cd", &reg, "cd/flaky:1", &[]);
     // Between importer and registry: a network that breaks three times mid-blob.
-    let mut proxy = Command::new("python3")
-        .arg(root().join("tests/support/dropproxy.py"))
-        .args([
-            "--to",
-            &reg.port.to_string(),
-            "--after",
-            "300000",
-            "--drops",
-            "3",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("proxy");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(proxy.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("port");
-    let port = line.trim().trim_start_matches("PORT ").to_string();
+    let to = reg.port.to_string();
+    let (mut proxy, port) = spawn_support(
+        "dropproxy.py",
+        &[
+            "--to".as_ref(),
+            to.as_ref(),
+            "--after".as_ref(),
+            "300000".as_ref(),
+            "--drops".as_ref(),
+            "3".as_ref(),
+        ],
+    );
     let run = tmp();
     let o = Importer::new(run.path())
         .env("IMPORTER_SOURCE", "registry")

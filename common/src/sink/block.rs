@@ -48,10 +48,6 @@ impl BlockTarget {
         self.size
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn flush_zero(&mut self) -> io::Result<()> {
         let Some((start, end)) = self.pending_zero.take() else {
             return Ok(());

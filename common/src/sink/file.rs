@@ -52,14 +52,6 @@ impl FileTarget {
             preallocate,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
-    }
 }
 
 impl Target for FileTarget {

@@ -9,7 +9,6 @@ pub mod file;
 pub mod sparse;
 
 use std::io;
-use std::path::PathBuf;
 
 pub use aligned::AlignedBuf;
 pub use block::BlockTarget;
@@ -50,22 +49,14 @@ pub struct FinishInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("opening destination {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("writing destination {path} at offset {offset}: {source}")]
+    #[error("writing the destination at offset {offset}: {source}")]
     Write {
-        path: PathBuf,
         offset: u64,
         #[source]
         source: io::Error,
     },
-    #[error("flushing destination {path}: {source}")]
+    #[error("flushing the destination: {source}")]
     Sync {
-        path: PathBuf,
         #[source]
         source: io::Error,
     },

@@ -258,30 +258,19 @@ fn run(
                     if stats.end - last_checkpoint >= opts.checkpoint_every {
                         target
                             .checkpoint(stats.end)
-                            .map_err(|source| SinkError::Sync {
-                                path: "destination".into(),
-                                source,
-                            })?;
+                            .map_err(|source| SinkError::Sync { source })?;
                         last_checkpoint = stats.end;
                     }
                 }
                 Msg::PrepareRandom(len) => {
                     target
                         .prepare_random(len)
-                        .map_err(|source| SinkError::Write {
-                            path: "destination".into(),
-                            offset: 0,
-                            source,
-                        })?;
+                        .map_err(|source| SinkError::Write { offset: 0, source })?;
                 }
                 Msg::Finish(len) => {
-                    let info =
-                        target
-                            .finish(len.max(stats.end))
-                            .map_err(|source| SinkError::Sync {
-                                path: "destination".into(),
-                                source,
-                            })?;
+                    let info = target
+                        .finish(len.max(stats.end))
+                        .map_err(|source| SinkError::Sync { source })?;
                     return Ok((stats, info));
                 }
                 Msg::Abort => return Err(SinkError::WriterGone),
@@ -321,11 +310,7 @@ fn write_block(
         } else {
             t.write_at(at, &buf[i..j])
         };
-        res.map_err(|source| SinkError::Write {
-            path: "destination".into(),
-            offset: at,
-            source,
-        })?;
+        res.map_err(|source| SinkError::Write { offset: at, source })?;
         if zero {
             stats.zero_bytes += len;
         } else {

@@ -129,6 +129,9 @@ struct State<'w> {
     /// belong to one an L2 table not yet read maps: a cluster is let go only when known
     /// streams cover all of it (or every table is known).
     comp_covered: HashMap<u64, u64>,
+    /// Reused decompression buffers (compressed input spanning clusters, one cluster out).
+    comp_in: Vec<u8>,
+    comp_out: Vec<u8>,
     held: Held,
     mapping_done: bool,
     /// Host bytes the image really has (known at end of stream).
@@ -152,6 +155,8 @@ impl<'w> State<'w> {
             comp_refs: HashMap::new(),
             comp_cache: HashMap::new(),
             comp_covered: HashMap::new(),
+            comp_in: Vec::new(),
+            comp_out: Vec::new(),
             held: Held::new(opts.hold_memory, opts.scratch.clone()),
             mapping_done: l1_bytes == 0,
             eof: None,
@@ -396,34 +401,50 @@ impl<'w> State<'w> {
     fn decompress(&mut self, comp: &Comp) -> Result<(), ConvertError> {
         let first = comp.host & !(self.cs - 1);
         let last = (comp.host + comp.len - 1) & !(self.cs - 1);
-        let mut input = Vec::with_capacity(comp.len as usize + self.cs as usize);
-        let mut c = first;
-        while c <= last {
-            match self.comp_cache.get(&c) {
-                Some(d) => input.extend_from_slice(d),
-                None => break, // past the end of the image
-            }
-            c += self.cs;
-        }
         let start = (comp.host - first) as usize;
-        let end = (start + comp.len as usize).min(input.len());
-        if start >= end {
-            return Err(Qcow2Error::Truncated {
-                end: first + input.len() as u64,
+        let truncated = |have: usize| {
+            ConvertError::from(Qcow2Error::Truncated {
+                end: first + have as u64,
                 offset: comp.host,
+            })
+        };
+        // Buffers reused across clusters: no allocation per compressed cluster.
+        let mut out = std::mem::take(&mut self.comp_out);
+        out.resize(self.cs as usize, 0);
+        let decoded = if first == last {
+            // The usual case: the stream lies inside one host cluster; decode in place.
+            let d = self.comp_cache.get(&first).map_or(&[][..], Vec::as_slice);
+            let end = (start + comp.len as usize).min(d.len());
+            if start >= end {
+                return Err(truncated(d.len()));
             }
-            .into());
-        }
-        let out_len = self.cs.min(self.h.virtual_size - comp.guest) as usize;
-        let mut out = vec![0u8; self.cs as usize];
-        let consumed =
-            decode_cluster(self.h.compression, &input[start..end], &mut out).map_err(|source| {
-                Qcow2Error::Decompress {
-                    guest: comp.guest,
-                    source,
+            decode_cluster(self.h.compression, &d[start..end], &mut out)
+        } else {
+            let mut input = std::mem::take(&mut self.comp_in);
+            input.clear();
+            let mut c = first;
+            while c <= last {
+                match self.comp_cache.get(&c) {
+                    Some(d) => input.extend_from_slice(d),
+                    None => break, // past the end of the image
                 }
-            })?;
+                c += self.cs;
+            }
+            let end = (start + comp.len as usize).min(input.len());
+            if start >= end {
+                return Err(truncated(input.len()));
+            }
+            let r = decode_cluster(self.h.compression, &input[start..end], &mut out);
+            self.comp_in = input;
+            r
+        };
+        let consumed = decoded.map_err(|source| Qcow2Error::Decompress {
+            guest: comp.guest,
+            source,
+        })?;
+        let out_len = self.cs.min(self.h.virtual_size - comp.guest) as usize;
         self.writer.write_at(comp.guest, &out[..out_len])?;
+        self.comp_out = out;
         // Account the exact bytes this stream used in each cluster it touched, then let
         // go of clusters nothing else can need.
         let (s_host, e_host) = (comp.host, comp.host + consumed);
