@@ -11,6 +11,7 @@ pub mod checksum;
 pub mod decode;
 pub mod error;
 pub mod format;
+pub mod klog;
 pub mod labels;
 pub mod pipeline;
 pub mod progress;

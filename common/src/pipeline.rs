@@ -4,8 +4,11 @@
 use crate::decode::containerdisk::{DiskError, DiskFinder};
 use crate::decode::{self, tar::TarError, PeekReader};
 use crate::error::{find_in_chain, ErrorKind, SourceError};
+use crate::format::held::HeldError;
+use crate::format::image::{FormatError, ImageInfo, StreamOptions};
 use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
 use crate::format::{sniff, Format, SNIFF_LEN};
+use crate::format::{vdi, vhd, vmdk};
 use crate::progress::Progress;
 use crate::sink::sparse::{CopyError, SparseWriter};
 use crate::sink::SinkError;
@@ -36,6 +39,8 @@ pub enum PipelineError {
     Qcow2(#[from] Qcow2Error),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error(transparent)]
+    Format(FormatError),
     #[error("{0} images are not supported yet: ferrydisk converts raw disk images (optionally compressed or in a tar)")]
     Unsupported(Format),
     #[error("archive content must be a tar archive, found {0}")]
@@ -75,6 +80,21 @@ impl PipelineError {
             },
             PipelineError::Unsupported(_) => ErrorKind::UnsupportedFormat,
             PipelineError::Disk(_) => ErrorKind::CorruptImage,
+            PipelineError::Format(e) => match e {
+                FormatError::Held {
+                    source: HeldError::ScratchRequired { .. },
+                    ..
+                } => ErrorKind::ScratchRequired,
+                FormatError::Held { .. } | FormatError::Read { .. } => ErrorKind::Io,
+                FormatError::Sink(e) => e.kind(),
+                FormatError::TooLarge { .. } => ErrorKind::TooLarge,
+                FormatError::Unsupported { .. } | FormatError::External { .. } => {
+                    ErrorKind::UnsupportedFormat
+                }
+                FormatError::Corrupt { .. }
+                | FormatError::Truncated { .. }
+                | FormatError::Behind { .. } => ErrorKind::CorruptImage,
+            },
         }
     }
 
@@ -184,11 +204,23 @@ fn disk_layer(
             tracing::info!(format = %report.describe(), virtual_size = ?known_len, "detected image");
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            writer.copy_from(&mut counted).map_err(|e| match e {
+            // A fixed VHD is raw data with a footer in its last sector: held back and
+            // dropped when it is one.
+            let mut strip = vhd::FooterStrip::new(&mut counted);
+            writer.copy_from(&mut strip).map_err(|e| match e {
                 CopyError::Read(e) => read_error(e, last),
                 CopyError::Sink(e) => PipelineError::Sink(e),
             })?;
             report.virtual_size = writer.position();
+            if let Some(f) = strip.footer() {
+                report.format = Some(Format::Vpc);
+                report.virtual_size = f.virtual_size;
+                opts.progress.set_virtual_total(Some(f.virtual_size));
+                tracing::info!(
+                    virtual_size = f.virtual_size,
+                    "the raw image is a fixed vhd: its footer is not part of the disk"
+                );
+            }
             Ok(())
         }
         Format::Qcow2 => {
@@ -211,10 +243,44 @@ fn disk_layer(
             tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, "converted image");
             Ok(())
         }
+        Format::Vmdk | Format::Vdi | Format::Vpc => {
+            report.format = Some(format);
+            let convert = match format {
+                Format::Vmdk => vmdk::convert,
+                Format::Vdi => vdi::convert,
+                _ => vhd::convert,
+            };
+            let progress = opts.progress.clone();
+            let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
+            let sopts = StreamOptions {
+                scratch: opts.scratch.clone(),
+                limit: opts.limit,
+                ..Default::default()
+            };
+            let info = convert(&mut counted, writer, &sopts).map_err(|e| format_error(e, last))?;
+            finish_native(&info, opts, report);
+            Ok(())
+        }
         other => {
             report.format = Some(other);
             Err(PipelineError::Unsupported(other))
         }
+    }
+}
+
+fn finish_native(info: &ImageInfo, opts: &Options, report: &mut Report) {
+    opts.progress.set_virtual_total(Some(info.virtual_size));
+    report.virtual_size = info.virtual_size;
+    tracing::info!(format = %report.describe(), subformat = info.subformat, virtual_size = info.virtual_size, "converted image");
+}
+
+/// A converter's read failure is the layer below's (a corrupt gzip, a dropped source).
+fn format_error(e: FormatError, layer: Option<Format>) -> PipelineError {
+    match e {
+        FormatError::Read { source, .. } => read_error(source, layer),
+        FormatError::Sink(e) => PipelineError::Sink(e),
+        FormatError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
+        e => PipelineError::Format(e),
     }
 }
 
@@ -417,10 +483,21 @@ mod tests {
     }
 
     #[test]
-    fn vmdk_is_reported_unsupported() {
+    fn vmdk_parent_is_refused_before_writing() {
         let mut q = b"KDMV".to_vec();
         q.resize(4096, 0);
-        let (r, _) = run(&q, u64::MAX);
-        assert!(matches!(r, Err(PipelineError::Unsupported(Format::Vmdk))));
+        q[4] = 1; // version
+        q[12..20].copy_from_slice(&2048u64.to_le_bytes()); // capacity (sectors)
+        q[20..28].copy_from_slice(&128u64.to_le_bytes()); // grain
+        q[28..36].copy_from_slice(&1u64.to_le_bytes()); // descriptor at sector 1
+        q[36..44].copy_from_slice(&1u64.to_le_bytes());
+        q[44..48].copy_from_slice(&512u32.to_le_bytes());
+        let desc = b"parentFileNameHint=\"/etc/shadow\"\n";
+        q[512..512 + desc.len()].copy_from_slice(desc);
+        let (r, data) = run(&q, u64::MAX);
+        let err = r.expect_err("parent");
+        assert_eq!(err.kind(), ErrorKind::UnsupportedFormat, "{err}");
+        assert!(err.to_string().contains("/etc/shadow"), "{err}");
+        assert!(data.is_empty());
     }
 }

@@ -22,7 +22,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn main() {
-    let args = cli::with_default_subcommand(std::env::args_os().collect());
+    let args = cli::with_default_subcommand(ferrydisk_common::klog::strip_output_flags(
+        std::env::args_os().collect(),
+    ));
     let cli = Cli::parse_from(args);
     let verbosity = match &cli.command {
         Command::Import(a) => a.volume.verbosity,

@@ -164,15 +164,47 @@ pub fn default_fixture(dir: &Path) -> PathBuf {
 
 /// `qemu-img convert -O raw` of `src`: the oracle output disks are compared with.
 pub fn qemu_reference(src: &Path, dir: &Path) -> PathBuf {
+    qemu_reference_as(src, None, dir)
+}
+
+/// [`qemu_reference`] with the source format named (qemu probes a fixed VHD as raw).
+pub fn qemu_reference_as(src: &Path, format: Option<&str>, dir: &Path) -> PathBuf {
     let out = dir.join(format!(
         "{}.reference.raw",
         src.file_name().and_then(|n| n.to_str()).unwrap_or("x")
     ));
-    sh(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(src)
-        .arg(&out));
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-O", "raw"]);
+    if let Some(f) = format {
+        c.args(["-f", f]);
+    }
+    sh(c.arg(src).arg(&out));
     out
+}
+
+/// A 40 MiB raw disk (`base.raw` in `dir`) with data at odd, unaligned offsets and sizes.
+pub fn patterned_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("base.raw");
+    raw_fixture(
+        &p,
+        "40M",
+        &[
+            (12345, 100_000, 0xab),
+            (3 << 20, 1 << 20, 0x11),
+            ((17 << 20) + 511, 777, 0x5a),
+            ((40 << 20) - 4096, 4096, 0xee),
+        ],
+    );
+    // Incompressible data too, so compressed clusters of every size appear.
+    let noise: Vec<u8> = (0u32..3_000_000)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &noise, 20 << 20).expect("noise");
+    p
 }
 
 /// Asserts two files hold the same bytes (streamed, so large disks are fine).

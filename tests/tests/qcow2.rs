@@ -20,33 +20,8 @@ fn qemu_io(img: &Path, cmds: &[&str]) {
     sh(c.arg(img));
 }
 
-/// A raw disk with data at odd, unaligned offsets and sizes.
-fn base_raw(dir: &Path) -> PathBuf {
-    let p = dir.join("base.raw");
-    raw_fixture(
-        &p,
-        "40M",
-        &[
-            (12345, 100_000, 0xab),
-            (3 << 20, 1 << 20, 0x11),
-            ((17 << 20) + 511, 777, 0x5a),
-            ((40 << 20) - 4096, 4096, 0xee),
-        ],
-    );
-    // Incompressible data too, so compressed clusters of every size appear.
-    let noise: Vec<u8> = (0u32..3_000_000)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .expect("open");
-    std::os::unix::fs::FileExt::write_all_at(&f, &noise, 20 << 20).expect("noise");
-    p
-}
-
 fn matrix(dir: &Path) -> Vec<PathBuf> {
-    let base = base_raw(dir);
+    let base = patterned_disk(dir);
     let b = base.to_str().expect("utf8");
     let mut out = Vec::new();
     let mut conv = |name: &str, extra: &[&str]| {
@@ -179,7 +154,7 @@ fn qcow2_matrix_matches_qemu_img_when_streamed() {
 #[test]
 fn data_ahead_of_its_tables_without_scratch_asks_for_scratch() {
     let d = tempfile::tempdir().expect("tmp");
-    let base = base_raw(d.path());
+    let base = patterned_disk(d.path());
     let q = d.path().join("pf.qcow2");
     qemu_img(&[
         "convert",
@@ -216,7 +191,7 @@ fn data_ahead_of_its_tables_without_scratch_asks_for_scratch() {
 #[test]
 fn qcow2_inside_xz_and_tar() {
     let d = tempfile::tempdir().expect("tmp");
-    let base = base_raw(d.path());
+    let base = patterned_disk(d.path());
     let q = d.path().join("disk.qcow2");
     qemu_img(&[
         "convert",

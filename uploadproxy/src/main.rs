@@ -122,7 +122,9 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = Args::parse_from(ferrydisk_common::klog::strip_output_flags(
+        std::env::args_os().collect(),
+    ));
     init_logging(args.verbosity);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,34 +9,23 @@
 //! else needs holding: unreferenced clusters (refcounts, snapshots) are dropped at once.
 
 use super::header::{Compression, Header, Qcow2Error};
+use crate::format::held::{Held, HeldError};
+pub use crate::format::image::StreamOptions;
 use crate::sink::{SinkError, SparseWriter};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO_FLAG: u64 = 1;
 
-pub struct StreamOptions {
-    /// Where to spool clusters that must be held beyond `hold_memory`.
-    pub scratch: Option<PathBuf>,
-    /// Bytes of not-yet-mapped clusters kept in memory before spooling.
-    pub hold_memory: u64,
-    /// The image may not be larger than this.
-    pub limit: u64,
-}
-
-impl Default for StreamOptions {
-    fn default() -> Self {
-        StreamOptions {
-            scratch: None,
-            hold_memory: 32 << 20,
-            limit: u64::MAX,
-        }
+impl From<HeldError> for ConvertError {
+    fn from(e: HeldError) -> Self {
+        ConvertError::Qcow2(match e {
+            HeldError::ScratchRequired { held } => Qcow2Error::ScratchRequired { held },
+            HeldError::Spool(e) => Qcow2Error::Spool(e),
+        })
     }
 }
 
@@ -157,7 +146,7 @@ impl<'w> State<'w> {
             comp_covered: HashMap::new(),
             comp_in: Vec::new(),
             comp_out: Vec::new(),
-            held: Held::new(opts.hold_memory, opts.scratch.clone()),
+            held: Held::new("qcow2", opts.hold_memory, opts.scratch.clone()),
             mapping_done: l1_bytes == 0,
             eof: None,
             h,
@@ -538,97 +527,4 @@ fn be64(b: &[u8]) -> u64 {
 
 fn corrupt(m: String) -> ConvertError {
     ConvertError::Qcow2(Qcow2Error::Corrupt(m))
-}
-
-/// Clusters whose role is not known yet: memory up to a bound, then a spool file on
-/// scratch (unlinked at creation, so nothing is left behind).
-/// An unlinked spool file, where each held cluster is (offset in file, length), and
-/// the next free offset.
-struct Spool {
-    file: File,
-    index: HashMap<u64, (u64, usize)>,
-    next: u64,
-}
-
-struct Held {
-    mem: HashMap<u64, Vec<u8>>,
-    mem_bytes: u64,
-    limit: u64,
-    scratch: Option<PathBuf>,
-    spool: Option<Spool>,
-}
-
-impl Held {
-    fn new(limit: u64, scratch: Option<PathBuf>) -> Self {
-        Held {
-            mem: HashMap::new(),
-            mem_bytes: 0,
-            limit,
-            scratch,
-            spool: None,
-        }
-    }
-
-    fn put(&mut self, off: u64, data: &[u8]) -> Result<(), ConvertError> {
-        if self.mem_bytes + data.len() as u64 <= self.limit {
-            self.mem_bytes += data.len() as u64;
-            self.mem.insert(off, data.to_vec());
-            return Ok(());
-        }
-        if self.spool.is_none() {
-            let Some(dir) = &self.scratch else {
-                return Err(Qcow2Error::ScratchRequired {
-                    held: self.mem_bytes,
-                }
-                .into());
-            };
-            let path = dir.join(format!(".ferrydisk-qcow2-spool-{}", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(Qcow2Error::Spool)?;
-            let _ = std::fs::remove_file(&path);
-            tracing::info!(scratch = %dir.display(), held_bytes = self.mem_bytes, "qcow2 image stores data ahead of the tables that map it: spooling the unmapped clusters to scratch");
-            self.spool = Some(Spool {
-                file: f,
-                index: HashMap::new(),
-                next: 0,
-            });
-        }
-        let Some(sp) = &mut self.spool else {
-            unreachable!("spool created above")
-        };
-        sp.file
-            .write_all_at(data, sp.next)
-            .map_err(Qcow2Error::Spool)?;
-        sp.index.insert(off, (sp.next, data.len()));
-        sp.next += data.len() as u64;
-        Ok(())
-    }
-
-    /// A copy: held clusters are only read for out-of-order images, rarely.
-    fn get(&self, off: u64) -> Result<Option<Vec<u8>>, ConvertError> {
-        if let Some(d) = self.mem.get(&off) {
-            return Ok(Some(d.clone()));
-        }
-        if let Some(sp) = &self.spool {
-            if let Some(&(at, len)) = sp.index.get(&off) {
-                let mut v = vec![0u8; len];
-                sp.file
-                    .read_exact_at(&mut v, at)
-                    .map_err(Qcow2Error::Spool)?;
-                return Ok(Some(v));
-            }
-        }
-        Ok(None)
-    }
-
-    fn clear(&mut self) {
-        self.mem = HashMap::new();
-        self.mem_bytes = 0;
-        self.spool = None;
-    }
 }

@@ -1,0 +1,132 @@
+//! What every native format converter shares: its options, its error, and the answer
+//! it gives back.
+
+use super::held::HeldError;
+use super::Format;
+use crate::sink::SinkError;
+use std::io;
+use std::path::PathBuf;
+
+/// How a converter may hold data and how large the image may be.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Where to spool data that must be held beyond `hold_memory`.
+    pub scratch: Option<PathBuf>,
+    /// Bytes of not-yet-mapped data kept in memory before spooling.
+    pub hold_memory: u64,
+    /// The image may not be larger than this.
+    pub limit: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            scratch: None,
+            hold_memory: 32 << 20,
+            limit: u64::MAX,
+        }
+    }
+}
+
+/// What a converter found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: Format,
+    /// Guest-visible size in bytes (the raw output's length).
+    pub virtual_size: u64,
+    /// The variant, for logs and reports (`dynamic`, `streamOptimized`, ...).
+    pub subformat: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{format} image is corrupt: {what}")]
+    Corrupt { format: Format, what: String },
+    #[error("{format} image uses {what}, which ferrydisk does not support")]
+    Unsupported { format: Format, what: String },
+    /// A parent, backing or extent file: following it would read a host path.
+    #[error("{format} image refers to another file ({what}); images must be self-contained and ferrydisk never opens host files for them")]
+    External { format: Format, what: String },
+    #[error("{format} image ends at byte {end} but data at byte {offset} is referenced")]
+    Truncated {
+        format: Format,
+        end: u64,
+        offset: u64,
+    },
+    #[error("{format} image: data at byte {offset} is referenced after the stream has passed it (an out-of-order layout this stream cannot seek back to)")]
+    Behind { format: Format, offset: u64 },
+    #[error("reading {format} image: {source}")]
+    Read {
+        format: Format,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{format} image: {source}")]
+    Held {
+        format: Format,
+        #[source]
+        source: HeldError,
+    },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+impl FormatError {
+    pub fn corrupt(format: Format, what: impl Into<String>) -> Self {
+        FormatError::Corrupt {
+            format,
+            what: what.into(),
+        }
+    }
+
+    pub fn unsupported(format: Format, what: impl Into<String>) -> Self {
+        FormatError::Unsupported {
+            format,
+            what: what.into(),
+        }
+    }
+
+    pub fn external(format: Format, what: impl Into<String>) -> Self {
+        FormatError::External {
+            format,
+            what: what.into(),
+        }
+    }
+}
+
+/// Refuses a virtual size above the volume before anything is written.
+pub fn check_size(size: u64, opts: &StreamOptions) -> Result<(), FormatError> {
+    if size > opts.limit {
+        return Err(FormatError::TooLarge {
+            size,
+            limit: opts.limit,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn le16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+pub(crate) fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn le64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}

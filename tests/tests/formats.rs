@@ -1,0 +1,239 @@
+//! vmdk, vhd (vpc), vdi conformance: images made by qemu-img/qemu-io, streamed over
+//! HTTP (a pipe: no seeking) through the importer, compared byte for byte with
+//! `qemu-img convert -f <format> -O raw`. Plus images that name other files, which
+//! must be refused before any byte is written.
+
+use ferrydisk_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qemu_img(args: &[&str]) {
+    sh(Command::new("qemu-img").args(args));
+}
+
+/// (file, qemu format name)
+fn matrix(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    let base = patterned_disk(dir);
+    let b = base.to_str().expect("utf8");
+    let mut out = Vec::new();
+    let mut conv = |name: &str, fmt: &'static str, opts: &str| {
+        let p = dir.join(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if !opts.is_empty() {
+            args.extend_from_slice(&["-o", opts]);
+        }
+        args.push(b);
+        args.push(p.to_str().expect("utf8"));
+        qemu_img(&args);
+        out.push((p, fmt));
+    };
+    conv("sparse.vmdk", "vmdk", "");
+    conv("sparse-zeroed.vmdk", "vmdk", "zeroed_grain=on");
+    conv("sparse-compat6.vmdk", "vmdk", "compat6=on");
+    conv("stream.vmdk", "vmdk", "subformat=streamOptimized");
+    conv("dynamic.vhd", "vpc", "");
+    conv("dynamic-forcesize.vhd", "vpc", "force_size=on");
+    conv("fixed.vhd", "vpc", "subformat=fixed");
+    conv(
+        "fixed-forcesize.vhd",
+        "vpc",
+        "subformat=fixed,force_size=on",
+    );
+    conv("dynamic.vdi", "vdi", "");
+    conv("static.vdi", "vdi", "static=on");
+    // Grown in place by qemu-io: data allocated in write order, not guest order, with
+    // odd offsets and zero writes.
+    for (name, fmt) in [("io.vmdk", "vmdk"), ("io.vhd", "vpc"), ("io.vdi", "vdi")] {
+        let p = dir.join(name);
+        qemu_img(&["create", "-q", "-f", fmt, p.to_str().expect("utf8"), "48M"]);
+        sh(Command::new("qemu-io")
+            .args(["-f", fmt])
+            .args(["-c", "write -q -P 0x33 30M 3M"])
+            .args(["-c", "write -q -P 0x44 1000 70000"])
+            .args(["-c", "write -q -P 0x55 5M 2M"])
+            .args(["-c", "write -q -z 5M 64k"])
+            .args(["-c", "write -q -P 0x66 46M 2M"])
+            .args(["-c", "write -q -P 0x77 12345 100"])
+            .arg(&p));
+        out.push((p, fmt));
+    }
+    out
+}
+
+#[test]
+fn format_matrix_matches_qemu_img_when_streamed() {
+    let d = tempfile::tempdir().expect("tmp");
+    let images = matrix(d.path());
+    let server = HttpServer::start(d.path(), &[]);
+    for (img, fmt) in &images {
+        let name = img.file_name().and_then(|n| n.to_str()).expect("name");
+        let reference = qemu_reference_as(img, Some(fmt), d.path());
+        let run = tempfile::tempdir().expect("tmp");
+        let o = Importer::new(run.path()).http(&server.url(name)).run();
+        assert_eq!(o.code, 0, "{name}: {}\n{}", o.termination, o.stderr);
+        assert_eq!(o.termination, Outcome::SUCCESS, "{name}");
+        assert!(!o.stderr.contains("spooling"), "{name}: {}", o.stderr);
+        assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+    }
+    eprintln!(
+        "{} vmdk/vhd/vdi variants byte-identical to qemu-img convert",
+        images.len()
+    );
+}
+
+#[test]
+fn formats_inside_compression_and_tar() {
+    let d = tempfile::tempdir().expect("tmp");
+    let base = patterned_disk(d.path());
+    let b = base.to_str().expect("utf8");
+    for (name, fmt, opts) in [
+        ("disk.vmdk", "vmdk", "subformat=streamOptimized"),
+        ("disk.vhd", "vpc", "subformat=fixed"),
+        ("disk.vdi", "vdi", ""),
+    ] {
+        let p = d.path().join(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if !opts.is_empty() {
+            args.extend_from_slice(&["-o", opts]);
+        }
+        args.extend_from_slice(&[b, p.to_str().expect("utf8")]);
+        qemu_img(&args);
+    }
+    let reference =
+        |name: &str, fmt: &str| qemu_reference_as(&d.path().join(name), Some(fmt), d.path());
+    let vhd_ref = reference("disk.vhd", "vpc");
+    let vdi_ref = reference("disk.vdi", "vdi");
+    let vmdk_ref = reference("disk.vmdk", "vmdk");
+    let zst = sh(Command::new("zstd")
+        .args(["-q", "-c"])
+        .arg(d.path().join("disk.vhd")))
+    .stdout;
+    std::fs::write(d.path().join("disk.vhd.zst"), zst).expect("write");
+    let gz = sh(Command::new("gzip")
+        .args(["-1", "-c"])
+        .arg(d.path().join("disk.vdi")))
+    .stdout;
+    std::fs::write(d.path().join("disk.vdi.gz"), gz).expect("write");
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(d.path())
+        .arg("-cf")
+        .arg(d.path().join("ova.tar"))
+        .arg("disk.vmdk"));
+    let server = HttpServer::start(d.path(), &[]);
+    for (name, want) in [
+        ("disk.vhd.zst", &vhd_ref),
+        ("disk.vdi.gz", &vdi_ref),
+        ("ova.tar", &vmdk_ref),
+    ] {
+        let run = tempfile::tempdir().expect("tmp");
+        Importer::new(run.path())
+            .http(&server.url(name))
+            .run()
+            .assert_success();
+        assert_same_bytes(&run.path().join("data/disk.img"), want);
+    }
+}
+
+/// Images that name another file (a parent or an extent) are refused, the output disk
+/// stays empty, and nothing of the named host file is read.
+#[test]
+fn images_naming_other_files_are_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let secret = d.path().join("host-secret.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        secret.to_str().expect("utf8"),
+        "8M",
+    ]);
+    sh(Command::new("qemu-io")
+        .args(["-f", "vmdk", "-c", "write -q -P 0xc5 0 8M"])
+        .arg(&secret));
+    // A vmdk child of a host file (parentFileNameHint).
+    let child = d.path().join("child.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        secret.to_str().expect("utf8"),
+        "-F",
+        "vmdk",
+        child.to_str().expect("utf8"),
+    ]);
+    // A descriptor-only vmdk whose flat extent is a host file.
+    std::fs::write(
+        d.path().join("flat.vmdk"),
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 16384 FLAT \"{}\" 0\n",
+            secret.display()
+        ),
+    )
+    .expect("write");
+    // A vdi whose header names a parent (uuid_parent set), and a vhd made differencing.
+    let vdi = d.path().join("child.vdi");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vdi",
+        vdi.to_str().expect("utf8"),
+        "8M",
+    ]);
+    patch(&vdi, 0x1b8, &[1; 16]);
+    let vhd = d.path().join("child.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        vhd.to_str().expect("utf8"),
+        "8M",
+    ]);
+    make_vhd_differencing(&vhd);
+    let server = HttpServer::start(d.path(), &[]);
+    for (name, says) in [
+        ("child.vmdk", "parent"),
+        ("flat.vmdk", "descriptor"),
+        ("child.vdi", "parent"),
+        ("child.vhd", "differencing"),
+    ] {
+        let run = tempfile::tempdir().expect("tmp");
+        let o = Importer::new(run.path()).http(&server.url(name)).run();
+        assert_eq!(o.code, 1, "{name}: {}", o.stderr);
+        assert!(
+            o.termination.contains("refers to another file"),
+            "{name}: {}",
+            o.termination
+        );
+        assert!(o.termination.contains(says), "{name}: {}", o.termination);
+        let disk = run.path().join("data/disk.img");
+        let len = std::fs::metadata(&disk).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, 0, "{name}: nothing written");
+    }
+}
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, bytes, off).expect("patch");
+}
+
+/// Sets the disk type of both footer copies to 4 (differencing), fixing the checksums.
+fn make_vhd_differencing(path: &Path) {
+    let len = std::fs::metadata(path).expect("meta").len();
+    for off in [0, len - 512] {
+        let mut f = std::fs::read(path).expect("read")[off as usize..off as usize + 512].to_vec();
+        f[60..64].copy_from_slice(&4u32.to_be_bytes());
+        f[64..68].fill(0);
+        let sum = f.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)));
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        patch(path, off, &f);
+    }
+}
