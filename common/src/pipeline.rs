@@ -8,7 +8,7 @@ use crate::format::held::HeldError;
 use crate::format::image::{FormatError, ImageInfo, StreamOptions};
 use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
 use crate::format::{sniff, Format, SNIFF_LEN};
-use crate::format::{vdi, vhd, vmdk};
+use crate::format::{vdi, vhd, vhdx, vmdk};
 use crate::progress::Progress;
 use crate::sink::sparse::{CopyError, SparseWriter};
 use crate::sink::SinkError;
@@ -243,11 +243,12 @@ fn disk_layer(
             tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, "converted image");
             Ok(())
         }
-        Format::Vmdk | Format::Vdi | Format::Vpc => {
+        Format::Vmdk | Format::Vdi | Format::Vpc | Format::Vhdx => {
             report.format = Some(format);
             let convert = match format {
                 Format::Vmdk => vmdk::convert,
                 Format::Vdi => vdi::convert,
+                Format::Vhdx => vhdx::convert,
                 _ => vhd::convert,
             };
             let progress = opts.progress.clone();

@@ -39,6 +39,10 @@ fn matrix(dir: &Path) -> Vec<(PathBuf, &'static str)> {
         "vpc",
         "subformat=fixed,force_size=on",
     );
+    conv("dynamic.vhdx", "vhdx", "");
+    conv("small-blocks.vhdx", "vhdx", "block_size=1M,log_size=1M");
+    conv("big-blocks.vhdx", "vhdx", "block_size=64M");
+    conv("fixed.vhdx", "vhdx", "subformat=fixed");
     conv("dynamic.vdi", "vdi", "");
     conv("static.vdi", "vdi", "static=on");
     // Grown in place by qemu-io: data allocated in write order, not guest order, with
@@ -76,7 +80,7 @@ fn format_matrix_matches_qemu_img_when_streamed() {
         assert_same_bytes(&run.path().join("data/disk.img"), &reference);
     }
     eprintln!(
-        "{} vmdk/vhd/vdi variants byte-identical to qemu-img convert",
+        "{} vmdk/vhd/vhdx/vdi variants byte-identical to qemu-img convert",
         images.len()
     );
 }
@@ -195,8 +199,19 @@ fn images_naming_other_files_are_refused() {
         "8M",
     ]);
     make_vhd_differencing(&vhd);
+    let vhdx = d.path().join("child.vhdx");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        vhdx.to_str().expect("utf8"),
+        "8M",
+    ]);
+    make_vhdx_differencing(&vhdx);
     let server = HttpServer::start(d.path(), &[]);
     for (name, says) in [
+        ("child.vhdx", "parent"),
         ("child.vmdk", "parent"),
         ("flat.vmdk", "descriptor"),
         ("child.vdi", "parent"),
@@ -236,4 +251,26 @@ fn make_vhd_differencing(path: &Path) {
         f[64..68].copy_from_slice(&(!sum).to_be_bytes());
         patch(path, off, &f);
     }
+}
+
+/// Sets HasParent in the File Parameters metadata item (the metadata region has no
+/// checksum). qemu-img puts the region at 3 MiB.
+fn make_vhdx_differencing(path: &Path) {
+    const FILE_PARAMETERS: [u8; 16] = [
+        0x37, 0x67, 0xa1, 0xca, 0x36, 0xfa, 0x43, 0x4d, 0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7,
+        0x6b,
+    ];
+    let data = std::fs::read(path).expect("read");
+    let region = 3 << 20;
+    let table = &data[region..region + 65536];
+    assert_eq!(&table[..8], b"metadata");
+    let count = u16::from_le_bytes([table[10], table[11]]) as usize;
+    let entry = (0..count)
+        .map(|i| &table[32 + 32 * i..64 + 32 * i])
+        .find(|e| e[..16] == FILE_PARAMETERS)
+        .expect("file parameters item");
+    let off = u32::from_le_bytes(entry[16..20].try_into().expect("4")) as u64;
+    let flags_at = region as u64 + off + 4;
+    let flags = data[flags_at as usize] | 2;
+    patch(path, flags_at, &[flags]);
 }

@@ -7,6 +7,7 @@ pub mod qcow2;
 pub mod sniff;
 pub mod vdi;
 pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 pub use sniff::{sniff, Format, SNIFF_LEN};
