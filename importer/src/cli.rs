@@ -10,6 +10,7 @@ use std::path::PathBuf;
 #[command(
     name = "importer",
     version,
+    propagate_version = true,
     about = "Streams VM disk images onto a file or block device (CDI importer compatible)"
 )]
 pub struct Cli {

@@ -21,9 +21,10 @@ ensure_packages() {
 # What the end-to-end tests and the demo run: qemu-img/qemu-io as the oracle, curl, the
 # compressors that make fixtures, losetup for the block-device test, python3 for the
 # test HTTP server; the CNCF registry, buildah, skopeo, htpasswd and openssl for the
-# registry tests.
+# registry tests; busybox-static is the `sh`/`cp` the importer image ships (the
+# Containerfile test builds the images from the host's static binaries).
 TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux time
-    docker-registry buildah skopeo umoci apache2-utils openssl)
+    docker-registry buildah skopeo umoci apache2-utils openssl busybox-static)
 
 # The manifest test's validators: yamllint (Debian) and kubernetes-validate (PyPI,
 # ships the Kubernetes JSON schemas, so it needs no cluster and no network at run time).

@@ -182,6 +182,26 @@ pub fn qemu_reference_as(src: &Path, format: Option<&str>, dir: &Path) -> PathBu
     out
 }
 
+/// `target/static` (or $FERRYDISK_STATIC_DIR). scripts/test builds it and sets
+/// FERRYDISK_REQUIRE_STATIC, so CI fails rather than skips when it is missing.
+pub fn static_dir() -> Option<PathBuf> {
+    let dir = std::env::var("FERRYDISK_STATIC_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target/static"));
+    if dir.join("importer").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("FERRYDISK_REQUIRE_STATIC").is_err(),
+        "static binaries missing: run scripts/build-static"
+    );
+    eprintln!(
+        "SKIP: no static binaries in {} (scripts/build-static)",
+        dir.display()
+    );
+    None
+}
+
 /// A 40 MiB raw disk (`base.raw` in `dir`) with data at odd, unaligned offsets and sizes.
 pub fn patterned_disk(dir: &Path) -> PathBuf {
     let p = dir.join("base.raw");

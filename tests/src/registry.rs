@@ -163,6 +163,42 @@ impl Buildah {
             .arg(ctx));
     }
 
+    /// Builds `target` of the Containerfile at `file` in context `ctx` as `name`.
+    pub fn build_target(&self, ctx: &Path, file: &Path, target: &str, args: &[&str], name: &str) {
+        let mut c = self.cmd();
+        c.args([
+            "bud",
+            "-q",
+            "--isolation",
+            "chroot",
+            "--target",
+            target,
+            "-t",
+            name,
+        ])
+        .arg("-f")
+        .arg(file);
+        for a in args {
+            c.args(["--build-arg", a]);
+        }
+        sh(c.arg(ctx));
+    }
+
+    /// The image's OCI config (`config` of `buildah inspect`).
+    pub fn config(&self, name: &str) -> serde_json::Value {
+        let out = sh(self.cmd().args(["inspect", "--type", "image"]).arg(name)).stdout;
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("inspect json");
+        v["OCIv1"]["config"].clone()
+    }
+
+    /// A working container of `name`, mounted: its root filesystem.
+    pub fn mount(&self, name: &str) -> PathBuf {
+        let c =
+            String::from_utf8(sh(self.cmd().args(["from", "-q"]).arg(name)).stdout).expect("utf8");
+        let m = String::from_utf8(sh(self.cmd().arg("mount").arg(c.trim())).stdout).expect("utf8");
+        PathBuf::from(m.trim())
+    }
+
     /// Pushes `name` to any transport buildah knows (`oci:DIR:tag`, ...).
     pub fn push_to(&self, name: &str, dest: &str) {
         sh(self.cmd().args(["push", "-q"]).arg(name).arg(dest));

@@ -8,26 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/static` (or $FERRYDISK_STATIC_DIR). scripts/test builds it and sets
-/// FERRYDISK_REQUIRE_STATIC, so CI fails rather than skips when it is missing.
-fn static_dir() -> Option<PathBuf> {
-    let dir = std::env::var("FERRYDISK_STATIC_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("target/static"));
-    if dir.join("importer").exists() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("FERRYDISK_REQUIRE_STATIC").is_err(),
-        "static binaries missing: run scripts/build-static"
-    );
-    eprintln!(
-        "SKIP: no static binaries in {} (scripts/build-static)",
-        dir.display()
-    );
-    None
-}
-
 /// An empty root with the binaries, /etc/hosts mapping `registry.ferrydisk.test`.
 fn empty_root(bins: &Path, dir: &Path) -> PathBuf {
     let r = dir.join("root");

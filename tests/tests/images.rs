@@ -1,0 +1,144 @@
+//! The Containerfile: each target built with buildah (chroot isolation, no container
+//! engine), from the static binaries (`--build-arg BUILD=prebuilt`), then run from the
+//! built image's root filesystem the way CDI runs it: as uid 107, through the image's
+//! entrypoint, and for node pull `sh -c "cp /usr/bin/cdi-containerimage-server ..."`.
+
+use ferrydisk_tests::registry::Buildah;
+use ferrydisk_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The most an image may weigh (uncompressed root filesystem), per issue #7.
+const MAX_IMAGE_BYTES: u64 = 20_000_000;
+
+/// A build context: the Containerfile and target/static with the binaries and busybox.
+fn context(bins: &Path, dir: &Path) -> PathBuf {
+    let ctx = dir.join("ctx");
+    let st = ctx.join("target/static");
+    std::fs::create_dir_all(&st).expect("mkdir");
+    for b in ["importer", "uploadproxy"] {
+        std::fs::copy(bins.join(b), st.join(b)).expect("copy binary");
+    }
+    std::fs::copy("/bin/busybox", st.join("busybox")).expect("busybox-static");
+    std::fs::copy(root().join("Containerfile"), ctx.join("Containerfile")).expect("copy");
+    ctx
+}
+
+fn du(path: &Path) -> u64 {
+    let out = sh(Command::new("du")
+        .args(["-sb", "--apparent-size"])
+        .arg(path))
+    .stdout;
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du")
+}
+
+/// Runs `argv` inside `rootfs` as uid/gid 107 with only `env`.
+fn in_root(rootfs: &Path, env: &[(&str, &str)], argv: &[&str]) -> std::process::Output {
+    let mut c = Command::new("/usr/sbin/chroot");
+    c.env_clear()
+        .args(["--userspec=107:107"])
+        .arg(rootfs)
+        .args(argv);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("chroot")
+}
+
+#[test]
+fn containerfile_targets_build_and_run_from_their_root_filesystems() {
+    let Some(bins) = static_dir() else { return };
+    let d = tempfile::tempdir().expect("tmp");
+    let ctx = context(&bins, d.path());
+    let b = Buildah::default();
+    let mut sizes = Vec::new();
+    for (target, entry) in [
+        ("importer", "/usr/bin/cdi-importer"),
+        ("uploadserver", "/usr/bin/cdi-uploadserver"),
+        ("uploadproxy", "/usr/bin/cdi-uploadproxy"),
+    ] {
+        let name = format!("ferrydisk-{target}");
+        b.build_target(
+            &ctx,
+            &ctx.join("Containerfile"),
+            target,
+            &["BUILD=prebuilt"],
+            &name,
+        );
+        let config = b.config(&name);
+        assert_eq!(config["User"], "107", "{target}: {config}");
+        assert_eq!(
+            config["Entrypoint"],
+            serde_json::json!([entry, "-alsologtostderr"]),
+            "{target}"
+        );
+        let rootfs = b.mount(&name);
+        let size = du(&rootfs);
+        sizes.push(format!("{target} {:.1} MB", size as f64 / 1e6));
+        assert!(size <= MAX_IMAGE_BYTES, "{target}: {size} bytes");
+        // The entrypoint runs as 107 in the image's root and knows who it is.
+        let o = in_root(&rootfs, &[], &[entry, "-alsologtostderr", "--version"]);
+        assert!(o.status.success(), "{target}: {o:?}");
+        if target == "importer" {
+            importer_image_as_cdi_uses_it(&rootfs);
+        }
+    }
+    eprintln!("image sizes (root filesystem): {}", sizes.join(", "));
+}
+
+/// The importer image, used three ways by CDI's controller.
+fn importer_image_as_cdi_uses_it(rootfs: &Path) {
+    for dir in ["shared", "data", "dev"] {
+        std::fs::create_dir_all(rootfs.join(dir)).expect("mkdir");
+        sh(Command::new("chown").arg("107:107").arg(rootfs.join(dir)));
+    }
+    // Node pull's init container.
+    let o = in_root(
+        rootfs,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "cp /usr/bin/cdi-containerimage-server /shared/server",
+        ],
+    );
+    assert!(o.status.success(), "cp: {o:?}");
+    let server = rootfs.join("shared/server");
+    let meta = std::fs::symlink_metadata(&server).expect("copied");
+    assert!(meta.file_type().is_file(), "a real file, not a link");
+    assert_eq!(
+        meta.len(),
+        std::fs::metadata(rootfs.join("usr/bin/ferrydisk-importer"))
+            .expect("bin")
+            .len()
+    );
+    // The copied server answers to its CDI flags.
+    let o = in_root(rootfs, &[], &["/shared/server", "-help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("image-dir"), "{o:?}");
+    // The importer Pod: entrypoint plus CDI's args and env, a blank disk.
+    let o = in_root(
+        rootfs,
+        &[("IMPORTER_SOURCE", "none"), ("IMPORTER_IMAGE_SIZE", "8Mi")],
+        &[
+            "/usr/bin/cdi-importer",
+            "-alsologtostderr",
+            "-v=1",
+            "--metrics-addr",
+            "none",
+        ],
+    );
+    assert!(o.status.success(), "importer: {o:?}");
+    let term = std::fs::read_to_string(rootfs.join("dev/termination-log")).expect("termination");
+    assert!(term.contains("Import Complete"), "{term}");
+    assert_eq!(
+        std::fs::metadata(rootfs.join("data/disk.img"))
+            .expect("disk")
+            .len(),
+        8 << 20
+    );
+}
