@@ -43,7 +43,7 @@ impl Footer {
             .enumerate()
             .filter(|(i, _)| !(64..68).contains(i))
             .fold(0u32, |s, (_, &x)| s.wrapping_add(u32::from(x)));
-        if !sum != stored {
+        if !sum != stored && !cfg!(fuzzing) {
             return Err(FormatError::corrupt(F, "footer checksum mismatch"));
         }
         let disk_type = be32(b, 60);

@@ -5,6 +5,7 @@
 
 pub mod aligned;
 pub mod block;
+pub mod discard;
 pub mod file;
 pub mod sparse;
 

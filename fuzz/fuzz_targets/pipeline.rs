@@ -1,0 +1,21 @@
+#![no_main]
+//! The whole data path on arbitrary bytes: detection, every decompressor, tar, every
+//! disk format.
+
+use ferrydisk_common::pipeline::{write_disk, Options};
+use std::sync::Arc;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    ferrydisk_fuzz::run(data, |r, w, o| {
+        write_disk(
+            r,
+            w,
+            &Options {
+                limit: o.limit,
+                source_len: None,
+                progress: Arc::default(),
+                scratch: None,
+            },
+        )
+    });
+});
