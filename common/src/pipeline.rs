@@ -136,6 +136,26 @@ pub struct Options {
     /// A scratch directory for formats that may need to spool (qcow2 with data ahead of
     /// its tables); `None` when no scratch volume is mounted.
     pub scratch: Option<std::path::PathBuf>,
+    /// The source when it is a local file: a disk format found directly in it (no
+    /// compression or tar around it) reads data that precedes its tables again from the
+    /// file instead of holding or spooling it.
+    pub source_file: Option<Arc<std::fs::File>>,
+}
+
+impl Options {
+    /// What a format converter may use at this layer.
+    fn stream_options(&self, report: &Report) -> StreamOptions {
+        StreamOptions {
+            scratch: self.scratch.clone(),
+            limit: self.limit,
+            source_file: if report.layers.is_empty() && report.tar_entry.is_none() {
+                self.source_file.clone()
+            } else {
+                None
+            },
+            ..Default::default()
+        }
+    }
 }
 
 /// Decodes `source` into `writer` (content type `kubevirt`).
@@ -227,11 +247,7 @@ fn disk_layer(
             report.format = Some(Format::Qcow2);
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            let copts = qcow2::StreamOptions {
-                scratch: opts.scratch.clone(),
-                limit: opts.limit,
-                ..Default::default()
-            };
+            let copts = opts.stream_options(report);
             let h = qcow2::convert(&mut counted, writer, &copts).map_err(|e| match e {
                 ConvertError::Qcow2(e) => PipelineError::Qcow2(e),
                 ConvertError::Read(e) => read_error(e, last),
@@ -253,11 +269,7 @@ fn disk_layer(
             };
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            let sopts = StreamOptions {
-                scratch: opts.scratch.clone(),
-                limit: opts.limit,
-                ..Default::default()
-            };
+            let sopts = opts.stream_options(report);
             let info = convert(&mut counted, writer, &sopts).map_err(|e| format_error(e, last))?;
             finish_native(&info, opts, report);
             Ok(())
@@ -407,6 +419,7 @@ mod tests {
             source_len: Some(input.len() as u64),
             progress: Arc::default(),
             scratch: None,
+            source_file: None,
         };
         let r = write_disk(&mut &input[..], &mut w, &opts);
         match &r {

@@ -15,6 +15,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 source_len: None,
                 progress: Arc::default(),
                 scratch: None,
+                source_file: None,
             },
         )
     });

@@ -23,6 +23,7 @@ pub fn run<T, E>(
         scratch: None,
         hold_memory: 8 << 20,
         limit: LIMIT,
+        source_file: None,
     };
     let mut src = data;
     match convert(&mut src, &mut w, &opts) {

@@ -54,9 +54,13 @@ pub struct ImportArgs {
     /// sources ferrydisk does not implement.
     #[arg(long, env = "IMPORTER_SOURCE", default_value = "http")]
     pub source: String,
-    /// URL of the image (http(s)://...).
+    /// URL of the image (http(s)://..., or file:///path with --allow-local-files).
     #[arg(long, env = "IMPORTER_ENDPOINT", default_value = "")]
     pub endpoint: String,
+    /// Accept `file://` endpoints. Only a flag, never an env var: the endpoint of a CDI
+    /// import comes from the user's DataVolume, and must not read the pod's own files.
+    #[arg(long)]
+    pub allow_local_files: bool,
     /// `kubevirt` (a disk image, written raw) or `archive` (a tar unpacked into --data-dir).
     #[arg(
         long = "content-type",

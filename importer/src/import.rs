@@ -13,7 +13,7 @@ use ferrydisk_common::progress::Progress;
 use ferrydisk_common::sink::sparse::WriterOptions;
 use ferrydisk_common::sink::{BlockTarget, FileTarget, SparseWriter, Target};
 use ferrydisk_common::space::{parse_overhead, parse_quantity};
-use ferrydisk_common::stream::ChannelReader;
+use ferrydisk_common::stream::{ChannelReader, CountingReader};
 use ferrydisk_common::termination::TerminationMessage;
 use ferrydisk_common::ErrorKind;
 use std::collections::BTreeMap;
@@ -184,6 +184,15 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         progress: progress.clone(),
     };
     let node_pull = a.pull_method == "node";
+    if let Some(path) = local_path(&endpoint) {
+        if !a.allow_local_files {
+            return Err(connect_err(
+                ErrorKind::Config,
+                "file:// endpoints need --allow-local-files (a flag, so a DataVolume's URL cannot read the importer pod's files)".into(),
+            ));
+        }
+        return import_file(plan, &path, progress).await;
+    }
     let download = http::open(client.clone(), &endpoint, opts)
         .await
         .map_err(|e| connect_err(e.kind(), e.to_string()))?;
@@ -198,6 +207,39 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         msg.labels = node_pull_labels(&client, &endpoint).await;
     }
     Ok(msg)
+}
+
+/// `file:///path` (a local user's disk, or a volume mounted into the pod).
+fn local_path(endpoint: &str) -> Option<PathBuf> {
+    let url = reqwest::Url::parse(endpoint).ok()?;
+    (url.scheme() == "file").then(|| url.to_file_path().ok())?
+}
+
+/// A local file streams through the same pipeline, and is also handed to it as a file:
+/// formats whose data precedes its tables read it again instead of spooling.
+async fn import_file(
+    plan: Plan,
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let file = std::fs::File::open(path).map_err(|e| Failure::Connect {
+        source_name: "http".into(),
+        kind: ErrorKind::SourceRefused,
+        message: format!("opening {}: {e}", path.display()),
+    })?;
+    let len = file.metadata().ok().map(|m| m.len());
+    progress.set_source_total(len);
+    let again = file
+        .try_clone()
+        .map_err(|e| io_fail(format!("reopening {}", path.display()), e))?;
+    tracing::info!(source = "file", path = %path.display(), dest = %plan.disk.dest.path().display(), "starting import");
+    let counter = progress.clone();
+    let reader = CountingReader::new(file, move |n| counter.add_source(n));
+    tokio::task::spawn_blocking(move || {
+        write_stream(&plan.disk, reader, len, progress, Some(Arc::new(again)))
+    })
+    .await
+    .map_err(blocking_failed)?
 }
 
 /// Node pull: the server inside the containerDisk container serves its environment (the
@@ -284,6 +326,7 @@ fn pipeline_options(
         progress,
         // Only a mounted scratch volume counts (CDI: a missing one means "required").
         scratch: plan.scratch.clone(),
+        source_file: None,
     }
 }
 
@@ -371,6 +414,18 @@ pub fn write_http(
     content_length: Option<u64>,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
+    write_stream(plan, source, content_length, progress, None)
+}
+
+/// [`write_http`] for any byte stream; `file` is the same source as a local file, which
+/// lets formats read data that precedes its tables again instead of holding it.
+fn write_stream(
+    plan: &DiskPlan,
+    source: impl Read,
+    content_length: Option<u64>,
+    progress: Arc<Progress>,
+    file: Option<Arc<std::fs::File>>,
+) -> Result<TerminationMessage, Failure> {
     let mut src = HashingReader::new(source, plan.checksum.clone());
     if let Destination::Dir(dir) = &plan.dest {
         let mut opts = pipeline_options(plan, progress, content_length);
@@ -387,6 +442,7 @@ pub fn write_http(
         return Ok(TerminationMessage::import_complete(false, None));
     }
     let mut disk = open_disk(plan, progress, content_length)?;
+    disk.opts.source_file = file;
     let result = pipeline::write_disk(&mut src, &mut disk.writer, &disk.opts)
         .map_err(process_failure)
         .and_then(|r| {

@@ -357,6 +357,12 @@ impl Importer {
             .arg("none")
     }
 
+    /// A local file as the source (`file://`, seekable: formats re-read instead of holding).
+    pub fn file(self, path: &Path) -> Self {
+        self.http(&format!("file://{}", path.display()))
+            .arg("--allow-local-files")
+    }
+
     pub fn run(mut self) -> Outcome {
         let _ = std::fs::remove_file(&self.termination_log);
         self.cmd.arg("--block-device").arg(&self.block_device);

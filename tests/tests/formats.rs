@@ -72,15 +72,22 @@ fn format_matrix_matches_qemu_img_when_streamed() {
     for (img, fmt) in &images {
         let name = img.file_name().and_then(|n| n.to_str()).expect("name");
         let reference = qemu_reference_as(img, Some(fmt), d.path());
-        let run = tempfile::tempdir().expect("tmp");
-        let o = Importer::new(run.path()).http(&server.url(name)).run();
-        assert_eq!(o.code, 0, "{name}: {}\n{}", o.termination, o.stderr);
-        assert_eq!(o.termination, Outcome::SUCCESS, "{name}");
-        assert!(!o.stderr.contains("spooling"), "{name}: {}", o.stderr);
-        assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+        for seekable in [false, true] {
+            let run = tempfile::tempdir().expect("tmp");
+            let importer = Importer::new(run.path());
+            let o = if seekable {
+                importer.file(img).run()
+            } else {
+                importer.http(&server.url(name)).run()
+            };
+            assert_eq!(o.code, 0, "{name}: {}\n{}", o.termination, o.stderr);
+            assert_eq!(o.termination, Outcome::SUCCESS, "{name}");
+            assert!(!o.stderr.contains("spooling"), "{name}: {}", o.stderr);
+            assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+        }
     }
     eprintln!(
-        "{} vmdk/vhd/vhdx/vdi variants byte-identical to qemu-img convert",
+        "{} vmdk/vhd/vhdx/vdi variants byte-identical to qemu-img convert, from a pipe and from a file",
         images.len()
     );
 }
@@ -273,4 +280,22 @@ fn make_vhdx_differencing(path: &Path) {
     let flags_at = region as u64 + off + 4;
     let flags = data[flags_at as usize] | 2;
     patch(path, flags_at, &[flags]);
+}
+
+/// `file://` reads the importer's own filesystem: only with an explicit flag, which a
+/// CDI controller never passes (the endpoint comes from the user's DataVolume).
+#[test]
+fn local_files_need_the_flag() {
+    let run = tempfile::tempdir().expect("tmp");
+    let o = Importer::new(run.path()).http("file:///etc/passwd").run();
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.termination.contains("--allow-local-files"),
+        "{}",
+        o.termination
+    );
+    let len = std::fs::metadata(run.path().join("data/disk.img"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(len, 0);
 }

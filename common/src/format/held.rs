@@ -1,11 +1,16 @@
 //! Data read ahead of the tables that say where it goes (a stream cannot seek back):
 //! kept in memory up to a bound, then in a spool file on scratch, and without scratch
 //! the CDI answer "scratch space required" so the controller mounts one and retries.
+//! When the image is a local file, nothing is kept: it is read again from the file
+//! (random access), so no layout ever needs memory or scratch.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::image::StreamOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeldError {
@@ -13,10 +18,10 @@ pub enum HeldError {
     ScratchRequired { held: u64 },
     #[error("spooling to scratch: {0}")]
     Spool(#[source] std::io::Error),
+    #[error("reading the image file again: {0}")]
+    Reread(#[source] std::io::Error),
 }
 
-/// Clusters whose role is not known yet: memory up to a bound, then a spool file on
-/// scratch (unlinked at creation, so nothing is left behind).
 /// An unlinked spool file, where each held cluster is (offset in file, length), and
 /// the next free offset.
 struct Spool {
@@ -25,7 +30,12 @@ struct Spool {
     next: u64,
 }
 
+/// Data whose role is not known yet, keyed by its offset in the image: memory up to a
+/// bound, then a spool file on scratch (unlinked at creation, so nothing is left
+/// behind); or, for a local file, the file itself.
 pub struct Held {
+    /// The image file, read back with `pread` in units of `.1` bytes (of `.2` in all).
+    source: Option<(Arc<File>, u64, u64)>,
     mem: HashMap<u64, Vec<u8>>,
     mem_bytes: u64,
     limit: u64,
@@ -38,6 +48,7 @@ pub struct Held {
 impl Held {
     pub fn new(what: &'static str, limit: u64, scratch: Option<PathBuf>) -> Self {
         Held {
+            source: None,
             what,
             mem: HashMap::new(),
             mem_bytes: 0,
@@ -47,7 +58,22 @@ impl Held {
         }
     }
 
+    /// What `opts` allow: the image file itself when it is one (read back in `unit`
+    /// byte pieces), else memory then scratch.
+    pub fn for_options(what: &'static str, opts: &StreamOptions, unit: u64) -> Self {
+        let mut h = Held::new(what, opts.hold_memory, opts.scratch.clone());
+        if let Some(f) = &opts.source_file {
+            if let Ok(m) = f.metadata() {
+                h.source = Some((f.clone(), unit, m.len()));
+            }
+        }
+        h
+    }
+
     pub fn put(&mut self, off: u64, data: &[u8]) -> Result<(), HeldError> {
+        if self.source.is_some() {
+            return Ok(());
+        }
         if self.mem_bytes + data.len() as u64 <= self.limit {
             self.mem_bytes += data.len() as u64;
             self.mem.insert(off, data.to_vec());
@@ -92,6 +118,14 @@ impl Held {
 
     /// A copy: held clusters are only read for out-of-order images, rarely.
     pub fn get(&self, off: u64) -> Result<Option<Vec<u8>>, HeldError> {
+        if let Some((f, unit, len)) = &self.source {
+            if off >= *len {
+                return Ok(None);
+            }
+            let mut v = vec![0u8; (*unit).min(len - off) as usize];
+            f.read_exact_at(&mut v, off).map_err(HeldError::Reread)?;
+            return Ok(Some(v));
+        }
         if let Some(d) = self.mem.get(&off) {
             return Ok(Some(d.clone()));
         }

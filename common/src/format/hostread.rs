@@ -14,7 +14,7 @@ use super::Format;
 use std::io::{self, Read};
 
 /// Retained bytes are kept in aligned chunks of this size, keyed by their start.
-const CHUNK: u64 = 64 << 10;
+pub const CHUNK: u64 = 64 << 10;
 
 pub struct HostReader<'r> {
     r: &'r mut dyn Read,

@@ -16,6 +16,9 @@ pub struct StreamOptions {
     pub hold_memory: u64,
     /// The image may not be larger than this.
     pub limit: u64,
+    /// The image itself when it is a local file starting at offset 0: data met before
+    /// its table is read again from here instead of being held.
+    pub source_file: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl Default for StreamOptions {
@@ -24,6 +27,7 @@ impl Default for StreamOptions {
             scratch: None,
             hold_memory: 32 << 20,
             limit: u64::MAX,
+            source_file: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Recognising what a byte stream is, by content alone (never by file name).
 
+pub mod decode_pool;
 pub mod held;
 pub mod hostread;
 pub mod image;

@@ -125,11 +125,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(
-        r,
-        F,
-        Held::new("vdi", opts.hold_memory, opts.scratch.clone()),
-    );
+    let mut rd = HostReader::new(r, F, Held::for_options("vdi", opts, super::hostread::CHUNK));
     let mut head = vec![0u8; 512];
     rd.read_at(0, &mut head)?;
     let h = Header::parse(&head)?;

@@ -81,11 +81,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(
-        r,
-        F,
-        Held::new("vhd", opts.hold_memory, opts.scratch.clone()),
-    );
+    let mut rd = HostReader::new(r, F, Held::for_options("vhd", opts, super::hostread::CHUNK));
     let mut head = vec![0u8; 512];
     rd.read_at(0, &mut head)?;
     let footer = Footer::parse(&head)?;

@@ -321,7 +321,7 @@ pub fn convert(
     let mut rd = HostReader::new(
         r,
         F,
-        Held::new("vhdx", opts.hold_memory, opts.scratch.clone()),
+        Held::for_options("vhdx", opts, super::hostread::CHUNK),
     );
     let mut ident = [0u8; 8];
     rd.read_at(0, &mut ident)?;

@@ -154,7 +154,7 @@ pub fn convert(
     let mut rd = HostReader::new(
         r,
         F,
-        Held::new("vmdk", opts.hold_memory, opts.scratch.clone()),
+        Held::for_options("vmdk", opts, super::hostread::CHUNK),
     );
     let mut head = vec![0u8; 512];
     let n = rd.read_prefix(&mut head)?;

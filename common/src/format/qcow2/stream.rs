@@ -9,6 +9,7 @@
 //! else needs holding: unreferenced clusters (refcounts, snapshots) are dropped at once.
 
 use super::header::{Compression, Header, Qcow2Error};
+use crate::format::decode_pool::{DecodePool, Done, Job};
 use crate::format::held::{Held, HeldError};
 pub use crate::format::image::StreamOptions;
 use crate::sink::{SinkError, SparseWriter};
@@ -24,7 +25,7 @@ impl From<HeldError> for ConvertError {
     fn from(e: HeldError) -> Self {
         ConvertError::Qcow2(match e {
             HeldError::ScratchRequired { held } => Qcow2Error::ScratchRequired { held },
-            HeldError::Spool(e) => Qcow2Error::Spool(e),
+            HeldError::Spool(e) | HeldError::Reread(e) => Qcow2Error::Spool(e),
         })
     }
 }
@@ -125,6 +126,9 @@ struct State<'w> {
     mapping_done: bool,
     /// Host bytes the image really has (known at end of stream).
     eof: Option<u64>,
+    /// Decodes compressed clusters on the other cores once every table is known (the
+    /// usual case: qemu-img writes the tables first).
+    pool: Option<DecodePool>,
 }
 
 impl<'w> State<'w> {
@@ -146,9 +150,10 @@ impl<'w> State<'w> {
             comp_covered: HashMap::new(),
             comp_in: Vec::new(),
             comp_out: Vec::new(),
-            held: Held::new("qcow2", opts.hold_memory, opts.scratch.clone()),
+            held: Held::for_options("qcow2", opts, h.cluster_size()),
             mapping_done: l1_bytes == 0,
             eof: None,
+            pool: None,
             h,
         }
     }
@@ -174,6 +179,11 @@ impl<'w> State<'w> {
         }
         if let Some(end) = self.eof {
             self.finish_at_eof(end)?;
+        }
+        if let Some(mut pool) = self.pool.take() {
+            let (vsize, cs) = (self.h.virtual_size, self.cs);
+            let writer = &mut *self.writer;
+            pool.finish(&mut |p, d| write_decoded(writer, vsize, cs, p, d))?;
         }
         self.writer.flush_pending()?;
         Ok(())
@@ -388,6 +398,9 @@ impl<'w> State<'w> {
     }
 
     fn decompress(&mut self, comp: &Comp) -> Result<(), ConvertError> {
+        if self.mapping_done {
+            return self.decompress_parallel(comp);
+        }
         let first = comp.host & !(self.cs - 1);
         let last = (comp.host + comp.len - 1) & !(self.cs - 1);
         let start = (comp.host - first) as usize;
@@ -461,6 +474,65 @@ impl<'w> State<'w> {
         Ok(())
     }
 
+    /// Every table is known, so no cluster needs keeping for later: the compressed bytes
+    /// go to a worker, and the clusters they came from are let go at once.
+    fn decompress_parallel(&mut self, comp: &Comp) -> Result<(), ConvertError> {
+        let first = comp.host & !(self.cs - 1);
+        let last = (comp.host + comp.len - 1) & !(self.cs - 1);
+        let start = (comp.host - first) as usize;
+        let compression = self.h.compression;
+        let mut pool = self.pool.take().unwrap_or_else(|| {
+            DecodePool::new(
+                std::sync::Arc::new(move |src: &[u8], out: &mut [u8]| {
+                    decode_cluster(compression, src, out)
+                }),
+                self.cs as usize,
+                16 << 20,
+            )
+        });
+        let (mut input, out) = pool.buffers(self.cs as usize);
+        let mut c = first;
+        while c <= last {
+            match self.comp_cache.get(&c) {
+                Some(d) => input.extend_from_slice(d),
+                None => break, // past the end of the image
+            }
+            c += self.cs;
+        }
+        let end = (start + comp.len as usize).min(input.len());
+        if start >= end {
+            return Err(Qcow2Error::Truncated {
+                end: first + input.len() as u64,
+                offset: comp.host,
+            }
+            .into());
+        }
+        input.truncate(end);
+        input.drain(..start);
+        let (vsize, cs) = (self.h.virtual_size, self.cs);
+        let writer = &mut *self.writer;
+        let job = Job {
+            guest: comp.guest,
+            input,
+            out,
+        };
+        let submitted = pool.submit(job, &mut |p, d| write_decoded(writer, vsize, cs, p, d));
+        self.pool = Some(pool);
+        submitted?;
+        let mut c = first;
+        while c <= last {
+            if let Some(n) = self.comp_refs.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.comp_refs.remove(&c);
+                    self.comp_cache.remove(&c);
+                }
+            }
+            c += self.cs;
+        }
+        Ok(())
+    }
+
     fn finish_at_eof(&mut self, end: u64) -> Result<(), ConvertError> {
         if !self.l1_parsed {
             return Err(Qcow2Error::Truncated {
@@ -485,6 +557,24 @@ impl<'w> State<'w> {
         }
         Ok(())
     }
+}
+
+/// Writes a cluster a worker decoded.
+fn write_decoded(
+    writer: &mut SparseWriter,
+    virtual_size: u64,
+    cs: u64,
+    pool: &mut DecodePool,
+    d: Done,
+) -> Result<(), ConvertError> {
+    d.result.map_err(|source| Qcow2Error::Decompress {
+        guest: d.guest,
+        source,
+    })?;
+    let n = cs.min(virtual_size - d.guest) as usize;
+    writer.write_at(d.guest, &d.out[..n])?;
+    pool.recycle(d.input, d.out);
+    Ok(())
 }
 
 /// Decodes one compressed cluster into `out` (exactly one cluster); returns the bytes of
