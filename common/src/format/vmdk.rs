@@ -8,12 +8,14 @@
 //! Descriptor-only VMDKs (monolithicFlat, split extents) and images with a parent name
 //! other files and are refused. Checks mirror qemu's vmdk driver.
 
+use super::decode_pool::{DecodePool, Done, Job};
 use super::held::Held;
 use super::hostread::{copy_extents, Extent, HostReader};
 use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
 use crate::sink::SparseWriter;
 use std::io::Read;
+use std::sync::Arc;
 
 const F: Format = Format::Vmdk;
 const MAGIC: &[u8; 4] = b"KDMV";
@@ -259,9 +261,19 @@ fn stream_markers(
         .saturating_mul(512)
         .max(rd.pos().div_ceil(512) * 512);
     let mut sector = [0u8; 512];
-    let mut comp = Vec::new();
-    let mut grain = vec![0u8; gb as usize];
-    let mut inflater = flate2::Decompress::new(true);
+    let mut pool = DecodePool::new(Arc::new(inflate_grain), gb as usize, 16 << 20);
+    let mut on_done = |p: &mut DecodePool, d: Done| -> Result<(), FormatError> {
+        d.result.map_err(|e| {
+            FormatError::corrupt(
+                F,
+                format!("grain for byte {} does not inflate: {e}", d.guest),
+            )
+        })?;
+        let want = gb.min(size - d.guest) as usize;
+        writer.write_at(d.guest, &d.out[..want])?;
+        p.recycle(d.input, d.out);
+        Ok(())
+    };
     loop {
         rd.read_at(at, &mut sector)?;
         let lba = le64(&sector, 0);
@@ -269,7 +281,7 @@ fn stream_markers(
         if len == 0 {
             let kind = le32(&sector, 12);
             match kind {
-                MARKER_EOS => return Ok(()),
+                MARKER_EOS => break,
                 MARKER_GT | MARKER_GD | MARKER_FOOTER => {
                     at = lba
                         .checked_add(1)
@@ -298,7 +310,7 @@ fn stream_markers(
             .ok_or_else(|| {
                 FormatError::corrupt(F, format!("grain marker for sector {lba} at byte {at}"))
             })?;
-        comp.clear();
+        let (mut comp, out) = pool.buffers(gb as usize);
         let first = (len as usize).min(500);
         comp.extend_from_slice(&sector[12..12 + first]);
         if len as usize > first {
@@ -306,24 +318,33 @@ fn stream_markers(
             comp.resize(len as usize, 0);
             rd.read_at(at + 512, &mut comp[old..])?;
         }
-        inflater.reset(true);
-        let status = inflater
-            .decompress(&comp, &mut grain, flate2::FlushDecompress::Finish)
-            .map_err(|e| {
-                FormatError::corrupt(F, format!("grain for sector {lba} does not inflate: {e}"))
-            })?;
-        if status != flate2::Status::StreamEnd {
-            return Err(FormatError::corrupt(
-                F,
-                format!("grain for sector {lba} is not one deflate stream within the grain size"),
-            ));
-        }
-        let out = inflater.total_out() as usize;
-        let want = gb.min(size - guest) as usize;
-        grain[out.min(want)..want].fill(0);
-        writer.write_at(guest, &grain[..want])?;
+        pool.submit(
+            Job {
+                guest,
+                input: comp,
+                out,
+            },
+            &mut on_done,
+        )?;
         at += (12 + len).div_ceil(512) * 512;
     }
+    pool.finish(&mut on_done)
+}
+
+/// One streamOptimized grain: a zlib stream that inflates to at most a grain (the rest
+/// reads as zeros).
+fn inflate_grain(input: &[u8], out: &mut [u8]) -> std::io::Result<u64> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut z = flate2::Decompress::new(true);
+    let status = z
+        .decompress(input, out, flate2::FlushDecompress::Finish)
+        .map_err(|e| bad(e.to_string()))?;
+    if status != flate2::Status::StreamEnd {
+        return Err(bad("not one zlib stream within the grain size".into()));
+    }
+    let n = z.total_out() as usize;
+    out[n..].fill(0);
+    Ok(z.total_in())
 }
 
 #[cfg(test)]
