@@ -10,7 +10,8 @@ use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
 use crate::format::{sniff, Format, SNIFF_LEN};
 use crate::format::{vdi, vhd, vhdx, vmdk};
 use crate::progress::Progress;
-use crate::sink::sparse::{CopyError, SparseWriter};
+use crate::sink::discard::DiscardTarget;
+use crate::sink::sparse::{CopyError, SparseWriter, WriterOptions};
 use crate::sink::SinkError;
 use crate::stream::CountingReader;
 use std::io::{self, Read};
@@ -113,6 +114,9 @@ pub struct Report {
     pub format: Option<Format>,
     pub virtual_size: u64,
     pub tar_entry: Option<String>,
+    /// Set when the image was kept in its own format (a qcow2 with `keep_qcow2`): the
+    /// output file's length, which is not the virtual size.
+    pub kept_len: Option<u64>,
 }
 
 impl Report {
@@ -140,6 +144,9 @@ pub struct Options {
     /// compression or tar around it) reads data that precedes its tables again from the
     /// file instead of holding or spooling it.
     pub source_file: Option<Arc<std::fs::File>>,
+    /// Write a qcow2 image as qcow2 (validated by a full conversion that writes
+    /// nothing) instead of converting it to raw. Only for file destinations.
+    pub keep_qcow2: bool,
 }
 
 impl Options {
@@ -243,17 +250,17 @@ fn disk_layer(
             }
             Ok(())
         }
+        Format::Qcow2 if opts.keep_qcow2 => {
+            report.format = Some(Format::Qcow2);
+            keep_qcow2(&mut peek, writer, opts, report, last)
+        }
         Format::Qcow2 => {
             report.format = Some(Format::Qcow2);
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
             let copts = opts.stream_options(report);
-            let h = qcow2::convert(&mut counted, writer, &copts).map_err(|e| match e {
-                ConvertError::Qcow2(e) => PipelineError::Qcow2(e),
-                ConvertError::Read(e) => read_error(e, last),
-                ConvertError::Sink(e) => PipelineError::Sink(e),
-                ConvertError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
-            })?;
+            let h =
+                qcow2::convert(&mut counted, writer, &copts).map_err(|e| qcow2_error(e, last))?;
             opts.progress.set_virtual_total(Some(h.virtual_size));
             report.virtual_size = h.virtual_size;
             tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, "converted image");
@@ -281,10 +288,95 @@ fn disk_layer(
     }
 }
 
+/// Copies a qcow2 verbatim to the destination while converting it into a discarding
+/// writer: the conversion checks what a raw import would (hostile headers, every table,
+/// every compressed cluster), and any failure fails the import as it would for raw.
+fn keep_qcow2(
+    r: &mut dyn Read,
+    writer: &mut SparseWriter,
+    opts: &Options,
+    report: &mut Report,
+    last: Option<Format>,
+) -> Result<(), PipelineError> {
+    let progress = opts.progress.clone();
+    let mut counted = CountingReader::new(r, move |n| progress.add_decoded(n));
+    let mut tee = Tee {
+        inner: &mut counted,
+        out: writer,
+        pos: 0,
+        failed: None,
+    };
+    let mut check = SparseWriter::spawn(
+        Box::new(DiscardTarget::default()),
+        WriterOptions {
+            limit: opts.limit,
+            ..Default::default()
+        },
+    );
+    let copts = opts.stream_options(report);
+    let converted = qcow2::convert(&mut tee, &mut check, &copts).and_then(|h| {
+        io::copy(&mut tee, &mut io::sink()).map_err(ConvertError::Read)?;
+        Ok(h)
+    });
+    let converted = match (converted, tee.failed.take()) {
+        (_, Some(e)) => Err(PipelineError::Sink(e)),
+        (Ok(h), None) => Ok(h),
+        (Err(e), None) => Err(qcow2_error(e, last)),
+    };
+    let h = match converted {
+        Ok(h) => {
+            check.finish(0)?;
+            h
+        }
+        Err(e) => {
+            check.abort();
+            return Err(e);
+        }
+    };
+    let kept = tee.pos;
+    tee.out.flush_pending()?;
+    opts.progress.set_virtual_total(Some(h.virtual_size));
+    report.virtual_size = h.virtual_size;
+    report.kept_len = Some(kept);
+    tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, file_size = kept, "kept the qcow2 image as qcow2 (validated by a full conversion)");
+    Ok(())
+}
+
+/// Passes a stream through while writing every byte, in order, to the destination.
+struct Tee<'a> {
+    inner: &'a mut dyn Read,
+    out: &'a mut SparseWriter,
+    pos: u64,
+    failed: Option<SinkError>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            if let Err(e) = self.out.write_at(self.pos, &buf[..n]) {
+                self.failed = Some(e);
+                return Err(io::Error::other("the destination failed"));
+            }
+            self.pos += n as u64;
+        }
+        Ok(n)
+    }
+}
+
 fn finish_native(info: &ImageInfo, opts: &Options, report: &mut Report) {
     opts.progress.set_virtual_total(Some(info.virtual_size));
     report.virtual_size = info.virtual_size;
     tracing::info!(format = %report.describe(), subformat = info.subformat, virtual_size = info.virtual_size, "converted image");
+}
+
+fn qcow2_error(e: ConvertError, layer: Option<Format>) -> PipelineError {
+    match e {
+        ConvertError::Qcow2(e) => PipelineError::Qcow2(e),
+        ConvertError::Read(e) => read_error(e, layer),
+        ConvertError::Sink(e) => PipelineError::Sink(e),
+        ConvertError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
+    }
 }
 
 /// A converter's read failure is the layer below's (a corrupt gzip, a dropped source).
@@ -420,6 +512,7 @@ mod tests {
             progress: Arc::default(),
             scratch: None,
             source_file: None,
+            keep_qcow2: false,
         };
         let r = write_disk(&mut &input[..], &mut w, &opts);
         match &r {

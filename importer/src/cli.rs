@@ -222,6 +222,11 @@ pub struct VolumeArgs {
     /// Where the result for the controller goes.
     #[arg(long = "termination-log", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
+    /// `qcow2`: a qcow2 image is written as qcow2 (after the same validation as a
+    /// conversion) instead of raw; other formats are still converted to raw. Only for a
+    /// file destination.
+    #[arg(long = "output-format", env = "FERRYDISK_OUTPUT_FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
+    pub output_format: String,
 }
 
 /// Go's `strconv.ParseBool`: the exact spellings CDI accepts.

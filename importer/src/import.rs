@@ -39,6 +39,8 @@ pub struct DiskPlan {
     pub direct: bool,
     /// A mounted scratch volume, if any (CDI: a missing one means "required").
     pub scratch: Option<PathBuf>,
+    /// Write a qcow2 source as qcow2 (`--output-format qcow2`; file destinations only).
+    pub keep_qcow2: bool,
 }
 
 impl Plan {
@@ -80,8 +82,15 @@ impl Plan {
             &args.volume.data_dir,
             archive,
         );
+        let keep_qcow2 = args.volume.output_format == "qcow2";
+        if keep_qcow2 && matches!(dest, Destination::Block(_)) {
+            return Err(Failure::Config(
+                "--output-format qcow2 needs a file destination, not a block device".into(),
+            ));
+        }
         Ok(Plan {
             disk: DiskPlan {
+                keep_qcow2,
                 preallocate,
                 requested,
                 overhead: parse_overhead(&args.volume.filesystem_overhead),
@@ -159,6 +168,15 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         kind,
         message,
     };
+    if let Some(path) = local_path(&endpoint) {
+        if !plan.args.allow_local_files {
+            return Err(connect_err(
+                ErrorKind::Config,
+                "file:// endpoints need --allow-local-files (a flag, so a DataVolume's URL cannot read the importer pod's files)".into(),
+            ));
+        }
+        return import_file(plan, &path, progress).await;
+    }
     let a = &plan.args;
     let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
     headers.extend(a.extra_headers.iter().cloned());
@@ -184,15 +202,6 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         progress: progress.clone(),
     };
     let node_pull = a.pull_method == "node";
-    if let Some(path) = local_path(&endpoint) {
-        if !a.allow_local_files {
-            return Err(connect_err(
-                ErrorKind::Config,
-                "file:// endpoints need --allow-local-files (a flag, so a DataVolume's URL cannot read the importer pod's files)".into(),
-            ));
-        }
-        return import_file(plan, &path, progress).await;
-    }
     let download = http::open(client.clone(), &endpoint, opts)
         .await
         .map_err(|e| connect_err(e.kind(), e.to_string()))?;
@@ -327,6 +336,7 @@ fn pipeline_options(
         // Only a mounted scratch volume counts (CDI: a missing one means "required").
         scratch: plan.scratch.clone(),
         source_file: None,
+        keep_qcow2: plan.keep_qcow2,
     }
 }
 
@@ -382,9 +392,11 @@ fn finish_disk(
     report: &Report,
     labels: Option<BTreeMap<String, String>>,
 ) -> Result<TerminationMessage, Failure> {
-    let final_len = disk
-        .space
-        .map_or(report.virtual_size, |s| s.final_len(report.virtual_size));
+    // A kept qcow2 is exactly as long as it came; raw disks follow CDI's resize rule.
+    let final_len = report.kept_len.unwrap_or_else(|| {
+        disk.space
+            .map_or(report.virtual_size, |s| s.final_len(report.virtual_size))
+    });
     let (stats, info) = disk
         .writer
         .finish(final_len)

@@ -327,3 +327,69 @@ fn qcow2_larger_than_the_volume_is_refused_before_writing() {
         "virtual image size 2199023255552 is larger than the reported available storage 1073741824",
     );
 }
+
+/// `--output-format qcow2`: a qcow2 (here also inside xz) is written as it came, after
+/// a full validating conversion; a hostile one is still refused; raw stays raw.
+#[test]
+fn qcow2_kept_as_qcow2_when_asked() {
+    let d = tempfile::tempdir().expect("tmp");
+    let base = patterned_disk(d.path());
+    let b = base.to_str().expect("utf8");
+    let q = d.path().join("disk.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        b,
+        q.to_str().expect("utf8"),
+    ]);
+    let xz = sh(Command::new("xz").args(["-1", "-T1", "-c"]).arg(&q)).stdout;
+    std::fs::write(d.path().join("disk.qcow2.xz"), xz).expect("write");
+    let secret = secret_file(d.path());
+    let backing = d.path().join("backing.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        secret.to_str().expect("utf8"),
+        "-F",
+        "raw",
+        backing.to_str().expect("utf8"),
+    ]);
+    let server = HttpServer::start(d.path(), &[]);
+    for name in ["disk.qcow2", "disk.qcow2.xz"] {
+        let run = tempfile::tempdir().expect("tmp");
+        Importer::new(run.path())
+            .http(&server.url(name))
+            .arg("--output-format")
+            .arg("qcow2")
+            .run()
+            .assert_success();
+        let kept = run.path().join("data/disk.img");
+        assert_same_bytes(&kept, &q);
+        let raw = qemu_reference_as(&kept, Some("qcow2"), run.path());
+        assert_same_bytes(&raw, &base);
+    }
+    let run = tempfile::tempdir().expect("tmp");
+    let o = Importer::new(run.path())
+        .http(&server.url("backing.qcow2"))
+        .arg("--output-format")
+        .arg("qcow2")
+        .run();
+    o.assert_failure("backing file");
+    let out = std::fs::read(run.path().join("data/disk.img")).unwrap_or_default();
+    assert!(out.is_empty(), "a refused qcow2 leaves an empty disk");
+    let run = tempfile::tempdir().expect("tmp");
+    Importer::new(run.path())
+        .http(&server.url("base.raw"))
+        .arg("--output-format")
+        .arg("qcow2")
+        .run()
+        .assert_success();
+    assert_same_bytes(&run.path().join("data/disk.img"), &base);
+}

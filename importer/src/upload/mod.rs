@@ -108,6 +108,8 @@ impl Server {
             checksum: None,
             direct: a.volume.cache_mode == "TRYNONE",
             scratch: a.volume.scratch.is_dir().then(|| a.volume.scratch.clone()),
+            keep_qcow2: a.volume.output_format == "qcow2"
+                && matches!(self.disk_dest, Destination::File(_)),
         }
     }
 
