@@ -42,7 +42,7 @@ pub enum PipelineError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Format(FormatError),
-    #[error("{0} images are not supported yet: ferrydisk converts raw disk images (optionally compressed or in a tar)")]
+    #[error("{0} data is not supported here (a disk image may be raw, qcow2, vmdk, vhd, vhdx or vdi, optionally compressed or in a tar)")]
     Unsupported(Format),
     #[error("archive content must be a tar archive, found {0}")]
     NotAnArchive(Format),
