@@ -16,6 +16,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 progress: Arc::default(),
                 scratch: None,
                 source_file: None,
+                // Odd lengths also take the keep-as-qcow2 path (tee + validation).
+                keep_qcow2: data.len() % 2 == 1,
             },
         )
     });
