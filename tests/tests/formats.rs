@@ -299,3 +299,41 @@ fn local_files_need_the_flag() {
         .unwrap_or(0);
     assert_eq!(len, 0);
 }
+
+/// Formats qemu-img knows but CDI does not accept are refused by name, never imported
+/// as if they were raw.
+#[test]
+fn other_qemu_formats_are_refused_not_taken_as_raw() {
+    let d = tempfile::tempdir().expect("tmp");
+    let p = |n: &str| d.path().join(n).to_str().expect("utf8").to_string();
+    qemu_img(&["create", "-q", "-f", "qed", &p("disk.qed"), "8M"]);
+    qemu_img(&["create", "-q", "-f", "parallels", &p("disk.hdd"), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=sec0,data=ferrydisk",
+        "-f",
+        "luks",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        &p("disk.luks"),
+        "8M",
+    ]);
+    let server = HttpServer::start(d.path(), &[]);
+    for (name, says) in [
+        ("disk.qed", "qed"),
+        ("disk.hdd", "parallels"),
+        ("disk.luks", "luks"),
+    ] {
+        let run = tempfile::tempdir().expect("tmp");
+        let o = Importer::new(run.path()).http(&server.url(name)).run();
+        assert_eq!(o.code, 1, "{name}: {}", o.stderr);
+        assert!(
+            o.termination
+                .contains(&format!("{says} data is not supported")),
+            "{name}: {}",
+            o.termination
+        );
+    }
+}

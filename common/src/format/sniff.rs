@@ -19,6 +19,9 @@ pub enum Format {
     /// VHD with a header copy at offset 0 (dynamic/differencing). A fixed VHD is raw
     /// data plus a footer and is detected as raw, as qemu-img's probe does.
     Vpc,
+    /// A disk format qemu-img knows but CDI does not accept (qed, luks, parallels,
+    /// bochs, cloop, VMware's old COWD sparse): refused, never imported as raw.
+    Foreign(&'static str),
     Raw,
 }
 
@@ -35,6 +38,7 @@ impl Format {
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
             Format::Vpc => "vpc",
+            Format::Foreign(name) => name,
             Format::Raw => "raw",
         }
     }
@@ -89,6 +93,20 @@ pub fn sniff(head: &[u8]) -> Format {
     }
     if at(0, b"conectix") {
         return Format::Vpc;
+    }
+    // Magics of qemu's other block drivers, as its probes see them.
+    for (off, magic, name) in [
+        (0, &b"QED\0"[..], "qed"),
+        (0, b"LUKS\xba\xbe", "luks"),
+        (0, b"WithoutFreeSpace", "parallels"),
+        (0, b"WithouFreSpacExt", "parallels"),
+        (0, b"Bochs Virtual HD Image", "bochs"),
+        (0, b"COWD", "vmdk (COWD)"),
+        (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
+    ] {
+        if at(off, magic) {
+            return Format::Foreign(name);
+        }
     }
     if is_tar(head) {
         return Format::Tar;
@@ -166,6 +184,8 @@ mod tests {
             Format::Vdi
         );
         assert_eq!(sniff(&padded(b"conectix", 0)), Format::Vpc);
+        assert_eq!(sniff(&padded(b"QED\0", 0)), Format::Foreign("qed"));
+        assert_eq!(sniff(&padded(b"LUKS\xba\xbe", 0)), Format::Foreign("luks"));
         assert_eq!(sniff(&padded(b"ustar", 257)), Format::Tar);
         assert_eq!(sniff(&[0u8; SNIFF_LEN]), Format::Raw);
         assert_eq!(sniff(b"BZh"), Format::Raw);
