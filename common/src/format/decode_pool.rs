@@ -68,7 +68,7 @@ impl DecodePool {
                 inline: Some(decode),
             };
         }
-        let max_in_flight = (max_bytes / unit.max(1)).max(2 * threads);
+        let max_in_flight = (max_bytes / unit.max(1)).max(4 * threads);
         let (tx, job_rx) = mpsc::sync_channel::<Job>(max_in_flight);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let workers = (0..threads)

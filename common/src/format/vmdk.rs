@@ -261,7 +261,7 @@ fn stream_markers(
         .saturating_mul(512)
         .max(rd.pos().div_ceil(512) * 512);
     let mut sector = [0u8; 512];
-    let mut pool = DecodePool::new(Arc::new(inflate_grain), gb as usize, 16 << 20);
+    let mut pool = DecodePool::new(Arc::new(inflate_grain), gb as usize, 4 << 20);
     let mut on_done = |p: &mut DecodePool, d: Done| -> Result<(), FormatError> {
         d.result.map_err(|e| {
             FormatError::corrupt(

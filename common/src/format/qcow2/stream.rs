@@ -487,7 +487,7 @@ impl<'w> State<'w> {
                     decode_cluster(compression, src, out)
                 }),
                 self.cs as usize,
-                16 << 20,
+                4 << 20,
             )
         });
         let (mut input, out) = pool.buffers(self.cs as usize);
