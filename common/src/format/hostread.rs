@@ -204,6 +204,32 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// Adds `e`, merged into the previous run when both its host and guest offsets continue
+/// it. Tools allocate blocks in write order, so a disk written front to back collapses
+/// to a few runs, and the list stays small however large the disk.
+pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = list.last_mut() {
+        if last.host + last.len == e.host && last.guest + last.len == e.guest {
+            last.len += e.len;
+            return;
+        }
+    }
+    list.push(e);
+}
+
+/// Refuses a block table (vmdk grain directory, vhd BAT, vdi block map) of more than
+/// `max` bytes before anything is allocated from its length. Each format's bound is far
+/// above what a real image of the largest size the format allows needs.
+pub fn check_table(format: Format, what: &str, bytes: u64, max: u64) -> Result<(), FormatError> {
+    if bytes > max {
+        return Err(FormatError::unsupported(
+            format,
+            format!("a {what} of {bytes} bytes (more than {max})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Copies `extents` to their guest offsets, reading them in host order (tables must
 /// have been read and retention stopped). Two extents sharing host bytes are refused:
 /// no tool writes that, and a stream could not give the bytes twice.
@@ -297,6 +323,33 @@ mod tests {
         let mut back = vec![0u8; 400_000];
         rd.read_at(1, &mut back).expect("from spool");
         assert_eq!(back, &d[1..400_001]);
+    }
+
+    #[test]
+    fn contiguous_extents_merge_and_big_tables_are_refused() {
+        let mut v = Vec::new();
+        for i in 0..1000u64 {
+            push_extent(
+                &mut v,
+                Extent {
+                    host: 4096 + i * 512,
+                    guest: i * 512,
+                    len: 512,
+                },
+            );
+        }
+        push_extent(
+            &mut v,
+            Extent {
+                host: 1 << 30,
+                guest: 1 << 20,
+                len: 512,
+            },
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].len, 512_000);
+        assert!(check_table(Format::Vmdk, "grain directory", 5 << 20, 4 << 20).is_err());
+        assert!(check_table(Format::Vmdk, "grain directory", 4 << 20, 4 << 20).is_ok());
     }
 
     #[test]

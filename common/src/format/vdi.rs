@@ -6,7 +6,7 @@
 //! The checks mirror qemu's vdi driver: what qemu refuses, we refuse.
 
 use super::held::Held;
-use super::hostread::{copy_extents, Extent, HostReader};
+use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
 use crate::sink::SparseWriter;
@@ -143,6 +143,8 @@ pub fn convert(
         "vdi image"
     );
     let used = h.blocks_used();
+    // 4 bytes per 1 MiB block: 64 MiB maps 16 TiB.
+    check_table(F, "block map", used * 4, 64 << 20)?;
     let mut map = vec![0u8; (used * 4) as usize];
     rd.read_at(h.offset_bmap, &mut map)?;
     rd.stop_retaining()?;
@@ -153,11 +155,14 @@ pub fn convert(
             continue;
         }
         let guest = i as u64 * u64::from(BLOCK_SIZE);
-        extents.push(Extent {
-            host: h.offset_data + u64::from(e) * u64::from(BLOCK_SIZE),
-            guest,
-            len: u64::from(BLOCK_SIZE).min(size - guest),
-        });
+        push_extent(
+            &mut extents,
+            Extent {
+                host: h.offset_data + u64::from(e) * u64::from(BLOCK_SIZE),
+                guest,
+                len: u64::from(BLOCK_SIZE).min(size - guest),
+            },
+        );
     }
     writer.prepare_random(size)?;
     copy_extents(&mut rd, writer, extents)?;

@@ -10,7 +10,7 @@
 //! by creator application), so our output matches `qemu-img convert -f vpc`.
 
 use super::held::Held;
-use super::hostread::{copy_extents, Extent, HostReader};
+use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{be16, be32, be64, check_size, FormatError, ImageInfo, StreamOptions};
 use super::Format;
 use crate::sink::SparseWriter;
@@ -119,6 +119,8 @@ pub fn convert(
     }
     tracing::info!(virtual_size = size, block_size, "vhd image (dynamic)");
     let used = size.div_ceil(block_size);
+    // 4 bytes per block (2 MiB as tools write them): 8 MiB maps 4 TiB, twice what VHD allows.
+    check_table(F, "block allocation table", used * 4, 8 << 20)?;
     let mut bat = vec![0u8; (used * 4) as usize];
     rd.read_at(table_offset, &mut bat)?;
     rd.stop_retaining()?;
@@ -132,11 +134,14 @@ pub fn convert(
             continue;
         }
         let guest = i as u64 * block_size;
-        extents.push(Extent {
-            host: u64::from(e) * 512 + bitmap,
-            guest,
-            len: block_size.min(size - guest),
-        });
+        push_extent(
+            &mut extents,
+            Extent {
+                host: u64::from(e) * 512 + bitmap,
+                guest,
+                len: block_size.min(size - guest),
+            },
+        );
     }
     writer.prepare_random(size)?;
     copy_extents(&mut rd, writer, extents)?;

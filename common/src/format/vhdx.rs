@@ -12,7 +12,7 @@
 //! the spec's bounds. Checks follow qemu's vhdx driver.
 
 use super::held::Held;
-use super::hostread::{copy_extents, Extent, HostReader};
+use super::hostread::{copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
 use crate::sink::SparseWriter;
@@ -398,11 +398,14 @@ pub fn convert(
         match e & 7 {
             STATE_FULLY_PRESENT => {
                 let guest = block * md.block_size;
-                extents.push(Extent {
-                    host: e >> 20 << 20,
-                    guest,
-                    len: md.block_size.min(size - guest),
-                });
+                push_extent(
+                    &mut extents,
+                    Extent {
+                        host: e >> 20 << 20,
+                        guest,
+                        len: md.block_size.min(size - guest),
+                    },
+                );
             }
             STATE_PARTIALLY_PRESENT => {
                 return Err(FormatError::external(

@@ -10,7 +10,7 @@
 
 use super::decode_pool::{DecodePool, Done, Job};
 use super::held::Held;
-use super::hostread::{copy_extents, Extent, HostReader};
+use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
 use crate::sink::SparseWriter;
@@ -212,6 +212,9 @@ pub fn convert(
 fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, FormatError> {
     let gt_cover = u64::from(h.gtes_per_gt) * h.grain;
     let gts = h.capacity.div_ceil(gt_cover);
+    // 4 bytes per grain table (32 MiB of disk with the usual 512 x 64 KiB): 4 MiB maps
+    // 32 PiB, and bounds what odd grain sizes can make us allocate.
+    check_table(F, "grain directory", gts * 4, 4 << 20)?;
     let mut gd = vec![0u8; (gts * 4) as usize];
     rd.read_at(h.gd_offset.saturating_mul(512), &mut gd)?;
     let mut tables: Vec<(u64, u64)> = gd
@@ -236,11 +239,14 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
             if guest >= size {
                 break;
             }
-            extents.push(Extent {
-                host: e * 512,
-                guest,
-                len: gb.min(size - guest),
-            });
+            push_extent(
+                &mut extents,
+                Extent {
+                    host: e * 512,
+                    guest,
+                    len: gb.min(size - guest),
+                },
+            );
         }
     }
     Ok(extents)
