@@ -9,7 +9,7 @@
 //! paid only by such images.
 
 use super::held::Held;
-use super::image::FormatError;
+use super::image::{FormatError, StreamOptions};
 use super::Format;
 use std::io::{self, Read};
 
@@ -43,6 +43,12 @@ impl<'r> HostReader<'r> {
             retaining: true,
             scratch_buf: Vec::new(),
         }
+    }
+
+    /// A reader for one converter: retention as `opts` allow (memory then scratch, or
+    /// re-reading the source file).
+    pub fn for_image(r: &'r mut dyn Read, format: Format, opts: &StreamOptions) -> Self {
+        HostReader::new(r, format, Held::for_options(format.name(), opts, CHUNK))
     }
 
     pub fn format(&self) -> Format {

@@ -5,7 +5,6 @@
 //! VirtualBox and qemu-img both write the map before the data, so the image streams.
 //! The checks mirror qemu's vdi driver: what qemu refuses, we refuse.
 
-use super::held::Held;
 use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
@@ -125,7 +124,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(r, F, Held::for_options("vdi", opts, super::hostread::CHUNK));
+    let mut rd = HostReader::for_image(r, F, opts);
     let mut head = vec![0u8; 512];
     rd.read_at(0, &mut head)?;
     let h = Header::parse(&head)?;

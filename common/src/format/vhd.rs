@@ -9,7 +9,6 @@
 //! refused. The virtual size follows qemu's rule (CHS geometry or the footer's size,
 //! by creator application), so our output matches `qemu-img convert -f vpc`.
 
-use super::held::Held;
 use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{be16, be32, be64, check_size, FormatError, ImageInfo, StreamOptions};
 use super::Format;
@@ -81,7 +80,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(r, F, Held::for_options("vhd", opts, super::hostread::CHUNK));
+    let mut rd = HostReader::for_image(r, F, opts);
     let mut head = vec![0u8; 512];
     rd.read_at(0, &mut head)?;
     let footer = Footer::parse(&head)?;

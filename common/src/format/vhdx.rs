@@ -11,7 +11,6 @@
 //! (differencing disks), unknown required regions or metadata items, and sizes outside
 //! the spec's bounds. Checks follow qemu's vhdx driver.
 
-use super::held::Held;
 use super::hostread::{copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
@@ -318,11 +317,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(
-        r,
-        F,
-        Held::for_options("vhdx", opts, super::hostread::CHUNK),
-    );
+    let mut rd = HostReader::for_image(r, F, opts);
     let mut ident = [0u8; 8];
     rd.read_at(0, &mut ident)?;
     if &ident != b"vhdxfile" {

@@ -9,7 +9,6 @@
 //! other files and are refused. Checks mirror qemu's vmdk driver.
 
 use super::decode_pool::{DecodePool, Done, Job};
-use super::held::Held;
 use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
 use super::Format;
@@ -153,11 +152,7 @@ pub fn convert(
     writer: &mut SparseWriter,
     opts: &StreamOptions,
 ) -> Result<ImageInfo, FormatError> {
-    let mut rd = HostReader::new(
-        r,
-        F,
-        Held::for_options("vmdk", opts, super::hostread::CHUNK),
-    );
+    let mut rd = HostReader::for_image(r, F, opts);
     let mut head = vec![0u8; 512];
     let n = rd.read_prefix(&mut head)?;
     let h = Header::parse(&head[..n])?;

@@ -424,14 +424,7 @@ impl<'w> State<'w> {
         } else {
             let mut input = std::mem::take(&mut self.comp_in);
             input.clear();
-            let mut c = first;
-            while c <= last {
-                match self.comp_cache.get(&c) {
-                    Some(d) => input.extend_from_slice(d),
-                    None => break, // past the end of the image
-                }
-                c += self.cs;
-            }
+            self.gather(first, last, &mut input);
             let end = (start + comp.len as usize).min(input.len());
             if start >= end {
                 return Err(truncated(input.len()));
@@ -474,6 +467,19 @@ impl<'w> State<'w> {
         Ok(())
     }
 
+    /// Appends the cached host clusters `first..=last` to `input`, stopping at the end
+    /// of the image (a compressed length is an upper bound and may run past it).
+    fn gather(&self, first: u64, last: u64, input: &mut Vec<u8>) {
+        let mut c = first;
+        while c <= last {
+            match self.comp_cache.get(&c) {
+                Some(d) => input.extend_from_slice(d),
+                None => break,
+            }
+            c += self.cs;
+        }
+    }
+
     /// Every table is known, so no cluster needs keeping for later: the compressed bytes
     /// go to a worker, and the clusters they came from are let go at once.
     fn decompress_parallel(&mut self, comp: &Comp) -> Result<(), ConvertError> {
@@ -491,14 +497,7 @@ impl<'w> State<'w> {
             )
         });
         let (mut input, out) = pool.buffers(self.cs as usize);
-        let mut c = first;
-        while c <= last {
-            match self.comp_cache.get(&c) {
-                Some(d) => input.extend_from_slice(d),
-                None => break, // past the end of the image
-            }
-            c += self.cs;
-        }
+        self.gather(first, last, &mut input);
         let end = (start + comp.len as usize).min(input.len());
         if start >= end {
             return Err(Qcow2Error::Truncated {
