@@ -11,6 +11,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 /// A port nothing listens on right now, on 127.0.0.1.
+/// Spawns a binary the test has just copied. Another test thread forking while the
+/// copy's write handle is open makes the child inherit it, and exec then fails with
+/// ETXTBSY until that child has exec'd too: retried briefly.
+pub fn spawn_copied(c: &mut Command) -> Child {
+    for _ in 0..50 {
+        match c.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.expect("spawn"),
+        }
+    }
+    c.spawn().expect("spawn (text file still busy)")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

@@ -68,7 +68,7 @@ fn start_server(
         .arg(rootfs)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    c.spawn().expect("server")
+    spawn_copied(&mut c)
 }
 
 fn importer(run: &Path, shared: &Path, port: u16) -> Importer {
