@@ -84,7 +84,7 @@ impl DecodePool {
                             Err(_) => return,
                         };
                         let Ok(mut job) = job else { return };
-                        let result = decode(&job.input, &mut job.out);
+                        let result = run_decode(&decode, &job.input, &mut job.out);
                         let done = Done {
                             guest: job.guest,
                             input: job.input,
@@ -132,7 +132,7 @@ impl DecodePool {
         on_done: &mut dyn FnMut(&mut Self, Done) -> Result<(), E>,
     ) -> Result<(), E> {
         if let Some(decode) = self.inline.clone() {
-            let result = decode(&job.input, &mut job.out);
+            let result = run_decode(&decode, &job.input, &mut job.out);
             let done = Done {
                 guest: job.guest,
                 input: job.input,
@@ -148,11 +148,14 @@ impl DecodePool {
             self.in_flight -= 1;
             on_done(self, d)?;
         }
-        if let Some(tx) = &self.tx {
-            if tx.send(job).is_ok() {
-                self.in_flight += 1;
-            }
-        }
+        // Dropping a unit would leave zeros where data belongs and still report success.
+        let tx = self
+            .tx
+            .as_ref()
+            .expect("a pool with workers has a job channel");
+        tx.send(job)
+            .expect("decode workers outlive the pool's job channel");
+        self.in_flight += 1;
         Ok(())
     }
 
@@ -176,13 +179,22 @@ impl DecodePool {
                 self.in_flight -= 1;
                 on_done(self, d)
             }
-            // Every worker is gone (cannot happen while `tx` lives): nothing to wait for.
-            Err(_) => {
-                self.in_flight = 0;
-                Ok(())
-            }
+            // Workers hold the result channel while `tx` lives: units in flight were
+            // lost, and reporting success would leave holes in the disk.
+            Err(_) => panic!(
+                "decode workers exited with {} units in flight",
+                self.in_flight
+            ),
         }
     }
+}
+
+/// A decoder panic comes back as this unit's error: a unit that never reports would
+/// leave [`DecodePool::finish`] waiting forever. (Release builds abort on panic, so the
+/// import fails either way; this keeps debug builds and tests from hanging.)
+fn run_decode(decode: &Arc<DecodeFn>, input: &[u8], out: &mut [u8]) -> io::Result<u64> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(input, out)))
+        .unwrap_or_else(|_| Err(io::Error::other("decoder panicked")))
 }
 
 impl Drop for DecodePool {
@@ -199,6 +211,9 @@ mod tests {
     use super::*;
 
     fn upper(input: &[u8], out: &mut [u8]) -> io::Result<u64> {
+        if input.first() == Some(&b'#') {
+            panic!("decoder bug");
+        }
         if input.first() == Some(&b'!') {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bang"));
         }
@@ -222,7 +237,11 @@ mod tests {
         };
         for i in 0..100u64 {
             let (mut input, out) = pool.buffers(4);
-            input.extend_from_slice(if i == 50 { b"!bad" } else { b"abcd" });
+            input.extend_from_slice(match i {
+                50 => b"!bad",
+                70 => b"#bug",
+                _ => b"abcd",
+            });
             pool.submit(
                 Job {
                     guest: i,
@@ -239,13 +258,15 @@ mod tests {
     }
 
     #[test]
-    fn every_job_comes_back_once_with_threads_or_inline() {
+    fn every_job_comes_back_once_even_when_its_decoder_panics() {
         for threads in [1, 2, 4] {
             let (got, errors) = run(threads);
-            assert_eq!(errors, 1);
-            assert_eq!(got.len(), 99);
+            // The corrupt unit and the one whose decoder panicked come back as errors;
+            // nothing is lost and nothing hangs.
+            assert_eq!(errors, 2);
+            assert_eq!(got.len(), 98);
             assert!(got.iter().all(|(_, o)| o == b"ABCD"));
-            assert!(!got.iter().any(|(g, _)| *g == 50));
+            assert!(!got.iter().any(|(g, _)| *g == 50 || *g == 70));
         }
     }
 }
