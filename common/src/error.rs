@@ -27,6 +27,9 @@ pub enum ErrorKind {
     /// The format needs random access and no scratch volume is mounted: CDI's
     /// `scratchSpaceRequired` answer makes the controller retry with one.
     ScratchRequired,
+    /// The source changed under a download that had to resume (validators differ or are
+    /// missing): the import starts again from byte 0 instead of splicing two files.
+    SourceChanged,
 }
 
 impl ErrorKind {
@@ -34,7 +37,10 @@ impl ErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorKind::Network | ErrorKind::Io | ErrorKind::ScratchRequired
+            ErrorKind::Network
+                | ErrorKind::Io
+                | ErrorKind::ScratchRequired
+                | ErrorKind::SourceChanged
         )
     }
 
@@ -60,6 +66,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::ChecksumMismatch => "checksum-mismatch",
             ErrorKind::ScratchRequired => "scratch-required",
+            ErrorKind::SourceChanged => "source-changed",
         };
         f.write_str(s)
     }
@@ -126,13 +133,40 @@ pub fn chain_line(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// CDI keeps only the first line of a termination message; we fold instead of cutting
-/// so nothing after a newline is lost.
+/// so nothing after a newline is lost. Other control characters are escaped
+/// ([`sanitize`]): messages quote names and labels taken from untrusted images.
 pub fn one_line(s: &str) -> String {
-    s.split(['\n', '\r'])
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+    sanitize(
+        &s.split(['\n', '\r'])
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Text from an image (tar entry names, labels, format strings) made safe for a
+/// terminal, a log line and the termination message: every control character (C0, DEL,
+/// C1, so ESC sequences too) and bidi override is written as `\u{..}`.
+pub fn sanitize(s: &str) -> String {
+    if !s.chars().any(is_unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c == '\t' {
+            out.push(' ');
+        } else if is_unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_unsafe_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 #[cfg(test)]
@@ -150,6 +184,13 @@ mod tests {
     #[test]
     fn one_line_folds_newlines() {
         assert_eq!(one_line("a\nb\r\n c \n"), "a b c");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(sanitize("disk\x1b[2J.img"), "disk\\u{1b}[2J.img");
+        assert_eq!(one_line("a\x07b\nc\u{202e}d"), "a\\u{7}b c\\u{202e}d");
+        assert_eq!(sanitize("plain ünïcode"), "plain ünïcode");
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub fn from_env<'a>(env: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, 
         }
         label.push_str("kubevirt.io/");
         label.push_str(&suffix.replace('_', "-"));
-        out.insert(label.to_lowercase(), value.to_string());
+        // Image text: no control characters reach the termination message or logs.
+        out.insert(
+            crate::error::sanitize(&label.to_lowercase()),
+            crate::error::sanitize(value),
+        );
     }
     out
 }

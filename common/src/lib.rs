@@ -13,6 +13,7 @@ pub mod error;
 pub mod format;
 pub mod klog;
 pub mod labels;
+pub mod listen;
 pub mod pipeline;
 pub mod progress;
 pub mod sink;

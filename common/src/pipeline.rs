@@ -62,9 +62,8 @@ impl PipelineError {
             PipelineError::Corrupt { .. }
             | PipelineError::NotAnArchive(_)
             | PipelineError::TooDeep => ErrorKind::CorruptImage,
-            PipelineError::Tar(TarError::TooLarge { .. }) | PipelineError::TooLarge { .. } => {
-                ErrorKind::TooLarge
-            }
+            PipelineError::Tar(TarError::TooLarge { .. } | TarError::Full { .. })
+            | PipelineError::TooLarge { .. } => ErrorKind::TooLarge,
             PipelineError::Tar(TarError::Write { .. }) => ErrorKind::Io,
             PipelineError::Tar(_) => ErrorKind::CorruptImage,
             PipelineError::Sink(e) => e.kind(),

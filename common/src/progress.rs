@@ -71,6 +71,14 @@ impl Progress {
         f64::from_bits(prev).max(pct)
     }
 
+    /// The import starts again from byte 0 (the source changed under a resume): the
+    /// stage counters start over; the reported percentage never goes down.
+    pub fn restart(&self) {
+        self.source.store(0, Relaxed);
+        self.decoded.store(0, Relaxed);
+        self.written.store(0, Relaxed);
+    }
+
     pub fn complete(&self) {
         self.reported.fetch_max(100f64.to_bits(), Relaxed);
     }

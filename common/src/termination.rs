@@ -98,6 +98,30 @@ pub fn write_failure(path: &Path, message: &str) -> Result<String, TerminationEr
     Ok(line)
 }
 
+/// Makes a panic (with `panic = "abort"` in release builds) end like any other failure:
+/// one line in the log, a termination message `<prefix>internal error: <what> at
+/// <file:line>` and exit 1, instead of a pod that dies without a word.
+pub fn install_panic_hook(log: Option<std::path::PathBuf>, prefix: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = format!("{prefix}internal error: {what}{at}");
+        eprintln!("{}", crate::error::one_line(&message));
+        if let Some(path) = &log {
+            let _ = write_failure(path, &message);
+        }
+        std::process::exit(1);
+    }));
+}
+
 fn write_file(path: &Path, content: &str) -> Result<(), TerminationError> {
     let werr = |source| TerminationError::Write {
         path: path.display().to_string(),

@@ -48,6 +48,9 @@ pub struct ImportArgs {
     /// Where the disk goes and how it is written (shared with the other subcommands).
     #[command(flatten)]
     pub volume: crate::cli::VolumeArgs,
+    /// Panics on purpose: the end-to-end test of the panic hook (termination message).
+    #[arg(long = "internal-panic-test", hide = true)]
+    pub internal_panic_test: bool,
 
     // ---- what to import ----
     /// Source type: http, registry, none (blank disk); s3, gcs, imageio, vddk are CDI
@@ -125,6 +128,18 @@ pub struct ImportArgs {
     /// Resume attempts after a dropped connection before giving up.
     #[arg(long, default_value_t = 8)]
     pub retries: u32,
+    /// Refuse HTTP redirects to link-local (169.254.0.0/16, fe80::/10: cloud metadata),
+    /// loopback and unspecified addresses. CDI follows them; the deploy manifests set it.
+    #[arg(
+        long = "refuse-internal-redirects",
+        env = "FERRYDISK_REFUSE_INTERNAL_REDIRECTS",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub refuse_internal_redirects: bool,
     /// Give up on a transfer that delivers no byte for this many seconds (CDI: 600).
     #[arg(long = "idle-timeout", value_name = "SECONDS", default_value_t = 600)]
     pub idle_timeout: u64,

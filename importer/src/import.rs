@@ -7,6 +7,7 @@ use crate::sources::image::ContainerImage;
 use crate::sources::{blank, client, http, local_image, redact, registry};
 use ferrydisk_common::checksum::{Checksum, HashingReader};
 use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
+use ferrydisk_common::decode::tar::Staging;
 use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
 use ferrydisk_common::progress::Progress;
@@ -188,6 +189,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
         https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
+        refuse_internal_redirects: a.refuse_internal_redirects,
     })
     .map_err(|e| connect_err(ErrorKind::Config, e.to_string()))?;
     let auth = match (&a.access_key_id, &a.secret_key) {
@@ -202,21 +204,37 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         progress: progress.clone(),
     };
     let node_pull = a.pull_method == "node";
-    let download = http::open(client.clone(), &endpoint, opts)
-        .await
-        .map_err(|e| connect_err(e.kind(), e.to_string()))?;
-    let content_length = download.content_length;
-    let reader = ChannelReader::new(download.rx);
-    let mut msg = tokio::task::spawn_blocking(move || {
-        write_http(&plan.disk, reader, content_length, progress)
-    })
-    .await
-    .map_err(blocking_failed)??;
+    let disk = Arc::new(plan.disk);
+    let mut restarts = 0;
+    let mut msg = loop {
+        let download = http::open(client.clone(), &endpoint, opts.clone())
+            .await
+            .map_err(|e| connect_err(e.kind(), e.to_string()))?;
+        let content_length = download.content_length;
+        let reader = ChannelReader::new(download.rx);
+        let (d, p) = (disk.clone(), progress.clone());
+        let result = tokio::task::spawn_blocking(move || write_http(&d, reader, content_length, p))
+            .await
+            .map_err(blocking_failed)?;
+        match result {
+            // The destination was emptied when the attempt failed; a new one rewrites it.
+            Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < MAX_RESTARTS => {
+                restarts += 1;
+                tracing::warn!(restart = restarts, error = %f.detail(), "the source changed under a resumed download; importing again from byte 0");
+                progress.restart();
+            }
+            other => break other?,
+        }
+    };
     if node_pull {
         msg.labels = node_pull_labels(&client, &endpoint).await;
     }
     Ok(msg)
 }
+
+/// How often an import starts again from byte 0 because its source changed under a
+/// resume, before it fails.
+const MAX_RESTARTS: u32 = 3;
 
 /// `file:///path` (a local user's disk, or a volume mounted into the pod).
 fn local_path(endpoint: &str) -> Option<PathBuf> {
@@ -447,9 +465,32 @@ fn write_stream(
             plan.overhead,
         )
         .available;
-        let report = pipeline::unpack_archive(&mut src, dir, &opts).map_err(process_failure)?;
-        drain(&mut src)?;
-        src.verify().map_err(checksum_failure)?;
+        let staging = Staging::create(dir).map_err(|e| {
+            io_fail(
+                format!("creating a staging directory in {}", dir.display()),
+                e,
+            )
+        })?;
+        let result = pipeline::unpack_archive(&mut src, staging.path(), &opts)
+            .map_err(process_failure)
+            .and_then(|report| {
+                drain(&mut src)?;
+                src.verify().map_err(checksum_failure)?;
+                Ok(report)
+            });
+        let report = match result {
+            Ok(r) => r,
+            Err(f) => {
+                staging.discard();
+                return Err(f);
+            }
+        };
+        staging.commit().map_err(|e| {
+            io_fail(
+                format!("moving the unpacked archive into {}", dir.display()),
+                e,
+            )
+        })?;
         log_done(&report, None);
         return Ok(TerminationMessage::import_complete(false, None));
     }

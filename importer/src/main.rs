@@ -32,6 +32,12 @@ fn main() {
         Command::ServeDisk(_) => 0,
     };
     init_logging(verbosity);
+    let termination_log = match &cli.command {
+        Command::Import(a) => Some(a.volume.termination_log.clone()),
+        Command::UploadServer(a) => Some(a.volume.termination_log.clone()),
+        Command::ServeDisk(_) => None,
+    };
+    termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
     // reqwest takes the process default instead of bringing a second crypto library).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -56,6 +62,11 @@ fn main() {
 }
 
 async fn run(args: cli::ImportArgs) -> i32 {
+    if args.internal_panic_test {
+        let v: Vec<u64> = Vec::new();
+        // Deliberately out of bounds, on a worker thread like a converter bug would be.
+        let _ = tokio::task::spawn_blocking(move || v[usize::from(v.is_empty())]).await;
+    }
     let progress = Arc::new(Progress::default());
     let termination_log = args.volume.termination_log.clone();
     if let Some(addr) = args.metrics_addr() {

@@ -1,6 +1,7 @@
 //! The progress metric over HTTPS with a fresh self-signed certificate, as CDI serves
 //! it (contract section 1.10): every path answers with the exposition.
 
+use ferrydisk_common::listen;
 use ferrydisk_common::progress::{prometheus_text, Progress};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -32,15 +33,16 @@ pub async fn serve(
     progress: Arc<Progress>,
 ) {
     let owner_uid: Arc<str> = owner_uid.into();
+    // A scraper needs a connection or two; anything more is not a scraper.
+    let mut listener = listen::GuardedListener::new(listener, 16);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+        let (tcp, permit) = listener.accept().await;
         let acceptor = acceptor.clone();
         let progress = progress.clone();
         let owner_uid = owner_uid.clone();
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            let _permit = permit;
+            let Ok(tls) = listen::with_handshake_timeout(acceptor.accept(tcp)).await else {
                 return;
             };
             let svc = service_fn(move |_req| {
@@ -52,6 +54,8 @@ pub async fn serve(
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(listen::HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });

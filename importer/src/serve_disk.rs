@@ -108,17 +108,20 @@ pub async fn run(args: ServeArgs) -> i32 {
     tracing::info!(disk = %disk.display(), port = args.port, "serving the disk");
     let disk = Arc::new(disk);
     let name: Arc<str> = name.into();
+    let mut listener = ferrydisk_common::listen::GuardedListener::new(listener, 64);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+            (tcp, permit) = listener.accept() => {
                 let (disk, name) = (disk.clone(), name.clone());
                 let svc = hyper::service::service_fn(move |req| serve(disk.clone(), name.clone(), req));
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(ferrydisk_common::listen::HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
                 let watcher = graceful.watcher();
-                tokio::spawn(async move { let _ = watcher.watch(conn).await; });
+                tokio::spawn(async move { let _permit = permit; let _ = watcher.watch(conn).await; });
             }
             _ = tick.tick() => {
                 if args.done_file.exists() {

@@ -25,10 +25,16 @@ p.add_argument("--drops", type=int, default=0, help="how many GET responses are 
 p.add_argument("--short", action="store_true", help="every body stops at half its Content-Length")
 p.add_argument("--rate", type=int, default=0, help="bytes per second per response")
 p.add_argument("--log", help="append one line per request here")
+p.add_argument("--swap", help="after the first dropped response, serve this file's bytes instead (the file changed)")
+p.add_argument("--validators", default="both", choices=["both", "etag", "weak", "lastmod", "none"],
+               help="which validators responses carry")
+p.add_argument("--ignore-if-range", action="store_true", help="answer every Range with 206, whatever If-Range says")
+p.add_argument("--redirect-loop", action="store_true", help="/loop redirects to itself")
+p.add_argument("--redirect-to", help="/redirect answers 302 to this URL")
 args = p.parse_args()
 
 lock = threading.Lock()
-state = {"drops_left": args.drops}
+state = {"drops_left": args.drops, "swapped": False}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -58,7 +64,22 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if args.redirect_loop and self.path.startswith("/loop"):
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if args.redirect_to and self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", args.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path = os.path.join(args.dir, self.path.lstrip("/").split("?")[0])
+        with lock:
+            if state["swapped"] and args.swap:
+                path = args.swap
         if not os.path.isfile(path):
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -70,7 +91,11 @@ class Handler(BaseHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if rng and not args.no_range and rng.startswith("bytes=") and (if_range is None or if_range == etag):
+        if args.validators == "weak":
+            etag = "W/" + etag
+        lastmod = formatdate(st.st_mtime, usegmt=True)
+        range_ok = if_range is None or if_range in (etag, lastmod) or args.ignore_if_range
+        if rng and not args.no_range and rng.startswith("bytes=") and range_ok:
             start = int(rng[len("bytes="):].split("-")[0])
             self.send_response(206)
             self.send_header("Content-Range", "bytes %d-%d/%d" % (start, size - 1, size))
@@ -78,8 +103,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         length = size - start
         self.send_header("Content-Length", str(length))
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+        if args.validators in ("both", "etag", "weak"):
+            self.send_header("ETag", etag)
+        if args.validators in ("both", "lastmod"):
+            self.send_header("Last-Modified", lastmod)
         if not args.no_range:
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -90,6 +117,7 @@ class Handler(BaseHTTPRequestHandler):
             if state["drops_left"] > 0:
                 state["drops_left"] -= 1
                 limit = min(length, args.drop_after)
+                state["swapped"] = True
         if args.short:
             limit = min(limit, length // 2)
         sent = 0

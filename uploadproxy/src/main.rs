@@ -9,6 +9,7 @@ mod upstream;
 use anyhow::Context;
 use axum::routing::any;
 use clap::Parser;
+use ferrydisk_common::listen;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -126,6 +127,11 @@ fn main() {
         std::env::args_os().collect(),
     ));
     init_logging(args.verbosity);
+    // No termination-log flag here: the container's default path, if writable.
+    ferrydisk_common::termination::install_panic_hook(
+        Some("/dev/termination-log".into()),
+        "uploadproxy: ",
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,22 +251,33 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
     // status we send.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    listen::raise_nofile_limit();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let mut listener = listen::GuardedListener::new(listener, listen::MAX_CONNECTIONS);
     tracing::info!(addr = %args.listen, "upload proxy listening");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+            (tcp, permit) = listener.accept() => {
                 let acceptor = acceptor.clone();
                 let svc = hyper_util::service::TowerToHyperService::new(router.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+                    let _permit = permit;
+                    let tls = match listen::with_handshake_timeout(acceptor.accept(tcp)).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(listen::HEADER_TIMEOUT)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
                     let _ = watcher.watch(conn).await;
                 });
             }

@@ -3,10 +3,12 @@
 //! filesystem. For `archive` content the tar is unpacked into a directory with no way
 //! out of it: no absolute paths, no `..`, no writes through links, no device nodes.
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -14,7 +16,7 @@ pub enum TarError {
     Read(#[source] io::Error),
     #[error("tar archive contains no regular file")]
     NoFile,
-    #[error("tar archive contains more than one regular file ({first:?} and {second:?}); a disk archive must hold exactly one")]
+    #[error("tar archive contains more than one regular file (\"{first}\" and \"{second}\"); a disk archive must hold exactly one")]
     SeveralFiles { first: String, second: String },
     #[error("tar entry {path:?} is unsafe: {why}")]
     Unsafe { path: String, why: &'static str },
@@ -26,6 +28,94 @@ pub enum TarError {
     },
     #[error("archive content is larger than the reported available storage {limit}. A larger PVC is required")]
     TooLarge { limit: u64 },
+    #[error("tar archive: the headers before an entry (GNU long names, PAX records, sparse maps) are larger than {MAX_HEADER_BYTES} bytes")]
+    HeaderTooLarge,
+    #[error("unpacking {path:?}: the volume is full ({source}); a larger PVC is required")]
+    Full {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the `tar` crate may read between two entries' data: the header blocks, GNU long
+/// name/link data, PAX records and GNU sparse maps. It reads all of these into memory,
+/// so a hostile archive could name a 1 GiB "file name"; real ones need a few KiB.
+pub const MAX_HEADER_BYTES: u64 = 1 << 20;
+
+/// Sits under the `tar` crate: while a budget is set (the crate is looking for the next
+/// entry), reads beyond it fail with [`TarError::HeaderTooLarge`]'s condition.
+struct HeaderBudget<R> {
+    inner: R,
+    left: Rc<Cell<Option<u64>>>,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for HeaderBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(left) = self.left.get() else {
+            return self.inner.read(buf);
+        };
+        if left == 0 {
+            self.exceeded.set(true);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "tar headers exceed their budget",
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left.set(Some(left - n as u64));
+        Ok(n)
+    }
+}
+
+/// The budget's two ends: [`Budget::headers`] before asking for the next entry,
+/// [`Budget::data`] while an entry's data is read.
+#[derive(Clone)]
+struct Budget {
+    left: Rc<Cell<Option<u64>>>,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl Budget {
+    fn wrap<R: Read>(reader: R) -> (HeaderBudget<R>, Budget) {
+        let b = Budget {
+            left: Rc::new(Cell::new(Some(MAX_HEADER_BYTES))),
+            exceeded: Rc::new(Cell::new(false)),
+        };
+        let r = HeaderBudget {
+            inner: reader,
+            left: b.left.clone(),
+            exceeded: b.exceeded.clone(),
+        };
+        (r, b)
+    }
+    fn headers(&self) {
+        self.left.set(Some(MAX_HEADER_BYTES));
+    }
+    fn data(&self) {
+        self.left.set(None);
+    }
+    /// A read error of the `tar` crate, named for what it was.
+    fn error(&self, e: io::Error) -> TarError {
+        if self.exceeded.get() {
+            TarError::HeaderTooLarge
+        } else {
+            TarError::Read(e)
+        }
+    }
+}
+
+/// The next entry, read under the header budget; its data is read without one.
+fn next_entry<'a, R: Read>(
+    entries: &mut tar::Entries<'a, HeaderBudget<R>>,
+    budget: &Budget,
+) -> Result<Option<tar::Entry<'a, HeaderBudget<R>>>, TarError> {
+    budget.headers();
+    let next = entries.next();
+    budget.data();
+    next.transpose().map_err(|e| budget.error(e))
 }
 
 /// One regular file found in a tar stream.
@@ -46,19 +136,21 @@ where
     R: Read,
     E: From<TarError>,
 {
+    let (reader, budget) = Budget::wrap(reader);
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive.entries().map_err(TarError::Read)?;
     let mut result = None;
     let mut first_name = String::new();
     let mut f = Some(f);
-    for entry in entries.by_ref() {
-        let mut entry = entry.map_err(TarError::Read)?;
+    while let Some(mut entry) = next_entry(&mut entries, &budget)? {
         if !entry.header().entry_type().is_file() && !entry.header().entry_type().is_gnu_sparse() {
+            // Skipped here, outside the header budget (the crate would skip it there).
+            io::copy(&mut entry, &mut io::sink()).map_err(TarError::Read)?;
             continue;
         }
         let name = entry
             .path()
-            .map(|p| p.display().to_string())
+            .map(|p| crate::error::sanitize(&p.display().to_string()))
             .unwrap_or_else(|_| "<invalid name>".into());
         let size = entry.size();
         if let Some(f) = f.take() {
@@ -100,25 +192,36 @@ pub fn unpack<R: Read>(
     limit: u64,
     mut on_bytes: impl FnMut(u64),
 ) -> Result<UnpackStats, TarError> {
+    let (reader, budget) = Budget::wrap(reader);
     let mut archive = tar::Archive::new(reader);
     let mut stats = UnpackStats::default();
-    for entry in archive.entries().map_err(TarError::Read)? {
-        let mut entry = entry.map_err(TarError::Read)?;
+    let mut entries = archive.entries().map_err(TarError::Read)?;
+    while let Some(mut entry) = next_entry(&mut entries, &budget)? {
         let raw_path = entry.path().map_err(TarError::Read)?.into_owned();
-        let shown = raw_path.display().to_string();
+        let shown = crate::error::sanitize(&raw_path.display().to_string());
         let Some(rel) = safe_relative(&raw_path).map_err(|why| TarError::Unsafe {
             path: shown.clone(),
             why,
         })?
         else {
+            io::copy(&mut entry, &mut io::sink()).map_err(TarError::Read)?;
             continue; // "." itself
         };
         let target = dir.join(&rel);
         let kind = entry.header().entry_type();
         let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
-        let werr = |source| TarError::Write {
-            path: target.clone(),
-            source,
+        let werr = |source: io::Error| {
+            if crate::sink::is_full(&source) {
+                TarError::Full {
+                    path: target.clone(),
+                    source,
+                }
+            } else {
+                TarError::Write {
+                    path: target.clone(),
+                    source,
+                }
+            }
         };
         if kind.is_dir() {
             make_dirs(dir, &rel).map_err(werr)?;
@@ -192,8 +295,63 @@ pub fn unpack<R: Read>(
         } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
             tracing::warn!(path = %shown, "skipping device node or fifo in archive");
         }
+        // Whatever data a non-file entry carries is skipped here, not under the budget.
+        io::copy(&mut entry, &mut io::sink()).map_err(TarError::Read)?;
     }
     Ok(stats)
+}
+
+/// Where an archive is unpacked before it is known to be complete and verified: a
+/// hidden directory inside the destination (same filesystem, so moving is a rename).
+/// A failed or checksum-refused import removes it and leaves the volume as it was.
+pub struct Staging {
+    dir: PathBuf,
+    staging: PathBuf,
+}
+
+impl Staging {
+    pub const NAME: &'static str = ".ferrydisk-unpacking";
+
+    /// Creates it empty (a run killed earlier may have left one behind).
+    pub fn create(dir: &Path) -> io::Result<Self> {
+        let staging = dir.join(Self::NAME);
+        match fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::create_dir(&staging)?;
+        Ok(Staging {
+            dir: dir.to_path_buf(),
+            staging,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Moves every unpacked top-level entry into the destination, replacing what is
+    /// there under the same name (a rerun after a kill), and removes the staging dir.
+    pub fn commit(self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.staging)? {
+            let entry = entry?;
+            let target = self.dir.join(entry.file_name());
+            match fs::symlink_metadata(&target) {
+                Ok(m) if m.file_type().is_dir() => fs::remove_dir_all(&target)?,
+                Ok(_) => fs::remove_file(&target)?,
+                Err(_) => {}
+            }
+            fs::rename(entry.path(), &target)?;
+        }
+        fs::remove_dir(&self.staging)
+    }
+
+    /// Removes everything unpacked so far.
+    pub fn discard(self) {
+        if let Err(e) = fs::remove_dir_all(&self.staging) {
+            tracing::warn!(path = %self.staging.display(), error = %e, "could not remove a failed archive import");
+        }
+    }
 }
 
 /// Normalises a tar path to a relative path, refusing absolute paths and `..`.

@@ -77,7 +77,10 @@ impl Header {
                 format!("version {}", h.version),
             ));
         }
-        if h.grain == 0 || !h.grain.is_power_of_two() || h.grain * 512 > MAX_GRAIN_BYTES {
+        if h.grain == 0
+            || !h.grain.is_power_of_two()
+            || h.grain.checked_mul(512).is_none_or(|b| b > MAX_GRAIN_BYTES)
+        {
             return Err(FormatError::corrupt(
                 F,
                 format!("grain size {} sectors", h.grain),

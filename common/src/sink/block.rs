@@ -17,6 +17,8 @@ pub struct BlockTarget {
     size: u64,
     pending_zero: Option<(u64, u64)>,
     zero_offload: bool,
+    /// The end of the furthest write, zeroed back on abort.
+    written_end: u64,
 }
 
 impl BlockTarget {
@@ -41,6 +43,7 @@ impl BlockTarget {
             size,
             pending_zero: None,
             zero_offload: true,
+            written_end: 0,
         })
     }
 
@@ -90,12 +93,14 @@ pub fn zero_range(file: &File, offload: &mut bool, offset: u64, len: u64) -> io:
 
 impl Target for BlockTarget {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if offset + buf.len() as u64 > self.size {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.size) {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 format!("write past the end of the device ({} bytes)", self.size),
             ));
         }
+        self.written_end = self.written_end.max(end.unwrap_or(0));
         match &self.direct {
             Some(d) if super::direct_aligned(offset, buf) => d.write_all_at(buf, offset),
             _ => self.file.write_all_at(buf, offset),
@@ -141,6 +146,16 @@ impl Target for BlockTarget {
     }
 
     fn abort(&mut self) {
+        // A device cannot be emptied like a file: zero what this import wrote, so a
+        // failed (or checksum-refused) import leaves no disk content behind.
+        self.pending_zero = None;
+        let end = self.written_end.min(self.size);
+        if end > 0 {
+            tracing::info!(device = %self.path.display(), bytes = end, "zeroing what the failed import wrote");
+            if let Err(e) = zero_range(&self.file, &mut self.zero_offload, 0, end) {
+                tracing::warn!(device = %self.path.display(), error = %e, "could not zero the device after a failure");
+            }
+        }
         let _ = self.file.sync_all();
     }
 
@@ -149,10 +164,11 @@ impl Target for BlockTarget {
         // are never seen at all, so clear the image's range up front (offloaded to the
         // device where it supports write-zeroes).
         tracing::info!(device = %self.path.display(), bytes = len, "zeroing the image range before a random-order conversion");
+        self.written_end = self.written_end.max(len.min(self.size));
         zero_range(&self.file, &mut self.zero_offload, 0, len.min(self.size))
     }
 
-    fn capacity(&self) -> Option<u64> {
-        Some(self.size)
+    fn path(&self) -> &Path {
+        &self.path
     }
 }

@@ -28,7 +28,7 @@ impl Target for DiscardTarget {
     fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
         Ok(())
     }
-    fn capacity(&self) -> Option<u64> {
-        None
+    fn path(&self) -> &std::path::Path {
+        std::path::Path::new("<memory>")
     }
 }

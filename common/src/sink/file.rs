@@ -27,13 +27,15 @@ impl FileTarget {
             .create(true)
             .truncate(true)
             .mode(0o660)
+            // A `disk.img` symlink left on a volume must not redirect the write.
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         // An existing file keeps its old mode through open(); CDI chmods to 0660.
         file.set_permissions(std::fs::Permissions::from_mode(0o660))?;
         let direct = if try_direct {
             match OpenOptions::new()
                 .write(true)
-                .custom_flags(libc::O_DIRECT)
+                .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
                 .open(path)
             {
                 Ok(f) => Some(f),
@@ -112,8 +114,8 @@ impl Target for FileTarget {
         Ok(()) // truncated at open: unwritten ranges are holes
     }
 
-    fn capacity(&self) -> Option<u64> {
-        None
+    fn path(&self) -> &std::path::Path {
+        &self.path
     }
 }
 

@@ -38,8 +38,8 @@ pub trait Target: Send {
     /// Called before writes that arrive in random order (qcow2): afterwards every byte
     /// of `[0, len)` that is never written must read as zero.
     fn prepare_random(&mut self, len: u64) -> io::Result<()>;
-    /// Largest image this target can hold, if the target knows (a block device does).
-    fn capacity(&self) -> Option<u64>;
+    /// What the target writes to, for messages (a full volume names it).
+    fn path(&self) -> &std::path::Path;
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,6 +63,16 @@ pub enum SinkError {
     },
     #[error("image data is at least {at_least} bytes, which is larger than the reported available storage {limit}. A larger PVC is required")]
     TooLarge { at_least: u64, limit: u64 },
+    /// ENOSPC/EDQUOT: terminal, and said in words a user acts on (a larger PVC).
+    #[error(
+        "the volume holding {path} is full ({source}) at offset {offset}; a larger PVC is required"
+    )]
+    Full {
+        path: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("the writer stopped unexpectedly")]
     WriterGone,
 }
@@ -70,10 +80,32 @@ pub enum SinkError {
 impl SinkError {
     pub fn kind(&self) -> crate::ErrorKind {
         match self {
-            SinkError::TooLarge { .. } => crate::ErrorKind::TooLarge,
+            SinkError::TooLarge { .. } | SinkError::Full { .. } => crate::ErrorKind::TooLarge,
             _ => crate::ErrorKind::Io,
         }
     }
+
+    /// A write or flush that failed because the volume is full becomes [`SinkError::Full`].
+    pub fn classify_full(self, path: &std::path::Path) -> Self {
+        let (offset, source) = match self {
+            SinkError::Write { offset, source } if is_full(&source) => (offset, source),
+            SinkError::Sync { source } if is_full(&source) => (0, source),
+            other => return other,
+        };
+        SinkError::Full {
+            path: path.display().to_string(),
+            offset,
+            source,
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT, by `io::ErrorKind` (never by message text).
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Which [`Target`] a path calls for: block devices are written in place, anything else

@@ -281,7 +281,7 @@ fn run(
     if result.is_err() {
         target.abort();
     }
-    result
+    result.map_err(|e| e.classify_full(target.path()))
 }
 
 fn write_block(
@@ -365,9 +365,51 @@ pub(crate) mod tests {
         fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
             Ok(())
         }
-        fn capacity(&self) -> Option<u64> {
-            None
+        fn path(&self) -> &std::path::Path {
+            std::path::Path::new("<memory>")
         }
+    }
+
+    /// A target on a full volume.
+    struct FullTarget;
+    impl Target for FullTarget {
+        fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn zero(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn checkpoint(&mut self, _upto: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn finish(&mut self, _final_len: u64) -> io::Result<FinishInfo> {
+            Ok(FinishInfo::default())
+        }
+        fn abort(&mut self) {}
+        fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn path(&self) -> &std::path::Path {
+            std::path::Path::new("/data/disk.img")
+        }
+    }
+
+    #[test]
+    fn enospc_names_the_volume_and_is_terminal() {
+        let mut w = SparseWriter::spawn(Box::new(FullTarget), WriterOptions::default());
+        let e = match w.write_at(0, &[1u8; 3 * BLOCK]) {
+            Err(e) => e,
+            Ok(()) => match w.finish(3 * BLOCK as u64) {
+                Err(e) => e,
+                Ok(_) => panic!("a full volume succeeded"),
+            },
+        };
+        assert_eq!(e.kind(), crate::ErrorKind::TooLarge);
+        let err = e.to_string();
+        assert!(
+            err.contains("the volume holding /data/disk.img is full"),
+            "{err}"
+        );
     }
 
     #[test]

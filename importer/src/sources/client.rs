@@ -29,6 +29,58 @@ pub struct ClientOptions<'a> {
     pub http_proxy: Option<String>,
     pub https_proxy: Option<String>,
     pub no_proxy: Option<String>,
+    /// Refuse redirects to link-local, loopback and unspecified addresses.
+    pub refuse_internal_redirects: bool,
+}
+
+/// Redirects CDI's client follows, at most 10; a loop or an internal target is an error
+/// the source reports as terminal ([`is_redirect_refusal`]).
+fn redirect_policy(refuse_internal: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 10 {
+            return attempt.error("more than 10 redirects (a redirect loop?)");
+        }
+        if refuse_internal && is_internal(attempt.url()) {
+            let host = attempt.url().host_str().unwrap_or("").to_string();
+            return attempt.error(format!(
+                "redirect to internal address {host} refused (--refuse-internal-redirects)"
+            ));
+        }
+        attempt.follow()
+    })
+}
+
+/// Link-local (cloud metadata at 169.254.169.254), loopback, unspecified; `localhost`.
+/// A host name that resolves there is not caught: only what the URL names.
+pub fn is_internal(url: &reqwest::Url) -> bool {
+    use std::net::IpAddr;
+    match url.host() {
+        Some(url::Host::Ipv4(v4)) => internal_ip(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => internal_ip(IpAddr::V6(v6)),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        None => false,
+    }
+}
+
+fn internal_ip(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_loopback() || v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal_ip(IpAddr::V4(v4));
+            }
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Whether a request failed on the redirect policy: retrying cannot help.
+pub fn is_redirect_refusal(e: &reqwest::Error) -> bool {
+    e.is_redirect()
 }
 
 pub const USER_AGENT: &str = concat!("ferrydisk-importer/", env!("CARGO_PKG_VERSION"));
@@ -39,7 +91,7 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
         .user_agent(USER_AGENT)
         .connect_timeout(std::time::Duration::from_secs(30))
         .tcp_keepalive(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(redirect_policy(opts.refuse_internal_redirects))
         .danger_accept_invalid_certs(opts.insecure)
         .no_proxy();
     for dir in &opts.ca_dirs {
@@ -177,6 +229,20 @@ pub fn collect_extra_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_targets() {
+        let u = |s: &str| reqwest::Url::parse(s).expect("url");
+        assert!(is_internal(&u("http://169.254.169.254/latest/meta-data")));
+        assert!(is_internal(&u("http://127.0.0.1:8080/x")));
+        assert!(is_internal(&u("http://[::1]/x")));
+        assert!(is_internal(&u("http://[fe80::1]/x")));
+        assert!(is_internal(&u("http://[::ffff:169.254.1.1]/x")));
+        assert!(is_internal(&u("http://0.0.0.0/x")));
+        assert!(is_internal(&u("http://LOCALHOST./x")));
+        assert!(!is_internal(&u("https://example.org/disk.img")));
+        assert!(!is_internal(&u("http://10.0.0.1/disk.img")));
+    }
 
     #[test]
     fn headers_parse_and_invalid_ones_are_redacted() {

@@ -5,6 +5,7 @@ use super::{Phase, Server};
 use crate::failure::Failure;
 use bytes::Bytes;
 use ferrydisk_common::error::SourceError;
+use ferrydisk_common::listen;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::{ChannelReader, Chunk};
 use ferrydisk_common::termination::TerminationMessage;
@@ -51,11 +52,13 @@ pub fn spawn_connection(
     server: Arc<Server>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
     let watcher = graceful.watcher();
     tokio::spawn(async move {
-        let tls = match acceptor.accept(tcp).await {
+        let _permit = permit;
+        let tls = match listen::with_handshake_timeout(acceptor.accept(tcp)).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
@@ -73,8 +76,10 @@ pub fn spawn_connection(
         });
         let svc =
             hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req));
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(listen::HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(tls), svc);
         let _ = watcher.watch(conn).await;
     });
 }

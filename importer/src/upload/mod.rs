@@ -8,6 +8,7 @@ use crate::cli::parse_go_bool;
 use crate::destination::Destination;
 use crate::import::DiskPlan;
 use clap::Args;
+use ferrydisk_common::listen::{GuardedListener, MAX_CONNECTIONS};
 use ferrydisk_common::space::{parse_overhead, parse_quantity};
 use ferrydisk_common::termination::TerminationMessage;
 use std::net::SocketAddr;
@@ -178,8 +179,9 @@ pub async fn run(args: UploadArgs) -> i32 {
             return 1;
         }
     };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
+    ferrydisk_common::listen::raise_nofile_limit();
+    let mut listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => GuardedListener::new(l, MAX_CONNECTIONS),
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot listen");
             return 1;
@@ -206,9 +208,8 @@ pub async fn run(args: UploadArgs) -> i32 {
     tokio::pin!(deadline_hit);
     let outcome: Result<TerminationMessage, String> = loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
-                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, &graceful);
+            (tcp, permit) = listener.accept() => {
+                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, permit, &graceful);
             }
             _ = done_rx.changed() => {
                 if let Some(result) = done_rx.borrow().clone() {
