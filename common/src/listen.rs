@@ -2,7 +2,7 @@
 //! server, the metrics endpoint). A silent or half-open client must not hold a task and
 //! a file descriptor for ever, and running out of descriptors must not turn the accept
 //! loop into a busy loop: a connection limit, a TLS handshake timeout, a header timeout
-//! (set on hyper's builder, [`HEADER_TIMEOUT`]) and back-off on accept errors.
+//! (set on hyper's builder, [`header_timeout`]) and back-off on accept errors.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,11 +10,27 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// How long a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete the TLS handshake (10 s;
+/// `FERRYDISK_HANDSHAKE_TIMEOUT` seconds overrides it).
+pub fn handshake_timeout() -> Duration {
+    from_env("FERRYDISK_HANDSHAKE_TIMEOUT", 10)
+}
+
 /// How long a client may take to send a request's headers (hyper's
-/// `header_read_timeout`, also between requests on a kept-alive connection).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `header_read_timeout`, also between requests on a kept-alive connection): 30 s,
+/// `FERRYDISK_HEADER_TIMEOUT` seconds overrides it.
+pub fn header_timeout() -> Duration {
+    from_env("FERRYDISK_HEADER_TIMEOUT", 30)
+}
+
+fn from_env(name: &str, default_s: u64) -> Duration {
+    let s = std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(default_s);
+    Duration::from_secs(s)
+}
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 512;
 /// The longest pause after accept errors (EMFILE, ENFILE, ENOBUFS), as Go's net/http.
@@ -73,17 +89,15 @@ fn next_backoff(prev: Duration) -> Duration {
     }
 }
 
-/// A TLS handshake (or any connection set-up) bounded by [`HANDSHAKE_TIMEOUT`].
+/// A TLS handshake (or any connection set-up) bounded by [`handshake_timeout`].
 pub async fn with_handshake_timeout<T, E: std::fmt::Display>(
     f: impl Future<Output = Result<T, E>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, f).await {
+    let limit = handshake_timeout();
+    match tokio::time::timeout(limit, f).await {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no TLS handshake within {} s",
-            HANDSHAKE_TIMEOUT.as_secs()
-        )),
+        Err(_) => Err(format!("no TLS handshake within {} s", limit.as_secs())),
     }
 }
 

@@ -55,7 +55,7 @@ pub async fn serve(
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(listen::HEADER_TIMEOUT)
+                .header_read_timeout(listen::header_timeout())
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });

@@ -118,7 +118,7 @@ pub async fn run(args: ServeArgs) -> i32 {
                 let svc = hyper::service::service_fn(move |req| serve(disk.clone(), name.clone(), req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(ferrydisk_common::listen::HEADER_TIMEOUT)
+                    .header_read_timeout(ferrydisk_common::listen::header_timeout())
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
                 let watcher = graceful.watcher();
                 tokio::spawn(async move { let _permit = permit; let _ = watcher.watch(conn).await; });

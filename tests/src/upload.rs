@@ -142,6 +142,11 @@ impl Drop for Proc {
 
 /// `importer upload-server` writing into `dir/data`.
 pub fn upload_server(pki: &Pki, dir: &Path) -> Proc {
+    upload_server_with(pki, dir, &[])
+}
+
+/// [`upload_server`] with more environment (`UPLOAD_IMAGE_SIZE`, timeouts).
+pub fn upload_server_with(pki: &Pki, dir: &Path, env: &[(&str, &str)]) -> Proc {
     std::fs::create_dir_all(dir.join("data")).expect("data");
     let port = free_port();
     let mut c = Command::new(bin("importer"));
@@ -160,6 +165,7 @@ pub fn upload_server(pki: &Pki, dir: &Path) -> Proc {
         .arg(dir.join("no-block-device"))
         .arg("--termination-log")
         .arg(dir.join("termination-log"));
+    c.envs(env.iter().copied());
     Proc::start(c, port, dir.join("upload-server.log"))
 }
 
@@ -173,8 +179,28 @@ pub enum Mode<'a> {
 /// `uploadproxy` in front of the upload server on `upstream_port`, presenting the client
 /// certificate `client` ("client" or "intruder").
 pub fn proxy(pki: &Pki, dir: &Path, upstream_port: u16, mode: Mode<'_>, client: &str) -> Proc {
+    proxy_with(pki, dir, upstream_port, mode, client, &[], &[])
+}
+
+/// [`proxy`] with more environment, run under `wrapper` (e.g. `prlimit --nofile=..`).
+pub fn proxy_with(
+    pki: &Pki,
+    dir: &Path,
+    upstream_port: u16,
+    mode: Mode<'_>,
+    client: &str,
+    env: &[(&str, &str)],
+    wrapper: &[&str],
+) -> Proc {
     let port = free_port();
-    let mut c = Command::new(bin("uploadproxy"));
+    let mut c = match wrapper.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(bin("uploadproxy"));
+            c
+        }
+        None => Command::new(bin("uploadproxy")),
+    };
     c.env_clear()
         .env("SERVER_CERT_FILE", pki.path("srv.crt"))
         .env("SERVER_KEY_FILE", pki.path("srv.key"))
@@ -209,6 +235,7 @@ pub fn proxy(pki: &Pki, dir: &Path, upstream_port: u16, mode: Mode<'_>, client: 
                 .arg(token_file);
         }
     }
+    c.envs(env.iter().copied());
     Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
 }
 

@@ -276,7 +276,7 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
                     };
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(listen::HEADER_TIMEOUT)
+                        .header_read_timeout(listen::header_timeout())
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
                     let _ = watcher.watch(conn).await;
                 });

@@ -7,7 +7,7 @@ use crate::upstream;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,6 +136,45 @@ fn linger(req: Request<Body>) {
     });
 }
 
+/// The client's body as the upstream request's body, through a small channel filled by
+/// a task of its own. When the upload server refuses early (a 400 for an image larger
+/// than the volume) and drops the request body, the task keeps reading and dropping
+/// what the client still sends for a bounded while, so the refusal we pass on reaches
+/// the client instead of a reset.
+fn feed(
+    body: Body,
+    counter: Arc<AtomicU64>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, axum::Error>>(8);
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        while let Some(item) = stream.next().await {
+            if let Ok(b) = &item {
+                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+            }
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() {
+                // The upstream stopped reading: linger on the client's side.
+                let mut n = 0usize;
+                let drain = async {
+                    while let Ok(Some(chunk)) = stream.try_next().await {
+                        n += chunk.len();
+                        if n > 256 << 20 {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                return;
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+}
+
 async fn forward(
     app: Arc<App>,
     token: Result<String, TokenError>,
@@ -206,14 +245,10 @@ async fn forward(
                 )
             }
         };
-        let counter = bytes.clone();
         let (parts, body) = req.into_parts();
-        let stream = body.into_data_stream().inspect_ok(move |b| {
-            counter.fetch_add(b.len() as u64, Ordering::Relaxed);
-        });
         let mut out = client
             .request(parts.method.clone(), &url)
-            .body(reqwest::Body::wrap_stream(stream));
+            .body(reqwest::Body::wrap_stream(feed(body, bytes.clone())));
         for (k, v) in forwarded_headers(&parts.headers).iter() {
             out = out.header(k, v);
         }

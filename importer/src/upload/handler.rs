@@ -78,7 +78,7 @@ pub fn spawn_connection(
             hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(listen::HEADER_TIMEOUT)
+            .header_read_timeout(listen::header_timeout())
             .serve_connection(TokioIo::new(tls), svc);
         let _ = watcher.watch(conn).await;
     });
@@ -91,18 +91,28 @@ type Resp = Response<Full<Bytes>>;
 /// data makes the kernel send a reset, which can destroy our answer before the client
 /// reads it. Bounded in time and bytes, so a refused 10 GB upload costs at most that.
 fn linger(req: Request<Incoming>) {
-    tokio::spawn(async move {
-        let mut body = req.into_body();
+    linger_body(req.into_body());
+}
+
+fn linger_body(mut body: Incoming) {
+    linger_with(async move {
         let mut n = 0usize;
-        let read = async {
-            while let Some(Ok(frame)) = body.frame().await {
-                n += frame.data_ref().map_or(0, |d| d.len());
-                if n > 256 << 20 {
-                    break;
-                }
+        while let Some(Ok(frame)) = body.frame().await {
+            n += frame.data_ref().map_or(0, |d| d.len());
+            if n > LINGER_BYTES {
+                break;
             }
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        }
+    });
+}
+
+/// What a lingering close reads at most.
+const LINGER_BYTES: usize = 256 << 20;
+
+/// Runs a body-draining future for at most a few seconds, beside the answer.
+fn linger_with(drain: impl std::future::Future<Output = ()> + Send + 'static) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
     });
 }
 
@@ -203,11 +213,22 @@ async fn handle(
     let work = tokio::task::spawn_blocking(move || {
         crate::import::write_http(&plan, ChannelReader::new(rx), content_length, progress)
     });
-    let body = req.into_body();
+    let mut body = Some(req.into_body());
     let pumped = match boundary {
-        Some(b) => pump_form(body, b, &tx).await,
-        None => pump_raw(body, &tx).await,
+        Some(b) => pump_form(body.take(), b, &tx).await,
+        None => match body.as_mut() {
+            Some(b) => pump_raw(b, &tx).await,
+            None => Pumped::ClientFailed("no body".into()),
+        },
     };
+    // The pipeline refused the data (too large for the volume, not an image) while the
+    // client is still sending: keep reading while the answer goes out, so the client
+    // sees our 400 instead of a reset.
+    if let Some(b) = body {
+        if matches!(pumped, Pumped::PipelineStopped) {
+            linger_body(b);
+        }
+    }
     match &pumped {
         Pumped::Complete(n) => {
             tracing::info!(bytes = n, "upload body received");
@@ -304,7 +325,7 @@ async fn send(tx: &mpsc::Sender<std::io::Result<Chunk>>, b: Bytes) -> bool {
     tx.send(Ok(Chunk::Data(b))).await.is_ok()
 }
 
-async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
+async fn pump_raw(body: &mut Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
@@ -326,10 +347,13 @@ async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>)
 
 /// Skips form parts until the one named `file` (CDI's rule) and streams it.
 async fn pump_form(
-    body: Incoming,
+    body: Option<Incoming>,
     boundary: String,
     tx: &mpsc::Sender<std::io::Result<Chunk>>,
 ) -> Pumped {
+    let Some(body) = body else {
+        return Pumped::ClientFailed("no body".into());
+    };
     let stream = BodyStream::new(body).filter_map(|f| async move {
         match f {
             Ok(frame) => frame.into_data().ok().map(Ok),
@@ -353,6 +377,13 @@ async fn pump_form(
                 Ok(Some(data)) => {
                     n += data.len() as u64;
                     if !send(tx, data).await {
+                        // Linger: read the rest of the form while the answer goes out.
+                        drop(field);
+                        linger_with(async move {
+                            while let Ok(Some(mut f)) = form.next_field().await {
+                                while let Ok(Some(_)) = f.chunk().await {}
+                            }
+                        });
                         return Pumped::PipelineStopped;
                     }
                 }
