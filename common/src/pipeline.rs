@@ -150,8 +150,9 @@ pub struct Options {
 
 impl Options {
     /// What a format converter may use at this layer.
-    fn stream_options(&self, report: &Report) -> StreamOptions {
+    fn stream_options(&self, report: &Report, known_len: Option<u64>) -> StreamOptions {
         StreamOptions {
+            source_len: known_len,
             scratch: self.scratch.clone(),
             limit: self.limit,
             source_file: if report.layers.is_empty() && report.tar_entry.is_none() {
@@ -251,13 +252,13 @@ fn disk_layer(
         }
         Format::Qcow2 if opts.keep_qcow2 => {
             report.format = Some(Format::Qcow2);
-            keep_qcow2(&mut peek, writer, opts, report, last)
+            keep_qcow2(&mut peek, writer, opts, report, last, known_len)
         }
         Format::Qcow2 => {
             report.format = Some(Format::Qcow2);
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            let copts = opts.stream_options(report);
+            let copts = opts.stream_options(report, known_len);
             let h =
                 qcow2::convert(&mut counted, writer, &copts).map_err(|e| qcow2_error(e, last))?;
             opts.progress.set_virtual_total(Some(h.virtual_size));
@@ -275,7 +276,7 @@ fn disk_layer(
             };
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            let sopts = opts.stream_options(report);
+            let sopts = opts.stream_options(report, known_len);
             let info = convert(&mut counted, writer, &sopts).map_err(|e| format_error(e, last))?;
             finish_native(&info, opts, report);
             Ok(())
@@ -296,6 +297,7 @@ fn keep_qcow2(
     opts: &Options,
     report: &mut Report,
     last: Option<Format>,
+    known_len: Option<u64>,
 ) -> Result<(), PipelineError> {
     let progress = opts.progress.clone();
     let mut counted = CountingReader::new(r, move |n| progress.add_decoded(n));
@@ -312,7 +314,7 @@ fn keep_qcow2(
             ..Default::default()
         },
     );
-    let copts = opts.stream_options(report);
+    let copts = opts.stream_options(report, known_len);
     let converted = qcow2::convert(&mut tee, &mut check, &copts).and_then(|h| {
         io::copy(&mut tee, &mut io::sink()).map_err(ConvertError::Read)?;
         Ok(h)

@@ -19,6 +19,9 @@ pub struct StreamOptions {
     /// The image itself when it is a local file starting at offset 0: data met before
     /// its table is read again from here instead of being held.
     pub source_file: Option<std::sync::Arc<std::fs::File>>,
+    /// The image's length when the stream says (Content-Length, a tar entry's size):
+    /// a table pointing past it is refused at once instead of waited for.
+    pub source_len: Option<u64>,
 }
 
 impl Default for StreamOptions {
@@ -28,6 +31,7 @@ impl Default for StreamOptions {
             hold_memory: 32 << 20,
             limit: u64::MAX,
             source_file: None,
+            source_len: None,
         }
     }
 }

@@ -84,6 +84,10 @@ pub enum Qcow2Error {
     ScratchRequired { held: u64 },
     #[error("qcow2 spool: {0}")]
     Spool(#[source] std::io::Error),
+    /// The image's layout needs more bookkeeping than streaming allows (clusters far
+    /// out of order, many compressed clusters waiting on data not yet read).
+    #[error("qcow2 image is laid out too far out of order to stream in bounded memory ({what}); convert it with qemu-img first")]
+    TooScattered { what: String },
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {

@@ -3,6 +3,7 @@
 
 pub mod header;
 pub mod stream;
+pub mod wanted;
 
 pub use header::{Compression, Header, Qcow2Error};
 pub use stream::{convert, StreamOptions};

@@ -12,6 +12,7 @@ use super::header::{Compression, Header, Qcow2Error};
 use crate::format::decode_pool::{DecodePool, Done, Job};
 use crate::format::held::{Held, HeldError};
 pub use crate::format::image::StreamOptions;
+use super::wanted::{Want, Wanted, MAX_ENTRIES};
 use crate::sink::{SinkError, SparseWriter};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
@@ -86,11 +87,9 @@ fn fill(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize, ConvertError> {
     crate::stream::read_full(r, buf).map_err(ConvertError::Read)
 }
 
-struct DataWant {
-    guest: u64,
-    /// Extended L2: which of the 32 subclusters hold data (the rest read as zeros).
-    mask: Option<u32>,
-}
+/// Bytes of host clusters kept for compressed streams that continue into clusters not
+/// read yet, or that share a cluster with a stream a later table maps.
+const MAX_COMP_CACHE: u64 = 32 << 20;
 
 struct Comp {
     host: u64,
@@ -109,8 +108,10 @@ struct State<'w> {
     /// Every L1 entry has been seen (an L2 table parsed while the L1 is still being
     /// walked must not conclude that nothing is left to map).
     l1_parsed: bool,
-    l2_wanted: BTreeMap<u64, u64>,
-    data_wanted: BTreeMap<u64, Vec<DataWant>>,
+    l2_wanted: Wanted,
+    data_wanted: Wanted,
+    /// Bytes held in `comp_cache`.
+    comp_cache_bytes: u64,
     comp_pending: BTreeMap<u64, Vec<Comp>>,
     comp_refs: HashMap<u64, u32>,
     comp_cache: HashMap<u64, Vec<u8>>,
@@ -126,6 +127,8 @@ struct State<'w> {
     mapping_done: bool,
     /// Host bytes the image really has (known at end of stream).
     eof: Option<u64>,
+    /// The image's length, when the stream says: offsets past it are refused at once.
+    source_len: Option<u64>,
     /// Decodes compressed clusters on the other cores once every table is known (the
     /// usual case: qemu-img writes the tables first).
     pool: Option<DecodePool>,
@@ -142,8 +145,10 @@ impl<'w> State<'w> {
             l1: (l1_bytes > 0).then(Vec::new),
             l1_bytes,
             l1_parsed: l1_bytes == 0,
-            l2_wanted: BTreeMap::new(),
-            data_wanted: BTreeMap::new(),
+            l2_wanted: Wanted::new(cs, h.l2_coverage()),
+            data_wanted: Wanted::new(cs, cs),
+            comp_cache_bytes: 0,
+            source_len: opts.source_len,
             comp_pending: BTreeMap::new(),
             comp_refs: HashMap::new(),
             comp_cache: HashMap::new(),
@@ -208,18 +213,19 @@ impl<'w> State<'w> {
         if rt != 0 && c >= rt && c < rt + u64::from(self.h.refcount_table_clusters) * self.cs {
             used = true; // refcounts are never needed to find data
         }
-        if let Some(guest_base) = self.l2_wanted.remove(&c) {
-            self.parse_l2(guest_base, data)?;
+        if let Some(t) = self.l2_wanted.take(c).first {
+            self.parse_l2(t.guest, data)?;
             used = true;
         }
-        if let Some(wants) = self.data_wanted.remove(&c) {
-            for w in wants {
+        let wants = self.data_wanted.take(c);
+        if !wants.is_empty() {
+            for w in wants.into_iter() {
                 self.write_data(&w, data, c)?;
             }
             used = true;
         }
         if self.comp_refs.contains_key(&c) {
-            self.comp_cache.insert(c, data.to_vec());
+            self.cache_insert(c, data.to_vec())?;
             used = true;
             let ready: Vec<u64> = self.comp_pending.range(..=c).map(|(k, _)| *k).collect();
             for k in ready {
@@ -247,6 +253,7 @@ impl<'w> State<'w> {
                     "L1 entry {i} points at unaligned offset {off}"
                 )));
             }
+            self.check_inside(off, &format!("L2 table of L1 entry {i}"))?;
             if off <= self.cur {
                 let t = self.held.get(off)?.ok_or_else(|| {
                     corrupt(format!(
@@ -254,10 +261,21 @@ impl<'w> State<'w> {
                     ))
                 })?;
                 self.parse_l2(guest_base, &t)?;
-            } else if self.l2_wanted.insert(off, guest_base).is_some() {
-                return Err(corrupt(format!(
-                    "two L1 entries share the L2 table at {off}"
-                )));
+            } else {
+                let others = self.bookkeeping() - self.l2_wanted.entries();
+                let w = Want {
+                    guest: guest_base,
+                    mask: None,
+                };
+                if !self
+                    .l2_wanted
+                    .insert(off, w, false, others)
+                    .map_err(|_| self.over_budget("L2 tables"))?
+                {
+                    return Err(corrupt(format!(
+                        "two L1 entries share the L2 table at {off}"
+                    )));
+                }
             }
         }
         self.l1 = None;
@@ -287,6 +305,7 @@ impl<'w> State<'w> {
                 let host = entry & ((1u64 << x) - 1);
                 let sectors = (entry >> x) & ((1u64 << (bits - 8)) - 1);
                 let len = (sectors + 1) * 512 - (host & 511);
+                self.check_inside(host, &format!("compressed data for guest offset {guest}"))?;
                 self.want_compressed(Comp { host, len, guest })?;
                 continue;
             }
@@ -312,7 +331,8 @@ impl<'w> State<'w> {
                     "L2 entry for guest offset {guest} points at unaligned offset {host}"
                 )));
             }
-            let w = DataWant { guest, mask };
+            let w = Want { guest, mask };
+            self.check_inside(host, &format!("data for guest offset {guest}"))?;
             if host <= self.cur {
                 let d = self.held.get(host)?.ok_or_else(|| {
                     corrupt(format!(
@@ -321,7 +341,10 @@ impl<'w> State<'w> {
                 })?;
                 self.write_data(&w, &d, host)?;
             } else {
-                self.data_wanted.entry(host).or_default().push(w);
+                let others = self.bookkeeping() - self.data_wanted.entries();
+                self.data_wanted
+                    .insert(host, w, true, others)
+                    .map_err(|_| self.over_budget("data clusters"))?;
             }
         }
         self.check_mapping_done();
@@ -335,7 +358,68 @@ impl<'w> State<'w> {
         }
     }
 
-    fn write_data(&mut self, w: &DataWant, data: &[u8], host: u64) -> Result<(), ConvertError> {
+    /// A table entry naming `host` in an image of known length must lie inside it.
+    fn check_inside(&self, host: u64, what: &str) -> Result<(), ConvertError> {
+        match self.source_len {
+            Some(len) if host >= len => {
+                tracing::debug!(what, host, len, "table entry past the end of the image");
+                Err(Qcow2Error::Truncated {
+                    end: len,
+                    offset: host,
+                }
+                .into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Entries of every waiting map, for [`MAX_ENTRIES`].
+    fn bookkeeping(&self) -> usize {
+        self.l2_wanted.entries()
+            + self.data_wanted.entries()
+            + self.comp_pending.len()
+            + self.comp_refs.len()
+    }
+
+    fn over_budget(&self, what: &str) -> ConvertError {
+        ConvertError::Qcow2(Qcow2Error::TooScattered {
+            what: format!(
+                "more than {MAX_ENTRIES} separate runs of {what} wait for data not yet read at byte {}",
+                self.cur
+            ),
+        })
+    }
+
+    fn check_budget(&self, what: &str) -> Result<(), ConvertError> {
+        if self.bookkeeping() >= MAX_ENTRIES {
+            return Err(self.over_budget(what));
+        }
+        Ok(())
+    }
+
+    fn cache_insert(&mut self, c: u64, data: Vec<u8>) -> Result<(), ConvertError> {
+        self.comp_cache_bytes += data.len() as u64;
+        if let Some(old) = self.comp_cache.insert(c, data) {
+            self.comp_cache_bytes -= old.len() as u64;
+        }
+        if self.comp_cache_bytes > MAX_COMP_CACHE {
+            return Err(ConvertError::Qcow2(Qcow2Error::TooScattered {
+                what: format!(
+                    "more than {MAX_COMP_CACHE} bytes of clusters kept for compressed data at byte {}",
+                    self.cur
+                ),
+            }));
+        }
+        Ok(())
+    }
+
+    fn cache_remove(&mut self, c: u64) -> Option<Vec<u8>> {
+        let d = self.comp_cache.remove(&c)?;
+        self.comp_cache_bytes -= d.len() as u64;
+        Some(d)
+    }
+
+    fn write_data(&mut self, w: &Want, data: &[u8], host: u64) -> Result<(), ConvertError> {
         let vsize = self.h.virtual_size;
         let full = (self.cs.min(vsize - w.guest)) as usize;
         if data.len() < full {
@@ -374,7 +458,7 @@ impl<'w> State<'w> {
             if c <= self.cur && !self.comp_cache.contains_key(&c) {
                 match self.held.get(c)? {
                     Some(d) => {
-                        self.comp_cache.insert(c, d);
+                        self.cache_insert(c, d)?;
                     }
                     // Compressed data may run past the end of the image (the length
                     // is an upper bound), never into metadata before it.
@@ -392,6 +476,7 @@ impl<'w> State<'w> {
         if last <= self.cur {
             self.decompress(&comp)
         } else {
+            self.check_budget("compressed clusters")?;
             self.comp_pending.entry(last).or_default().push(comp);
             Ok(())
         }
@@ -451,8 +536,8 @@ impl<'w> State<'w> {
                 *n -= 1;
                 if *n == 0 {
                     self.comp_refs.remove(&c);
-                    let covered = self.comp_covered.get(&c).copied().unwrap_or(0);
-                    if let Some(data) = self.comp_cache.remove(&c) {
+                    let covered = self.comp_covered.remove(&c).unwrap_or(0);
+                    if let Some(data) = self.cache_remove(c) {
                         if !self.mapping_done
                             && covered < data.len() as u64
                             && self.held.get(c)?.is_none()
@@ -524,7 +609,7 @@ impl<'w> State<'w> {
                 *n -= 1;
                 if *n == 0 {
                     self.comp_refs.remove(&c);
-                    self.comp_cache.remove(&c);
+                    self.cache_remove(c);
                 }
             }
             c += self.cs;
@@ -540,10 +625,10 @@ impl<'w> State<'w> {
             }
             .into());
         }
-        if let Some((&off, _)) = self.l2_wanted.iter().next() {
+        if let Some(off) = self.l2_wanted.first() {
             return Err(Qcow2Error::Truncated { end, offset: off }.into());
         }
-        if let Some((&off, _)) = self.data_wanted.iter().next() {
+        if let Some(off) = self.data_wanted.first() {
             return Err(Qcow2Error::Truncated { end, offset: off }.into());
         }
         // Compressed clusters at the very end: their stated length may pass EOF.
