@@ -438,3 +438,105 @@ with tarfile.open(sys.argv[1], "w") as t:
     assert!(!o.termination.contains('\x1b'), "{:?}", o.termination);
     assert!(!o.stderr.contains('\x1b'), "{:?}", o.stderr);
 }
+
+/// What `qemu-img convert -O qcow2 -o extended_l2=on` writes when the data ends inside
+/// a cluster: a file that ends inside its last, partly allocated cluster.
+#[test]
+fn extended_l2_image_ending_inside_its_last_cluster_imports_byte_equal() {
+    let d = tmp();
+    let raw = d.path().join("e.raw");
+    raw_fixture(&raw, "3M", &[(0, 1 << 20, 0xcd), (2 << 20, 12288, 0xef)]);
+    let q = d.path().join("e.qcow2");
+    sh(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+        ])
+        .arg(&raw)
+        .arg(&q));
+    assert_ne!(
+        std::fs::metadata(&q).expect("meta").len() % 65536,
+        0,
+        "the fixture must end inside a cluster"
+    );
+    let server = HttpServer::start(d.path(), &[]);
+    let run = tmp();
+    Importer::new(run.path())
+        .http(&server.url("e.qcow2"))
+        .run()
+        .assert_success();
+    assert_same_bytes(&out_disk(run.path()), &qemu_reference(&q, d.path()));
+}
+
+/// Text descriptors qemu recognises (comments, blank lines, then `version=N`) are vmdk,
+/// not a raw disk holding the descriptor's text; their extents are other files.
+#[test]
+fn descriptor_only_vmdk_without_the_usual_first_line_is_refused() {
+    let d = tmp();
+    std::fs::write(
+        d.path().join("desc.vmdk"),
+        "# made by hand\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"desc-flat.vmdk\" 0\n",
+    )
+    .expect("write");
+    let server = HttpServer::start(d.path(), &[]);
+    let run = tmp();
+    let o = Importer::new(run.path())
+        .http(&server.url("desc.vmdk"))
+        .run();
+    o.assert_failure("vmdk");
+    assert!(
+        o.termination.contains("separate files"),
+        "{}",
+        o.termination
+    );
+}
+
+/// A streamOptimized vmdk whose header claims huge grains: 64 MiB grains are refused by
+/// name before any buffer is sized from them, and 2^55 sectors (which wrapped to 0 and
+/// divided by zero) is a clean refusal too.
+#[test]
+fn vmdk_with_oversized_grains_is_refused_cleanly() {
+    let d = tmp();
+    let raw = d.path().join("v.raw");
+    raw_fixture(&raw, "8M", &[(0, 1 << 20, 0x42)]);
+    let v = d.path().join("v.vmdk");
+    sh(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+        ])
+        .arg(&raw)
+        .arg(&v));
+    let image = std::fs::read(&v).expect("read");
+    for (name, sectors) in [("g64m.vmdk", 1u64 << 17), ("g2p55.vmdk", 1u64 << 55)] {
+        let mut patched = image.clone();
+        patched[20..28].copy_from_slice(&sectors.to_le_bytes());
+        std::fs::write(d.path().join(name), patched).expect("write");
+    }
+    let server = HttpServer::start(d.path(), &[]);
+    for name in ["g64m.vmdk", "g2p55.vmdk"] {
+        let run = tmp();
+        let o = Importer::new(run.path()).http(&server.url(name)).run();
+        o.assert_failure("vmdk");
+        assert!(
+            o.termination.contains("more than 8388608 bytes"),
+            "{name}: {}",
+            o.termination
+        );
+        assert!(
+            !o.termination.contains("internal error"),
+            "{}",
+            o.termination
+        );
+    }
+}

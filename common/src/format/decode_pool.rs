@@ -27,6 +27,17 @@ pub struct Done {
     pub result: io::Result<u64>,
 }
 
+/// Output bytes the pool may keep in flight to give every worker work, beyond the
+/// caller's own budget.
+pub const MAX_PARALLEL_BYTES: usize = 16 << 20;
+
+fn in_flight_units(threads: usize, unit: usize, max_bytes: usize) -> usize {
+    let unit = unit.max(1);
+    let by_budget = max_bytes / unit;
+    let for_parallelism = (4 * threads).min(MAX_PARALLEL_BYTES / unit);
+    by_budget.max(for_parallelism).max(1)
+}
+
 pub struct DecodePool {
     tx: Option<SyncSender<Job>>,
     rx: Receiver<Done>,
@@ -68,7 +79,7 @@ impl DecodePool {
                 inline: Some(decode),
             };
         }
-        let max_in_flight = (max_bytes / unit.max(1)).max(4 * threads);
+        let max_in_flight = in_flight_units(threads, unit, max_bytes);
         let (tx, job_rx) = mpsc::sync_channel::<Job>(max_in_flight);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let workers = (0..threads)
@@ -107,6 +118,13 @@ impl DecodePool {
             spare: Vec::new(),
             inline: None,
         }
+    }
+
+    /// How many units may be in flight: `max_bytes` of output, or two per worker (four
+    /// when small) as long as that stays within [`MAX_PARALLEL_BYTES`]; never fewer than
+    /// one. Bounded by bytes, not by count: a unit may be a 8 MiB vmdk grain.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
     }
 
     /// An input buffer (empty) and an output buffer of `out_len` bytes, reused if possible.
@@ -209,6 +227,16 @@ impl Drop for DecodePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_in_flight_are_bounded_by_size_not_count() {
+        // Small units: the budget, and enough for every worker.
+        assert_eq!(in_flight_units(2, 64 << 10, 4 << 20), 64);
+        assert_eq!(in_flight_units(8, 2 << 20, 4 << 20), 8);
+        // Large units: as many as 16 MiB allows, at least one.
+        assert_eq!(in_flight_units(2, 8 << 20, 4 << 20), 2);
+        assert_eq!(in_flight_units(8, 64 << 20, 4 << 20), 1);
+    }
 
     fn upper(input: &[u8], out: &mut [u8]) -> io::Result<u64> {
         if input.first() == Some(&b'#') {

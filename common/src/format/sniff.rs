@@ -82,7 +82,7 @@ pub fn sniff(head: &[u8]) -> Format {
     if at(0, b"QFI\xfb") {
         return Format::Qcow2;
     }
-    if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+    if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") || is_vmdk_descriptor(head) {
         return Format::Vmdk;
     }
     if at(0, b"vhdxfile") {
@@ -112,6 +112,44 @@ pub fn sniff(head: &[u8]) -> Format {
         return Format::Tar;
     }
     Format::Raw
+}
+
+/// qemu's `vmdk_probe` for a text descriptor: comment lines (`#`) and blank lines, then
+/// `version=1`, `2` or `3` on a line of its own (LF or CRLF). Such a file names its
+/// extents as other files; imported as raw, the disk would hold the descriptor's text.
+pub(crate) fn is_vmdk_descriptor(head: &[u8]) -> bool {
+    let mut p = 0;
+    while p < head.len() {
+        match head[p] {
+            b'#' => {
+                while p < head.len() && head[p] != b'\n' {
+                    p += 1;
+                }
+                p += 1;
+            }
+            b' ' => {
+                while p < head.len() && head[p] == b' ' {
+                    p += 1;
+                }
+                if p < head.len() && head[p] == b'\r' {
+                    p += 1;
+                }
+                if p >= head.len() || head[p] != b'\n' {
+                    return false;
+                }
+                p += 1;
+            }
+            _ => {
+                let rest = &head[p..];
+                return [b'1', b'2', b'3'].iter().any(|v| {
+                    let lf = [&b"version="[..], &[*v], b"\n"].concat();
+                    let crlf = [&b"version="[..], &[*v], b"\r\n"].concat();
+                    rest.starts_with(&lf) || rest.starts_with(&crlf)
+                });
+            }
+        }
+    }
+    false
 }
 
 fn is_bzip2(head: &[u8]) -> bool {
@@ -178,6 +216,21 @@ mod tests {
         assert_eq!(sniff(&padded(b"BZh91AY&SY", 0)), Format::Bzip2);
         assert_eq!(sniff(&padded(b"QFI\xfb", 0)), Format::Qcow2);
         assert_eq!(sniff(&padded(b"KDMV", 0)), Format::Vmdk);
+        // Descriptors as qemu probes them: comments and blank lines, then version=N.
+        for d in [
+            &b"version=1\nCID=fffffffe\n"[..],
+            b"# a comment\n  \n   \r\nversion=3\r\nencoding=\"UTF-8\"\n",
+            b"#\n#\nversion=2\n",
+        ] {
+            assert_eq!(
+                sniff(&padded(d, 0)),
+                Format::Vmdk,
+                "{:?}",
+                String::from_utf8_lossy(d)
+            );
+        }
+        assert_eq!(sniff(&padded(b"version=4\n", 0)), Format::Raw);
+        assert_eq!(sniff(&padded(b"hello\nversion=1\n", 0)), Format::Raw);
         assert_eq!(sniff(&padded(b"vhdxfile", 0)), Format::Vhdx);
         assert_eq!(
             sniff(&padded(&0xbeda107f_u32.to_le_bytes(), 0x40)),

@@ -23,9 +23,10 @@ const FLAG_COMPRESSED: u32 = 1 << 16;
 const FLAG_MARKERS: u32 = 1 << 17;
 const COMPRESS_DEFLATE: u16 = 1;
 const GD_AT_END: u64 = u64::MAX;
-/// qemu's bound on a grain (and so on our buffers): 2^21 sectors = 1 GiB; we take
-/// 64 MiB, far above the 64 KiB every tool uses, and never allocate from a larger field.
-const MAX_GRAIN_BYTES: u64 = 64 << 20;
+/// qemu's bound on a grain is 2^21 sectors = 1 GiB; we take 8 MiB, far above the
+/// 64 KiB every tool writes: a grain is decoded whole, so it bounds our memory (a few
+/// grains in flight, each with its compressed input), and a larger field is refused.
+const MAX_GRAIN_BYTES: u64 = 8 << 20;
 const MAX_DESCRIPTOR: u64 = 1 << 20;
 const MARKER_EOS: u32 = 0;
 const MARKER_GT: u32 = 1;
@@ -51,7 +52,7 @@ pub struct Header {
 impl Header {
     pub fn parse(b: &[u8]) -> Result<Header, FormatError> {
         if b.len() < 512 || &b[..4] != MAGIC {
-            if b.starts_with(b"# Disk DescriptorFile") {
+            if b.starts_with(b"# Disk DescriptorFile") || super::sniff::is_vmdk_descriptor(b) {
                 return Err(FormatError::external(
                     F,
                     "a text descriptor whose extents are separate files",
@@ -77,13 +78,19 @@ impl Header {
                 format!("version {}", h.version),
             ));
         }
-        if h.grain == 0
-            || !h.grain.is_power_of_two()
-            || h.grain.checked_mul(512).is_none_or(|b| b > MAX_GRAIN_BYTES)
-        {
+        if h.grain == 0 || !h.grain.is_power_of_two() {
             return Err(FormatError::corrupt(
                 F,
                 format!("grain size {} sectors", h.grain),
+            ));
+        }
+        if h.grain.checked_mul(512).is_none_or(|b| b > MAX_GRAIN_BYTES) {
+            return Err(FormatError::unsupported(
+                F,
+                format!(
+                    "grains of {} sectors (more than {MAX_GRAIN_BYTES} bytes)",
+                    h.grain
+                ),
             ));
         }
         if h.gtes_per_gt == 0 || h.gtes_per_gt > 512 {
@@ -259,7 +266,8 @@ fn stream_markers(
 ) -> Result<(), FormatError> {
     let gb = h.grain_bytes();
     let size = h.virtual_size();
-    let max_compressed = gb * 2 + 4096;
+    // deflate never grows data by more than a few bytes per 16 KiB block.
+    let max_compressed = gb + gb / 16 + 4096;
     let mut at = h
         .overhead
         .saturating_mul(512)

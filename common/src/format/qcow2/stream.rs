@@ -9,10 +9,10 @@
 //! else needs holding: unreferenced clusters (refcounts, snapshots) are dropped at once.
 
 use super::header::{Compression, Header, Qcow2Error};
+use super::wanted::{Want, Wanted, MAX_ENTRIES};
 use crate::format::decode_pool::{DecodePool, Done, Job};
 use crate::format::held::{Held, HeldError};
 pub use crate::format::image::StreamOptions;
-use super::wanted::{Want, Wanted, MAX_ENTRIES};
 use crate::sink::{SinkError, SparseWriter};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
@@ -419,18 +419,24 @@ impl<'w> State<'w> {
         Some(d)
     }
 
+    /// Writes one data cluster. The image's last cluster may be cut short by the end of
+    /// the file (qemu writes images that end inside their last, partly used cluster,
+    /// and reads what lies past the end as zeros): then the bytes present are written
+    /// and the rest stays zero, as long as `data` is that final piece.
     fn write_data(&mut self, w: &Want, data: &[u8], host: u64) -> Result<(), ConvertError> {
         let vsize = self.h.virtual_size;
         let full = (self.cs.min(vsize - w.guest)) as usize;
-        if data.len() < full {
+        let at_eof = (data.len() as u64) < self.cs;
+        if data.len() < full && !at_eof {
             return Err(Qcow2Error::Truncated {
                 end: host + data.len() as u64,
                 offset: host,
             }
             .into());
         }
+        let avail = data.len().min(full);
         match w.mask {
-            None => self.writer.write_at(w.guest, &data[..full])?,
+            None => self.writer.write_at(w.guest, &data[..avail])?,
             Some(mask) => {
                 let sub = self.cs / 32;
                 for i in 0..32u64 {
@@ -438,9 +444,9 @@ impl<'w> State<'w> {
                     if g >= vsize {
                         break;
                     }
-                    if mask & (1 << i) != 0 {
-                        let len = sub.min(vsize - g) as usize;
-                        let at = (i * sub) as usize;
+                    let at = (i * sub) as usize;
+                    if mask & (1 << i) != 0 && at < avail {
+                        let len = (sub.min(vsize - g) as usize).min(avail - at);
                         self.writer.write_at(g, &data[at..at + len])?;
                     }
                 }

@@ -92,7 +92,13 @@ impl Wanted {
         shared_ok: bool,
         others: usize,
     ) -> Result<bool, OverBudget> {
-        let room = |n: usize| if n + others >= MAX_ENTRIES { Err(OverBudget) } else { Ok(()) };
+        let room = |n: usize| {
+            if n + others >= MAX_ENTRIES {
+                Err(OverBudget)
+            } else {
+                Ok(())
+            }
+        };
         if let Some((&start, run)) = self.runs.range_mut(..=host).next_back() {
             let end = start.saturating_add(run.count * self.cs);
             if host < end {
