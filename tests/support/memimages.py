@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Images crafted to make a streaming importer's memory grow (issue 11, section 2).
+
+Usage: memimages.py DIR. Writes into DIR the images the memory test imports; each is
+built from qemu-img/qemu-io output, patched where qemu cannot produce the layout:
+
+  qcow2-tables-first.qcow2   256 MiB of 512-byte clusters, every L2 table before the data
+  qcow2-far-l2.qcow2         an L2 entry pointing 1 TiB past the end of the file
+  qcow2-prealloc-full.qcow2  preallocation=full: data ahead of nothing, held then spooled
+  vmdk-8m-grains.vmdk        streamOptimized, 8 MiB grains (the most we take), 64 MiB
+  vmdk-huge-grains.vmdk      a header claiming 64 MiB grains
+  pax-header.tar             a 256 MiB PAX record before a small disk
+  gnu-longname.tar           a 256 MiB GNU long name before a small disk
+Files ending in .gz are the same through gzip -1 (unknown length to the importer).
+"""
+import io
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+
+d = sys.argv[1]
+os.makedirs(d, exist_ok=True)
+
+
+def run(*a, **kw):
+    subprocess.run(a, check=True, **kw)
+
+
+def p(name):
+    return os.path.join(d, name)
+
+
+# qcow2, 512-byte clusters, every L2 table allocated before the data: one small write
+# per L2 table's range first, then everything.
+run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p("qcow2-tables-first.qcow2"), "256M")
+cmds = "".join("write -q -P 0x5 %d 512\n" % k for k in range(0, 256 << 20, 32768))
+cmds += "write -q -P 0xab 0 256M\n"
+run("qemu-io", "-f", "qcow2", p("qcow2-tables-first.qcow2"), input=cmds.encode(), stdout=subprocess.DEVNULL)
+
+# A small qcow2 whose first L2 entry is moved 1 TiB ahead.
+run("qemu-img", "create", "-q", "-f", "qcow2", p("qcow2-far-l2.qcow2"), "64M")
+run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x11 0 4M", p("qcow2-far-l2.qcow2"), stdout=subprocess.DEVNULL)
+with open(p("qcow2-far-l2.qcow2"), "r+b") as f:
+    h = f.read(104)
+    l1_off = struct.unpack(">Q", h[40:48])[0]
+    f.seek(l1_off)
+    l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    f.seek(l2_off)
+    f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+
+run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", p("qcow2-prealloc-full.qcow2"), "96M")
+run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 8M 8M", p("qcow2-prealloc-full.qcow2"), stdout=subprocess.DEVNULL)
+
+
+def stream_optimized(path, grain_sectors, capacity_sectors, fill):
+    """A streamOptimized vmdk written marker by marker (qemu-img only writes 64 KiB grains)."""
+    hdr = bytearray(512)
+    hdr[0:4] = b"KDMV"
+    struct.pack_into("<IIQQQQIQQQB", hdr, 4, 3, 1 | (1 << 16) | (1 << 17), capacity_sectors,
+                     grain_sectors, 0, 0, 512, 0, (1 << 64) - 1, 1, 0)
+    hdr[73:77] = b"\n \r\n"
+    struct.pack_into("<H", hdr, 77, 1)
+    gb = grain_sectors * 512
+    with open(path, "wb") as f:
+        f.write(hdr)
+        for lba in range(0, capacity_sectors, grain_sectors):
+            data = zlib.compress(bytes([fill(lba)]) * gb, 1)
+            rec = struct.pack("<QI", lba, len(data)) + data
+            f.write(rec + b"\0" * (-len(rec) % 512))
+        f.write(struct.pack("<QII", 0, 0, 0) + b"\0" * 496)  # end of stream
+
+
+stream_optimized(p("vmdk-8m-grains.vmdk"), 16384, 131072, lambda lba: 1 + (lba // 16384) % 200)
+stream_optimized(p("vmdk-huge-grains.vmdk"), 131072, 131072, lambda lba: 7)
+
+
+def big_header_tar(path, kind, n):
+    fmt = tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT
+    with tarfile.open(path, "w", format=fmt) as t:
+        info = tarfile.TarInfo("disk.img" if kind == "pax" else "d/" + "x" * n)
+        data = b"\xab" * 4096
+        info.size = len(data)
+        if kind == "pax":
+            info.pax_headers = {"comment": "y" * n}
+        t.addfile(info, io.BytesIO(data))
+
+
+big_header_tar(p("pax-header.tar"), "pax", 256 << 20)
+big_header_tar(p("gnu-longname.tar"), "gnu", 256 << 20)
+
+for name in ["qcow2-tables-first.qcow2", "qcow2-far-l2.qcow2", "pax-header.tar", "gnu-longname.tar"]:
+    with open(p(name), "rb") as src, open(p(name + ".gz"), "wb") as out:
+        run("gzip", "-1", "-c", stdin=src, stdout=out)
