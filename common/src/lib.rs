@@ -16,6 +16,7 @@ pub mod labels;
 pub mod listen;
 pub mod pipeline;
 pub mod progress;
+pub mod resume;
 pub mod sink;
 pub mod space;
 pub mod stream;

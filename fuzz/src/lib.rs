@@ -24,6 +24,7 @@ pub fn run<T, E>(
         hold_memory: 8 << 20,
         limit: LIMIT,
         source_file: None,
+        source_len: Some(data.len() as u64),
     };
     let mut src = data;
     match convert(&mut src, &mut w, &opts) {

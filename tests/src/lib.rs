@@ -162,6 +162,17 @@ pub fn raw_fixture(path: &Path, size: &str, writes: &[(u64, u64, u8)]) {
     }
 }
 
+/// 25 MiB whose every MiB matters (so a resume at the wrong offset, or a splice of two
+/// files, is visible), patterned by `seed`: two seeds give two files of the same length.
+pub fn dense_fixture_named(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    let writes: Vec<(u64, u64, u8)> = (0..24)
+        .map(|i| (i * (1 << 20) + 4096, 1 << 20, (i * 7 + seed) as u8))
+        .collect();
+    raw_fixture(&p, "25M", &writes);
+    p
+}
+
 /// The default fixture: 64 MiB with three data regions, one not sector-aligned at its end.
 pub fn default_fixture(dir: &Path) -> PathBuf {
     let p = dir.join("disk.raw");

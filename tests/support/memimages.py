@@ -9,6 +9,7 @@ built from qemu-img/qemu-io output, patched where qemu cannot produce the layout
   qcow2-prealloc-full.qcow2  preallocation=full: data ahead of nothing, held then spooled
   vmdk-8m-grains.vmdk        streamOptimized, 8 MiB grains (the most we take), 64 MiB
   vmdk-huge-grains.vmdk      a header claiming 64 MiB grains
+  vhd-512b-blocks.vhd        dynamic vhd, 256 MiB in 512-byte blocks stored in reverse order
   pax-header.tar             a 256 MiB PAX record before a small disk
   gnu-longname.tar           a 256 MiB GNU long name before a small disk
 Files ending in .gz are the same through gzip -1 (unknown length to the importer).
@@ -75,6 +76,49 @@ def stream_optimized(path, grain_sectors, capacity_sectors, fill):
 
 stream_optimized(p("vmdk-8m-grains.vmdk"), 16384, 131072, lambda lba: 1 + (lba // 16384) % 200)
 stream_optimized(p("vmdk-huge-grains.vmdk"), 131072, 131072, lambda lba: 7)
+
+
+def vhd_checksum(b):
+    return (~sum(b) & 0xFFFFFFFF)
+
+
+def fragmented_vhd(path, size, block):
+    """A dynamic vhd whose blocks are stored last guest block first: no two runs merge."""
+    blocks = size // block
+    bat_off = 1536
+    bat_len = (blocks * 4 + 511) // 512 * 512
+    # qemu's vpc driver: (block / 4096 + 511) & ~511, so 0 for blocks under 4 KiB.
+    bitmap = (block // 4096 + 511) & ~511
+    first_block = bat_off + bat_len
+    footer = bytearray(512)
+    footer[0:8] = b"conectix"
+    struct.pack_into(">IIQI4sIIQQHBBI", footer, 8, 2, 0x00010000, 512, 0, b"qem2", 0x00050003, 0x5769326B,
+                     size, size, 65535, 16, 255, 3)
+    struct.pack_into(">I", footer, 64, vhd_checksum(footer))
+    dyn = bytearray(1024)
+    dyn[0:8] = b"cxsparse"
+    struct.pack_into(">QQIII", dyn, 8, (1 << 64) - 1, bat_off, 0x00010000, blocks, block)
+    struct.pack_into(">I", dyn, 36, vhd_checksum(dyn))
+    bat = bytearray(bat_len)
+    for i in range(blocks):
+        host = first_block + (blocks - 1 - i) * (bitmap + block)
+        struct.pack_into(">I", bat, i * 4, host // 512)
+    with open(path, "wb") as f:
+        f.write(footer)
+        f.write(dyn)
+        f.write(bat)
+        chunk = bytearray()
+        for j in range(blocks):
+            i = blocks - 1 - j
+            chunk += b"\xff" * bitmap + bytes([1 + i % 251]) * block
+            if len(chunk) >= 8 << 20:
+                f.write(chunk)
+                chunk = bytearray()
+        f.write(chunk)
+        f.write(footer)
+
+
+fragmented_vhd(p("vhd-512b-blocks.vhd"), 256 << 20, 512)
 
 
 def big_header_tar(path, kind, n):

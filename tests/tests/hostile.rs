@@ -16,15 +16,8 @@ fn out_disk(dir: &Path) -> PathBuf {
     dir.join("data/disk.img")
 }
 
-/// 25 MiB whose every MiB matters, patterned by `seed`: two seeds give two files of the
-/// same length whose splice would be visible anywhere.
 fn dense(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    let writes: Vec<(u64, u64, u8)> = (0..24)
-        .map(|i| (i * (1 << 20) + 4096, 1 << 20, (i * 7 + seed) as u8))
-        .collect();
-    raw_fixture(&p, "25M", &writes);
-    p
+    dense_fixture_named(dir, name, seed)
 }
 
 fn sha256(p: &Path) -> String {

@@ -109,12 +109,7 @@ fn requested_size_grows_the_disk_by_cdis_resize_rule() {
 
 /// A fixture whose bytes all matter (so a resume at the wrong offset is visible).
 fn dense_fixture(dir: &Path) -> PathBuf {
-    let p = dir.join("dense.raw");
-    let writes: Vec<(u64, u64, u8)> = (0..24)
-        .map(|i| (i * (1 << 20) + 4096, 1 << 20, (i * 7 + 3) as u8))
-        .collect();
-    raw_fixture(&p, "25M", &writes);
-    p
+    dense_fixture_named(dir, "dense.raw", 3)
 }
 
 #[test]

@@ -210,17 +210,31 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// Separate runs a table-driven image may have: 24 MiB of [`Extent`]s. A real image
+/// reaches it only when over a million blocks were allocated out of guest order.
+pub const MAX_EXTENTS: usize = 1 << 20;
+
 /// Adds `e`, merged into the previous run when both its host and guest offsets continue
 /// it. Tools allocate blocks in write order, so a disk written front to back collapses
-/// to a few runs, and the list stays small however large the disk.
-pub fn push_extent(list: &mut Vec<Extent>, e: Extent) {
+/// to a few runs, and the list stays small however large the disk. Beyond
+/// [`MAX_EXTENTS`] runs the image is refused rather than grow memory.
+pub fn push_extent(format: Format, list: &mut Vec<Extent>, e: Extent) -> Result<(), FormatError> {
     if let Some(last) = list.last_mut() {
-        if last.host + last.len == e.host && last.guest + last.len == e.guest {
+        if last.host.checked_add(last.len) == Some(e.host)
+            && last.guest.checked_add(last.len) == Some(e.guest)
+        {
             last.len += e.len;
-            return;
+            return Ok(());
         }
     }
+    if list.len() >= MAX_EXTENTS {
+        return Err(FormatError::unsupported(
+            format,
+            format!("more than {MAX_EXTENTS} separate block runs (a fragmented image: convert it with qemu-img first)"),
+        ));
+    }
     list.push(e);
+    Ok(())
 }
 
 /// Refuses a block table (vmdk grain directory, vhd BAT, vdi block map) of more than
@@ -336,22 +350,26 @@ mod tests {
         let mut v = Vec::new();
         for i in 0..1000u64 {
             push_extent(
+                Format::Raw,
                 &mut v,
                 Extent {
                     host: 4096 + i * 512,
                     guest: i * 512,
                     len: 512,
                 },
-            );
+            )
+            .expect("push");
         }
         push_extent(
+            Format::Raw,
             &mut v,
             Extent {
                 host: 1 << 30,
                 guest: 1 << 20,
                 len: 512,
             },
-        );
+        )
+        .expect("push");
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].len, 512_000);
         assert!(check_table(Format::Vmdk, "grain directory", 5 << 20, 4 << 20).is_err());

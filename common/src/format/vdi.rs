@@ -155,13 +155,14 @@ pub fn convert(
         }
         let guest = i as u64 * u64::from(BLOCK_SIZE);
         push_extent(
+            F,
             &mut extents,
             Extent {
                 host: h.offset_data + u64::from(e) * u64::from(BLOCK_SIZE),
                 guest,
                 len: u64::from(BLOCK_SIZE).min(size - guest),
             },
-        );
+        )?;
     }
     writer.prepare_random(size)?;
     copy_extents(&mut rd, writer, extents)?;

@@ -124,8 +124,10 @@ pub fn convert(
     rd.read_at(table_offset, &mut bat)?;
     rd.stop_retaining()?;
     // Each block starts with its sector bitmap (one bit per sector, padded to a sector).
-    // qemu reads allocated blocks whole and ignores the bitmap; so do we.
-    let bitmap = (block_size / 512).div_ceil(8).div_ceil(512) * 512;
+    // qemu reads allocated blocks whole and ignores the bitmap; so do we. Its size is
+    // qemu's arithmetic, `(block_size / 4096 + 511) & !511`, which agrees with the spec
+    // from 4 KiB blocks up and is 0 below (qemu-img's output is the oracle).
+    let bitmap = (block_size / 4096 + 511) & !511;
     let mut extents = Vec::new();
     for (i, e) in bat.chunks_exact(4).enumerate() {
         let e = be32(e, 0);
@@ -134,13 +136,14 @@ pub fn convert(
         }
         let guest = i as u64 * block_size;
         push_extent(
+            F,
             &mut extents,
             Extent {
                 host: u64::from(e) * 512 + bitmap,
                 guest,
                 len: block_size.min(size - guest),
             },
-        );
+        )?;
     }
     writer.prepare_random(size)?;
     copy_extents(&mut rd, writer, extents)?;

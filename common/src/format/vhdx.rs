@@ -24,7 +24,9 @@ const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
 const HEADER_LEN: usize = 4096;
 const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
 const REGION_TABLE_LEN: usize = 64 * 1024;
-const MAX_BAT_BYTES: u64 = 64 * MIB;
+/// 16 MiB maps 2 TiB with 1 MiB blocks, the 64 TiB maximum with 32 MiB blocks (Hyper-V's
+/// default); it is read whole, before the metadata says how much of it is needed.
+const MAX_BAT_BYTES: u64 = 16 * MIB;
 const MAX_METADATA_BYTES: u64 = MIB;
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
@@ -394,13 +396,14 @@ pub fn convert(
             STATE_FULLY_PRESENT => {
                 let guest = block * md.block_size;
                 push_extent(
+                    F,
                     &mut extents,
                     Extent {
                         host: e >> 20 << 20,
                         guest,
                         len: md.block_size.min(size - guest),
                     },
-                );
+                )?;
             }
             STATE_PARTIALLY_PRESENT => {
                 return Err(FormatError::external(

@@ -245,13 +245,14 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
                 break;
             }
             push_extent(
+                F,
                 &mut extents,
                 Extent {
                     host: e * 512,
                     guest,
                     len: gb.min(size - guest),
                 },
-            );
+            )?;
         }
     }
     Ok(extents)

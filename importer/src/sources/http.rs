@@ -8,11 +8,10 @@ use super::redact;
 use bytes::Bytes;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
+use ferrydisk_common::resume::{self, Continue, Headers, Restart, Validators};
 use ferrydisk_common::stream::Chunk;
 use ferrydisk_common::ErrorKind;
-use reqwest::header::{
-    HeaderMap, ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
-};
+use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::{Client, Response, StatusCode};
 use std::io;
 use std::sync::Arc;
@@ -66,62 +65,19 @@ pub struct Download {
     pub rx: mpsc::Receiver<io::Result<Chunk>>,
 }
 
-/// What identifies "the same file" across requests: a strong ETag, or Last-Modified
-/// together with the total length. A weak ETag cannot validate a byte range (RFC 9110
-/// 13.1.5), and a Last-Modified alone has one-second granularity: neither is enough to
-/// splice two responses into one disk.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Validators {
-    etag: Option<String>,
-    last_modified: Option<String>,
-    /// The whole file's length: Content-Length of a 200, the total of a 206's Content-Range.
-    total: Option<u64>,
-}
-
-impl Validators {
-    pub(crate) fn of(h: &HeaderMap, status: StatusCode) -> Self {
-        let get = |n| {
-            h.get(n)
-                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
-                .map(|s| s.trim().to_string())
-        };
-        let total = if status == StatusCode::PARTIAL_CONTENT {
-            get(CONTENT_RANGE)
-                .and_then(|v| content_range(&v))
-                .and_then(|r| r.total)
-        } else {
-            get(reqwest::header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
-        };
-        Validators {
-            etag: get(ETAG).filter(|e| !e.starts_with("W/")),
-            last_modified: get(LAST_MODIFIED),
-            total,
-        }
-    }
-
-    /// Whether these validators can prove a later response is the same file.
-    pub(crate) fn strong(&self) -> bool {
-        self.etag.is_some() || (self.last_modified.is_some() && self.total.is_some())
-    }
-
-    /// What goes in `If-Range`.
-    fn if_range(&self) -> Option<&str> {
-        if !self.strong() {
-            return None;
-        }
-        self.etag.as_deref().or(self.last_modified.as_deref())
-    }
-
-    /// Whether `later` (a resumed response) is provably the same file: every validator
-    /// the first response had is present and identical, and the total length agrees.
-    pub(crate) fn same_file(&self, later: &Validators) -> bool {
-        if !self.strong() {
-            return false;
-        }
-        let same = |a: &Option<String>, b: &Option<String>| a.is_none() || a == b;
-        same(&self.etag, &later.etag)
-            && same(&self.last_modified, &later.last_modified)
-            && (self.total.is_none() || self.total == later.total)
+/// The resume-relevant headers of a response.
+fn resume_headers(resp: &Response) -> Headers<'_> {
+    let h = resp.headers();
+    let get = |n| {
+        h.get(n)
+            .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+    };
+    Headers {
+        partial: resp.status() == StatusCode::PARTIAL_CONTENT,
+        etag: get(ETAG),
+        last_modified: get(LAST_MODIFIED),
+        content_length: get(reqwest::header::CONTENT_LENGTH),
+        content_range: get(CONTENT_RANGE),
     }
 }
 
@@ -167,7 +123,7 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
         .get(ACCEPT_RANGES)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("bytes"));
-    let validators = Validators::of(resp.headers(), resp.status());
+    let validators = Validators::of(&resume_headers(&resp));
     tracing::info!(url = %shown, content_length = ?content_length, ranges, "connected");
     opts.progress.set_source_total(content_length);
     // 16 chunks of at most a few hundred KiB: enough to keep the socket busy, small
@@ -335,12 +291,13 @@ impl Pump {
     /// A response whose body continues at `offset`, plus the bytes past `offset` of the
     /// chunk that crossed it when the download had to restart and skip. Bytes are only
     /// ever spliced when the resumed response proves it is the same file
-    /// ([`Validators::same_file`]); otherwise the import starts again from byte 0.
+    /// ([`resume::judge`]); otherwise the import starts again from byte 0.
     async fn reopen(&self, offset: u64) -> Result<(Response, Option<Bytes>), Reopen> {
         if !self.validators.strong() {
             return Err(Reopen::Restart(format!(
-                "{} cannot be resumed at byte {offset}: the server sent no strong validator (a strong ETag, or Last-Modified with a length)",
-                self.shown
+                "{} cannot be resumed at byte {offset}: {}",
+                self.shown,
+                Restart::NoValidator.describe()
             )));
         }
         let range = self.ranges.then_some((offset, &self.validators));
@@ -354,48 +311,30 @@ impl Pump {
                 }
             })?;
         let status = resp.status();
-        let changed = || {
-            Reopen::Restart(format!(
-                "{} changed while it was being downloaded (its validators differ after byte {offset})",
-                self.shown
-            ))
-        };
-        if status == StatusCode::PARTIAL_CONTENT {
-            let range = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(content_range);
-            if range.map(|r| r.start) != Some(offset) {
-                return Err(Reopen::Restart(format!(
-                    "{} answered a resume at byte {offset} with a different range",
-                    self.shown
-                )));
+        if status.is_success() {
+            match resume::judge(
+                &self.validators,
+                self.content_length,
+                offset,
+                &resume_headers(&resp),
+            ) {
+                Ok(Continue::Range) => return Ok((resp, None)),
+                Ok(Continue::Skip) => {}
+                Err(why) => {
+                    return Err(Reopen::Restart(format!(
+                        "{} cannot be resumed at byte {offset}: {}",
+                        self.shown,
+                        why.describe()
+                    )))
+                }
             }
-            // A server that ignores If-Range answers 206 from whatever it has now.
-            if !self
-                .validators
-                .same_file(&Validators::of(resp.headers(), status))
-            {
-                return Err(changed());
-            }
-            return Ok((resp, None));
-        }
-        if !status.is_success() {
+        } else {
             let e = status_error(&self.shown, status);
             return Err(if e.kind() == ErrorKind::Network {
                 Reopen::Retry(e.to_string())
             } else {
                 Reopen::Fatal(e.kind(), e.to_string())
             });
-        }
-        // A full body: either no range support or If-Range said the file changed.
-        if !self
-            .validators
-            .same_file(&Validators::of(resp.headers(), status))
-            || resp.content_length() != self.content_length
-        {
-            return Err(changed());
         }
         tracing::info!(url = %self.shown, skip = offset, "server cannot resume; restarting the download and skipping what was already received");
         let mut skipped = 0u64;
@@ -429,108 +368,9 @@ enum Reopen {
     Fatal(ErrorKind, String),
 }
 
-/// A parsed `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct ContentRange {
-    pub start: u64,
-    pub end: u64,
-    pub total: Option<u64>,
-}
-
-/// `bytes 100-199/200` -> 100..=199 of 200. Anything malformed, or a range that is
-/// inverted or reaches past its total, is `None`.
-pub(crate) fn content_range(v: &str) -> Option<ContentRange> {
-    let v = v.trim().strip_prefix("bytes ")?.trim();
-    let (range, total) = v.split_once('/')?;
-    let (start, end) = range.split_once('-')?;
-    let start: u64 = start.trim().parse().ok()?;
-    let end: u64 = end.trim().parse().ok()?;
-    let total = match total.trim() {
-        "*" => None,
-        t => Some(t.parse::<u64>().ok()?),
-    };
-    if end < start || total.is_some_and(|t| end >= t) {
-        return None;
-    }
-    Some(ContentRange { start, end, total })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn content_ranges() {
-        let r = content_range("bytes 100-199/200").expect("range");
-        assert_eq!((r.start, r.end, r.total), (100, 199, Some(200)));
-        assert_eq!(content_range("bytes 5-9/*").and_then(|r| r.total), None);
-        assert_eq!(content_range("bytes */200"), None);
-        assert_eq!(content_range("bytes 9-5/200"), None);
-        assert_eq!(content_range("bytes 0-200/200"), None);
-        assert_eq!(content_range("bytes 0-1/x"), None);
-    }
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().expect("hv"));
-        }
-        h
-    }
-
-    const LM: &str = "Mon, 01 Jan 2024 00:00:00 GMT";
-
-    #[test]
-    fn weak_etags_and_bare_dates_do_not_validate() {
-        let ok = StatusCode::OK;
-        let weak = Validators::of(&headers(&[("etag", "W/\"x\"")]), ok);
-        assert!(!weak.strong());
-        assert_eq!(weak.if_range(), None);
-        // Last-Modified needs the length beside it.
-        let lm = Validators::of(&headers(&[("last-modified", LM)]), ok);
-        assert!(!lm.strong());
-        let lm = Validators::of(
-            &headers(&[("last-modified", LM), ("content-length", "10")]),
-            ok,
-        );
-        assert!(lm.strong());
-        assert_eq!(lm.if_range(), Some(LM));
-        assert!(!Validators::of(&HeaderMap::new(), ok).strong());
-    }
-
-    #[test]
-    fn only_an_identical_strong_validator_proves_the_same_file() {
-        let ok = StatusCode::OK;
-        let part = StatusCode::PARTIAL_CONTENT;
-        let first = Validators::of(
-            &headers(&[("etag", "\"a\""), ("content-length", "100")]),
-            ok,
-        );
-        let resumed = |etag: &str, range: &str| {
-            Validators::of(&headers(&[("etag", etag), ("content-range", range)]), part)
-        };
-        assert!(first.same_file(&resumed("\"a\"", "bytes 50-99/100")));
-        assert!(!first.same_file(&resumed("\"b\"", "bytes 50-99/100")));
-        assert!(!first.same_file(&resumed("W/\"a\"", "bytes 50-99/100")));
-        assert!(!first.same_file(&resumed("\"a\"", "bytes 50-149/150")));
-        let missing = Validators::of(&headers(&[("content-range", "bytes 50-99/100")]), part);
-        assert!(!first.same_file(&missing));
-        let by_date = Validators::of(
-            &headers(&[("last-modified", LM), ("content-length", "100")]),
-            ok,
-        );
-        let later = |lm: &str| {
-            Validators::of(
-                &headers(&[("last-modified", lm), ("content-range", "bytes 50-99/100")]),
-                part,
-            )
-        };
-        assert!(by_date.same_file(&later(LM)));
-        assert!(!by_date.same_file(&later("Tue, 02 Jan 2024 00:00:00 GMT")));
-        // Nothing to compare: never the same file.
-        let none = Validators::of(&HeaderMap::new(), ok);
-        assert!(!none.same_file(&none.clone()));
-    }
 
     #[test]
     fn backoff_grows_and_caps() {
