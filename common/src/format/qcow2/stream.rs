@@ -219,7 +219,7 @@ impl<'w> State<'w> {
         }
         let wants = self.data_wanted.take(c);
         if !wants.is_empty() {
-            for w in wants.into_iter() {
+            for w in wants.wants() {
                 self.write_data(&w, data, c)?;
             }
             used = true;

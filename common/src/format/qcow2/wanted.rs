@@ -170,7 +170,7 @@ impl Taken {
         self.first.is_none() && self.shared.is_empty()
     }
 
-    pub fn into_iter(self) -> impl Iterator<Item = Want> {
+    pub fn wants(self) -> impl Iterator<Item = Want> {
         self.first.into_iter().chain(self.shared)
     }
 }
@@ -192,7 +192,7 @@ mod tests {
         assert_eq!(m.entries(), 1);
         for i in 0..100_000u64 {
             let t = m.take(4096 + i * 512);
-            assert_eq!(t.into_iter().collect::<Vec<_>>(), vec![w(i * 512)]);
+            assert_eq!(t.wants().collect::<Vec<_>>(), vec![w(i * 512)]);
         }
         assert!(m.is_empty());
     }
@@ -207,10 +207,10 @@ mod tests {
         assert_eq!(m.insert(1536, w(1), false, 0), Ok(false)); // a duplicate
         assert_eq!(m.entries(), 3);
         assert_eq!(m.first(), Some(1024));
-        assert_eq!(m.take(1024).into_iter().count(), 1);
-        let t: Vec<_> = m.take(1536).into_iter().collect();
+        assert_eq!(m.take(1024).wants().count(), 1);
+        let t: Vec<_> = m.take(1536).wants().collect();
         assert_eq!(t, vec![w(4096), w(9999 * 512)]);
-        assert_eq!(m.take(2048).into_iter().collect::<Vec<_>>(), vec![w(4608)]);
+        assert_eq!(m.take(2048).wants().collect::<Vec<_>>(), vec![w(4608)]);
         assert!(m.is_empty());
     }
 
