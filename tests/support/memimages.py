@@ -9,7 +9,8 @@ built from qemu-img/qemu-io output, patched where qemu cannot produce the layout
   qcow2-prealloc-full.qcow2  preallocation=full: data ahead of nothing, held then spooled
   vmdk-8m-grains.vmdk        streamOptimized, 8 MiB grains (the most we take), 64 MiB
   vmdk-huge-grains.vmdk      a header claiming 64 MiB grains
-  vhd-512b-blocks.vhd        dynamic vhd, 256 MiB in 512-byte blocks stored in reverse order
+  vhd-512b-blocks.vhd        dynamic vhd, 128 MiB in 512-byte blocks stored in reverse order
+  vmdk-1-sector-grains.vmdk  monolithicSparse, 64 MiB in 1-sector grains, reverse order
   pax-header.tar             a 256 MiB PAX record before a small disk
   gnu-longname.tar           a 256 MiB GNU long name before a small disk
 Files ending in .gz are the same through gzip -1 (unknown length to the importer).
@@ -118,7 +119,49 @@ def fragmented_vhd(path, size, block):
         f.write(footer)
 
 
-fragmented_vhd(p("vhd-512b-blocks.vhd"), 256 << 20, 512)
+fragmented_vhd(p("vhd-512b-blocks.vhd"), 128 << 20, 512)
+
+
+def fragmented_vmdk(path, size):
+    """monolithicSparse with 1-sector grains, the last guest grain stored first."""
+    grains = size // 512
+    gtes = 512
+    gts = (grains + gtes - 1) // gtes
+    desc = ('# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+            'createType="monolithicSparse"\nRW %d SPARSE "x.vmdk"\n' % grains).encode()
+    desc_sectors = (len(desc) + 511) // 512
+    gd_sector = 1 + desc_sectors
+    gd_sectors = (gts * 4 + 511) // 512
+    gt_sector = gd_sector + gd_sectors
+    gt_sectors = gts * gtes * 4 // 512
+    first_grain = gt_sector + gt_sectors
+    hdr = bytearray(512)
+    hdr[0:4] = b"KDMV"
+    struct.pack_into("<IIQQQQIQQQ", hdr, 4, 1, 1, grains, 1, 1, desc_sectors, gtes, 0, gd_sector,
+                     first_grain)
+    hdr[73:77] = b"\n \r\n"
+    gd = bytearray(gd_sectors * 512)
+    for t in range(gts):
+        struct.pack_into("<I", gd, t * 4, gt_sector + t * (gtes * 4 // 512))
+    gt = bytearray(gt_sectors * 512)
+    for g in range(grains):
+        struct.pack_into("<I", gt, g * 4, first_grain + (grains - 1 - g))
+    with open(path, "wb") as f:
+        f.write(hdr)
+        f.write(desc + b"\0" * (desc_sectors * 512 - len(desc)))
+        f.write(gd)
+        f.write(gt)
+        chunk = bytearray()
+        for j in range(grains):
+            g = grains - 1 - j
+            chunk += bytes([1 + g % 253]) * 512
+            if len(chunk) >= 8 << 20:
+                f.write(chunk)
+                chunk = bytearray()
+        f.write(chunk)
+
+
+fragmented_vmdk(p("vmdk-1-sector-grains.vmdk"), 64 << 20)
 
 
 def big_header_tar(path, kind, n):

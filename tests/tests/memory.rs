@@ -139,6 +139,7 @@ fn hostile_images_stay_under_64_mib_in_a_128_mib_cgroup() {
         ("vmdk-8m-grains.vmdk", Ok("pattern")),
         ("vmdk-huge-grains.vmdk", Err("more than 8388608 bytes")),
         ("vhd-512b-blocks.vhd", Ok("qemu")),
+        ("vmdk-1-sector-grains.vmdk", Ok("qemu")),
         ("pax-header.tar", Err("headers before an entry")),
         ("pax-header.tar.gz", Err("headers before an entry")),
         ("gnu-longname.tar", Err("headers before an entry")),
