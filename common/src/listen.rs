@@ -75,10 +75,6 @@ impl GuardedListener {
             }
         }
     }
-
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
-    }
 }
 
 fn next_backoff(prev: Duration) -> Duration {

@@ -20,6 +20,23 @@ fn dense(dir: &Path, name: &str, seed: u64) -> PathBuf {
     dense_fixture_named(dir, name, seed)
 }
 
+/// A server that drops the first response after 5 MB and from then on serves `changed`
+/// in place of the file asked for, sending the `validators` named.
+fn swapping_server(dir: &Path, changed: &Path, validators: &str, extra: &[&str]) -> HttpServer {
+    let mut args = vec![
+        "--drop-after",
+        "5000000",
+        "--drops",
+        "1",
+        "--swap",
+        changed.to_str().expect("utf8"),
+        "--validators",
+        validators,
+    ];
+    args.extend_from_slice(extra);
+    HttpServer::start(dir, &args)
+}
+
 fn sha256(p: &Path) -> String {
     let o = sh(Command::new("sha256sum").arg(p));
     String::from_utf8_lossy(&o.stdout)
@@ -47,20 +64,7 @@ fn a_file_changed_under_a_resume_is_never_spliced() {
             .expect("open")
             .set_modified(old)
             .expect("mtime");
-        let server = HttpServer::start(
-            d.path(),
-            &[
-                "--drop-after",
-                "5000000",
-                "--drops",
-                "1",
-                "--swap",
-                b.to_str().expect("utf8"),
-                "--validators",
-                validators,
-                "--ignore-if-range",
-            ],
-        );
+        let server = swapping_server(d.path(), &b, validators, &["--ignore-if-range"]);
         let run = tmp();
         let o = Importer::new(run.path())
             .http(&server.url("disk.raw"))
@@ -120,19 +124,7 @@ fn checksum_refusal_after_a_restart_leaves_an_empty_disk() {
     let d = tmp();
     let a = dense(d.path(), "disk.raw", 3);
     let b = dense(d.path(), "changed.raw", 100);
-    let server = HttpServer::start(
-        d.path(),
-        &[
-            "--drop-after",
-            "5000000",
-            "--drops",
-            "1",
-            "--swap",
-            b.to_str().expect("utf8"),
-            "--validators",
-            "none",
-        ],
-    );
+    let server = swapping_server(d.path(), &b, "none", &[]);
     let run = tmp();
     let o = Importer::new(run.path())
         .http(&server.url("disk.raw"))

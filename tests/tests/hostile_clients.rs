@@ -22,6 +22,20 @@ fn bearer(pki: &Pki) -> String {
     )
 }
 
+/// `curl -T file` through the proxy on `port` with a valid token.
+fn upload(pki: &Pki, port: u16, file: &std::path::Path) -> (u16, String) {
+    curl(
+        pki,
+        &[
+            "-H",
+            &bearer(pki),
+            "-T",
+            file.to_str().expect("utf8"),
+            &format!("https://127.0.0.1:{port}/v1beta1/upload"),
+        ],
+    )
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -114,16 +128,7 @@ fn slowloris_clients_are_timed_out_while_a_real_upload_succeeds() {
     }
     let cpu_before = (cpu_seconds(p.child.id()), cpu_seconds(server.child.id()));
     // A real upload, while all of that is open.
-    let (code, body) = curl(
-        &pki,
-        &[
-            "-H",
-            &bearer(&pki),
-            "-T",
-            raw.to_str().expect("utf8"),
-            &format!("https://127.0.0.1:{}/v1beta1/upload", p.port),
-        ],
-    );
+    let (code, body) = upload(&pki, p.port, &raw);
     assert_eq!(code, 200, "{body}\n{}", server.log());
     assert_same_bytes(&run.path().join("data/disk.img"), &raw);
     // Every idle connection is closed by the timeouts (3 s, checked within 10 s).
@@ -192,16 +197,7 @@ fn running_out_of_file_descriptors_does_not_spin_the_accept_loop() {
     conns.clear();
     // Once the handshake timeouts free descriptors, uploads work again.
     std::thread::sleep(Duration::from_secs(4));
-    let (code, body) = curl(
-        &pki,
-        &[
-            "-H",
-            &bearer(&pki),
-            "-T",
-            raw.to_str().expect("utf8"),
-            &format!("https://127.0.0.1:{}/v1beta1/upload", p.port),
-        ],
-    );
+    let (code, body) = upload(&pki, p.port, &raw);
     assert_eq!(code, 200, "{body}\n{}", p.log());
     assert!(
         p.log().contains("accept failed; backing off"),

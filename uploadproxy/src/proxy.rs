@@ -121,19 +121,21 @@ pub async fn with_path_token(
 /// still sending for a bounded while (a "lingering close"): closing with unread data
 /// makes the kernel send a reset that can destroy the answer before the client reads it.
 fn linger(req: Request<Body>) {
-    tokio::spawn(async move {
-        let mut stream = req.into_body().into_data_stream();
-        let mut n = 0usize;
-        let read = async {
-            while let Ok(Some(chunk)) = stream.try_next().await {
-                n += chunk.len();
-                if n > 256 << 20 {
-                    break;
-                }
+    tokio::spawn(drain(req.into_body().into_data_stream()));
+}
+
+/// Reads and drops what is left of a body, at most 256 MiB or 5 s.
+async fn drain(mut stream: axum::body::BodyDataStream) {
+    let mut n = 0usize;
+    let read = async {
+        while let Ok(Some(chunk)) = stream.try_next().await {
+            n += chunk.len();
+            if n > 256 << 20 {
+                break;
             }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
-    });
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
 }
 
 /// The client's body as the upstream request's body, through a small channel filled by
@@ -155,17 +157,7 @@ fn feed(
             let failed = item.is_err();
             if tx.send(item).await.is_err() {
                 // The upstream stopped reading: linger on the client's side.
-                let mut n = 0usize;
-                let drain = async {
-                    while let Ok(Some(chunk)) = stream.try_next().await {
-                        n += chunk.len();
-                        if n > 256 << 20 {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-                return;
+                return drain(stream).await;
             }
             if failed {
                 return;

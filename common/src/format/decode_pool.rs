@@ -31,6 +31,9 @@ pub struct Done {
 /// caller's own budget.
 pub const MAX_PARALLEL_BYTES: usize = 16 << 20;
 
+/// How many units may be in flight: `max_bytes` of output, or four per worker as long as
+/// that stays within [`MAX_PARALLEL_BYTES`]; never fewer than one. Bounded by bytes, not
+/// by count: a unit may be an 8 MiB vmdk grain.
 fn in_flight_units(threads: usize, unit: usize, max_bytes: usize) -> usize {
     let unit = unit.max(1);
     let by_budget = max_bytes / unit;
@@ -118,13 +121,6 @@ impl DecodePool {
             spare: Vec::new(),
             inline: None,
         }
-    }
-
-    /// How many units may be in flight: `max_bytes` of output, or two per worker (four
-    /// when small) as long as that stays within [`MAX_PARALLEL_BYTES`]; never fewer than
-    /// one. Bounded by bytes, not by count: a unit may be a 8 MiB vmdk grain.
-    pub fn max_in_flight(&self) -> usize {
-        self.max_in_flight
     }
 
     /// An input buffer (empty) and an output buffer of `out_len` bytes, reused if possible.

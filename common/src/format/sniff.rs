@@ -140,12 +140,13 @@ pub(crate) fn is_vmdk_descriptor(head: &[u8]) -> bool {
                 p += 1;
             }
             _ => {
-                let rest = &head[p..];
-                return [b'1', b'2', b'3'].iter().any(|v| {
-                    let lf = [&b"version="[..], &[*v], b"\n"].concat();
-                    let crlf = [&b"version="[..], &[*v], b"\r\n"].concat();
-                    rest.starts_with(&lf) || rest.starts_with(&crlf)
-                });
+                let Some(rest) = head[p..].strip_prefix(b"version=") else {
+                    return false;
+                };
+                return matches!(
+                    rest,
+                    [b'1'..=b'3', b'\n', ..] | [b'1'..=b'3', b'\r', b'\n', ..]
+                );
             }
         }
     }

@@ -213,22 +213,13 @@ async fn handle(
     let work = tokio::task::spawn_blocking(move || {
         crate::import::write_http(&plan, ChannelReader::new(rx), content_length, progress)
     });
-    let mut body = Some(req.into_body());
+    // When the pipeline refuses the data (too large for the volume, not an image) while
+    // the client is still sending, both pumps keep reading while the answer goes out, so
+    // the client sees our 400 instead of a reset.
     let pumped = match boundary {
-        Some(b) => pump_form(body.take(), b, &tx).await,
-        None => match body.as_mut() {
-            Some(b) => pump_raw(b, &tx).await,
-            None => Pumped::ClientFailed("no body".into()),
-        },
+        Some(b) => pump_form(req.into_body(), b, &tx).await,
+        None => pump_raw(req.into_body(), &tx).await,
     };
-    // The pipeline refused the data (too large for the volume, not an image) while the
-    // client is still sending: keep reading while the answer goes out, so the client
-    // sees our 400 instead of a reset.
-    if let Some(b) = body {
-        if matches!(pumped, Pumped::PipelineStopped) {
-            linger_body(b);
-        }
-    }
     match &pumped {
         Pumped::Complete(n) => {
             tracing::info!(bytes = n, "upload body received");
@@ -325,7 +316,7 @@ async fn send(tx: &mpsc::Sender<std::io::Result<Chunk>>, b: Bytes) -> bool {
     tx.send(Ok(Chunk::Data(b))).await.is_ok()
 }
 
-async fn pump_raw(body: &mut Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
+async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
@@ -333,6 +324,7 @@ async fn pump_raw(body: &mut Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>
                 if let Ok(data) = f.into_data() {
                     n += data.len() as u64;
                     if !send(tx, data).await {
+                        linger_body(body);
                         return Pumped::PipelineStopped;
                     }
                 }
@@ -347,13 +339,10 @@ async fn pump_raw(body: &mut Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>
 
 /// Skips form parts until the one named `file` (CDI's rule) and streams it.
 async fn pump_form(
-    body: Option<Incoming>,
+    body: Incoming,
     boundary: String,
     tx: &mpsc::Sender<std::io::Result<Chunk>>,
 ) -> Pumped {
-    let Some(body) = body else {
-        return Pumped::ClientFailed("no body".into());
-    };
     let stream = BodyStream::new(body).filter_map(|f| async move {
         match f {
             Ok(frame) => frame.into_data().ok().map(Ok),

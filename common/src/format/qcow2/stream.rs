@@ -253,7 +253,7 @@ impl<'w> State<'w> {
                     "L1 entry {i} points at unaligned offset {off}"
                 )));
             }
-            self.check_inside(off, &format!("L2 table of L1 entry {i}"))?;
+            self.check_inside(off)?;
             if off <= self.cur {
                 let t = self.held.get(off)?.ok_or_else(|| {
                     corrupt(format!(
@@ -305,7 +305,7 @@ impl<'w> State<'w> {
                 let host = entry & ((1u64 << x) - 1);
                 let sectors = (entry >> x) & ((1u64 << (bits - 8)) - 1);
                 let len = (sectors + 1) * 512 - (host & 511);
-                self.check_inside(host, &format!("compressed data for guest offset {guest}"))?;
+                self.check_inside(host)?;
                 self.want_compressed(Comp { host, len, guest })?;
                 continue;
             }
@@ -332,7 +332,7 @@ impl<'w> State<'w> {
                 )));
             }
             let w = Want { guest, mask };
-            self.check_inside(host, &format!("data for guest offset {guest}"))?;
+            self.check_inside(host)?;
             if host <= self.cur {
                 let d = self.held.get(host)?.ok_or_else(|| {
                     corrupt(format!(
@@ -359,16 +359,13 @@ impl<'w> State<'w> {
     }
 
     /// A table entry naming `host` in an image of known length must lie inside it.
-    fn check_inside(&self, host: u64, what: &str) -> Result<(), ConvertError> {
+    fn check_inside(&self, host: u64) -> Result<(), ConvertError> {
         match self.source_len {
-            Some(len) if host >= len => {
-                tracing::debug!(what, host, len, "table entry past the end of the image");
-                Err(Qcow2Error::Truncated {
-                    end: len,
-                    offset: host,
-                }
-                .into())
+            Some(len) if host >= len => Err(Qcow2Error::Truncated {
+                end: len,
+                offset: host,
             }
+            .into()),
             _ => Ok(()),
         }
     }
