@@ -117,6 +117,22 @@ pub fn find_in_chain<'a, T: std::error::Error + 'static>(
     None
 }
 
+/// What an `io::Error` says about itself, wherever it was raised: the kind of a
+/// [`SourceError`] it carries (a dropped connection inside a gzip stream is a network
+/// failure, not corruption), or [`ErrorKind::TooLarge`] for a full volume or quota
+/// (by `io::ErrorKind`, never by message text). `None`: the caller's context decides.
+pub fn io_kind(e: &std::io::Error) -> Option<ErrorKind> {
+    if let Some(s) = find_in_chain::<SourceError>(e) {
+        return Some(s.kind);
+    }
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            Some(ErrorKind::TooLarge)
+        }
+        _ => None,
+    }
+}
+
 /// Joins an error and its sources into one line, as CDI's `<err chain>` messages do.
 pub fn chain_line(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
@@ -191,6 +207,17 @@ mod tests {
         assert_eq!(sanitize("disk\x1b[2J.img"), "disk\\u{1b}[2J.img");
         assert_eq!(one_line("a\x07b\nc\u{202e}d"), "a\\u{7}b c\\u{202e}d");
         assert_eq!(sanitize("plain ünïcode"), "plain ünïcode");
+    }
+
+    #[test]
+    fn io_errors_classify_by_kind_and_payload() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert_eq!(io_kind(&full), Some(ErrorKind::TooLarge));
+        let net = SourceError::new(ErrorKind::Network, "reset").into_io();
+        let wrapped = std::io::Error::new(std::io::ErrorKind::InvalidData, net);
+        assert_eq!(io_kind(&wrapped), Some(ErrorKind::Network));
+        let plain = std::io::Error::other("No space left on device");
+        assert_eq!(io_kind(&plain), None, "message text never classifies");
     }
 
     #[test]

@@ -7,19 +7,17 @@
 //! sources hand their bytes in through [`stream::ChannelReader`], which applies
 //! back-pressure to the network.
 
+pub mod cdi;
 pub mod checksum;
 pub mod decode;
 pub mod error;
 pub mod format;
-pub mod klog;
-pub mod labels;
 pub mod listen;
 pub mod pipeline;
 pub mod progress;
 pub mod resume;
 pub mod sink;
-pub mod space;
+pub mod sniff;
 pub mod stream;
-pub mod termination;
 
 pub use error::ErrorKind;

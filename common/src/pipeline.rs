@@ -1,18 +1,17 @@
 //! The data path: peel compression and tar layers (detected by content, nestable), then
 //! hand the disk format's bytes to the writer. Runs on a blocking thread.
 
+use crate::cdi::space::{check_fits, TooLarge};
 use crate::decode::containerdisk::{DiskError, DiskFinder};
 use crate::decode::{self, tar::TarError, PeekReader};
-use crate::error::{find_in_chain, ErrorKind, SourceError};
-use crate::format::held::HeldError;
-use crate::format::image::{FormatError, ImageInfo, StreamOptions};
-use crate::format::qcow2::{self, stream::ConvertError, Qcow2Error};
-use crate::format::{sniff, Format, SNIFF_LEN};
-use crate::format::{vdi, vhd, vhdx, vmdk};
+use crate::error::{find_in_chain, io_kind, ErrorKind, SourceError};
+use crate::format::contract::StreamOptions;
+use crate::format::{self, qcow2, vhd, FormatError, ImageInfo};
 use crate::progress::Progress;
 use crate::sink::discard::DiscardTarget;
 use crate::sink::sparse::{CopyError, SparseWriter, WriterOptions};
 use crate::sink::SinkError;
+use crate::sniff::{sniff, Format, SNIFF_LEN};
 use crate::stream::CountingReader;
 use std::io::{self, Read};
 use std::path::Path;
@@ -37,8 +36,6 @@ pub enum PipelineError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
-    Qcow2(#[from] Qcow2Error),
-    #[error(transparent)]
     Disk(#[from] DiskError),
     #[error(transparent)]
     Format(FormatError),
@@ -48,53 +45,25 @@ pub enum PipelineError {
     NotAnArchive(Format),
     #[error("more than {MAX_LAYERS} nested compression/archive layers")]
     TooDeep,
-    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
-    TooLarge { size: u64, limit: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
 }
 
 impl PipelineError {
+    /// Each error knows its kind; a read error is the source's when it carries one.
     pub fn kind(&self) -> ErrorKind {
-        if let Some(s) = find_in_chain::<SourceError>(self) {
-            return s.kind;
-        }
         match self {
-            PipelineError::Read(_) => ErrorKind::Io,
-            PipelineError::Corrupt { .. }
-            | PipelineError::NotAnArchive(_)
-            | PipelineError::TooDeep => ErrorKind::CorruptImage,
-            PipelineError::Tar(TarError::TooLarge { .. } | TarError::Full { .. })
-            | PipelineError::TooLarge { .. } => ErrorKind::TooLarge,
-            PipelineError::Tar(TarError::Write { .. }) => ErrorKind::Io,
-            PipelineError::Tar(_) => ErrorKind::CorruptImage,
-            PipelineError::Sink(e) => e.kind(),
-            PipelineError::Qcow2(e) => match e {
-                Qcow2Error::ScratchRequired { .. } => ErrorKind::ScratchRequired,
-                Qcow2Error::Spool(_) => ErrorKind::Io,
-                Qcow2Error::BackingFile(_)
-                | Qcow2Error::ExternalDataFile(_)
-                | Qcow2Error::Encrypted(_)
-                | Qcow2Error::UnknownFeatures(_)
-                | Qcow2Error::Version(_)
-                | Qcow2Error::CompressionType(_) => ErrorKind::UnsupportedFormat,
-                _ => ErrorKind::CorruptImage,
-            },
+            PipelineError::Read(e) => io_kind(e).unwrap_or(ErrorKind::Io),
+            PipelineError::Corrupt { source, .. } => {
+                io_kind(source).unwrap_or(ErrorKind::CorruptImage)
+            }
+            PipelineError::NotAnArchive(_) | PipelineError::TooDeep => ErrorKind::CorruptImage,
             PipelineError::Unsupported(_) => ErrorKind::UnsupportedFormat,
-            PipelineError::Disk(_) => ErrorKind::CorruptImage,
-            PipelineError::Format(e) => match e {
-                FormatError::Held {
-                    source: HeldError::ScratchRequired { .. },
-                    ..
-                } => ErrorKind::ScratchRequired,
-                FormatError::Held { .. } | FormatError::Read { .. } => ErrorKind::Io,
-                FormatError::Sink(e) => e.kind(),
-                FormatError::TooLarge { .. } => ErrorKind::TooLarge,
-                FormatError::Unsupported { .. } | FormatError::External { .. } => {
-                    ErrorKind::UnsupportedFormat
-                }
-                FormatError::Corrupt { .. }
-                | FormatError::Truncated { .. }
-                | FormatError::Behind { .. } => ErrorKind::CorruptImage,
-            },
+            PipelineError::Tar(e) => e.kind(),
+            PipelineError::Sink(e) => e.kind(),
+            PipelineError::Disk(e) => e.kind(),
+            PipelineError::Format(e) => e.kind(),
+            PipelineError::TooLarge(e) => e.kind(),
         }
     }
 
@@ -189,13 +158,8 @@ fn disk_layer(
     if format.is_compression() {
         push_layer(report, format)?;
         if format == Format::Zstd {
-            if let Some(size) =
-                decode::compression::zstd_declared_size(peek.head()).filter(|&s| s > opts.limit)
-            {
-                return Err(PipelineError::TooLarge {
-                    size,
-                    limit: opts.limit,
-                });
+            if let Some(size) = decode::compression::zstd_declared_size(peek.head()) {
+                check_fits(size, opts.limit)?;
             }
         }
         let mut d = decode::decompressor(format, &mut peek)
@@ -207,12 +171,7 @@ fn disk_layer(
         Format::Tar => {
             push_layer(report, format)?;
             decode::tar::with_single_file(&mut peek, |f| {
-                if f.size > opts.limit {
-                    return Err(PipelineError::TooLarge {
-                        size: f.size,
-                        limit: opts.limit,
-                    });
-                }
+                check_fits(f.size, opts.limit)?;
                 report.tar_entry = Some(f.name);
                 disk_layer(f.reader, writer, opts, Some(f.size), report)
             })
@@ -220,12 +179,7 @@ fn disk_layer(
         Format::Raw => {
             report.format = Some(Format::Raw);
             if let Some(size) = known_len {
-                if size > opts.limit {
-                    return Err(PipelineError::TooLarge {
-                        size,
-                        limit: opts.limit,
-                    });
-                }
+                check_fits(size, opts.limit)?;
                 opts.progress.set_virtual_total(Some(size));
             }
             tracing::info!(format = %report.describe(), virtual_size = ?known_len, "detected image");
@@ -254,36 +208,15 @@ fn disk_layer(
             report.format = Some(Format::Qcow2);
             keep_qcow2(&mut peek, writer, opts, report, last, known_len)
         }
-        Format::Qcow2 => {
-            report.format = Some(Format::Qcow2);
-            let progress = opts.progress.clone();
-            let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
-            let copts = opts.stream_options(report, known_len);
-            let h =
-                qcow2::convert(&mut counted, writer, &copts).map_err(|e| qcow2_error(e, last))?;
-            opts.progress.set_virtual_total(Some(h.virtual_size));
-            report.virtual_size = h.virtual_size;
-            tracing::info!(format = %report.describe(), virtual_size = h.virtual_size, "converted image");
-            Ok(())
-        }
-        Format::Vmdk | Format::Vdi | Format::Vpc | Format::Vhdx => {
-            report.format = Some(format);
-            let convert = match format {
-                Format::Vmdk => vmdk::convert,
-                Format::Vdi => vdi::convert,
-                Format::Vhdx => vhdx::convert,
-                _ => vhd::convert,
-            };
+        other => {
+            report.format = Some(other);
+            let convert = format::converter(other).ok_or(PipelineError::Unsupported(other))?;
             let progress = opts.progress.clone();
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
             let sopts = opts.stream_options(report, known_len);
             let info = convert(&mut counted, writer, &sopts).map_err(|e| format_error(e, last))?;
             finish_native(&info, opts, report);
             Ok(())
-        }
-        other => {
-            report.format = Some(other);
-            Err(PipelineError::Unsupported(other))
         }
     }
 }
@@ -316,13 +249,16 @@ fn keep_qcow2(
     );
     let copts = opts.stream_options(report, known_len);
     let converted = qcow2::convert(&mut tee, &mut check, &copts).and_then(|h| {
-        io::copy(&mut tee, &mut io::sink()).map_err(ConvertError::Read)?;
+        io::copy(&mut tee, &mut io::sink()).map_err(|source| FormatError::Read {
+            format: Format::Qcow2,
+            source,
+        })?;
         Ok(h)
     });
     let converted = match (converted, tee.failed.take()) {
         (_, Some(e)) => Err(PipelineError::Sink(e)),
         (Ok(h), None) => Ok(h),
-        (Err(e), None) => Err(qcow2_error(e, last)),
+        (Err(e), None) => Err(format_error(e, last)),
     };
     let h = match converted {
         Ok(h) => {
@@ -371,21 +307,12 @@ fn finish_native(info: &ImageInfo, opts: &Options, report: &mut Report) {
     tracing::info!(format = %report.describe(), subformat = info.subformat, virtual_size = info.virtual_size, "converted image");
 }
 
-fn qcow2_error(e: ConvertError, layer: Option<Format>) -> PipelineError {
-    match e {
-        ConvertError::Qcow2(e) => PipelineError::Qcow2(e),
-        ConvertError::Read(e) => read_error(e, layer),
-        ConvertError::Sink(e) => PipelineError::Sink(e),
-        ConvertError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
-    }
-}
-
 /// A converter's read failure is the layer below's (a corrupt gzip, a dropped source).
 fn format_error(e: FormatError, layer: Option<Format>) -> PipelineError {
     match e {
         FormatError::Read { source, .. } => read_error(source, layer),
         FormatError::Sink(e) => PipelineError::Sink(e),
-        FormatError::TooLarge { size, limit } => PipelineError::TooLarge { size, limit },
+        FormatError::TooLarge(e) => PipelineError::TooLarge(e),
         e => PipelineError::Format(e),
     }
 }
@@ -410,18 +337,13 @@ pub fn write_disk_from_layer(
             Box::new(&mut peek)
         };
         let found = finder.scan_layer(&mut reader, |f| {
-            if f.size > opts.limit {
-                return Err(PipelineError::TooLarge {
-                    size: f.size,
-                    limit: opts.limit,
-                });
-            }
+            check_fits(f.size, opts.limit)?;
             let mut report = Report {
                 tar_entry: Some(f.name),
                 ..Default::default()
             };
             disk_layer(f.reader, writer, opts, Some(f.size), &mut report)?;
-            Ok(report)
+            Ok::<_, PipelineError>(report)
         })?;
         io::copy(&mut reader, &mut io::sink())
             .map_err(|e| read_error(e, format.is_compression().then_some(format)))?;
@@ -557,7 +479,7 @@ mod tests {
     fn too_large_raw_is_refused_before_writing() {
         let img = disk();
         let (r, data) = run(&img, 1 << 20);
-        assert!(matches!(r, Err(PipelineError::TooLarge { .. })), "{r:?}");
+        assert!(matches!(r, Err(PipelineError::TooLarge(_))), "{r:?}");
         assert!(data.is_empty());
         assert_eq!(r.expect_err("err").kind(), ErrorKind::TooLarge);
     }

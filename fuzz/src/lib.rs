@@ -1,7 +1,7 @@
 //! Shared harness: run a converter over fuzzer bytes into a discarding writer, with a
 //! volume limit small enough that no input makes us write gigabytes.
 
-use ferrydisk_common::format::image::StreamOptions;
+use ferrydisk_common::format::contract::StreamOptions;
 use ferrydisk_common::sink::discard::DiscardTarget;
 use ferrydisk_common::sink::sparse::{SparseWriter, WriterOptions};
 

@@ -23,10 +23,10 @@ pub enum Command {
     /// Import a disk image (the default: what the CDI controller runs).
     Import(Box<ImportArgs>),
     /// The per-PVC upload server (CDI's cdi-uploadserver).
-    UploadServer(Box<crate::upload::UploadArgs>),
+    UploadServer(Box<UploadArgs>),
     /// Serve a containerDisk's /disk on loopback for pullMethod node (CDI's
     /// cdi-containerimage-server; Go-style single-dash flags are accepted).
-    ServeDisk(crate::serve_disk::ServeArgs),
+    ServeDisk(ServeArgs),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -47,7 +47,7 @@ const ARGV0: &[(&str, &str)] = &[
 pub struct ImportArgs {
     /// Where the disk goes and how it is written (shared with the other subcommands).
     #[command(flatten)]
-    pub volume: crate::cli::VolumeArgs,
+    pub volume: VolumeArgs,
     /// Panics on purpose: the end-to-end test of the panic hook (termination message).
     #[arg(long = "internal-panic-test", hide = true)]
     pub internal_panic_test: bool,
@@ -242,6 +242,88 @@ pub struct VolumeArgs {
     /// file destination.
     #[arg(long = "output-format", env = "FERRYDISK_OUTPUT_FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub output_format: String,
+}
+
+/// `importer upload-server`: CDI's cdi-uploadserver env contract (section 4).
+#[derive(Args, Debug, Clone)]
+pub struct UploadArgs {
+    /// Where the disk goes and how it is written (shared with the other subcommands).
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// Server private key (PEM).
+    #[arg(
+        long = "tls-key",
+        env = "TLS_KEY_FILE",
+        default_value = "/etc/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// Server certificate (PEM).
+    #[arg(
+        long = "tls-cert",
+        env = "TLS_CERT_FILE",
+        default_value = "/etc/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// CA bundle that signs client certificates (the upload proxy's).
+    #[arg(
+        long = "client-ca",
+        env = "CLIENT_CERT_FILE",
+        default_value = "/etc/tls/ca.crt"
+    )]
+    pub client_ca: PathBuf,
+    /// Required client certificate common name.
+    #[arg(
+        long = "client-name",
+        env = "CLIENT_NAME",
+        default_value = "client.upload-server.cdi.kubevirt.io"
+    )]
+    pub client_name: String,
+    /// Accept uploads without a client certificate (for use outside a cluster only).
+    #[arg(long = "no-client-auth")]
+    pub no_client_auth: bool,
+    /// Requested size as a Kubernetes quantity (the PVC request).
+    #[arg(long = "image-size", env = "UPLOAD_IMAGE_SIZE", default_value = "")]
+    pub image_size: String,
+    /// Allocate the whole disk (lenient here, as in CDI: invalid means false).
+    #[arg(long, env = "PREALLOCATION", default_value = "false")]
+    pub preallocation: String,
+    /// RFC 3339 time after which an idle server exits with `deadlinePassed`.
+    #[arg(long, env = "DEADLINE")]
+    pub deadline: Option<String>,
+    /// Disk destination [default: /dev/cdi-block-volume if it exists, else <data-dir>/disk.img].
+    #[arg(long, env = "DESTINATION")]
+    pub dest: Option<PathBuf>,
+    #[arg(long = "listen", env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: String,
+    /// Port (invalid means 8443, as in CDI).
+    #[arg(long = "port", env = "LISTEN_PORT", default_value = "8443")]
+    pub listen_port: String,
+    /// `VersionTLS12` or `VersionTLS13`.
+    #[arg(long = "tls-min-version", env = "TLS_MIN_VERSION", default_value = "")]
+    pub tls_min_version: String,
+    /// Accepted for compatibility; rustls offers only modern AEAD suites.
+    #[arg(long = "tls-ciphers", env = "TLS_CIPHERS", default_value = "")]
+    pub tls_ciphers: String,
+}
+
+/// `importer serve-disk`: CDI's containerimage-server flags (section 3).
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Port on localhost (Go flag `-p`).
+    #[arg(short = 'p', long = "p", default_value_t = 8100)]
+    pub port: u16,
+    /// Directory holding the one disk file.
+    #[arg(long = "image-dir", default_value = ".")]
+    pub image_dir: PathBuf,
+    /// Written (with the disk file's name) once the server listens.
+    #[arg(long = "ready-file", default_value = "/shared/ready")]
+    pub ready_file: PathBuf,
+    /// The importer creates it when done; the server then exits.
+    #[arg(long = "done-file", default_value = "/shared/done")]
+    pub done_file: PathBuf,
+    /// The container's root, checked for bootc/ostree images.
+    #[arg(long = "root", default_value = "/", hide = true)]
+    pub root: PathBuf,
 }
 
 /// Go's `strconv.ParseBool`: the exact spellings CDI accepts.

@@ -1,8 +1,10 @@
 //! `importer`: CDI's cdi-importer, streaming. Exit codes and the termination message are
 //! decided in [`finish`] and nowhere else.
 
+mod blank;
 mod cli;
 mod destination;
+mod disk;
 mod failure;
 mod import;
 mod metrics;
@@ -14,15 +16,15 @@ mod upload;
 
 use clap::Parser;
 use cli::{Cli, Command};
+use ferrydisk_common::cdi::termination;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::termination;
 use ferrydisk_common::ErrorKind;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Arc;
 
 fn main() {
-    let args = cli::with_default_subcommand(ferrydisk_common::klog::strip_output_flags(
+    let args = cli::with_default_subcommand(ferrydisk_common::cdi::klog::strip_output_flags(
         std::env::args_os().collect(),
     ));
     let cli = Cli::parse_from(args);

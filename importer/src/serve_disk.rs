@@ -3,8 +3,8 @@
 //! user's containerDisk container, so its own environment *is* the image's ENV, served at
 //! `/info` for labels; the one file in `/disk` is served on loopback with Range support.
 
+use crate::cli::ServeArgs;
 use bytes::Bytes;
-use clap::Args;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode};
@@ -14,25 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Port on localhost (Go flag `-p`).
-    #[arg(short = 'p', long = "p", default_value_t = 8100)]
-    pub port: u16,
-    /// Directory holding the one disk file.
-    #[arg(long = "image-dir", default_value = ".")]
-    pub image_dir: PathBuf,
-    /// Written (with the disk file's name) once the server listens.
-    #[arg(long = "ready-file", default_value = "/shared/ready")]
-    pub ready_file: PathBuf,
-    /// The importer creates it when done; the server then exits.
-    #[arg(long = "done-file", default_value = "/shared/done")]
-    pub done_file: PathBuf,
-    /// The container's root, checked for bootc/ostree images.
-    #[arg(long = "root", default_value = "/", hide = true)]
-    pub root: PathBuf,
-}
 
 /// The single regular file in `dir`; anything else is CDI's "Invalid container image".
 /// A symlink is refused: it could point anywhere in the container.

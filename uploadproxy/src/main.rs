@@ -123,12 +123,12 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse_from(ferrydisk_common::klog::strip_output_flags(
+    let args = Args::parse_from(ferrydisk_common::cdi::klog::strip_output_flags(
         std::env::args_os().collect(),
     ));
     init_logging(args.verbosity);
     // No termination-log flag here: the container's default path, if writable.
-    ferrydisk_common::termination::install_panic_hook(
+    ferrydisk_common::cdi::termination::install_panic_hook(
         Some("/dev/termination-log".into()),
         "uploadproxy: ",
     );

@@ -3,7 +3,7 @@
 //! for is bounded by the format (xz 1.5 GiB dictionary at most, zstd 2 GiB window), and
 //! refusing valid streams is a worse failure than using it (CDI's xz reader does).
 
-use crate::format::Format;
+use crate::sniff::Format;
 use std::io::{self, Read};
 
 /// Wraps `r` in the decoder for `format`; `None` if `format` is not a compression.

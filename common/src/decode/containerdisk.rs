@@ -27,6 +27,17 @@ pub enum DiskError {
     None,
 }
 
+impl DiskError {
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            DiskError::Read(e) => {
+                crate::error::io_kind(e).unwrap_or(crate::ErrorKind::CorruptImage)
+            }
+            _ => crate::ErrorKind::CorruptImage,
+        }
+    }
+}
+
 /// What the layers above the current one have hidden or replaced.
 #[derive(Debug, Default)]
 pub struct DiskFinder {

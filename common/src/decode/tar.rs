@@ -3,6 +3,8 @@
 //! filesystem. For `archive` content the tar is unpacked into a directory with no way
 //! out of it: no absolute paths, no `..`, no writes through links, no device nodes.
 
+use crate::cdi::space::TooLarge;
+use crate::error::{io_kind, ErrorKind};
 use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -26,8 +28,8 @@ pub enum TarError {
         #[source]
         source: io::Error,
     },
-    #[error("archive content is larger than the reported available storage {limit}. A larger PVC is required")]
-    TooLarge { limit: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     #[error("tar archive: the headers before an entry (GNU long names, PAX records, sparse maps) are larger than {MAX_HEADER_BYTES} bytes")]
     HeaderTooLarge,
     #[error("unpacking {path:?}: the volume is full ({source}); a larger PVC is required")]
@@ -36,6 +38,20 @@ pub enum TarError {
         #[source]
         source: io::Error,
     },
+}
+
+impl TarError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TarError::Read(e) => io_kind(e).unwrap_or(ErrorKind::CorruptImage),
+            TarError::Write { source, .. } => io_kind(source).unwrap_or(ErrorKind::Io),
+            TarError::TooLarge(_) | TarError::Full { .. } => ErrorKind::TooLarge,
+            TarError::NoFile
+            | TarError::SeveralFiles { .. }
+            | TarError::Unsafe { .. }
+            | TarError::HeaderTooLarge => ErrorKind::CorruptImage,
+        }
+    }
 }
 
 /// What the `tar` crate may read between two entries' data: the header blocks, GNU long
@@ -236,7 +252,7 @@ pub fn unpack<R: Read>(
                 on_bytes: &mut on_bytes,
             };
             let n = limited.copy(&mut entry, &mut out).map_err(|e| match e {
-                CopyError::Limit => TarError::TooLarge { limit },
+                CopyError::Limit => TarError::TooLarge(TooLarge::Archive { limit }),
                 CopyError::Read(e) => TarError::Read(e),
                 CopyError::Write(e) => werr(e),
             })?;
@@ -582,6 +598,6 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("h")).expect("hardlink"), b"hello");
         let dir = tempfile::tempdir().expect("tmp");
         let r = unpack(&t[..], dir.path(), 3, |_| {});
-        assert!(matches!(r, Err(TarError::TooLarge { .. })));
+        assert!(matches!(r, Err(TarError::TooLarge(_))));
     }
 }

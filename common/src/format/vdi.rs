@@ -5,10 +5,10 @@
 //! VirtualBox and qemu-img both write the map before the data, so the image streams.
 //! The checks mirror qemu's vdi driver: what qemu refuses, we refuse.
 
-use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
-use super::image::{check_size, le32, le64, FormatError, ImageInfo, StreamOptions};
-use super::Format;
+use super::contract::{check_size, le32, le64, FormatError, ImageInfo, StreamOptions};
+use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
+use crate::sniff::Format;
 use std::io::Read;
 
 const SIGNATURE: u32 = 0xbeda_107f;

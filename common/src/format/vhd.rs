@@ -9,10 +9,10 @@
 //! refused. The virtual size follows qemu's rule (CHS geometry or the footer's size,
 //! by creator application), so our output matches `qemu-img convert -f vpc`.
 
-use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
-use super::image::{be16, be32, be64, check_size, FormatError, ImageInfo, StreamOptions};
-use super::Format;
+use super::contract::{be16, be32, be64, check_size, FormatError, ImageInfo, StreamOptions};
+use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
+use crate::sniff::Format;
 use std::io::{self, Read};
 
 const F: Format = Format::Vpc;

@@ -11,10 +11,10 @@
 //! (differencing disks), unknown required regions or metadata items, and sizes outside
 //! the spec's bounds. Checks follow qemu's vhdx driver.
 
-use super::hostread::{copy_extents, push_extent, Extent, HostReader};
-use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
-use super::Format;
+use super::contract::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
+use super::forward::hostread::{copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
+use crate::sniff::Format;
 use std::io::Read;
 
 const F: Format = Format::Vhdx;

@@ -8,11 +8,11 @@
 //! Descriptor-only VMDKs (monolithicFlat, split extents) and images with a parent name
 //! other files and are refused. Checks mirror qemu's vmdk driver.
 
-use super::decode_pool::{DecodePool, Done, Job};
-use super::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
-use super::image::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
-use super::Format;
+use super::contract::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
+use super::forward::decode_pool::{DecodePool, Done, Job};
+use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
+use crate::sniff::Format;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -52,7 +52,7 @@ pub struct Header {
 impl Header {
     pub fn parse(b: &[u8]) -> Result<Header, FormatError> {
         if b.len() < 512 || &b[..4] != MAGIC {
-            if b.starts_with(b"# Disk DescriptorFile") || super::sniff::is_vmdk_descriptor(b) {
+            if b.starts_with(b"# Disk DescriptorFile") || crate::sniff::is_vmdk_descriptor(b) {
                 return Err(FormatError::external(
                     F,
                     "a text descriptor whose extents are separate files",

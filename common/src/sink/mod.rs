@@ -61,8 +61,8 @@ pub enum SinkError {
         #[source]
         source: io::Error,
     },
-    #[error("image data is at least {at_least} bytes, which is larger than the reported available storage {limit}. A larger PVC is required")]
-    TooLarge { at_least: u64, limit: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] crate::cdi::space::TooLarge),
     /// ENOSPC/EDQUOT: terminal, and said in words a user acts on (a larger PVC).
     #[error(
         "the volume holding {path} is full ({source}) at offset {offset}; a larger PVC is required"
@@ -80,7 +80,7 @@ pub enum SinkError {
 impl SinkError {
     pub fn kind(&self) -> crate::ErrorKind {
         match self {
-            SinkError::TooLarge { .. } | SinkError::Full { .. } => crate::ErrorKind::TooLarge,
+            SinkError::TooLarge(_) | SinkError::Full { .. } => crate::ErrorKind::TooLarge,
             _ => crate::ErrorKind::Io,
         }
     }

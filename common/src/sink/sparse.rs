@@ -4,6 +4,7 @@
 //! refuses to grow past the volume, and checkpoints the page cache.
 
 use super::{AlignedBuf, FinishInfo, SinkError, Target, SECTOR};
+use crate::cdi::space::TooLarge;
 use crate::progress::Progress;
 use crate::stream::read_full;
 use std::io::{self, Read};
@@ -126,15 +127,15 @@ impl SparseWriter {
     pub fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> Result<(), SinkError> {
         let end = offset
             .checked_add(data.len() as u64)
-            .ok_or(SinkError::TooLarge {
+            .ok_or(SinkError::TooLarge(TooLarge::Data {
                 at_least: u64::MAX,
                 limit: self.limit,
-            })?;
+            }))?;
         if end > self.limit {
-            return Err(SinkError::TooLarge {
+            return Err(SinkError::TooLarge(TooLarge::Data {
                 at_least: end,
                 limit: self.limit,
-            });
+            }));
         }
         while !data.is_empty() {
             let contiguous = matches!(&self.pending, Some((off, _, used)) if off + *used as u64 == offset && *used < BLOCK);
@@ -189,10 +190,10 @@ impl SparseWriter {
     fn send(&mut self, offset: u64, buf: AlignedBuf, len: usize) -> Result<(), SinkError> {
         let end = offset + len as u64;
         if end > self.limit {
-            return Err(SinkError::TooLarge {
+            return Err(SinkError::TooLarge(TooLarge::Data {
                 at_least: end,
                 limit: self.limit,
-            });
+            }));
         }
         if self.tx.send(Msg::Data { offset, buf, len }).is_err() {
             return Err(self.writer_error());
@@ -465,7 +466,7 @@ pub(crate) mod tests {
         );
         let err = w.copy_from(&mut &img[..]).expect_err("too large");
         assert!(
-            matches!(err, CopyError::Sink(SinkError::TooLarge { limit, .. }) if limit == 2 * BLOCK as u64)
+            matches!(err, CopyError::Sink(SinkError::TooLarge(TooLarge::Data { limit, .. })) if limit == 2 * BLOCK as u64)
         );
         w.abort();
         assert!(*t.aborted.lock().expect("lock"));

@@ -4,11 +4,11 @@
 use super::{Phase, Server};
 use crate::failure::Failure;
 use bytes::Bytes;
+use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::listen;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::{ChannelReader, Chunk};
-use ferrydisk_common::termination::TerminationMessage;
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, BodyStream, Full};
@@ -206,12 +206,28 @@ async fn handle(
             .and_then(|v| v.parse().ok())
     };
     tracing::info!(path, content_length = ?content_length, "upload started");
-    let plan = server.disk_plan(route.archive);
+    let plan = match server.disk_plan(route.archive) {
+        Ok(p) => p,
+        Err(f) => {
+            server.set_phase(Phase::Idle);
+            linger(req);
+            return reply(
+                StatusCode::BAD_REQUEST,
+                format!("Saving stream failed: {}", f.detail()),
+            );
+        }
+    };
     let (tx, rx) = mpsc::channel(16);
     let progress = Arc::new(Progress::default());
     let reporter = crate::report::spawn(progress.clone(), false);
     let work = tokio::task::spawn_blocking(move || {
-        crate::import::write_http(&plan, ChannelReader::new(rx), content_length, progress)
+        crate::disk::write_stream(
+            &plan,
+            ChannelReader::new(rx),
+            content_length,
+            progress,
+            None,
+        )
     });
     // When the pipeline refuses the data (too large for the volume, not an image) while
     // the client is still sending, both pumps keep reading while the answer goes out, so
@@ -258,10 +274,8 @@ async fn handle(
             server.set_phase(Phase::Idle);
             let detail = f.detail();
             tracing::error!(class = f.kind().class(), kind = %f.kind(), error = %detail, "upload failed");
-            if f.kind() == ErrorKind::TooLarge
-                || detail.contains("No space left")
-                || detail.contains("quota")
-            {
+            // A full volume is TooLarge by its io::ErrorKind where it was raised.
+            if f.kind() == ErrorKind::TooLarge {
                 reply(StatusCode::BAD_REQUEST, format!("Saving stream failed: effective image size is larger than the reported available storage: {detail}"))
             } else if f.kind() == ErrorKind::ScratchRequired {
                 reply(

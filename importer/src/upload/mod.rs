@@ -4,78 +4,15 @@
 
 mod handler;
 
-use crate::cli::parse_go_bool;
+use crate::cli::UploadArgs;
 use crate::destination::Destination;
-use crate::import::DiskPlan;
-use clap::Args;
+use crate::disk::{DiskPlan, DiskRequest, Parsing};
+use crate::failure::Failure;
+use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::listen::{GuardedListener, MAX_CONNECTIONS};
-use ferrydisk_common::space::{parse_overhead, parse_quantity};
-use ferrydisk_common::termination::TerminationMessage;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-#[derive(Args, Debug, Clone)]
-pub struct UploadArgs {
-    /// Where the disk goes and how it is written (shared with the other subcommands).
-    #[command(flatten)]
-    pub volume: crate::cli::VolumeArgs,
-    /// Server private key (PEM).
-    #[arg(
-        long = "tls-key",
-        env = "TLS_KEY_FILE",
-        default_value = "/etc/tls/tls.key"
-    )]
-    pub tls_key: PathBuf,
-    /// Server certificate (PEM).
-    #[arg(
-        long = "tls-cert",
-        env = "TLS_CERT_FILE",
-        default_value = "/etc/tls/tls.crt"
-    )]
-    pub tls_cert: PathBuf,
-    /// CA bundle that signs client certificates (the upload proxy's).
-    #[arg(
-        long = "client-ca",
-        env = "CLIENT_CERT_FILE",
-        default_value = "/etc/tls/ca.crt"
-    )]
-    pub client_ca: PathBuf,
-    /// Required client certificate common name.
-    #[arg(
-        long = "client-name",
-        env = "CLIENT_NAME",
-        default_value = "client.upload-server.cdi.kubevirt.io"
-    )]
-    pub client_name: String,
-    /// Accept uploads without a client certificate (for use outside a cluster only).
-    #[arg(long = "no-client-auth")]
-    pub no_client_auth: bool,
-    /// Requested size as a Kubernetes quantity (the PVC request).
-    #[arg(long = "image-size", env = "UPLOAD_IMAGE_SIZE", default_value = "")]
-    pub image_size: String,
-    /// Allocate the whole disk (lenient here, as in CDI: invalid means false).
-    #[arg(long, env = "PREALLOCATION", default_value = "false")]
-    pub preallocation: String,
-    /// RFC 3339 time after which an idle server exits with `deadlinePassed`.
-    #[arg(long, env = "DEADLINE")]
-    pub deadline: Option<String>,
-    /// Disk destination [default: /dev/cdi-block-volume if it exists, else <data-dir>/disk.img].
-    #[arg(long, env = "DESTINATION")]
-    pub dest: Option<PathBuf>,
-    #[arg(long = "listen", env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
-    pub listen_address: String,
-    /// Port (invalid means 8443, as in CDI).
-    #[arg(long = "port", env = "LISTEN_PORT", default_value = "8443")]
-    pub listen_port: String,
-    /// `VersionTLS12` or `VersionTLS13`.
-    #[arg(long = "tls-min-version", env = "TLS_MIN_VERSION", default_value = "")]
-    pub tls_min_version: String,
-    /// Accepted for compatibility; rustls offers only modern AEAD suites.
-    #[arg(long = "tls-ciphers", env = "TLS_CIPHERS", default_value = "")]
-    pub tls_ciphers: String,
-}
 
 /// What the server is doing; CDI's status codes follow from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,31 +24,26 @@ pub enum Phase {
 
 pub struct Server {
     pub args: UploadArgs,
-    pub disk_dest: Destination,
-    pub archive_dir: PathBuf,
     pub phase: std::sync::Mutex<Phase>,
     /// Set once, with the message to write, when the upload is complete.
     pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, String>>>,
 }
 
 impl Server {
-    pub fn disk_plan(&self, archive: bool) -> DiskPlan {
+    /// CDI's upload server is lenient: a value that does not parse means the default.
+    pub fn disk_plan(&self, archive: bool) -> Result<DiskPlan, Failure> {
         let a = &self.args;
-        DiskPlan {
-            dest: if archive {
-                Destination::Dir(self.archive_dir.clone())
-            } else {
-                self.disk_dest.clone()
+        DiskPlan::new(
+            DiskRequest {
+                volume: &a.volume,
+                dest: a.dest.as_deref(),
+                archive,
+                preallocation: Some(&a.preallocation),
+                image_size: &a.image_size,
+                checksum: None,
             },
-            preallocate: parse_go_bool(&a.preallocation).unwrap_or(false),
-            requested: parse_quantity(&a.image_size).ok(),
-            overhead: parse_overhead(&a.volume.filesystem_overhead),
-            checksum: None,
-            direct: a.volume.cache_mode == "TRYNONE",
-            scratch: a.volume.scratch.is_dir().then(|| a.volume.scratch.clone()),
-            keep_qcow2: a.volume.output_format == "qcow2"
-                && matches!(self.disk_dest, Destination::File(_)),
-        }
+            Parsing::Lenient,
+        )
     }
 
     pub fn phase(&self) -> Phase {
@@ -195,13 +127,11 @@ pub async fn run(args: UploadArgs) -> i32 {
     );
     let (finished, mut done_rx) = tokio::sync::watch::channel(None);
     let server = Arc::new(Server {
-        archive_dir: args.volume.data_dir.clone(),
-        disk_dest,
         phase: std::sync::Mutex::new(Phase::Idle),
         finished,
         args,
     });
-    tracing::info!(%addr, dest = %server.disk_dest.path().display(), client_auth = !server.args.no_client_auth, "upload server listening");
+    tracing::info!(%addr, dest = %disk_dest.path().display(), client_auth = !server.args.no_client_auth, "upload server listening");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let deadline_hit = deadline_watch(server.clone(), deadline);

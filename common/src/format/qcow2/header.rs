@@ -80,14 +80,31 @@ pub enum Qcow2Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("qcow2 image keeps data before the tables that map it ({held} bytes so far) and no scratch space is mounted")]
-    ScratchRequired { held: u64 },
-    #[error("qcow2 spool: {0}")]
-    Spool(#[source] std::io::Error),
     /// The image's layout needs more bookkeeping than streaming allows (clusters far
     /// out of order, many compressed clusters waiting on data not yet read).
     #[error("qcow2 image is laid out too far out of order to stream in bounded memory ({what}); convert it with qemu-img first")]
     TooScattered { what: String },
+}
+
+impl Qcow2Error {
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind;
+        match self {
+            Qcow2Error::BackingFile(_)
+            | Qcow2Error::ExternalDataFile(_)
+            | Qcow2Error::Encrypted(_)
+            | Qcow2Error::UnknownFeatures(_)
+            | Qcow2Error::Version(_)
+            | Qcow2Error::CompressionType(_) => ErrorKind::UnsupportedFormat,
+            Qcow2Error::ShortHeader(_)
+            | Qcow2Error::MarkedCorrupt
+            | Qcow2Error::Field { .. }
+            | Qcow2Error::Corrupt(_)
+            | Qcow2Error::Truncated { .. }
+            | Qcow2Error::Decompress { .. }
+            | Qcow2Error::TooScattered { .. } => ErrorKind::CorruptImage,
+        }
+    }
 }
 
 fn be32(b: &[u8], off: usize) -> u32 {

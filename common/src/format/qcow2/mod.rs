@@ -6,4 +6,4 @@ pub mod stream;
 pub mod wanted;
 
 pub use header::{Compression, Header, Qcow2Error};
-pub use stream::{convert, StreamOptions};
+pub use stream::convert;

@@ -10,10 +10,11 @@
 
 use super::header::{Compression, Header, Qcow2Error};
 use super::wanted::{Want, Wanted, MAX_ENTRIES};
-use crate::format::decode_pool::{DecodePool, Done, Job};
-use crate::format::held::{Held, HeldError};
-pub use crate::format::image::StreamOptions;
-use crate::sink::{SinkError, SparseWriter};
+use crate::format::contract::{check_size, FormatError, ImageInfo, StreamOptions};
+use crate::format::forward::decode_pool::{DecodePool, Done, Job};
+use crate::format::forward::held::{Held, HeldError};
+use crate::sink::SparseWriter;
+use crate::sniff::Format;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 
@@ -22,34 +23,13 @@ const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO_FLAG: u64 = 1;
 
-impl From<HeldError> for ConvertError {
-    fn from(e: HeldError) -> Self {
-        ConvertError::Qcow2(match e {
-            HeldError::ScratchRequired { held } => Qcow2Error::ScratchRequired { held },
-            HeldError::Spool(e) | HeldError::Reread(e) => Qcow2Error::Spool(e),
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConvertError {
-    #[error(transparent)]
-    Qcow2(#[from] Qcow2Error),
-    #[error("reading qcow2 image: {0}")]
-    Read(#[source] io::Error),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
-    TooLarge { size: u64, limit: u64 },
-}
-
 /// Converts the qcow2 image read from `r` (positioned at its first byte) into `writer`.
-/// Returns the header; the caller drains whatever follows the last referenced cluster.
+/// The caller drains whatever follows the last referenced cluster.
 pub fn convert(
     r: &mut dyn Read,
     writer: &mut SparseWriter,
     opts: &StreamOptions,
-) -> Result<Header, ConvertError> {
+) -> Result<ImageInfo, FormatError> {
     let mut head = vec![0u8; 512];
     let n = fill(r, &mut head)?;
     let bits = Header::peek_cluster_bits(&head[..n])?;
@@ -63,12 +43,7 @@ pub fn convert(
     };
     c0.truncate(n + m);
     let h = Header::parse(&c0)?;
-    if h.virtual_size > opts.limit {
-        return Err(ConvertError::TooLarge {
-            size: h.virtual_size,
-            limit: opts.limit,
-        });
-    }
+    check_size(h.virtual_size, opts)?;
     tracing::info!(
         version = h.version,
         cluster_size = cs,
@@ -80,11 +55,25 @@ pub fn convert(
     writer.prepare_random(h.virtual_size)?;
     let mut st = State::new(h.clone(), writer, opts);
     st.run(r)?;
-    Ok(h)
+    Ok(ImageInfo {
+        format: Format::Qcow2,
+        virtual_size: h.virtual_size,
+        subformat: if h.version == 2 { "v2" } else { "v3" },
+    })
 }
 
-fn fill(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize, ConvertError> {
-    crate::stream::read_full(r, buf).map_err(ConvertError::Read)
+fn held_err(source: HeldError) -> FormatError {
+    FormatError::Held {
+        format: Format::Qcow2,
+        source,
+    }
+}
+
+fn fill(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize, FormatError> {
+    crate::stream::read_full(r, buf).map_err(|source| FormatError::Read {
+        format: Format::Qcow2,
+        source,
+    })
 }
 
 /// Bytes of host clusters kept for compressed streams that continue into clusters not
@@ -155,7 +144,7 @@ impl<'w> State<'w> {
             comp_covered: HashMap::new(),
             comp_in: Vec::new(),
             comp_out: Vec::new(),
-            held: Held::for_options("qcow2", opts, h.cluster_size()),
+            held: opts.held("qcow2", h.cluster_size()),
             mapping_done: l1_bytes == 0,
             eof: None,
             pool: None,
@@ -163,7 +152,7 @@ impl<'w> State<'w> {
         }
     }
 
-    fn run(&mut self, r: &mut dyn Read) -> Result<(), ConvertError> {
+    fn run(&mut self, r: &mut dyn Read) -> Result<(), FormatError> {
         let mut buf = vec![0u8; self.cs as usize];
         let mut pos = self.cs;
         loop {
@@ -194,7 +183,7 @@ impl<'w> State<'w> {
         Ok(())
     }
 
-    fn process(&mut self, c: u64, data: &[u8]) -> Result<(), ConvertError> {
+    fn process(&mut self, c: u64, data: &[u8]) -> Result<(), FormatError> {
         self.cur = c;
         let mut used = false;
         let l1_off = self.h.l1_table_offset;
@@ -235,12 +224,12 @@ impl<'w> State<'w> {
             }
         }
         if !used && !self.mapping_done {
-            self.held.put(c, data)?;
+            self.held.put(c, data).map_err(held_err)?;
         }
         Ok(())
     }
 
-    fn parse_l1(&mut self, table: &[u8]) -> Result<(), ConvertError> {
+    fn parse_l1(&mut self, table: &[u8]) -> Result<(), FormatError> {
         let coverage = self.h.l2_coverage();
         for (i, e) in table.chunks_exact(8).enumerate() {
             let off = be64(e) & L1_OFFSET_MASK;
@@ -255,7 +244,7 @@ impl<'w> State<'w> {
             }
             self.check_inside(off)?;
             if off <= self.cur {
-                let t = self.held.get(off)?.ok_or_else(|| {
+                let t = self.held.get(off).map_err(held_err)?.ok_or_else(|| {
                     corrupt(format!(
                         "L2 table at {off} lies before the L1 table and overlaps metadata"
                     ))
@@ -284,7 +273,7 @@ impl<'w> State<'w> {
         Ok(())
     }
 
-    fn parse_l2(&mut self, guest_base: u64, table: &[u8]) -> Result<(), ConvertError> {
+    fn parse_l2(&mut self, guest_base: u64, table: &[u8]) -> Result<(), FormatError> {
         if (table.len() as u64) < self.cs {
             return Err(Qcow2Error::Truncated {
                 end: self.cur + table.len() as u64,
@@ -334,7 +323,7 @@ impl<'w> State<'w> {
             let w = Want { guest, mask };
             self.check_inside(host)?;
             if host <= self.cur {
-                let d = self.held.get(host)?.ok_or_else(|| {
+                let d = self.held.get(host).map_err(held_err)?.ok_or_else(|| {
                     corrupt(format!(
                         "data for guest offset {guest} at host offset {host} overlaps metadata"
                     ))
@@ -359,7 +348,7 @@ impl<'w> State<'w> {
     }
 
     /// A table entry naming `host` in an image of known length must lie inside it.
-    fn check_inside(&self, host: u64) -> Result<(), ConvertError> {
+    fn check_inside(&self, host: u64) -> Result<(), FormatError> {
         match self.source_len {
             Some(len) if host >= len => Err(Qcow2Error::Truncated {
                 end: len,
@@ -378,8 +367,8 @@ impl<'w> State<'w> {
             + self.comp_refs.len()
     }
 
-    fn over_budget(&self, what: &str) -> ConvertError {
-        ConvertError::Qcow2(Qcow2Error::TooScattered {
+    fn over_budget(&self, what: &str) -> FormatError {
+        FormatError::Qcow2(Qcow2Error::TooScattered {
             what: format!(
                 "more than {MAX_ENTRIES} separate runs of {what} wait for data not yet read at byte {}",
                 self.cur
@@ -387,20 +376,20 @@ impl<'w> State<'w> {
         })
     }
 
-    fn check_budget(&self, what: &str) -> Result<(), ConvertError> {
+    fn check_budget(&self, what: &str) -> Result<(), FormatError> {
         if self.bookkeeping() >= MAX_ENTRIES {
             return Err(self.over_budget(what));
         }
         Ok(())
     }
 
-    fn cache_insert(&mut self, c: u64, data: Vec<u8>) -> Result<(), ConvertError> {
+    fn cache_insert(&mut self, c: u64, data: Vec<u8>) -> Result<(), FormatError> {
         self.comp_cache_bytes += data.len() as u64;
         if let Some(old) = self.comp_cache.insert(c, data) {
             self.comp_cache_bytes -= old.len() as u64;
         }
         if self.comp_cache_bytes > MAX_COMP_CACHE {
-            return Err(ConvertError::Qcow2(Qcow2Error::TooScattered {
+            return Err(FormatError::Qcow2(Qcow2Error::TooScattered {
                 what: format!(
                     "more than {MAX_COMP_CACHE} bytes of clusters kept for compressed data at byte {}",
                     self.cur
@@ -420,7 +409,7 @@ impl<'w> State<'w> {
     /// the file (qemu writes images that end inside their last, partly used cluster,
     /// and reads what lies past the end as zeros): then the bytes present are written
     /// and the rest stays zero, as long as `data` is that final piece.
-    fn write_data(&mut self, w: &Want, data: &[u8], host: u64) -> Result<(), ConvertError> {
+    fn write_data(&mut self, w: &Want, data: &[u8], host: u64) -> Result<(), FormatError> {
         let vsize = self.h.virtual_size;
         let full = (self.cs.min(vsize - w.guest)) as usize;
         let at_eof = (data.len() as u64) < self.cs;
@@ -452,14 +441,14 @@ impl<'w> State<'w> {
         Ok(())
     }
 
-    fn want_compressed(&mut self, comp: Comp) -> Result<(), ConvertError> {
+    fn want_compressed(&mut self, comp: Comp) -> Result<(), FormatError> {
         let first = comp.host & !(self.cs - 1);
         let last = (comp.host + comp.len - 1) & !(self.cs - 1);
         let mut c = first;
         while c <= last {
             *self.comp_refs.entry(c).or_default() += 1;
             if c <= self.cur && !self.comp_cache.contains_key(&c) {
-                match self.held.get(c)? {
+                match self.held.get(c).map_err(held_err)? {
                     Some(d) => {
                         self.cache_insert(c, d)?;
                     }
@@ -485,7 +474,7 @@ impl<'w> State<'w> {
         }
     }
 
-    fn decompress(&mut self, comp: &Comp) -> Result<(), ConvertError> {
+    fn decompress(&mut self, comp: &Comp) -> Result<(), FormatError> {
         if self.mapping_done {
             return self.decompress_parallel(comp);
         }
@@ -493,7 +482,7 @@ impl<'w> State<'w> {
         let last = (comp.host + comp.len - 1) & !(self.cs - 1);
         let start = (comp.host - first) as usize;
         let truncated = |have: usize| {
-            ConvertError::from(Qcow2Error::Truncated {
+            FormatError::from(Qcow2Error::Truncated {
                 end: first + have as u64,
                 offset: comp.host,
             })
@@ -543,9 +532,9 @@ impl<'w> State<'w> {
                     if let Some(data) = self.cache_remove(c) {
                         if !self.mapping_done
                             && covered < data.len() as u64
-                            && self.held.get(c)?.is_none()
+                            && self.held.get(c).map_err(held_err)?.is_none()
                         {
-                            self.held.put(c, &data)?;
+                            self.held.put(c, &data).map_err(held_err)?;
                         }
                     }
                 }
@@ -570,7 +559,7 @@ impl<'w> State<'w> {
 
     /// Every table is known, so no cluster needs keeping for later: the compressed bytes
     /// go to a worker, and the clusters they came from are let go at once.
-    fn decompress_parallel(&mut self, comp: &Comp) -> Result<(), ConvertError> {
+    fn decompress_parallel(&mut self, comp: &Comp) -> Result<(), FormatError> {
         let first = comp.host & !(self.cs - 1);
         let last = (comp.host + comp.len - 1) & !(self.cs - 1);
         let start = (comp.host - first) as usize;
@@ -620,7 +609,7 @@ impl<'w> State<'w> {
         Ok(())
     }
 
-    fn finish_at_eof(&mut self, end: u64) -> Result<(), ConvertError> {
+    fn finish_at_eof(&mut self, end: u64) -> Result<(), FormatError> {
         if !self.l1_parsed {
             return Err(Qcow2Error::Truncated {
                 end,
@@ -653,7 +642,7 @@ fn write_decoded(
     cs: u64,
     pool: &mut DecodePool,
     d: Done,
-) -> Result<(), ConvertError> {
+) -> Result<(), FormatError> {
     d.result.map_err(|source| Qcow2Error::Decompress {
         guest: d.guest,
         source,
@@ -702,6 +691,6 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn corrupt(m: String) -> ConvertError {
-    ConvertError::Qcow2(Qcow2Error::Corrupt(m))
+fn corrupt(m: String) -> FormatError {
+    FormatError::Qcow2(Qcow2Error::Corrupt(m))
 }

@@ -1,6 +1,37 @@
 //! Kubernetes quantities and CDI's space arithmetic (contract section 1.7), exactly:
 //! a controller sizes PVCs with the same formulas, so rounding must agree to the byte.
 
+/// The one "does not fit the volume" error, in CDI's words ("A larger PVC is
+/// required"), which users and the controller's logs search for. Raised by the pipeline
+/// (declared sizes), the converters (virtual sizes), the writer (data past the limit) and
+/// tar unpacking (archive content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TooLarge {
+    /// The image says how large it is, before anything is written.
+    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
+    Virtual { size: u64, limit: u64 },
+    /// Data arrives past the limit (a stream that did not declare its size).
+    #[error("image data is at least {at_least} bytes, which is larger than the reported available storage {limit}. A larger PVC is required")]
+    Data { at_least: u64, limit: u64 },
+    /// Unpacked archive content.
+    #[error("archive content is larger than the reported available storage {limit}. A larger PVC is required")]
+    Archive { limit: u64 },
+}
+
+impl TooLarge {
+    pub fn kind(&self) -> crate::ErrorKind {
+        crate::ErrorKind::TooLarge
+    }
+}
+
+/// Refuses a declared size above the volume before anything is written.
+pub fn check_fits(size: u64, limit: u64) -> Result<(), TooLarge> {
+    if size > limit {
+        return Err(TooLarge::Virtual { size, limit });
+    }
+    Ok(())
+}
+
 /// CDI's `DefaultAlignBlockSize`.
 pub const ALIGN: u64 = 1 << 20;
 

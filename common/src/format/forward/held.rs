@@ -10,8 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::image::StreamOptions;
-
 #[derive(Debug, thiserror::Error)]
 pub enum HeldError {
     #[error("the image keeps data before the tables that map it ({held} bytes so far) and no scratch space is mounted")]
@@ -20,6 +18,17 @@ pub enum HeldError {
     Spool(#[source] std::io::Error),
     #[error("reading the image file again: {0}")]
     Reread(#[source] std::io::Error),
+}
+
+impl HeldError {
+    pub fn kind(&self) -> crate::ErrorKind {
+        match self {
+            HeldError::ScratchRequired { .. } => crate::ErrorKind::ScratchRequired,
+            HeldError::Spool(e) | HeldError::Reread(e) => {
+                crate::error::io_kind(e).unwrap_or(crate::ErrorKind::Io)
+            }
+        }
+    }
 }
 
 /// An unlinked spool file, where each held cluster is (offset in file, length), and
@@ -58,16 +67,12 @@ impl Held {
         }
     }
 
-    /// What `opts` allow: the image file itself when it is one (read back in `unit`
-    /// byte pieces), else memory then scratch.
-    pub fn for_options(what: &'static str, opts: &StreamOptions, unit: u64) -> Self {
-        let mut h = Held::new(what, opts.hold_memory, opts.scratch.clone());
-        if let Some(f) = &opts.source_file {
-            if let Ok(m) = f.metadata() {
-                h.source = Some((f.clone(), unit, m.len()));
-            }
+    /// Nothing is kept: data is read again from the image file, in `unit` byte pieces.
+    pub fn reread_from(mut self, file: &Arc<File>, unit: u64) -> Self {
+        if let Ok(m) = file.metadata() {
+            self.source = Some((file.clone(), unit, m.len()));
         }
-        h
+        self
     }
 
     pub fn put(&mut self, off: u64, data: &[u8]) -> Result<(), HeldError> {

@@ -9,8 +9,8 @@
 //! paid only by such images.
 
 use super::held::Held;
-use super::image::{FormatError, StreamOptions};
-use super::Format;
+use crate::format::contract::{FormatError, StreamOptions};
+use crate::sniff::Format;
 use std::io::{self, Read};
 
 /// Retained bytes are kept in aligned chunks of this size, keyed by their start.
@@ -48,7 +48,7 @@ impl<'r> HostReader<'r> {
     /// A reader for one converter: retention as `opts` allow (memory then scratch, or
     /// re-reading the source file).
     pub fn for_image(r: &'r mut dyn Read, format: Format, opts: &StreamOptions) -> Self {
-        HostReader::new(r, format, Held::for_options(format.name(), opts, CHUNK))
+        HostReader::new(r, format, opts.held(format.name(), CHUNK))
     }
 
     pub fn format(&self) -> Format {
@@ -325,7 +325,7 @@ mod tests {
             matches!(
                 err,
                 FormatError::Held {
-                    source: crate::format::held::HeldError::ScratchRequired { .. },
+                    source: crate::format::forward::held::HeldError::ScratchRequired { .. },
                     ..
                 }
             ),

@@ -1,9 +1,10 @@
-//! `IMPORTER_SOURCE=none`: a blank disk (contract section 1.5 step 3).
+//! `IMPORTER_SOURCE=none`: a blank disk (contract section 1.5 step 3): a destination
+//! written with no source.
 
 use crate::destination::{fs_available, Destination, FileSpace};
 use crate::failure::Failure;
+use ferrydisk_common::cdi::termination::{TerminationMessage, IMPORT_COMPLETE};
 use ferrydisk_common::sink::{block, FileTarget, Target};
-use ferrydisk_common::termination::{TerminationMessage, IMPORT_COMPLETE};
 use ferrydisk_common::ErrorKind;
 
 /// `None` means "exit 0 without a termination message" (block without preallocation:
@@ -30,16 +31,15 @@ pub fn create(
         }
         Destination::Block(path) => {
             let t = block::BlockTarget::open(path, false)
-                .map_err(|e| fail(ErrorKind::Io, format!("opening {}: {e}", path.display())))?;
+                .map_err(|e| fail(kind_of(&e), format!("opening {}: {e}", path.display())))?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
-                .map_err(|e| fail(ErrorKind::Io, e.to_string()))?;
+                .map_err(|e| fail(kind_of(&e), e.to_string()))?;
             let mut offload = true;
             block::zero_range(&f, &mut offload, 0, t.size())
-                .map_err(|e| fail(ErrorKind::Io, format!("zeroing {}: {e}", path.display())))?;
-            f.sync_all()
-                .map_err(|e| fail(ErrorKind::Io, e.to_string()))?;
+                .map_err(|e| fail(kind_of(&e), format!("zeroing {}: {e}", path.display())))?;
+            f.sync_all().map_err(|e| fail(kind_of(&e), e.to_string()))?;
             Ok(Some(done(true)))
         }
         Destination::File(path) => {
@@ -50,20 +50,25 @@ pub fn create(
                 )
             })?;
             let mut t = FileTarget::create(path, preallocate, false)
-                .map_err(|e| fail(ErrorKind::Io, format!("creating {}: {e}", path.display())))?;
+                .map_err(|e| fail(kind_of(&e), format!("creating {}: {e}", path.display())))?;
             let dir = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(std::path::Path::new("."));
             let avail = fs_available(dir)
-                .map_err(|e| fail(ErrorKind::Io, format!("statfs {}: {e}", dir.display())))?;
+                .map_err(|e| fail(kind_of(&e), format!("statfs {}: {e}", dir.display())))?;
             let len = FileSpace::new(avail, Some(requested), overhead).blank_len();
             let info = t.finish(len).map_err(|e| {
                 t.abort();
-                fail(ErrorKind::Io, format!("writing {}: {e}", path.display()))
+                fail(kind_of(&e), format!("writing {}: {e}", path.display()))
             })?;
             tracing::info!(path = %path.display(), size = len, preallocated = info.preallocated, "created blank disk");
             Ok(Some(done(info.preallocated)))
         }
     }
+}
+
+/// A full volume is `TooLarge`, any other local failure `Io`.
+fn kind_of(e: &std::io::Error) -> ErrorKind {
+    ferrydisk_common::error::io_kind(e).unwrap_or(ErrorKind::Io)
 }

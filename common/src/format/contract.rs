@@ -1,9 +1,12 @@
 //! What every native format converter shares: its options, its error, and the answer
 //! it gives back.
 
-use super::held::HeldError;
-use super::Format;
+use super::forward::held::{Held, HeldError};
+use super::qcow2::Qcow2Error;
+use crate::cdi::space::TooLarge;
+use crate::error::{io_kind, ErrorKind};
 use crate::sink::SinkError;
+use crate::sniff::Format;
 use std::io;
 use std::path::PathBuf;
 
@@ -32,6 +35,18 @@ impl Default for StreamOptions {
             limit: u64::MAX,
             source_file: None,
             source_len: None,
+        }
+    }
+}
+
+impl StreamOptions {
+    /// Where data read ahead of its tables is kept under these options: the image file
+    /// itself when it is one (read back in `unit` byte pieces), else memory then scratch.
+    pub fn held(&self, what: &'static str, unit: u64) -> Held {
+        let held = Held::new(what, self.hold_memory, self.scratch.clone());
+        match &self.source_file {
+            Some(f) => held.reread_from(f, unit),
+            None => held,
         }
     }
 }
@@ -77,11 +92,30 @@ pub enum FormatError {
     },
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("virtual image size {size} is larger than the reported available storage {limit}. A larger PVC is required")]
-    TooLarge { size: u64, limit: u64 },
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    /// qcow2's own header and table checks, with their qcow2 wording.
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
 }
 
 impl FormatError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FormatError::Corrupt { .. }
+            | FormatError::Truncated { .. }
+            | FormatError::Behind { .. } => ErrorKind::CorruptImage,
+            FormatError::Unsupported { .. } | FormatError::External { .. } => {
+                ErrorKind::UnsupportedFormat
+            }
+            FormatError::Read { source, .. } => io_kind(source).unwrap_or(ErrorKind::Io),
+            FormatError::Held { source, .. } => source.kind(),
+            FormatError::Sink(e) => e.kind(),
+            FormatError::TooLarge(e) => e.kind(),
+            FormatError::Qcow2(e) => e.kind(),
+        }
+    }
+
     pub fn corrupt(format: Format, what: impl Into<String>) -> Self {
         FormatError::Corrupt {
             format,
@@ -106,13 +140,7 @@ impl FormatError {
 
 /// Refuses a virtual size above the volume before anything is written.
 pub fn check_size(size: u64, opts: &StreamOptions) -> Result<(), FormatError> {
-    if size > opts.limit {
-        return Err(FormatError::TooLarge {
-            size,
-            limit: opts.limit,
-        });
-    }
-    Ok(())
+    Ok(crate::cdi::space::check_fits(size, opts.limit)?)
 }
 
 pub(crate) fn le16(b: &[u8], off: usize) -> u16 {

@@ -1,0 +1,391 @@
+//! The blocking write half, shared by import, upload (and later clone and push): the
+//! disk plan, opening the destination, streaming a source through the pipeline onto it,
+//! draining and verifying the source, then finishing (resize, fsync) or undoing the write.
+
+use crate::cli::{parse_go_bool, VolumeArgs};
+use crate::destination::{fs_available, Destination, FileSpace};
+use crate::failure::Failure;
+use crate::sources::image::ContainerImage;
+use ferrydisk_common::cdi::space::{parse_overhead, parse_quantity};
+use ferrydisk_common::cdi::termination::TerminationMessage;
+use ferrydisk_common::checksum::{Checksum, HashingReader};
+use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
+use ferrydisk_common::decode::tar::Staging;
+use ferrydisk_common::error::chain_line;
+use ferrydisk_common::pipeline::{self, PipelineError, Report};
+use ferrydisk_common::progress::Progress;
+use ferrydisk_common::sink::sparse::WriterOptions;
+use ferrydisk_common::sink::{BlockTarget, FileTarget, SparseWriter, Target};
+use ferrydisk_common::ErrorKind;
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a subcommand asks of the disk, as given (env vars and flags, unparsed).
+pub struct DiskRequest<'a> {
+    pub volume: &'a VolumeArgs,
+    /// `--dest`, overriding CDI's choice between block device and `<data-dir>/disk.img`.
+    pub dest: Option<&'a Path>,
+    /// Archive content: unpacked into `--data-dir`.
+    pub archive: bool,
+    pub preallocation: Option<&'a str>,
+    pub image_size: &'a str,
+    pub checksum: Option<&'a str>,
+}
+
+/// How a bad value in a [`DiskRequest`] is treated: CDI's importer refuses it, CDI's
+/// upload server falls back to the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsing {
+    Strict,
+    Lenient,
+}
+
+/// How the bytes are written, whatever the source (import or upload).
+pub struct DiskPlan {
+    pub dest: Destination,
+    pub preallocate: bool,
+    pub requested: Option<u64>,
+    pub overhead: f64,
+    pub checksum: Option<Checksum>,
+    /// O_DIRECT where the destination allows it (`CACHE_MODE=TRYNONE`).
+    pub direct: bool,
+    /// A mounted scratch volume, if any (CDI: a missing one means "required").
+    pub scratch: Option<PathBuf>,
+    /// Write a qcow2 source as qcow2 (`--output-format qcow2`; file destinations only).
+    pub keep_qcow2: bool,
+}
+
+impl DiskPlan {
+    /// The one constructor: every subcommand's disk settings are parsed here.
+    pub fn new(r: DiskRequest<'_>, parsing: Parsing) -> Result<Self, Failure> {
+        let strict = parsing == Parsing::Strict;
+        let v = r.volume;
+        // CDI exits 1 when PREALLOCATION does not parse. The controller always sets it;
+        // for people running the binary by hand, unset means false.
+        let preallocate = match r.preallocation {
+            None => false,
+            Some(s) => match parse_go_bool(s) {
+                Some(b) => b,
+                None if strict => {
+                    return Err(Failure::Config(format!(
+                        "Unable to parse PREALLOCATION {s:?}: expected a boolean"
+                    )))
+                }
+                None => false,
+            },
+        };
+        let requested = match r.image_size.trim() {
+            "" => None,
+            s => match parse_quantity(s) {
+                Ok(q) => Some(q),
+                Err(e) if strict => {
+                    return Err(Failure::Config(format!("IMPORTER_IMAGE_SIZE: {e}")))
+                }
+                Err(_) => None,
+            },
+        };
+        let checksum = match r.checksum.map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(Checksum::parse(s).map_err(|e| Failure::Config(e.to_string()))?),
+        };
+        let dest = Destination::choose(r.dest, &v.block_device, &v.data_dir, r.archive);
+        let mut keep_qcow2 = v.output_format == "qcow2";
+        if keep_qcow2 && matches!(dest, Destination::Block(_)) {
+            if strict {
+                return Err(Failure::Config(
+                    "--output-format qcow2 needs a file destination, not a block device".into(),
+                ));
+            }
+            keep_qcow2 = false;
+        }
+        Ok(DiskPlan {
+            keep_qcow2,
+            preallocate,
+            requested,
+            overhead: parse_overhead(&v.filesystem_overhead),
+            checksum,
+            direct: v.cache_mode == "TRYNONE",
+            dest,
+            // Only a mounted scratch volume counts (CDI: a missing one means "required").
+            scratch: v.scratch.is_dir().then(|| v.scratch.clone()),
+        })
+    }
+
+    /// `IMPORTER_SOURCE=none`: the destination itself, with no source.
+    pub fn create_blank(&self) -> Result<Option<TerminationMessage>, Failure> {
+        crate::blank::create(&self.dest, self.requested, self.overhead, self.preallocate)
+    }
+}
+
+/// An open disk destination (file or block device).
+struct Disk {
+    writer: SparseWriter,
+    opts: pipeline::Options,
+    /// The resize rule, for a file.
+    space: Option<FileSpace>,
+}
+
+/// A local I/O failure; a full volume is `TooLarge` (by `io::ErrorKind`).
+pub fn io_fail(what: String, e: io::Error) -> Failure {
+    Failure::Process {
+        kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn pipeline_options(
+    plan: &DiskPlan,
+    progress: Arc<Progress>,
+    source_len: Option<u64>,
+) -> pipeline::Options {
+    pipeline::Options {
+        limit: u64::MAX,
+        source_len,
+        progress,
+        // Only a mounted scratch volume counts (CDI: a missing one means "required").
+        scratch: plan.scratch.clone(),
+        source_file: None,
+        keep_qcow2: plan.keep_qcow2,
+    }
+}
+
+fn open_disk(
+    plan: &DiskPlan,
+    progress: Arc<Progress>,
+    source_len: Option<u64>,
+) -> Result<Disk, Failure> {
+    let mut opts = pipeline_options(plan, progress.clone(), source_len);
+    let (target, space): (Box<dyn Target>, Option<FileSpace>) = match &plan.dest {
+        Destination::Dir(_) => {
+            return Err(Failure::Config(
+                "a disk image needs a file or block destination".into(),
+            ))
+        }
+        Destination::File(path) => {
+            let t = FileTarget::create(path, plan.preallocate, plan.direct)
+                .map_err(|e| io_fail(format!("creating {}", path.display()), e))?;
+            // Measured after truncation, so a rerun does not count the old image as used.
+            let dir = parent_dir(path);
+            let avail =
+                fs_available(&dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?;
+            let space = FileSpace::new(avail, plan.requested, plan.overhead);
+            opts.limit = space.available;
+            (Box::new(t), Some(space))
+        }
+        Destination::Block(path) => {
+            let t = BlockTarget::open(path, plan.direct)
+                .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
+            opts.limit = t.size();
+            (Box::new(t), None)
+        }
+    };
+    let writer = SparseWriter::spawn(
+        target,
+        WriterOptions {
+            limit: opts.limit,
+            progress: Some(progress),
+            ..Default::default()
+        },
+    );
+    Ok(Disk {
+        writer,
+        opts,
+        space,
+    })
+}
+
+/// Resizes per CDI's rule, makes the disk durable and builds the success message.
+fn finish_disk(
+    plan: &DiskPlan,
+    disk: Disk,
+    report: &Report,
+    labels: Option<BTreeMap<String, String>>,
+) -> Result<TerminationMessage, Failure> {
+    // A kept qcow2 is exactly as long as it came; raw disks follow CDI's resize rule.
+    let final_len = report.kept_len.unwrap_or_else(|| {
+        disk.space
+            .map_or(report.virtual_size, |s| s.final_len(report.virtual_size))
+    });
+    let (stats, info) = disk
+        .writer
+        .finish(final_len)
+        .map_err(|e| Failure::Process {
+            kind: e.kind(),
+            message: e.to_string(),
+        })?;
+    log_done(report, Some((stats, final_len)));
+    // A block device has every byte of the image written or explicitly zeroed.
+    let preallocated =
+        info.preallocated || (plan.preallocate && matches!(plan.dest, Destination::Block(_)));
+    Ok(TerminationMessage::import_complete(preallocated, labels))
+}
+
+fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {
+    Failure::Process {
+        kind: ErrorKind::ChecksumMismatch,
+        message: e.to_string(),
+    }
+}
+
+/// The blocking half of a stream import or upload: pipeline, drain, checksum, finish.
+/// Nothing is fsynced and reported before the whole source has been read and verified.
+/// `file` is the same source as a local file, which lets formats read data that precedes
+/// its tables again instead of holding it.
+pub fn write_stream(
+    plan: &DiskPlan,
+    source: impl Read,
+    content_length: Option<u64>,
+    progress: Arc<Progress>,
+    file: Option<Arc<std::fs::File>>,
+) -> Result<TerminationMessage, Failure> {
+    let mut src = HashingReader::new(source, plan.checksum.clone());
+    if let Destination::Dir(dir) = &plan.dest {
+        let mut opts = pipeline_options(plan, progress, content_length);
+        opts.limit = FileSpace::new(
+            fs_available(dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?,
+            plan.requested,
+            plan.overhead,
+        )
+        .available;
+        let staging = Staging::create(dir).map_err(|e| {
+            io_fail(
+                format!("creating a staging directory in {}", dir.display()),
+                e,
+            )
+        })?;
+        let result = pipeline::unpack_archive(&mut src, staging.path(), &opts)
+            .map_err(process_failure)
+            .and_then(|report| {
+                drain(&mut src)?;
+                src.verify().map_err(checksum_failure)?;
+                Ok(report)
+            });
+        let report = match result {
+            Ok(r) => r,
+            Err(f) => {
+                staging.discard();
+                return Err(f);
+            }
+        };
+        staging.commit().map_err(|e| {
+            io_fail(
+                format!("moving the unpacked archive into {}", dir.display()),
+                e,
+            )
+        })?;
+        log_done(&report, None);
+        return Ok(TerminationMessage::import_complete(false, None));
+    }
+    let mut disk = open_disk(plan, progress, content_length)?;
+    disk.opts.source_file = file;
+    let result = pipeline::write_disk(&mut src, &mut disk.writer, &disk.opts)
+        .map_err(process_failure)
+        .and_then(|r| {
+            drain(&mut src)?;
+            src.verify().map_err(checksum_failure)?;
+            Ok(r)
+        });
+    match result {
+        Ok(report) => finish_disk(plan, disk, &report, None),
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// The blocking half of a containerDisk import: layers from the top until one holds
+/// the disk; lower layers are never read.
+pub fn write_image(
+    plan: &DiskPlan,
+    image: &dyn ContainerImage,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let mut disk = open_disk(plan, progress.clone(), None)?;
+    let mut finder = DiskFinder::default();
+    let mut fetched = 0u64;
+    let result = (|| {
+        for idx in (0..image.layer_count()).rev() {
+            fetched += image.layer_size(idx);
+            progress.set_source_total(Some(fetched));
+            let mut layer =
+                image
+                    .open_layer(idx, progress.clone())
+                    .map_err(|e| Failure::Process {
+                        kind: ErrorKind::Io,
+                        message: format!("opening layer {idx} of {}: {e}", image.describe()),
+                    })?;
+            if let Some(report) = pipeline::write_disk_from_layer(
+                &mut layer,
+                &mut finder,
+                &mut disk.writer,
+                &disk.opts,
+            )
+            .map_err(process_failure)?
+            {
+                if idx > 0 {
+                    tracing::info!(
+                        layer = idx,
+                        below = idx,
+                        "disk found; the layers below it are not downloaded"
+                    );
+                }
+                return Ok(report);
+            }
+        }
+        Err(process_failure(PipelineError::Disk(DiskError::None)))
+    })();
+    match result {
+        Ok(report) => {
+            let labels =
+                ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
+            tracing::info!(image = %image.describe(), labels = ?labels, "image labels");
+            finish_disk(plan, disk, &report, Some(labels))
+        }
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// Reads whatever follows the image in the source (tar padding, trailing bytes), so a
+/// short body or a checksum covers the whole download.
+fn drain(src: &mut dyn Read) -> Result<(), Failure> {
+    io::copy(src, &mut io::sink())
+        .map(|_| ())
+        .map_err(|e| process_failure(PipelineError::Read(e)))
+}
+
+fn process_failure(e: PipelineError) -> Failure {
+    Failure::Process {
+        kind: e.kind(),
+        message: chain_line(&e),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+fn log_done(report: &Report, written: Option<(ferrydisk_common::sink::WriteStats, u64)>) {
+    match written {
+        Some((s, len)) => tracing::info!(
+            format = %report.describe(),
+            virtual_size = report.virtual_size,
+            disk_size = len,
+            data_bytes = s.data_bytes,
+            zero_bytes = s.zero_bytes,
+            tar_entry = ?report.tar_entry,
+            "import complete"
+        ),
+        None => {
+            tracing::info!(format = %report.describe(), bytes = report.virtual_size, "archive import complete")
+        }
+    }
+}
