@@ -13,6 +13,41 @@ pub enum Chunk {
     End,
 }
 
+/// Chunks in flight between an async source and the pipeline: enough to keep a socket
+/// busy, few enough that memory does not depend on how fast the network is.
+pub const CHANNEL_CHUNKS: usize = 16;
+
+/// The bounded channel between an async source and the blocking pipeline.
+pub fn channel() -> (ChunkSender, ChannelReader) {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_CHUNKS);
+    (ChunkSender(tx), ChannelReader::new(rx))
+}
+
+/// The pipeline stopped reading (it failed, and reports its own error).
+#[derive(Debug)]
+pub struct Stopped;
+
+/// The sending half of [`channel`]: data, then exactly one end or failure.
+#[derive(Clone)]
+pub struct ChunkSender(tokio::sync::mpsc::Sender<io::Result<Chunk>>);
+
+impl ChunkSender {
+    /// Waits for room (the back-pressure), then hands `b` to the pipeline.
+    pub async fn data(&self, b: Bytes) -> Result<(), Stopped> {
+        self.0.send(Ok(Chunk::Data(b))).await.map_err(|_| Stopped)
+    }
+
+    /// The stream is complete.
+    pub async fn end(self) {
+        let _ = self.0.send(Ok(Chunk::End)).await;
+    }
+
+    /// The source failed; the pipeline's read returns this error (its kind survives).
+    pub async fn fail(self, e: SourceError) {
+        let _ = self.0.send(Err(e.into_io())).await;
+    }
+}
+
 /// A blocking `Read` over a bounded tokio channel filled by an async source task. The
 /// bound is the back-pressure: when the pipeline is slower than the network, the
 /// source task waits instead of buffering.

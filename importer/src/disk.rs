@@ -314,7 +314,7 @@ pub fn write_image(
                 image
                     .open_layer(idx, progress.clone())
                     .map_err(|e| Failure::Process {
-                        kind: ErrorKind::Io,
+                        kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
                         message: format!("opening layer {idx} of {}: {e}", image.describe()),
                     })?;
             if let Some(report) = pipeline::write_disk_from_layer(

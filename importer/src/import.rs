@@ -9,7 +9,7 @@ use crate::sources::image::ContainerImage;
 use crate::sources::{client, http, local_image, node, redact, registry};
 use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::stream::{ChannelReader, CountingReader};
+use ferrydisk_common::stream::CountingReader;
 use ferrydisk_common::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,7 +138,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
             .await
             .map_err(|e| connect_err(e.kind(), e.to_string()))?;
         let content_length = download.content_length;
-        let reader = ChannelReader::new(download.rx);
+        let reader = download.reader;
         let (d, p) = (disk.clone(), progress.clone());
         let result =
             tokio::task::spawn_blocking(move || write_stream(&d, reader, content_length, p, None))

@@ -5,18 +5,16 @@
 //! say the file is still the same one.
 
 use super::redact;
-use bytes::Bytes;
-use ferrydisk_common::error::SourceError;
+use super::resume::{self as pump, backoff, Body, Labels, Opened, Policy, Reopen, Resumable};
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::resume::{self, Continue, Headers, Restart, Validators};
-use ferrydisk_common::stream::Chunk;
+use ferrydisk_common::stream::{self, ChannelReader};
 use ferrydisk_common::ErrorKind;
+use futures_util::StreamExt;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use reqwest::{Client, Response, StatusCode};
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -59,10 +57,10 @@ pub struct HttpOptions {
     pub progress: Arc<Progress>,
 }
 
-/// An open download: its length if the server said, and the channel its bytes arrive on.
+/// An open download: its length if the server said, and the reader its bytes arrive on.
 pub struct Download {
     pub content_length: Option<u64>,
-    pub rx: mpsc::Receiver<io::Result<Chunk>>,
+    pub reader: ChannelReader,
 }
 
 /// The resume-relevant headers of a response.
@@ -126,10 +124,17 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
     let validators = Validators::of(&resume_headers(&resp));
     tracing::info!(url = %shown, content_length = ?content_length, ranges, "connected");
     opts.progress.set_source_total(content_length);
-    // 16 chunks of at most a few hundred KiB: enough to keep the socket busy, small
-    // enough that memory does not depend on how fast the network is.
-    let (tx, rx) = mpsc::channel(16);
-    let pump = Pump {
+    let (tx, reader) = stream::channel();
+    let policy = Policy {
+        retries: opts.retries,
+        idle_timeout: opts.idle_timeout,
+        progress: opts.progress.clone(),
+    };
+    let labels = Labels {
+        what: format!("download of {shown}"),
+        total: content_length,
+    };
+    let source = HttpSource {
         client,
         url: parsed,
         shown,
@@ -137,10 +142,20 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
         content_length,
         ranges,
         validators,
-        tx,
     };
-    tokio::spawn(pump.run(resp));
-    Ok(Download { content_length, rx })
+    let first = Opened {
+        body: body_of(resp),
+        skip: 0,
+    };
+    tokio::spawn(pump::run(source, first, policy, labels, tx));
+    Ok(Download {
+        content_length,
+        reader,
+    })
+}
+
+fn body_of(resp: Response) -> Body {
+    Box::pin(resp.bytes_stream().map(|r| r.map_err(|e| error_text(&e))))
 }
 
 async fn get(
@@ -187,11 +202,8 @@ fn error_text(e: &reqwest::Error) -> String {
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(250u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(10))
-}
-
-struct Pump {
+/// What a resumed request needs: the first response's validators and range support.
+struct HttpSource {
     client: Client,
     url: reqwest::Url,
     shown: String,
@@ -199,100 +211,14 @@ struct Pump {
     content_length: Option<u64>,
     ranges: bool,
     validators: Validators,
-    tx: mpsc::Sender<io::Result<Chunk>>,
 }
 
-/// Resumes after this much progress reset the retry budget: a long download over a
-/// flaky link may drop many times, but never twice in a row without progress.
-const PROGRESS_RESETS_RETRIES: u64 = 16 << 20;
-
-impl Pump {
-    async fn run(self, first: Response) {
-        let mut resp = first;
-        let mut offset = 0u64;
-        let mut failures = 0u32;
-        let mut since_failure = 0u64;
-        loop {
-            let failure = match tokio::time::timeout(self.opts.idle_timeout, resp.chunk()).await {
-                Ok(Ok(Some(b))) => {
-                    offset += b.len() as u64;
-                    since_failure += b.len() as u64;
-                    if since_failure >= PROGRESS_RESETS_RETRIES {
-                        failures = 0;
-                    }
-                    self.opts.progress.add_source(b.len() as u64);
-                    if self.tx.send(Ok(Chunk::Data(b))).await.is_err() {
-                        return; // the pipeline stopped; its error is reported there
-                    }
-                    continue;
-                }
-                Ok(Ok(None)) => match self.content_length {
-                    Some(len) if offset < len => {
-                        format!("body ended after {offset} of {len} bytes")
-                    }
-                    _ => {
-                        let _ = self.tx.send(Ok(Chunk::End)).await;
-                        return;
-                    }
-                },
-                Ok(Err(e)) => error_text(&e),
-                Err(_) => format!("no data for {} s", self.opts.idle_timeout.as_secs()),
-            };
-            // Resume.
-            loop {
-                failures += 1;
-                since_failure = 0;
-                let total = self
-                    .content_length
-                    .map(|l| format!(" of {l}"))
-                    .unwrap_or_default();
-                if failures > self.opts.retries {
-                    let msg = format!("download of {} failed after {offset}{total} bytes and {} retries: {failure}", self.shown, self.opts.retries);
-                    let _ = self
-                        .tx
-                        .send(Err(SourceError::new(ErrorKind::Network, msg).into_io()))
-                        .await;
-                    return;
-                }
-                tracing::warn!(url = %self.shown, offset, error = %failure, attempt = failures, "connection lost, resuming");
-                tokio::time::sleep(backoff(failures - 1)).await;
-                match self.reopen(offset).await {
-                    Ok((r, leftover)) => {
-                        resp = r;
-                        if let Some(b) = leftover {
-                            offset += b.len() as u64;
-                            self.opts.progress.add_source(b.len() as u64);
-                            if self.tx.send(Ok(Chunk::Data(b))).await.is_err() {
-                                return;
-                            }
-                        }
-                        break;
-                    }
-                    Err(Reopen::Retry(m)) => {
-                        tracing::warn!(url = %self.shown, error = %m, "resume request failed")
-                    }
-                    Err(Reopen::Fatal(kind, m)) => {
-                        let _ = self.tx.send(Err(SourceError::new(kind, m).into_io())).await;
-                        return;
-                    }
-                    Err(Reopen::Restart(m)) => {
-                        tracing::warn!(url = %self.shown, offset, error = %m, "not splicing two responses: the import starts again from byte 0");
-                        let _ = self
-                            .tx
-                            .send(Err(SourceError::new(ErrorKind::SourceChanged, m).into_io()))
-                            .await;
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
+impl Resumable for HttpSource {
     /// A response whose body continues at `offset`, plus the bytes past `offset` of the
     /// chunk that crossed it when the download had to restart and skip. Bytes are only
     /// ever spliced when the resumed response proves it is the same file
     /// ([`resume::judge`]); otherwise the import starts again from byte 0.
-    async fn reopen(&self, offset: u64) -> Result<(Response, Option<Bytes>), Reopen> {
+    async fn reopen(&mut self, offset: u64) -> Result<Opened, Reopen> {
         if !self.validators.strong() {
             return Err(Reopen::Restart(format!(
                 "{} cannot be resumed at byte {offset}: {}",
@@ -301,7 +227,7 @@ impl Pump {
             )));
         }
         let range = self.ranges.then_some((offset, &self.validators));
-        let mut resp = get(&self.client, &self.url, &self.opts, range)
+        let resp = get(&self.client, &self.url, &self.opts, range)
             .await
             .map_err(|e| {
                 if super::client::is_redirect_refusal(&e) {
@@ -318,7 +244,12 @@ impl Pump {
                 offset,
                 &resume_headers(&resp),
             ) {
-                Ok(Continue::Range) => return Ok((resp, None)),
+                Ok(Continue::Range) => {
+                    return Ok(Opened {
+                        body: body_of(resp),
+                        skip: 0,
+                    })
+                }
                 Ok(Continue::Skip) => {}
                 Err(why) => {
                     return Err(Reopen::Restart(format!(
@@ -337,44 +268,9 @@ impl Pump {
             });
         }
         tracing::info!(url = %self.shown, skip = offset, "server cannot resume; restarting the download and skipping what was already received");
-        let mut skipped = 0u64;
-        while skipped < offset {
-            match tokio::time::timeout(self.opts.idle_timeout, resp.chunk()).await {
-                Ok(Ok(Some(b))) => {
-                    let take = (offset - skipped).min(b.len() as u64);
-                    skipped += take;
-                    if take < b.len() as u64 {
-                        return Ok((resp, Some(b.slice(take as usize..))));
-                    }
-                }
-                Ok(Ok(None)) => {
-                    return Err(Reopen::Retry(format!(
-                        "body ended after {skipped} bytes while skipping to {offset}"
-                    )))
-                }
-                Ok(Err(e)) => return Err(Reopen::Retry(error_text(&e))),
-                Err(_) => return Err(Reopen::Retry("timeout while skipping".into())),
-            }
-        }
-        Ok((resp, None))
-    }
-}
-
-enum Reopen {
-    Retry(String),
-    /// Resuming would splice two different files: start the import again.
-    Restart(String),
-    /// The resumed request was refused (the file is gone, auth changed).
-    Fatal(ErrorKind, String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert!(backoff(0) < backoff(3));
-        assert_eq!(backoff(30), Duration::from_secs(10));
+        Ok(Opened {
+            body: body_of(resp),
+            skip: offset,
+        })
     }
 }

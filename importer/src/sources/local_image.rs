@@ -4,7 +4,9 @@
 //! once (entry offsets) and read in place: nothing is unpacked.
 
 use super::image::ContainerImage;
-use super::registry::{check_config, node_arch, select_platform, PlatformEntry, RegistryError};
+use super::registry::{
+    check_config, node_arch, pull_err, select_platform, PlatformEntry, RegistryError,
+};
 use ferrydisk_common::checksum::DigestReader;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::CountingReader;
@@ -84,16 +86,14 @@ impl Files {
     }
 
     fn json(&self, name: &str) -> Result<serde_json::Value, RegistryError> {
-        let (r, len) = self
-            .open(name)
-            .map_err(|e| RegistryError::Pull(e.to_string()))?;
+        let (r, len) = self.open(name).map_err(|e| pull_err(e))?;
         if len > MAX_METADATA {
             return Err(RegistryError::Config(format!("{name} is {len} bytes")));
         }
         let mut buf = Vec::new();
         r.take(MAX_METADATA)
             .read_to_end(&mut buf)
-            .map_err(|e| RegistryError::Pull(e.to_string()))?;
+            .map_err(|e| pull_err(e))?;
         serde_json::from_slice(&buf).map_err(|e| RegistryError::Config(format!("{name}: {e}")))
     }
 }
@@ -122,7 +122,7 @@ fn split_tag(rest: &str) -> (&str, Option<&str>) {
 
 /// Opens a local image, or `Ok(None)` when `endpoint` names no local transport.
 pub fn open(endpoint: &str, arch: Option<&str>) -> Result<Option<LocalImage>, RegistryError> {
-    let io_err = |e: io::Error| RegistryError::Pull(e.to_string());
+    let io_err = |e: io::Error| pull_err(e);
     let img = if let Some(rest) = endpoint.strip_prefix("oci:") {
         let (dir, tag) = split_tag(rest);
         oci_layout(Files::Dir(dir.into()), tag, arch, endpoint)?
@@ -188,13 +188,13 @@ fn oci_layout(
         }),
         None if entries.len() == 1 => entries.first(),
         None => {
-            return Err(RegistryError::Pull(format!(
+            return Err(pull_err(format!(
                 "{shown}: the layout holds {} images; name one with :tag",
                 entries.len()
             )))
         }
     }
-    .ok_or_else(|| RegistryError::Pull(format!("{shown}: no image with that tag in the layout")))?;
+    .ok_or_else(|| pull_err(format!("{shown}: no image with that tag in the layout")))?;
     let mut desc = entry.clone();
     if str_field(&desc, "mediaType").contains("index")
         || str_field(&desc, "mediaType").contains("manifest.list")
@@ -273,7 +273,7 @@ fn docker_archive(
         }),
         None => images.first(),
     }
-    .ok_or_else(|| RegistryError::Pull(format!("{shown}: no such image in the archive")))?;
+    .ok_or_else(|| pull_err(format!("{shown}: no such image in the archive")))?;
     let config = files.json(str_field(img, "Config"))?;
     let env = check_config(&config, arch)?;
     let mut layers = Vec::new();
@@ -288,10 +288,7 @@ fn docker_archive(
         let digest = name
             .strip_prefix("blobs/sha256/")
             .map(|h| format!("sha256:{h}"));
-        let size = files
-            .open(&name)
-            .map(|(_, n)| n)
-            .map_err(|e| RegistryError::Pull(e.to_string()))?;
+        let size = files.open(&name).map(|(_, n)| n).map_err(|e| pull_err(e))?;
         layers.push(Layer { name, digest, size });
     }
     Ok(LocalImage {

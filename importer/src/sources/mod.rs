@@ -7,3 +7,4 @@ pub mod local_image;
 pub mod node;
 pub mod redact;
 pub mod registry;
+pub mod resume;

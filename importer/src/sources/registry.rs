@@ -3,10 +3,11 @@
 //! the image anywhere.
 
 use super::redact;
-use bytes::Bytes;
+use super::resume::{self as pump, Body, Labels, Opened, Policy, Reopen, Resumable};
+use ferrydisk_common::checksum::DigestReader;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::stream::{ChannelReader, Chunk};
+use ferrydisk_common::stream::{self, ChannelReader};
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
 use oci_client::client::{
@@ -15,12 +16,10 @@ use oci_client::client::{
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// A config blob is a few KiB; anything this large is not an image config.
 const MAX_CONFIG: i64 = 4 << 20;
@@ -29,8 +28,9 @@ const MAX_CONFIG: i64 = 4 << 20;
 pub enum RegistryError {
     #[error("Invalid image name {0:?}: expected docker://registry/repository[:tag|@digest]")]
     Name(String),
+    /// The source (an oci-client, I/O or JSON error) is kept for the error chain.
     #[error("failed to pull image: {0}")]
-    Pull(String),
+    Pull(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Error validating architecture: {0}")]
     Platform(String),
     #[error("bootc image detected: bootable container images are not VM disks (label {0})")]
@@ -87,8 +87,8 @@ pub fn node_arch() -> &'static str {
     }
 }
 
-fn pull_err(e: impl std::fmt::Display) -> RegistryError {
-    RegistryError::Pull(e.to_string())
+pub fn pull_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RegistryError {
+    RegistryError::Pull(e.into())
 }
 
 /// `docker://host/repo:tag` -> reference. CDI accepts only `docker://` and
@@ -318,9 +318,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
                 .map_err(pull_err)?
             {
                 (OciManifest::Image(m), _) => (m, by_digest),
-                (OciManifest::ImageIndex(_), _) => {
-                    return Err(RegistryError::Pull("nested image index".into()))
-                }
+                (OciManifest::ImageIndex(_), _) => return Err(pull_err("nested image index")),
             }
         }
     };
@@ -359,26 +357,11 @@ async fn pull_config(
         .pull_blob(reference, desc, &mut buf)
         .await
         .map_err(pull_err)?;
-    check_digest(&desc.digest, &Sha256::digest(&buf)).map_err(RegistryError::Config)?;
+    let mut verified = DigestReader::new(&buf[..], &desc.digest)
+        .map_err(|e| RegistryError::Config(e.to_string()))?;
+    std::io::copy(&mut verified, &mut std::io::sink())
+        .map_err(|e| RegistryError::Config(e.to_string()))?;
     serde_json::from_slice(&buf).map_err(|e| RegistryError::Config(e.to_string()))
-}
-
-fn check_digest(want: &str, got: &[u8]) -> Result<(), String> {
-    let hex = want
-        .strip_prefix("sha256:")
-        .ok_or_else(|| format!("unsupported digest algorithm in {want}"))?;
-    let actual = hex_encode(got);
-    if actual == hex {
-        Ok(())
-    } else {
-        Err(format!(
-            "digest mismatch: expected sha256:{hex}, got sha256:{actual}"
-        ))
-    }
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl super::image::ContainerImage for Image {
@@ -399,119 +382,69 @@ impl super::image::ContainerImage for Image {
         idx: usize,
         progress: Arc<Progress>,
     ) -> std::io::Result<Box<dyn std::io::Read + Send + '_>> {
-        Ok(Box::new(self.layer(idx, progress)))
+        Ok(Box::new(self.layer(idx, progress)?))
     }
 }
 
 impl Image {
-    /// Starts streaming layer `idx` (resuming with Range after drops, sha256 checked
-    /// over every byte); the returned reader ends with an error on a digest mismatch.
-    pub fn layer(&self, idx: usize, progress: Arc<Progress>) -> ChannelReader {
-        let (tx, rx) = mpsc::channel(16);
-        let pump = LayerPump {
+    /// Starts streaming layer `idx` (resumed with Range after drops by the shared pump);
+    /// the reader checks the layer's digest over every byte and fails at its end on a
+    /// mismatch.
+    pub fn layer(
+        &self,
+        idx: usize,
+        progress: Arc<Progress>,
+    ) -> std::io::Result<DigestReader<ChannelReader>> {
+        let desc = self.manifest.layers[idx].clone();
+        let (tx, reader) = stream::channel();
+        let verified = DigestReader::new(reader, &desc.digest).map_err(|e| {
+            SourceError::new(
+                ErrorKind::UnsupportedFormat,
+                format!("layer {}: {e}", desc.digest),
+            )
+            .into_io()
+        })?;
+        let policy = Policy {
+            retries: self.retries,
+            idle_timeout: self.idle_timeout,
+            progress,
+        };
+        let labels = Labels {
+            what: format!("failed to pull image: layer {}", desc.digest),
+            total: u64::try_from(desc.size).ok(),
+        };
+        let source = LayerSource {
             client: self.client.clone(),
             reference: self.reference.clone(),
-            desc: self.manifest.layers[idx].clone(),
-            retries: self.retries,
-            idle: self.idle_timeout,
-            progress,
-            tx,
+            desc,
         };
-        self.rt.spawn(pump.run());
-        ChannelReader::new(rx)
+        self.rt.spawn(pump::run(source, None, policy, labels, tx));
+        Ok(verified)
     }
 }
 
-struct LayerPump {
+/// A blob, reopened at an offset with a Range request; blobs are content-addressed, so
+/// no validator is needed (the digest check covers the splice).
+struct LayerSource {
     client: Arc<Client>,
     reference: Reference,
     desc: OciDescriptor,
-    retries: u32,
-    idle: Duration,
-    progress: Arc<Progress>,
-    tx: mpsc::Sender<std::io::Result<Chunk>>,
 }
 
-impl LayerPump {
-    async fn run(self) {
-        let mut hasher = Sha256::new();
-        let mut offset = 0u64;
-        let mut failures = 0u32;
-        let size = u64::try_from(self.desc.size).unwrap_or(0);
-        loop {
-            let failure = match self
-                .client
-                .pull_blob_stream_partial(&self.reference, &self.desc, offset, None)
-                .await
-            {
-                Ok(resp) => {
-                    let (mut stream, skip) = match resp {
-                        BlobResponse::Partial(s) => (s.stream, 0),
-                        // No range support: the blob starts over; skip what we have.
-                        BlobResponse::Full(s) => (s.stream, offset),
-                    };
-                    let mut skipped = 0u64;
-                    loop {
-                        match tokio::time::timeout(self.idle, stream.next()).await {
-                            Ok(Some(Ok(mut b))) => {
-                                if skipped < skip {
-                                    let take = (skip - skipped).min(b.len() as u64);
-                                    skipped += take;
-                                    b = b.slice(take as usize..);
-                                    if b.is_empty() {
-                                        continue;
-                                    }
-                                }
-                                hasher.update(&b);
-                                offset += b.len() as u64;
-                                self.progress.add_source(b.len() as u64);
-                                if self.send(b).await.is_err() {
-                                    return;
-                                }
-                                failures = 0;
-                            }
-                            Ok(Some(Err(e))) => break e.to_string(),
-                            Ok(None) if offset < size => {
-                                break format!("blob ended after {offset} of {size} bytes")
-                            }
-                            Ok(None) => {
-                                let result = check_digest(&self.desc.digest, &hasher.finalize());
-                                let msg = match result {
-                                    Ok(()) => Ok(Chunk::End),
-                                    Err(m) => Err(SourceError::new(
-                                        ErrorKind::CorruptImage,
-                                        format!("layer {}: {m}", self.desc.digest),
-                                    )
-                                    .into_io()),
-                                };
-                                let _ = self.tx.send(msg).await;
-                                return;
-                            }
-                            Err(_) => break format!("no data for {} s", self.idle.as_secs()),
-                        }
-                    }
-                }
-                Err(e) => e.to_string(),
-            };
-            failures += 1;
-            if failures > self.retries {
-                let m = format!(
-                    "failed to pull image: layer {} after {offset} of {size} bytes: {failure}",
-                    self.desc.digest
-                );
-                let _ = self
-                    .tx
-                    .send(Err(SourceError::new(ErrorKind::Network, m).into_io()))
-                    .await;
-                return;
-            }
-            tracing::warn!(layer = %self.desc.digest, offset, error = %failure, attempt = failures, "layer download interrupted, resuming");
-            tokio::time::sleep(Duration::from_millis(250u64 << failures.min(6))).await;
-        }
-    }
-
-    async fn send(&self, b: Bytes) -> Result<(), ()> {
-        self.tx.send(Ok(Chunk::Data(b))).await.map_err(|_| ())
+impl Resumable for LayerSource {
+    async fn reopen(&mut self, offset: u64) -> Result<Opened, Reopen> {
+        let resp = self
+            .client
+            .pull_blob_stream_partial(&self.reference, &self.desc, offset, None)
+            .await
+            .map_err(|e| Reopen::Retry(e.to_string()))?;
+        let (stream, skip) = match resp {
+            BlobResponse::Partial(s) => (s.stream, 0),
+            // No range support: the blob starts over; the pump skips what it has.
+            BlobResponse::Full(s) => (s.stream, offset),
+        };
+        let body: Body = Box::pin(stream.map(|r| r.map_err(|e| e.to_string())));
+        Ok(Opened { body, skip })
     }
 }
 
@@ -565,16 +498,5 @@ mod tests {
             check_config(&cfg, None).is_ok(),
             "no request: no check, as CDI"
         );
-    }
-
-    #[test]
-    fn digests() {
-        let d = Sha256::digest(b"abc");
-        assert!(check_digest(
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-            &d
-        )
-        .is_ok());
-        assert!(check_digest("sha256:00", &d).is_err());
     }
 }

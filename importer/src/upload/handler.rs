@@ -8,7 +8,7 @@ use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::listen;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::stream::{ChannelReader, Chunk};
+use ferrydisk_common::stream::ChunkSender;
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, BodyStream, Full};
@@ -17,7 +17,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 #[derive(Clone, Copy)]
 struct Route {
@@ -217,17 +216,11 @@ async fn handle(
             );
         }
     };
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, reader) = ferrydisk_common::stream::channel();
     let progress = Arc::new(Progress::default());
     let reporter = crate::report::spawn(progress.clone(), false);
     let work = tokio::task::spawn_blocking(move || {
-        crate::disk::write_stream(
-            &plan,
-            ChannelReader::new(rx),
-            content_length,
-            progress,
-            None,
-        )
+        crate::disk::write_stream(&plan, reader, content_length, progress, None)
     });
     // When the pipeline refuses the data (too large for the volume, not an image) while
     // the client is still sending, both pumps keep reading while the answer goes out, so
@@ -239,19 +232,15 @@ async fn handle(
     match &pumped {
         Pumped::Complete(n) => {
             tracing::info!(bytes = n, "upload body received");
-            let _ = tx.send(Ok(Chunk::End)).await;
+            tx.end().await;
         }
         Pumped::ClientFailed(e) => {
             tracing::warn!(error = %e, "upload body failed; the server takes a new upload");
-            let _ = tx
-                .send(Err(
-                    SourceError::new(ErrorKind::Network, e.clone()).into_io()
-                ))
+            tx.fail(SourceError::new(ErrorKind::Network, e.clone()))
                 .await;
         }
-        Pumped::PipelineStopped => {}
+        Pumped::PipelineStopped => drop(tx),
     }
-    drop(tx);
     if route.asynchronous && matches!(pumped, Pumped::Complete(_)) {
         // CDI: 200 once the body is in; the rest happens in the background and a failure
         // there ends the process with exit 1.
@@ -326,18 +315,14 @@ enum Pumped {
     PipelineStopped,
 }
 
-async fn send(tx: &mpsc::Sender<std::io::Result<Chunk>>, b: Bytes) -> bool {
-    tx.send(Ok(Chunk::Data(b))).await.is_ok()
-}
-
-async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>) -> Pumped {
+async fn pump_raw(mut body: Incoming, tx: &ChunkSender) -> Pumped {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Ok(data) = f.into_data() {
                     n += data.len() as u64;
-                    if !send(tx, data).await {
+                    if tx.data(data).await.is_err() {
                         linger_body(body);
                         return Pumped::PipelineStopped;
                     }
@@ -352,11 +337,7 @@ async fn pump_raw(mut body: Incoming, tx: &mpsc::Sender<std::io::Result<Chunk>>)
 }
 
 /// Skips form parts until the one named `file` (CDI's rule) and streams it.
-async fn pump_form(
-    body: Incoming,
-    boundary: String,
-    tx: &mpsc::Sender<std::io::Result<Chunk>>,
-) -> Pumped {
+async fn pump_form(body: Incoming, boundary: String, tx: &ChunkSender) -> Pumped {
     let stream = BodyStream::new(body).filter_map(|f| async move {
         match f {
             Ok(frame) => frame.into_data().ok().map(Ok),
@@ -379,7 +360,7 @@ async fn pump_form(
             match field.chunk().await {
                 Ok(Some(data)) => {
                     n += data.len() as u64;
-                    if !send(tx, data).await {
+                    if tx.data(data).await.is_err() {
                         // Linger: read the rest of the form while the answer goes out.
                         drop(field);
                         linger_with(async move {
