@@ -12,10 +12,11 @@ pub mod checksum;
 pub mod decode;
 pub mod error;
 pub mod format;
-pub mod listen;
 pub mod pipeline;
 pub mod progress;
 pub mod resume;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod sink;
 pub mod sniff;
 pub mod stream;

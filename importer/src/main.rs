@@ -11,13 +11,13 @@ mod metrics;
 mod report;
 mod serve_disk;
 mod sources;
-mod tls;
 mod upload;
 
 use clap::Parser;
 use cli::{Cli, Command};
 use ferrydisk_common::cdi::termination;
 use ferrydisk_common::progress::Progress;
+use ferrydisk_common::serve::process;
 use ferrydisk_common::ErrorKind;
 use std::io::IsTerminal;
 use std::path::Path;
@@ -33,7 +33,7 @@ fn main() {
         Command::UploadServer(a) => a.volume.verbosity,
         Command::ServeDisk(_) => 0,
     };
-    init_logging(verbosity);
+    process::init_logging(verbosity);
     let termination_log = match &cli.command {
         Command::Import(a) => Some(a.volume.termination_log.clone()),
         Command::UploadServer(a) => Some(a.volume.termination_log.clone()),
@@ -42,18 +42,9 @@ fn main() {
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
     // reqwest takes the process default instead of bringing a second crypto library).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("starting runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    ferrydisk_common::serve::tls::install_default_provider();
+    // Two workers: the network side is a few sockets; decoding runs on blocking threads.
+    let runtime = process::runtime(Some(2));
     let code = match cli.command {
         Command::Import(args) => runtime.block_on(run(*args)),
         Command::UploadServer(args) => runtime.block_on(upload::run(*args)),
@@ -149,23 +140,5 @@ fn finish(
             }
             code
         }
-    }
-}
-
-fn init_logging(verbosity: u8) {
-    use tracing_subscriber::EnvFilter;
-    let level = if verbosity >= 3 { "debug" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.compact().init();
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
     }
 }

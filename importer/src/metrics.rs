@@ -1,12 +1,11 @@
 //! The progress metric over HTTPS with a fresh self-signed certificate, as CDI serves
 //! it (contract section 1.10): every path answers with the exposition.
 
-use ferrydisk_common::listen;
 use ferrydisk_common::progress::{prometheus_text, Progress};
+use ferrydisk_common::serve::{conn, listen, tls};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -17,11 +16,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, tokio_rustls
         "localhost".to_string(),
     ])?;
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)?;
+    let config = tls::server_config_der(vec![ck.cert.der().clone()], key, Default::default())?;
     let listener = TcpListener::bind(addr).await?;
     Ok((listener, tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
@@ -37,27 +32,17 @@ pub async fn serve(
     let mut listener = listen::GuardedListener::new(listener, 16);
     loop {
         let (tcp, permit) = listener.accept().await;
-        let acceptor = acceptor.clone();
         let progress = progress.clone();
         let owner_uid = owner_uid.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(tls) = listen::with_handshake_timeout(acceptor.accept(tcp)).await else {
-                return;
-            };
-            let svc = service_fn(move |_req| {
+        conn::spawn(acceptor.clone(), tcp, permit, None, move |_| {
+            service_fn(move |_req| {
                 let body = prometheus_text(&owner_uid, progress.percent());
                 async move {
                     hyper::Response::builder()
                         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                         .body(Full::new(Bytes::from(body)))
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(listen::header_timeout())
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
+            })
         });
     }
 }

@@ -89,7 +89,7 @@ pub async fn run(args: ServeArgs) -> i32 {
     tracing::info!(disk = %disk.display(), port = args.port, "serving the disk");
     let disk = Arc::new(disk);
     let name: Arc<str> = name.into();
-    let mut listener = ferrydisk_common::listen::GuardedListener::new(listener, 64);
+    let mut listener = ferrydisk_common::serve::listen::GuardedListener::new(listener, 64);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -99,7 +99,7 @@ pub async fn run(args: ServeArgs) -> i32 {
                 let svc = hyper::service::service_fn(move |req| serve(disk.clone(), name.clone(), req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(ferrydisk_common::listen::header_timeout())
+                    .header_read_timeout(ferrydisk_common::serve::listen::header_timeout())
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
                 let watcher = graceful.watcher();
                 tokio::spawn(async move { let _permit = permit; let _ = watcher.watch(conn).await; });

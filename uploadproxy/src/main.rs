@@ -9,8 +9,7 @@ mod upstream;
 use anyhow::Context;
 use axum::routing::any;
 use clap::Parser;
-use ferrydisk_common::listen;
-use std::io::IsTerminal;
+use ferrydisk_common::serve::{conn, listen, process, tls};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -126,22 +125,14 @@ fn main() {
     let args = Args::parse_from(ferrydisk_common::cdi::klog::strip_output_flags(
         std::env::args_os().collect(),
     ));
-    init_logging(args.verbosity);
+    process::init_logging(args.verbosity);
     // No termination-log flag here: the container's default path, if writable.
     ferrydisk_common::cdi::termination::install_panic_hook(
         Some("/dev/termination-log".into()),
         "uploadproxy: ",
     );
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("starting runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    tls::install_default_provider();
+    let rt = process::runtime(None);
     if let Err(e) = rt.block_on(run(args)) {
         tracing::error!(error = %format!("{e:#}"), "uploadproxy failed");
         std::process::exit(1);
@@ -231,25 +222,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// TLS accept loop; on SIGTERM/SIGINT stops accepting and lets running uploads finish.
 async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = rustls_pemfile::certs(
-        &mut &std::fs::read(&args.server_cert)
-            .with_context(|| format!("reading {}", args.server_cert.display()))?[..],
-    )
-    .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(
-        &mut &std::fs::read(&args.server_key)
-            .with_context(|| format!("reading {}", args.server_key.display()))?[..],
-    )?
-    .context("no private key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
     // HTTP/1.1 only: an upload is one long body, HTTP/2 flow control only slows it, and
     // curl (7.88) reports an early refusal on HTTP/2 as a framing error instead of the
     // status we send.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = tls::server_config(
+        &args.server_cert,
+        &args.server_key,
+        tls::ServerTls {
+            http11_only: true,
+            ..Default::default()
+        },
+    )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     listen::raise_nofile_limit();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -262,23 +245,9 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             (tcp, permit) = listener.accept() => {
-                let acceptor = acceptor.clone();
-                let svc = hyper_util::service::TowerToHyperService::new(router.clone());
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let tls = match listen::with_handshake_timeout(acceptor.accept(tcp)).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(listen::header_timeout())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-                    let _ = watcher.watch(conn).await;
+                let router = router.clone();
+                conn::spawn(acceptor.clone(), tcp, permit, Some(graceful.watcher()), move |_| {
+                    hyper_util::service::TowerToHyperService::new(router)
                 });
             }
             _ = term.recv() => break,
@@ -293,18 +262,4 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
-}
-
-fn init_logging(verbosity: u8) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(if verbosity >= 3 { "debug" } else { "info" }));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        b.compact().init();
-    } else {
-        b.json().flatten_event(true).with_current_span(false).init();
-    }
 }

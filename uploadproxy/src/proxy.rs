@@ -7,7 +7,8 @@ use crate::upstream;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use futures_util::{StreamExt, TryStreamExt};
+use ferrydisk_common::serve::linger;
+use http_body_util::BodyExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,21 +122,7 @@ pub async fn with_path_token(
 /// still sending for a bounded while (a "lingering close"): closing with unread data
 /// makes the kernel send a reset that can destroy the answer before the client reads it.
 fn linger(req: Request<Body>) {
-    tokio::spawn(drain(req.into_body().into_data_stream()));
-}
-
-/// Reads and drops what is left of a body, at most 256 MiB or 5 s.
-async fn drain(mut stream: axum::body::BodyDataStream) {
-    let mut n = 0usize;
-    let read = async {
-        while let Ok(Some(chunk)) = stream.try_next().await {
-            n += chunk.len();
-            if n > 256 << 20 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    linger::body(req.into_body());
 }
 
 /// The client's body as the upstream request's body, through a small channel filled by
@@ -149,15 +136,23 @@ fn feed(
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, axum::Error>>(8);
     tokio::spawn(async move {
-        let mut stream = body.into_data_stream();
-        while let Some(item) = stream.next().await {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let item = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(b) => Ok(b),
+                    Err(_) => continue, // trailers
+                },
+                Err(e) => Err(e),
+            };
             if let Ok(b) = &item {
                 counter.fetch_add(b.len() as u64, Ordering::Relaxed);
             }
             let failed = item.is_err();
             if tx.send(item).await.is_err() {
                 // The upstream stopped reading: linger on the client's side.
-                return drain(stream).await;
+                linger::body(body);
+                return;
             }
             if failed {
                 return;
@@ -259,13 +254,7 @@ async fn forward(
                     })
             }
             Err(e) => {
-                let mut m = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    m.push_str(": ");
-                    m.push_str(&s.to_string());
-                    src = s.source();
-                }
+                let m = ferrydisk_common::error::chain_line(&e);
                 text(
                     StatusCode::BAD_GATEWAY,
                     format!("error in upload-proxy: {m}"),

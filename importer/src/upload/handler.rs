@@ -6,15 +6,14 @@ use crate::failure::Failure;
 use bytes::Bytes;
 use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::error::SourceError;
-use ferrydisk_common::listen;
 use ferrydisk_common::progress::Progress;
+use ferrydisk_common::serve::{conn, linger, tls};
 use ferrydisk_common::stream::ChunkSender;
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, BodyStream, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -52,67 +51,23 @@ pub fn spawn_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     permit: tokio::sync::OwnedSemaphorePermit,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let watcher = graceful.watcher();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let tls = match listen::with_handshake_timeout(acceptor.accept(tcp)).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-        };
+    conn::spawn(acceptor, tcp, permit, Some(watcher), move |tls| {
         // Verified by rustls against CLIENT_CERT_FILE when present.
-        let peer_cns: Option<Arc<Vec<String>>> = tls.get_ref().1.peer_certificates().map(|certs| {
-            Arc::new(
-                certs
-                    .iter()
-                    .flat_map(|c| crate::tls::common_names(c))
-                    .collect(),
-            )
-        });
-        let svc =
-            hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(listen::header_timeout())
-            .serve_connection(TokioIo::new(tls), svc);
-        let _ = watcher.watch(conn).await;
+        let peer_cns: Option<Arc<Vec<String>>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|certs| Arc::new(certs.iter().flat_map(|c| tls::common_names(c)).collect()));
+        hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req))
     });
 }
 
 type Resp = Response<Full<Bytes>>;
 
-/// Refusing early: answer at once, and keep reading (and dropping) what the client is
-/// still sending for a little while (a "lingering close"). Closing a socket with unread
-/// data makes the kernel send a reset, which can destroy our answer before the client
-/// reads it. Bounded in time and bytes, so a refused 10 GB upload costs at most that.
 fn linger(req: Request<Incoming>) {
-    linger_body(req.into_body());
-}
-
-fn linger_body(mut body: Incoming) {
-    linger_with(async move {
-        let mut n = 0usize;
-        while let Some(Ok(frame)) = body.frame().await {
-            n += frame.data_ref().map_or(0, |d| d.len());
-            if n > LINGER_BYTES {
-                break;
-            }
-        }
-    });
-}
-
-/// What a lingering close reads at most.
-const LINGER_BYTES: usize = 256 << 20;
-
-/// Runs a body-draining future for at most a few seconds, beside the answer.
-fn linger_with(drain: impl std::future::Future<Output = ()> + Send + 'static) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
-    });
+    linger::body(req.into_body());
 }
 
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Result<Resp, Infallible> {
@@ -323,7 +278,7 @@ async fn pump_raw(mut body: Incoming, tx: &ChunkSender) -> Pumped {
                 if let Ok(data) = f.into_data() {
                     n += data.len() as u64;
                     if tx.data(data).await.is_err() {
-                        linger_body(body);
+                        linger::body(body);
                         return Pumped::PipelineStopped;
                     }
                 }
@@ -363,7 +318,7 @@ async fn pump_form(body: Incoming, boundary: String, tx: &ChunkSender) -> Pumped
                     if tx.data(data).await.is_err() {
                         // Linger: read the rest of the form while the answer goes out.
                         drop(field);
-                        linger_with(async move {
+                        linger::with(async move {
                             while let Ok(Some(mut f)) = form.next_field().await {
                                 while let Ok(Some(_)) = f.chunk().await {}
                             }

@@ -9,7 +9,8 @@ use crate::destination::Destination;
 use crate::disk::{DiskPlan, DiskRequest, Parsing};
 use crate::failure::Failure;
 use ferrydisk_common::cdi::termination::TerminationMessage;
-use ferrydisk_common::listen::{GuardedListener, MAX_CONNECTIONS};
+use ferrydisk_common::serve::listen::{GuardedListener, MAX_CONNECTIONS};
+use ferrydisk_common::serve::tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -82,15 +83,18 @@ pub async fn run(args: UploadArgs) -> i32 {
         },
     };
     let client_ca = (!args.no_client_auth).then_some(args.client_ca.as_path());
-    let config = match crate::tls::server_config(
+    let config = match tls::server_config(
         &args.tls_cert,
         &args.tls_key,
-        client_ca,
-        &args.tls_min_version,
+        tls::ServerTls {
+            client_ca,
+            min_version: &args.tls_min_version,
+            http11_only: false,
+        },
     ) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "invalid TLS config");
+            tracing::error!(error = %e, "invalid TLS config");
             return 1;
         }
     };
@@ -111,7 +115,7 @@ pub async fn run(args: UploadArgs) -> i32 {
             return 1;
         }
     };
-    ferrydisk_common::listen::raise_nofile_limit();
+    ferrydisk_common::serve::listen::raise_nofile_limit();
     let mut listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => GuardedListener::new(l, MAX_CONNECTIONS),
         Err(e) => {
@@ -139,7 +143,7 @@ pub async fn run(args: UploadArgs) -> i32 {
     let outcome: Result<TerminationMessage, String> = loop {
         tokio::select! {
             (tcp, permit) = listener.accept() => {
-                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, permit, &graceful);
+                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, permit, graceful.watcher());
             }
             _ = done_rx.changed() => {
                 if let Some(result) = done_rx.borrow().clone() {

@@ -112,14 +112,6 @@ impl<'r> HostReader<'r> {
         result
     }
 
-    /// Reads to the end of the stream (the caller's digest covers every byte).
-    pub fn drain(&mut self) -> Result<u64, FormatError> {
-        self.stop_retaining()?;
-        let n = io::copy(&mut self.r, &mut io::sink()).map_err(|e| self.read_error(e))?;
-        self.pos += n;
-        Ok(self.pos)
-    }
-
     fn fill(&mut self, buf: &mut [u8]) -> Result<(), FormatError> {
         let n = crate::stream::read_full(self.r, buf).map_err(|e| self.read_error(e))?;
         let start = self.pos;
