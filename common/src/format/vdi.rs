@@ -5,11 +5,13 @@
 //! VirtualBox and qemu-img both write the map before the data, so the image streams.
 //! The checks mirror qemu's vdi driver: what qemu refuses, we refuse.
 
-use super::contract::{check_size, le32, le64, FormatError, ImageInfo, StreamOptions};
+use super::contract::{check_size, FormatError, ImageInfo, StreamOptions};
 use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
 use crate::sniff::Format;
 use std::io::Read;
+use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const SIGNATURE: u32 = 0xbeda_107f;
 const VERSION_1_1: u32 = 0x0001_0001;
@@ -20,6 +22,39 @@ const BLOCK_SIZE: u32 = 1 << 20;
 /// discarded (both read as zeros).
 const FIRST_UNSTORED: u32 = 0xffff_fffe;
 const F: Format = Format::Vdi;
+
+/// The header as VirtualBox writes it (`VDIHEADER1PLUS` after the 64-byte text
+/// pre-header), little-endian; what we need ends with the parent UUID at 0x1c8.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDisk {
+    text: [u8; 64],
+    signature: U32,
+    version: U32,
+    header_size: U32,
+    image_type: U32,
+    flags: U32,
+    comment: [u8; 256],
+    offset_bmap: U32,
+    offset_data: U32,
+    cylinders: U32,
+    heads: U32,
+    sectors: U32,
+    sector_size: U32,
+    unused: U32,
+    disk_size: U64,
+    block_size: U32,
+    block_extra: U32,
+    blocks_in_image: U32,
+    blocks_allocated: U32,
+    uuid_create: [u8; 16],
+    uuid_modify: [u8; 16],
+    /// The parent's UUIDs: a non-null one names a parent image.
+    uuid_link: [u8; 16],
+    uuid_parent: [u8; 16],
+}
+
+const _: () = assert!(std::mem::size_of::<OnDisk>() == 0x1c8);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -33,28 +68,27 @@ pub struct Header {
 impl Header {
     /// Parses and checks the first 512 bytes.
     pub fn parse(h: &[u8]) -> Result<Header, FormatError> {
-        if h.len() < 0x1c8 {
-            return Err(FormatError::corrupt(F, "header is shorter than 456 bytes"));
-        }
-        if le32(h, 0x40) != SIGNATURE {
+        let (h, _) = OnDisk::ref_from_prefix(h)
+            .map_err(|_| FormatError::corrupt(F, "header is shorter than 456 bytes"))?;
+        if h.signature.get() != SIGNATURE {
             return Err(FormatError::corrupt(F, "bad signature"));
         }
-        let version = le32(h, 0x44);
+        let version = h.version.get();
         if version != VERSION_1_1 {
             return Err(FormatError::unsupported(
                 F,
                 format!("version {}.{}", version >> 16, version & 0xffff),
             ));
         }
-        let image_type = le32(h, 0x4c);
+        let image_type = h.image_type.get();
         match image_type {
             TYPE_DYNAMIC | TYPE_FIXED => {}
             3 => return Err(FormatError::external(F, "an undo image of a parent")),
             4 => return Err(FormatError::external(F, "a differencing image of a parent")),
             t => return Err(FormatError::unsupported(F, format!("image type {t}"))),
         }
-        let offset_bmap = u64::from(le32(h, 0x154));
-        let offset_data = u64::from(le32(h, 0x158));
+        let offset_bmap = u64::from(h.offset_bmap.get());
+        let offset_data = u64::from(h.offset_data.get());
         if !offset_bmap.is_multiple_of(512) || !offset_data.is_multiple_of(512) || offset_bmap < 512
         {
             return Err(FormatError::corrupt(
@@ -62,29 +96,29 @@ impl Header {
                 format!("block map at {offset_bmap} or data at {offset_data} is misplaced"),
             ));
         }
-        let sector_size = le32(h, 0x168);
+        let sector_size = h.sector_size.get();
         if sector_size != 512 {
             return Err(FormatError::unsupported(
                 F,
                 format!("sector size {sector_size}"),
             ));
         }
-        let disk_size = le64(h, 0x170);
-        let block_size = le32(h, 0x178);
+        let disk_size = h.disk_size.get();
+        let block_size = h.block_size.get();
         if block_size != BLOCK_SIZE {
             return Err(FormatError::unsupported(
                 F,
                 format!("block size {block_size}"),
             ));
         }
-        let block_extra = le32(h, 0x17c);
+        let block_extra = h.block_extra.get();
         if block_extra != 0 {
             return Err(FormatError::unsupported(
                 F,
                 format!("block_extra {block_extra}"),
             ));
         }
-        let blocks_in_image = le32(h, 0x180);
+        let blocks_in_image = h.blocks_in_image.get();
         if disk_size > u64::from(blocks_in_image) * u64::from(BLOCK_SIZE) {
             return Err(FormatError::corrupt(
                 F,
@@ -92,7 +126,7 @@ impl Header {
             ));
         }
         // uuid_link and uuid_parent: a non-null one names a parent image.
-        if h[0x1a8..0x1c8].iter().any(|&b| b != 0) {
+        if h.uuid_link.iter().chain(&h.uuid_parent).any(|&b| b != 0) {
             return Err(FormatError::external(
                 F,
                 "a parent image (link/parent UUID)",
@@ -144,12 +178,12 @@ pub fn convert(
     let used = h.blocks_used();
     // 4 bytes per 1 MiB block: 64 MiB maps 16 TiB.
     check_table(F, "block map", used * 4, 64 << 20)?;
-    let mut map = vec![0u8; (used * 4) as usize];
-    rd.read_at(h.offset_bmap, &mut map)?;
+    let mut map = vec![U32::ZERO; used as usize];
+    rd.read_at(h.offset_bmap, map.as_mut_bytes())?;
     rd.stop_retaining()?;
     let mut extents = Vec::new();
-    for (i, e) in map.chunks_exact(4).enumerate() {
-        let e = le32(e, 0);
+    for (i, e) in map.iter().enumerate() {
+        let e = e.get();
         if e >= FIRST_UNSTORED {
             continue;
         }

@@ -9,11 +9,13 @@
 //! refused. The virtual size follows qemu's rule (CHS geometry or the footer's size,
 //! by creator application), so our output matches `qemu-img convert -f vpc`.
 
-use super::contract::{be16, be32, be64, check_size, FormatError, ImageInfo, StreamOptions};
+use super::contract::{check_size, FormatError, ImageInfo, StreamOptions};
 use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
 use crate::sniff::Format;
 use std::io::{self, Read};
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const F: Format = Format::Vpc;
 const TYPE_FIXED: u32 = 2;
@@ -21,6 +23,48 @@ const TYPE_DYNAMIC: u32 = 3;
 const TYPE_DIFFERENCING: u32 = 4;
 const MAX_GEOMETRY: u64 = 65535 * 16 * 255;
 const UNALLOCATED: u32 = 0xffff_ffff;
+
+/// The hard disk footer (VHD specification, "Hard Disk Footer Format"), big-endian.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskFooter {
+    cookie: [u8; 8],
+    features: U32,
+    version: U32,
+    data_offset: U64,
+    timestamp: U32,
+    creator_app: [u8; 4],
+    creator_version: U32,
+    creator_os: U32,
+    original_size: U64,
+    current_size: U64,
+    cylinders: U16,
+    heads: u8,
+    sectors: u8,
+    disk_type: U32,
+    checksum: U32,
+    uuid: [u8; 16],
+    saved_state: u8,
+    reserved: [u8; 427],
+}
+
+/// The dynamic disk header ("Dynamic Disk Header Format"), big-endian; what follows
+/// the block size (parent UUID, name and locators) only matters to differencing disks,
+/// which are refused by the footer's disk type.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskDynamic {
+    cookie: [u8; 8],
+    data_offset: U64,
+    table_offset: U64,
+    header_version: U32,
+    max_table_entries: U32,
+    block_size: U32,
+    checksum: U32,
+}
+
+const _: () = assert!(std::mem::size_of::<OnDiskFooter>() == 512);
+const _: () = assert!(std::mem::size_of::<OnDiskDynamic>() == 40);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footer {
@@ -33,19 +77,21 @@ pub struct Footer {
 
 impl Footer {
     pub fn parse(b: &[u8]) -> Result<Footer, FormatError> {
-        if b.len() < 512 || &b[..8] != b"conectix" {
-            return Err(FormatError::corrupt(F, "no footer cookie"));
+        let no_cookie = || FormatError::corrupt(F, "no footer cookie");
+        let (f, _) = OnDiskFooter::ref_from_prefix(b).map_err(|_| no_cookie())?;
+        if &f.cookie != b"conectix" {
+            return Err(no_cookie());
         }
-        let stored = be32(b, 64);
-        let sum = b[..512]
+        // The one's complement of the byte sum, the checksum field counted as zero.
+        let sum = f
+            .as_bytes()
             .iter()
-            .enumerate()
-            .filter(|(i, _)| !(64..68).contains(i))
-            .fold(0u32, |s, (_, &x)| s.wrapping_add(u32::from(x)));
-        if !sum != stored && !cfg!(fuzzing) {
+            .fold(0u32, |s, &x| s.wrapping_add(u32::from(x)))
+            .wrapping_sub(f.checksum.as_bytes().iter().map(|&x| u32::from(x)).sum());
+        if !sum != f.checksum.get() && !cfg!(fuzzing) {
             return Err(FormatError::corrupt(F, "footer checksum mismatch"));
         }
-        let disk_type = be32(b, 60);
+        let disk_type = f.disk_type.get();
         match disk_type {
             TYPE_FIXED | TYPE_DYNAMIC => {}
             TYPE_DIFFERENCING => {
@@ -53,13 +99,12 @@ impl Footer {
             }
             t => return Err(FormatError::unsupported(F, format!("disk type {t}"))),
         }
-        let current_size = be64(b, 48);
-        let chs = u64::from(be16(b, 56)) * u64::from(b[58]) * u64::from(b[59]);
+        let current_size = f.current_size.get();
+        let chs = u64::from(f.cylinders.get()) * u64::from(f.heads) * u64::from(f.sectors);
         // qemu: Virtual PC (and old qemu) size disks by CHS geometry; Hyper-V, disk2vhd,
         // XenServer and qemu's own "qem2" by the footer's current size; a maximal
         // geometry means the real size did not fit in CHS.
-        let creator = &b[28..32];
-        let by_size = [&b"win "[..], b"qem2", b"d2v ", b"CTXS", b"tap\0"].contains(&creator);
+        let by_size = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"].contains(&&f.creator_app);
         let sectors = if by_size || chs == MAX_GEOMETRY {
             current_size / 512
         } else {
@@ -67,7 +112,7 @@ impl Footer {
         };
         Ok(Footer {
             disk_type,
-            data_offset: be64(b, 16),
+            data_offset: f.data_offset.get(),
             current_size,
             virtual_size: sectors * 512,
         })
@@ -99,14 +144,14 @@ pub fn convert(
             format!("dynamic header offset {}", footer.data_offset),
         ));
     }
-    let mut dynh = vec![0u8; 1024];
-    rd.read_at(footer.data_offset, &mut dynh)?;
-    if &dynh[..8] != b"cxsparse" {
+    let mut dynh = OnDiskDynamic::new_zeroed();
+    rd.read_at(footer.data_offset, dynh.as_mut_bytes())?;
+    if &dynh.cookie != b"cxsparse" {
         return Err(FormatError::corrupt(F, "no dynamic header cookie"));
     }
-    let table_offset = be64(&dynh, 16);
-    let max_entries = u64::from(be32(&dynh, 28));
-    let block_size = u64::from(be32(&dynh, 32));
+    let table_offset = dynh.table_offset.get();
+    let max_entries = u64::from(dynh.max_table_entries.get());
+    let block_size = u64::from(dynh.block_size.get());
     if !block_size.is_power_of_two() || block_size < 512 {
         return Err(FormatError::corrupt(F, format!("block size {block_size}")));
     }
@@ -120,8 +165,8 @@ pub fn convert(
     let used = size.div_ceil(block_size);
     // 4 bytes per block (2 MiB as tools write them): 8 MiB maps 4 TiB, twice what VHD allows.
     check_table(F, "block allocation table", used * 4, 8 << 20)?;
-    let mut bat = vec![0u8; (used * 4) as usize];
-    rd.read_at(table_offset, &mut bat)?;
+    let mut bat = vec![U32::ZERO; used as usize];
+    rd.read_at(table_offset, bat.as_mut_bytes())?;
     rd.stop_retaining()?;
     // Each block starts with its sector bitmap (one bit per sector, padded to a sector).
     // qemu reads allocated blocks whole and ignores the bitmap; so do we. Its size is
@@ -129,8 +174,8 @@ pub fn convert(
     // from 4 KiB blocks up and is 0 below (qemu-img's output is the oracle).
     let bitmap = (block_size / 4096 + 511) & !511;
     let mut extents = Vec::new();
-    for (i, e) in bat.chunks_exact(4).enumerate() {
-        let e = be32(e, 0);
+    for (i, e) in bat.iter().enumerate() {
+        let e = e.get();
         if e == UNALLOCATED {
             continue;
         }

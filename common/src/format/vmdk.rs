@@ -8,13 +8,15 @@
 //! Descriptor-only VMDKs (monolithicFlat, split extents) and images with a parent name
 //! other files and are refused. Checks mirror qemu's vmdk driver.
 
-use super::contract::{check_size, le16, le32, le64, FormatError, ImageInfo, StreamOptions};
+use super::contract::{check_size, FormatError, ImageInfo, StreamOptions};
 use super::forward::decode_pool::{DecodePool, Done, Job};
 use super::forward::hostread::{check_table, copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
 use crate::sniff::Format;
 use std::io::Read;
 use std::sync::Arc;
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 const F: Format = Format::Vmdk;
 const MAGIC: &[u8; 4] = b"KDMV";
@@ -32,6 +34,39 @@ const MARKER_EOS: u32 = 0;
 const MARKER_GT: u32 = 1;
 const MARKER_GD: u32 = 2;
 const MARKER_FOOTER: u32 = 3;
+
+/// `SparseExtentHeader` (VMware's Virtual Disk Format 1.1), little-endian, packed.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskHeader {
+    magic: [u8; 4],
+    version: U32,
+    flags: U32,
+    capacity: U64,
+    grain_size: U64,
+    descriptor_offset: U64,
+    descriptor_size: U64,
+    num_gtes_per_gt: U32,
+    rgd_offset: U64,
+    gd_offset: U64,
+    overhead: U64,
+    unclean_shutdown: u8,
+    line_chars: [u8; 4],
+    compress_algorithm: U16,
+    pad: [u8; 433],
+}
+
+/// A streamOptimized marker: a grain (`size` > 0, compressed bytes follow) or, with
+/// `size` 0, metadata of `kind` whose `lba` sectors follow.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskMarker {
+    lba: U64,
+    size: U32,
+    kind: U32,
+}
+
+const _: () = assert!(std::mem::size_of::<OnDiskHeader>() == 512);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -51,7 +86,8 @@ pub struct Header {
 
 impl Header {
     pub fn parse(b: &[u8]) -> Result<Header, FormatError> {
-        if b.len() < 512 || &b[..4] != MAGIC {
+        let raw = OnDiskHeader::ref_from_prefix(b).ok().map(|(h, _)| h);
+        let Some(raw) = raw.filter(|h| &h.magic == MAGIC) else {
             if b.starts_with(b"# Disk DescriptorFile") || crate::sniff::is_vmdk_descriptor(b) {
                 return Err(FormatError::external(
                     F,
@@ -59,18 +95,18 @@ impl Header {
                 ));
             }
             return Err(FormatError::corrupt(F, "no sparse extent header"));
-        }
+        };
         let h = Header {
-            version: le32(b, 4),
-            flags: le32(b, 8),
-            capacity: le64(b, 12),
-            grain: le64(b, 20),
-            descriptor_offset: le64(b, 28),
-            descriptor_size: le64(b, 36),
-            gtes_per_gt: le32(b, 44),
-            gd_offset: le64(b, 56),
-            overhead: le64(b, 64),
-            compress: le16(b, 77),
+            version: raw.version.get(),
+            flags: raw.flags.get(),
+            capacity: raw.capacity.get(),
+            grain: raw.grain_size.get(),
+            descriptor_offset: raw.descriptor_offset.get(),
+            descriptor_size: raw.descriptor_size.get(),
+            gtes_per_gt: raw.num_gtes_per_gt.get(),
+            gd_offset: raw.gd_offset.get(),
+            overhead: raw.overhead.get(),
+            compress: raw.compress_algorithm.get(),
         };
         if !(1..=3).contains(&h.version) {
             return Err(FormatError::unsupported(
@@ -220,23 +256,23 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
     // 4 bytes per grain table (32 MiB of disk with the usual 512 x 64 KiB): 4 MiB maps
     // 32 PiB, and bounds what odd grain sizes can make us allocate.
     check_table(F, "grain directory", gts * 4, 4 << 20)?;
-    let mut gd = vec![0u8; (gts * 4) as usize];
-    rd.read_at(h.gd_offset.saturating_mul(512), &mut gd)?;
+    let mut gd = vec![U32::ZERO; gts as usize];
+    rd.read_at(h.gd_offset.saturating_mul(512), gd.as_mut_bytes())?;
     let mut tables: Vec<(u64, u64)> = gd
-        .chunks_exact(4)
+        .iter()
         .enumerate()
-        .map(|(i, e)| (u64::from(le32(e, 0)), i as u64))
+        .map(|(i, e)| (u64::from(e.get()), i as u64))
         .filter(|&(sector, _)| sector != 0)
         .collect();
     tables.sort_unstable();
     let gb = h.grain_bytes();
     let size = h.virtual_size();
-    let mut gt = vec![0u8; h.gtes_per_gt as usize * 4];
+    let mut gt = vec![U32::ZERO; h.gtes_per_gt as usize];
     let mut extents = Vec::new();
     for (sector, index) in tables {
-        rd.read_at(sector * 512, &mut gt)?;
-        for (j, e) in gt.chunks_exact(4).enumerate() {
-            let e = u64::from(le32(e, 0));
+        rd.read_at(sector * 512, gt.as_mut_bytes())?;
+        for (j, e) in gt.iter().enumerate() {
+            let e = u64::from(e.get());
             if e == 0 || (e == 1 && h.flags & FLAG_ZEROED_GRAIN_GTE != 0) {
                 continue;
             }
@@ -289,10 +325,12 @@ fn stream_markers(
     };
     loop {
         rd.read_at(at, &mut sector)?;
-        let lba = le64(&sector, 0);
-        let len = u64::from(le32(&sector, 8));
+        let (marker, _) = OnDiskMarker::ref_from_prefix(&sector[..])
+            .map_err(|_| FormatError::corrupt(F, "short marker"))?;
+        let lba = marker.lba.get();
+        let len = u64::from(marker.size.get());
         if len == 0 {
-            let kind = le32(&sector, 12);
+            let kind = marker.kind.get();
             match kind {
                 MARKER_EOS => break,
                 MARKER_GT | MARKER_GD | MARKER_FOOTER => {

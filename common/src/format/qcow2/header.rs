@@ -3,6 +3,74 @@
 //! anything that would make the converter read outside the image (a backing file, an
 //! external data file) or decrypt it is refused here, before a byte is written.
 
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// The version 2 header (qemu's docs/interop/qcow2.txt, bytes 0-71), big-endian.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskV2 {
+    magic: [u8; 4],
+    version: U32,
+    backing_file_offset: U64,
+    backing_file_size: U32,
+    cluster_bits: U32,
+    size: U64,
+    crypt_method: U32,
+    l1_size: U32,
+    l1_table_offset: U64,
+    refcount_table_offset: U64,
+    refcount_table_clusters: U32,
+    nb_snapshots: U32,
+    snapshots_offset: U64,
+}
+
+/// What version 3 adds (bytes 72-103); `compression_type` (byte 104) follows when
+/// `header_length` covers it.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskV3 {
+    incompatible_features: U64,
+    compatible_features: U64,
+    autoclear_features: U64,
+    refcount_order: U32,
+    header_length: U32,
+}
+
+/// A header extension's type and length; `length` bytes of data follow, padded to 8.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OnDiskExtension {
+    kind: U32,
+    length: U32,
+}
+
+/// An extended L2 entry: the cluster descriptor and its subcluster bitmap (32
+/// allocated bits, then 32 zero bits).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ExtendedL2Entry {
+    pub entry: U64,
+    pub bitmap: U64,
+}
+
+/// A table of big-endian 64-bit entries (L1, standard L2): whole entries only.
+pub fn u64_table(table: &[u8]) -> &[U64] {
+    <[U64]>::ref_from_prefix_with_elems(table, table.len() / 8)
+        .map(|(t, _)| t)
+        .unwrap_or(&[])
+}
+
+/// An extended L2 table: whole entries only.
+pub fn extended_l2_table(table: &[u8]) -> &[ExtendedL2Entry] {
+    <[ExtendedL2Entry]>::ref_from_prefix_with_elems(table, table.len() / 16)
+        .map(|(t, _)| t)
+        .unwrap_or(&[])
+}
+
+const _: () = assert!(std::mem::size_of::<OnDiskV2>() == 72);
+const _: () = assert!(std::mem::size_of::<OnDiskV3>() == 32);
+
 /// Incompatible feature bits (header offset 72, v3).
 pub mod incompat {
     pub const DIRTY: u64 = 1 << 0;
@@ -107,16 +175,6 @@ impl Qcow2Error {
     }
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_be_bytes(a)
-}
-
 impl Header {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -139,10 +197,9 @@ impl Header {
     /// The cluster size from the first bytes, to know how much of the image holds the
     /// header and its extensions (qemu keeps both in cluster 0).
     pub fn peek_cluster_bits(head: &[u8]) -> Result<u32, Qcow2Error> {
-        if head.len() < 72 {
-            return Err(Qcow2Error::ShortHeader(head.len()));
-        }
-        let bits = be32(head, 20);
+        let (v2, _) =
+            OnDiskV2::ref_from_prefix(head).map_err(|_| Qcow2Error::ShortHeader(head.len()))?;
+        let bits = v2.cluster_bits.get();
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
             return Err(Qcow2Error::Field {
                 field: "cluster_bits",
@@ -154,17 +211,19 @@ impl Header {
 
     /// Parses and validates the header from cluster 0 of the image.
     pub fn parse(c0: &[u8]) -> Result<Header, Qcow2Error> {
-        if c0.len() < 72 || &c0[..4] != b"QFI\xfb" {
-            return Err(Qcow2Error::ShortHeader(c0.len()));
+        let short = || Qcow2Error::ShortHeader(c0.len());
+        let (v2, rest) = OnDiskV2::ref_from_prefix(c0).map_err(|_| short())?;
+        if &v2.magic != b"QFI\xfb" {
+            return Err(short());
         }
-        let version = be32(c0, 4);
+        let version = v2.version.get();
         if version != 2 && version != 3 {
             return Err(Qcow2Error::Version(version));
         }
         let cluster_bits = Self::peek_cluster_bits(c0)?;
         let cs = 1u64 << cluster_bits;
-        let backing_file_offset = be64(c0, 8);
-        let backing_file_size = u64::from(be32(c0, 16));
+        let backing_file_offset = v2.backing_file_offset.get();
+        let backing_file_size = u64::from(v2.backing_file_size.get());
         if backing_file_offset != 0 {
             return Err(Qcow2Error::BackingFile(backing_name(
                 c0,
@@ -172,27 +231,25 @@ impl Header {
                 backing_file_size,
             )));
         }
-        let virtual_size = be64(c0, 24);
+        let virtual_size = v2.size.get();
         if virtual_size > MAX_VIRTUAL_SIZE {
             return Err(Qcow2Error::Field {
                 field: "size",
                 value: virtual_size,
             });
         }
-        let crypt_method = be32(c0, 32);
+        let crypt_method = v2.crypt_method.get();
         if crypt_method != 0 {
             return Err(Qcow2Error::Encrypted(crypt_method));
         }
-        let l1_size = be32(c0, 36);
-        let l1_table_offset = be64(c0, 40);
-        let refcount_table_offset = be64(c0, 48);
-        let refcount_table_clusters = be32(c0, 56);
-        let nb_snapshots = be32(c0, 60);
+        let l1_size = v2.l1_size.get();
+        let l1_table_offset = v2.l1_table_offset.get();
+        let refcount_table_offset = v2.refcount_table_offset.get();
+        let refcount_table_clusters = v2.refcount_table_clusters.get();
+        let nb_snapshots = v2.nb_snapshots.get();
         let (incompatible, header_length) = if version == 3 {
-            if c0.len() < 104 {
-                return Err(Qcow2Error::ShortHeader(c0.len()));
-            }
-            (be64(c0, 72), be32(c0, 100))
+            let (v3, _) = OnDiskV3::ref_from_prefix(rest).map_err(|_| short())?;
+            (v3.incompatible_features.get(), v3.header_length.get())
         } else {
             (0, 72)
         };
@@ -281,8 +338,10 @@ impl Header {
         let mut off = self.header_length as usize;
         let end = c0.len().min(self.cluster_size() as usize);
         while off + 8 <= end {
-            let kind = be32(c0, off);
-            let len = be32(c0, off + 4) as usize;
+            let (ext, _) = OnDiskExtension::ref_from_prefix(&c0[off..end])
+                .map_err(|_| Qcow2Error::Corrupt("header extension".into()))?;
+            let kind = ext.kind.get();
+            let len = ext.length.get() as usize;
             let data = off + 8;
             if kind == EXT_END {
                 return Ok(());

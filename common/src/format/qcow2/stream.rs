@@ -8,7 +8,7 @@
 //! scratch, and placed when its mapping appears. Once every L2 table is known nothing
 //! else needs holding: unreferenced clusters (refcounts, snapshots) are dropped at once.
 
-use super::header::{Compression, Header, Qcow2Error};
+use super::header::{extended_l2_table, u64_table, Compression, Header, Qcow2Error};
 use super::wanted::{Want, Wanted, MAX_ENTRIES};
 use crate::format::contract::{check_size, FormatError, ImageInfo, StreamOptions};
 use crate::format::forward::decode_pool::{DecodePool, Done, Job};
@@ -231,8 +231,8 @@ impl<'w> State<'w> {
 
     fn parse_l1(&mut self, table: &[u8]) -> Result<(), FormatError> {
         let coverage = self.h.l2_coverage();
-        for (i, e) in table.chunks_exact(8).enumerate() {
-            let off = be64(e) & L1_OFFSET_MASK;
+        for (i, e) in u64_table(table).iter().enumerate() {
+            let off = e.get() & L1_OFFSET_MASK;
             let guest_base = i as u64 * coverage;
             if off == 0 || guest_base >= self.h.virtual_size {
                 continue;
@@ -281,14 +281,22 @@ impl<'w> State<'w> {
             }
             .into());
         }
-        let es = self.h.l2_entry_size() as usize;
         let bits = self.h.cluster_bits;
-        for (j, e) in table.chunks_exact(es).enumerate() {
+        // (entry, subcluster bitmap): the bitmap only with extended L2.
+        let entries: Box<dyn Iterator<Item = (u64, u64)> + '_> = if self.h.extended_l2 {
+            Box::new(
+                extended_l2_table(table)
+                    .iter()
+                    .map(|e| (e.entry.get(), e.bitmap.get())),
+            )
+        } else {
+            Box::new(u64_table(table).iter().map(|e| (e.get(), 0)))
+        };
+        for (j, (entry, bitmap)) in entries.enumerate() {
             let guest = guest_base + j as u64 * self.cs;
             if guest >= self.h.virtual_size {
                 break;
             }
-            let entry = be64(&e[..8]);
             if entry & COMPRESSED != 0 {
                 let x = 62 - (bits - 8);
                 let host = entry & ((1u64 << x) - 1);
@@ -300,7 +308,6 @@ impl<'w> State<'w> {
             }
             let host = entry & L2_OFFSET_MASK;
             let mask = if self.h.extended_l2 {
-                let bitmap = be64(&e[8..16]);
                 let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
                 if alloc & zero != 0 {
                     return Err(corrupt(format!("L2 entry for guest offset {guest} marks subclusters both allocated and zero")));
@@ -683,12 +690,6 @@ fn decode_cluster(c: Compression, src: &[u8], out: &mut [u8]) -> io::Result<u64>
             Ok(frame as u64)
         }
     }
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 fn corrupt(m: String) -> FormatError {
