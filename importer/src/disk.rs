@@ -127,6 +127,22 @@ struct Disk {
     space: Option<FileSpace>,
 }
 
+/// Runs part of the write half on a blocking thread (decoders are synchronous and
+/// CPU-bound), inside the caller's span so its log lines name the import or upload.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Failure> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Failure::Process {
+                kind: ErrorKind::Io,
+                message: format!("pipeline thread failed: {e}"),
+            })
+        })
+}
+
 /// A local I/O failure; a full volume is `TooLarge` (by `io::ErrorKind`).
 pub fn io_fail(what: String, e: io::Error) -> Failure {
     Failure::Process {

@@ -3,7 +3,7 @@
 
 use crate::cli::{parse_go_bool, ImportArgs};
 use crate::destination::Destination;
-use crate::disk::{write_image, write_stream, DiskPlan, DiskRequest, Parsing};
+use crate::disk::{blocking, write_image, write_stream, DiskPlan, DiskRequest, Parsing};
 use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
 use crate::sources::{client, http, local_image, node, redact, registry};
@@ -14,6 +14,7 @@ use ferrydisk_common::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Settings parsed and checked before anything touches the network or the disk.
 pub struct Plan {
@@ -43,8 +44,21 @@ impl Plan {
     }
 }
 
-/// Runs the import; `Ok(None)` is a success that writes no termination message.
+/// Runs the import inside one span naming the source and the (redacted) endpoint;
+/// `Ok(None)` is a success that writes no termination message.
 pub async fn run(
+    plan: Plan,
+    progress: Arc<Progress>,
+) -> Result<Option<TerminationMessage>, Failure> {
+    let span = tracing::info_span!(
+        "import",
+        source = %plan.args.source,
+        endpoint = %redact::url(&plan.args.endpoint),
+    );
+    run_in_span(plan, progress).instrument(span).await
+}
+
+async fn run_in_span(
     plan: Plan,
     progress: Arc<Progress>,
 ) -> Result<Option<TerminationMessage>, Failure> {
@@ -74,13 +88,6 @@ pub async fn run(
         }
     }
     Ok(Some(msg))
-}
-
-fn blocking_failed(e: tokio::task::JoinError) -> Failure {
-    Failure::Process {
-        kind: ErrorKind::Io,
-        message: format!("pipeline thread failed: {e}"),
-    }
 }
 
 fn ca_dirs(a: &ImportArgs) -> Vec<PathBuf> {
@@ -140,10 +147,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         let content_length = download.content_length;
         let reader = download.reader;
         let (d, p) = (disk.clone(), progress.clone());
-        let result =
-            tokio::task::spawn_blocking(move || write_stream(&d, reader, content_length, p, None))
-                .await
-                .map_err(blocking_failed)?;
+        let result = blocking(move || write_stream(&d, reader, content_length, p, None)).await;
         match result {
             // The destination was emptied when the attempt failed; a new one rewrites it.
             Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < MAX_RESTARTS => {
@@ -191,11 +195,7 @@ async fn import_file(
     tracing::info!(source = "file", path = %path.display(), dest = %plan.disk.dest.path().display(), "starting import");
     let counter = progress.clone();
     let reader = CountingReader::new(file, move |n| counter.add_source(n));
-    tokio::task::spawn_blocking(move || {
-        write_stream(&plan.disk, reader, len, progress, Some(Arc::new(again)))
-    })
-    .await
-    .map_err(blocking_failed)?
+    blocking(move || write_stream(&plan.disk, reader, len, progress, Some(Arc::new(again)))).await
 }
 
 async fn import_registry(
@@ -231,7 +231,5 @@ async fn import_registry(
             Some(local) => Box::new(local),
             None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
         };
-    tokio::task::spawn_blocking(move || write_image(&plan.disk, image.as_ref(), progress))
-        .await
-        .map_err(blocking_failed)?
+    blocking(move || write_image(&plan.disk, image.as_ref(), progress)).await
 }

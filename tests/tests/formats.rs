@@ -7,10 +7,6 @@ use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn qemu_img(args: &[&str]) {
-    sh(Command::new("qemu-img").args(args));
-}
-
 /// (file, qemu format name)
 fn matrix(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let base = patterned_disk(dir);

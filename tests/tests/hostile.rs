@@ -8,14 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
-
-fn out_disk(dir: &Path) -> PathBuf {
-    dir.join("data/disk.img")
-}
-
 fn dense(dir: &Path, name: &str, seed: u64) -> PathBuf {
     dense_fixture_named(dir, name, seed)
 }

@@ -6,14 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tempdir")
-}
-
-fn out_disk(dir: &Path) -> PathBuf {
-    dir.join("data/disk.img")
-}
-
 /// `tool <flags> -c src > src.<ext>`
 fn compress(src: &Path, tool: &str, flags: &[&str], ext: &str) -> PathBuf {
     let out = src.with_extension(format!("raw.{ext}"));

@@ -7,10 +7,6 @@ use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn qemu_img(args: &[&str]) {
-    sh(Command::new("qemu-img").args(args));
-}
-
 fn qemu_io(img: &Path, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "qcow2"]);

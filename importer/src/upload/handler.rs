@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::sync::Arc;
+use tracing::Instrument;
 
 #[derive(Clone, Copy)]
 struct Route {
@@ -60,7 +61,10 @@ pub fn spawn_connection(
             .1
             .peer_certificates()
             .map(|certs| Arc::new(certs.iter().flat_map(|c| tls::common_names(c)).collect()));
-        hyper::service::service_fn(move |req| handle(server.clone(), peer_cns.clone(), req))
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let span = tracing::info_span!("upload", path = %req.uri().path());
+            handle(server.clone(), peer_cns.clone(), req).instrument(span)
+        })
     });
 }
 
@@ -174,9 +178,12 @@ async fn handle(
     let (tx, reader) = ferrydisk_common::stream::channel();
     let progress = Arc::new(Progress::default());
     let reporter = crate::report::spawn(progress.clone(), false);
-    let work = tokio::task::spawn_blocking(move || {
-        crate::disk::write_stream(&plan, reader, content_length, progress, None)
-    });
+    let work = tokio::spawn(
+        crate::disk::blocking(move || {
+            crate::disk::write_stream(&plan, reader, content_length, progress, None)
+        })
+        .in_current_span(),
+    );
     // When the pipeline refuses the data (too large for the volume, not an image) while
     // the client is still sending, both pumps keep reading while the answer goes out, so
     // the client sees our 400 instead of a reset.

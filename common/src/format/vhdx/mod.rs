@@ -16,7 +16,8 @@ use super::forward::hostread::{copy_extents, push_extent, Extent, HostReader};
 use crate::sink::SparseWriter;
 use std::io::Read;
 
-use header::{current_header, parse_metadata, parse_regions, F, KIB, MIB};
+pub use header::{crc32c, current_header, parse_metadata, parse_regions, Header, Metadata, Region};
+use header::{F, KIB, MIB};
 use zerocopy::byteorder::little_endian::U64;
 use zerocopy::FromBytes;
 
@@ -171,7 +172,7 @@ pub fn log_needs_replay(log: &[u8], guid: &[u8; 16]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::header::{crc32c, BAT_GUID};
+    use super::header::BAT_GUID;
     use super::*;
 
     #[test]
