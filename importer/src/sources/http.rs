@@ -133,6 +133,7 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
     let labels = Labels {
         what: format!("download of {shown}"),
         total: content_length,
+        interrupted: "connection lost, resuming",
     };
     let source = HttpSource {
         client,

@@ -412,6 +412,7 @@ impl Image {
         let labels = Labels {
             what: format!("failed to pull image: layer {}", desc.digest),
             total: u64::try_from(desc.size).ok(),
+            interrupted: "layer download interrupted, resuming",
         };
         let source = LayerSource {
             client: self.client.clone(),

@@ -70,6 +70,9 @@ pub struct Labels {
     /// `download of https://host/x` or `failed to pull image: layer sha256:..`.
     pub what: String,
     pub total: Option<u64>,
+    /// The log message of a resume (`connection lost, resuming`): what operators and
+    /// the tests search the log for.
+    pub interrupted: &'static str,
 }
 
 /// Runs the pump: reads `first` (or opens at byte 0 when there is none) and whatever
@@ -110,7 +113,7 @@ pub async fn run<S: Resumable>(
             return;
         }
         if failures > 0 {
-            tracing::warn!(source = %labels.what, offset, error = %failure, attempt = failures, "transfer interrupted, resuming");
+            tracing::warn!(source = %labels.what, offset, error = %failure, attempt = failures, "{}", labels.interrupted);
             tokio::time::sleep(backoff(failures - 1)).await;
         }
         match source.reopen(offset).await {
@@ -247,6 +250,7 @@ mod tests {
         let labels = Labels {
             what: "test".into(),
             total: Some(100),
+            interrupted: "connection lost, resuming",
         };
         tokio::spawn(run(src, first, policy(), labels, tx));
         tokio::task::spawn_blocking(move || {
@@ -283,6 +287,7 @@ mod tests {
         let labels = Labels {
             what: "download of x".into(),
             total: None,
+            interrupted: "connection lost, resuming",
         };
         tokio::spawn(run(Dead, first, p, labels, tx));
         let err = tokio::task::spawn_blocking(move || {
