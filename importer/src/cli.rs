@@ -27,11 +27,20 @@ pub enum Command {
     /// Serve a containerDisk's /disk on loopback for pullMethod node (CDI's
     /// cdi-containerimage-server; Go-style single-dash flags are accepted).
     ServeDisk(ServeArgs),
+    /// Print an image's virtual size to the termination message (CDI's
+    /// cdi-image-size-detection, run by the clone controller; Go-style flags accepted).
+    SizeDetection(SizeArgs),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
 /// (CDI starts the container with only `-v=<n>`).
-pub const SUBCOMMANDS: &[&str] = &["import", "upload-server", "serve-disk", "help"];
+pub const SUBCOMMANDS: &[&str] = &[
+    "import",
+    "upload-server",
+    "serve-disk",
+    "size-detection",
+    "help",
+];
 
 /// CDI's binary names, for images that link them to this binary: the subcommand each
 /// one means when the program is started under that name.
@@ -39,6 +48,7 @@ const ARGV0: &[(&str, &str)] = &[
     ("cdi-uploadserver", "upload-server"),
     ("cdi-importer", "import"),
     ("cdi-containerimage-server", "serve-disk"),
+    ("cdi-image-size-detection", "size-detection"),
     // CDI copies the server to /shared/server and starts it under that name.
     ("server", "serve-disk"),
 ];
@@ -326,6 +336,20 @@ pub struct ServeArgs {
     pub root: PathBuf,
 }
 
+/// `importer size-detection`: CDI's cdi-image-size-detection flags.
+#[derive(Args, Debug, Clone)]
+pub struct SizeArgs {
+    /// The image (CDI: `-image-path /data/disk.img`). Missing: exit 1, as CDI.
+    #[arg(long = "image-path", default_value = "")]
+    pub image_path: String,
+    /// Prefixed to the path to make the image's URL; only `file://` images are sized.
+    #[arg(long = "scheme", default_value = "file://")]
+    pub scheme: String,
+    /// Where the virtual size goes (CDI: /dev/termination-log).
+    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+}
+
 /// Go's `strconv.ParseBool`: the exact spellings CDI accepts.
 pub fn parse_go_bool(s: &str) -> Option<bool> {
     match s {
@@ -350,7 +374,10 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
     if let Some((_, sub)) = ARGV0.iter().find(|(name, _)| *name == argv0) {
         args.insert(1.min(args.len()), (*sub).into());
     }
-    if args.get(1).and_then(|a| a.to_str()) == Some("serve-disk") {
+    if matches!(
+        args.get(1).and_then(|a| a.to_str()),
+        Some("serve-disk" | "size-detection")
+    ) {
         return go_flags(args);
     }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");

@@ -10,6 +10,7 @@ mod import;
 mod metrics;
 mod report;
 mod serve_disk;
+mod size_detection;
 mod sources;
 mod upload;
 
@@ -31,13 +32,14 @@ fn main() {
     let verbosity = match &cli.command {
         Command::Import(a) => a.volume.verbosity,
         Command::UploadServer(a) => a.volume.verbosity,
-        Command::ServeDisk(_) => 0,
+        Command::ServeDisk(_) | Command::SizeDetection(_) => 0,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
         Command::Import(a) => Some(a.volume.termination_log.clone()),
         Command::UploadServer(a) => Some(a.volume.termination_log.clone()),
         Command::ServeDisk(_) => None,
+        Command::SizeDetection(a) => Some(a.termination_log.clone()),
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -45,10 +47,14 @@ fn main() {
     ferrydisk_common::serve::tls::install_default_provider();
     // Two workers: the network side is a few sockets; decoding runs on blocking threads.
     let runtime = process::runtime(Some(2));
+    if let Command::SizeDetection(args) = cli.command {
+        std::process::exit(size_detection::run(args));
+    }
     let code = match cli.command {
         Command::Import(args) => runtime.block_on(run(*args)),
         Command::UploadServer(args) => runtime.block_on(upload::run(*args)),
         Command::ServeDisk(args) => runtime.block_on(serve_disk::run(args)),
+        Command::SizeDetection(_) => unreachable!("handled before the runtime starts"),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -141,4 +141,20 @@ fn importer_image_as_cdi_uses_it(rootfs: &Path) {
             .len(),
         8 << 20
     );
+    // The clone controller's size-detection pod, with CDI's command and arguments.
+    let q = rootfs.join("data/sized.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().expect("utf8"), "3G"]);
+    sh(Command::new("chown").arg("107:107").arg(&q));
+    let o = in_root(
+        rootfs,
+        &[],
+        &[
+            "/usr/bin/cdi-image-size-detection",
+            "-image-path",
+            "/data/sized.qcow2",
+        ],
+    );
+    assert!(o.status.success(), "size detection: {o:?}");
+    let term = std::fs::read_to_string(rootfs.join("dev/termination-log")).expect("termination");
+    assert_eq!(term, (3u64 << 30).to_string());
 }

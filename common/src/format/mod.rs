@@ -4,6 +4,7 @@
 
 pub mod contract;
 pub mod forward;
+pub mod probe;
 pub mod qcow2;
 pub mod vdi;
 pub mod vhd;

@@ -151,6 +151,35 @@ pub fn convert(
     })
 }
 
+/// The virtual size from the headers, region table and metadata of an image read by
+/// offset (`read(offset, len)`, fewer bytes at the end): what `qemu-img info` reports.
+pub fn probe_virtual_size(
+    read: &dyn Fn(u64, usize) -> Result<Vec<u8>, FormatError>,
+) -> Result<u64, FormatError> {
+    let pad = |mut b: Vec<u8>, len: usize| {
+        b.resize(len, 0);
+        b
+    };
+    if read(0, 8)? != b"vhdxfile" {
+        return Err(FormatError::corrupt(F, "no file identifier"));
+    }
+    let h1 = pad(read(HEADER_OFFSETS[0], HEADER_LEN)?, HEADER_LEN);
+    let h2 = pad(read(HEADER_OFFSETS[1], HEADER_LEN)?, HEADER_LEN);
+    current_header(&h1, &h2)?;
+    let mut regions = None;
+    for off in REGION_TABLE_OFFSETS {
+        let t = pad(read(off, REGION_TABLE_LEN)?, REGION_TABLE_LEN);
+        if let Some(r) = parse_regions(&t) {
+            regions = Some(r?);
+            break;
+        }
+    }
+    let (_, meta) = regions.ok_or_else(|| FormatError::corrupt(F, "no valid region table"))?;
+    let len = meta.len.min(MAX_METADATA_BYTES) as usize;
+    let m = pad(read(meta.offset, len)?, len);
+    Ok(parse_metadata(&m)?.virtual_size)
+}
+
 /// Whether the log holds a valid entry of the current log GUID (what qemu would replay).
 pub fn log_needs_replay(log: &[u8], guid: &[u8; 16]) -> bool {
     if guid == &[0; 16] {
