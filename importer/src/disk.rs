@@ -14,8 +14,9 @@ use ferrydisk_common::decode::tar::Staging;
 use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::sink::sparse::WriterOptions;
+use ferrydisk_common::sink::sparse::{CopyError, WriterOptions};
 use ferrydisk_common::sink::{BlockTarget, FileTarget, SparseWriter, Target};
+use ferrydisk_common::sniff::Format;
 use ferrydisk_common::ErrorKind;
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -305,6 +306,48 @@ pub fn write_stream(
         });
     match result {
         Ok(report) => finish_disk(plan, disk, &report, None),
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// A raw byte stream written as it is, with no format detection (a block-device clone
+/// carries the device's bytes, whatever they look like): the sinks' zero and size rules
+/// apply, and a file destination is exactly as long as the stream.
+pub fn write_raw(
+    plan: &DiskPlan,
+    source: &mut dyn Read,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let mut disk = open_disk(plan, progress.clone(), None)?;
+    let counted = {
+        let p = progress.clone();
+        move |n| p.add_decoded(n)
+    };
+    let mut counting = ferrydisk_common::stream::CountingReader::new(source, counted);
+    let result = disk
+        .writer
+        .copy_from(&mut counting)
+        .map_err(|e| match e {
+            CopyError::Read(e) => process_failure(PipelineError::Read(e)),
+            CopyError::Sink(e) => process_failure(PipelineError::Sink(e)),
+        })
+        .and_then(|n| {
+            drain(&mut counting)?;
+            Ok(n)
+        });
+    match result {
+        Ok(n) => {
+            let report = Report {
+                format: Some(Format::Raw),
+                virtual_size: n,
+                kept_len: Some(n),
+                ..Default::default()
+            };
+            finish_disk(plan, disk, &report, None)
+        }
         Err(f) => {
             disk.writer.abort();
             Err(f)

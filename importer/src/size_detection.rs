@@ -32,7 +32,10 @@ pub fn run(args: SizeArgs) -> i32 {
             }
         },
         Ok(u) => {
-            tracing::error!(scheme = u.scheme(), "Unable to parse the provided URL: only file:// images can be sized here");
+            tracing::error!(
+                scheme = u.scheme(),
+                "Unable to parse the provided URL: only file:// images can be sized here"
+            );
             return ERR_INVALID_PATH;
         }
         Err(e) => {
@@ -58,7 +61,9 @@ pub fn run(args: SizeArgs) -> i32 {
         .truncate(true)
         .mode(0o600)
         .open(&args.termination_log)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, probed.virtual_size.to_string().as_bytes()));
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, probed.virtual_size.to_string().as_bytes())
+        });
     if let Err(e) = written {
         tracing::error!(path = %args.termination_log.display(), error = %e, "Unable to write to termination file");
         return ERR_BAD_TERM_FILE;

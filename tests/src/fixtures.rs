@@ -120,3 +120,35 @@ pub fn qcow2_context(dir: &Path, raw: &Path) -> PathBuf {
         .arg(ctx.join("disk.qcow2")));
     ctx
 }
+
+/// A loop device over a file pre-filled with 0xff, detached on drop.
+pub struct Loop {
+    pub dev: String,
+}
+
+impl Loop {
+    pub fn new(backing: &Path, size: usize) -> Option<Self> {
+        std::fs::write(backing, vec![0xffu8; size]).expect("backing");
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "SKIP: losetup unavailable: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Loop {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}

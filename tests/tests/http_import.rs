@@ -409,38 +409,6 @@ fn blank_disk_sparse_and_preallocated() {
     assert!(allocated(&out_disk(run.path())) >= 64 << 20);
 }
 
-/// A loop device over a file pre-filled with 0xff, detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn new(backing: &Path, size: usize) -> Option<Self> {
-        std::fs::write(backing, vec![0xffu8; size]).expect("backing");
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(backing)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "SKIP: losetup unavailable: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
-        }
-        Some(Loop {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 #[test]
 fn block_device_gets_image_and_zeroed_holes() {
     let d = tmp();

@@ -143,7 +143,14 @@ fn importer_image_as_cdi_uses_it(rootfs: &Path) {
     );
     // The clone controller's size-detection pod, with CDI's command and arguments.
     let q = rootfs.join("data/sized.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().expect("utf8"), "3G"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        q.to_str().expect("utf8"),
+        "3G",
+    ]);
     sh(Command::new("chown").arg("107:107").arg(&q));
     let o = in_root(
         rootfs,

@@ -67,7 +67,14 @@ fn sizes_agree_with_qemu_img_info() {
     }
     // A size that is not a whole number of clusters or sectors.
     let odd = d.path().join("odd.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", odd.to_str().expect("utf8"), "1000001"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        odd.to_str().expect("utf8"),
+        "1000001",
+    ]);
     images.push(odd);
     for img in &images {
         let want = qemu_virtual_size(img);

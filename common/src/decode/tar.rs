@@ -141,6 +141,44 @@ pub struct TarFile<'a> {
     pub reader: &'a mut dyn Read,
 }
 
+/// Streams the first regular file whose name satisfies `wanted` through `f` (CDI's
+/// filesystem clone onto a block volume takes the entry named `disk.img`), then reads
+/// the rest of the archive. `None` when no entry matched.
+pub fn with_file_named<R, T, E>(
+    reader: R,
+    wanted: impl Fn(&str) -> bool,
+    f: impl FnOnce(TarFile<'_>) -> Result<T, E>,
+) -> Result<Option<T>, E>
+where
+    R: Read,
+    E: From<TarError>,
+{
+    let (reader, budget) = Budget::wrap(reader);
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = archive.entries().map_err(TarError::Read)?;
+    let mut result = None;
+    let mut f = Some(f);
+    while let Some(mut entry) = next_entry(&mut entries, &budget)? {
+        let kind = entry.header().entry_type();
+        let name = entry
+            .path()
+            .map(|p| crate::error::sanitize(&p.display().to_string()))
+            .unwrap_or_default();
+        if (kind.is_file() || kind.is_gnu_sparse()) && wanted(&name) {
+            if let Some(f) = f.take() {
+                let size = entry.size();
+                result = Some(f(TarFile {
+                    name,
+                    size,
+                    reader: &mut entry,
+                })?);
+            }
+        }
+        io::copy(&mut entry, &mut io::sink()).map_err(TarError::Read)?;
+    }
+    Ok(result)
+}
+
 /// Streams the archive's one regular file through `f`, then reads the rest of the
 /// archive to make sure there is no second one (a tar with two files is ambiguous; we
 /// refuse it instead of guessing). `f`'s error type must absorb tar errors.
@@ -458,13 +496,17 @@ struct LimitedCopy<'a, F: FnMut(u64)> {
 }
 
 impl<F: FnMut(u64)> LimitedCopy<'_, F> {
+    /// Copies `r` into `w`, leaving holes where a whole 4 KiB block of the file is
+    /// zeros (a GNU sparse entry reads back as zeros; a clone keeps its sparseness), and
+    /// sets the length at the end so trailing holes count.
     fn copy(&mut self, r: &mut dyn Read, w: &mut File) -> Result<u64, CopyError> {
-        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        const HOLE: usize = 4096;
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
             let n = match r.read(&mut buf) {
-                Ok(0) => return Ok(total),
+                Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(CopyError::Read(e)),
@@ -473,10 +515,23 @@ impl<F: FnMut(u64)> LimitedCopy<'_, F> {
                 return Err(CopyError::Limit);
             }
             self.remaining -= n as u64;
-            w.write_all(&buf[..n]).map_err(CopyError::Write)?;
+            // Pieces that end on the file's 4 KiB boundaries: written unless all zeros.
+            let mut off = 0usize;
+            while off < n {
+                let at = total + off as u64;
+                let to_boundary = HOLE - (at % HOLE as u64) as usize;
+                let end = (off + to_boundary).min(n);
+                let piece = &buf[off..end];
+                if piece.iter().any(|&b| b != 0) {
+                    w.write_all_at(piece, at).map_err(CopyError::Write)?;
+                }
+                off = end;
+            }
             (self.on_bytes)(n as u64);
             total += n as u64;
         }
+        w.set_len(total).map_err(CopyError::Write)?;
+        Ok(total)
     }
 }
 

@@ -54,13 +54,18 @@ pub fn probe(file: &mut File) -> Result<Probed, FormatError> {
         Format::Vpc => vhd::Footer::parse(&head)?.virtual_size,
         Format::Vhdx => vhdx::probe_virtual_size(&|off, len| read_upto(file, off, len))?,
         Format::Foreign(name) => {
-            return Err(FormatError::unsupported(format, format!("the {name} format")))
+            return Err(FormatError::unsupported(
+                format,
+                format!("the {name} format"),
+            ))
         }
         // qemu-img info: anything else is raw, as long as the file is.
-        _ => file.seek(SeekFrom::End(0)).map_err(|source| FormatError::Read {
-            format: Format::Raw,
-            source,
-        })?,
+        _ => file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| FormatError::Read {
+                format: Format::Raw,
+                source,
+            })?,
     };
     Ok(Probed {
         format: match format {

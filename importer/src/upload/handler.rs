@@ -1,6 +1,7 @@
 //! One upload request: routing, client-certificate check, CDI's status codes, and the
 //! body streamed (raw or the multipart `file` field) into the import pipeline.
 
+use super::clone::CloneKind;
 use super::{Phase, Server};
 use crate::failure::Failure;
 use bytes::Bytes;
@@ -112,17 +113,17 @@ async fn handle(
             return reply(StatusCode::UNAUTHORIZED, "");
         }
     }
-    if let Some(ct) = req
-        .headers()
-        .get("x-cdi-content-type")
-        .and_then(|v| v.to_str().ok())
-    {
-        if ct == "filesystem-clone" || ct == "blockdevice-clone" {
-            return reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Saving stream failed: host-assisted clone streams are not supported by ferrydisk",
-            );
-        }
+    let clone = CloneKind::from_header(
+        req.headers()
+            .get("x-cdi-content-type")
+            .and_then(|v| v.to_str().ok()),
+    );
+    if clone.is_some() && route.asynchronous {
+        linger(req);
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Saving stream failed: async clone not supported",
+        );
     }
     match server.try_start() {
         Ok(()) => {}
@@ -155,7 +156,7 @@ async fn handle(
     } else {
         None
     };
-    let content_length = if route.form {
+    let content_length = if route.form || clone.is_some() {
         None
     } else {
         req.headers()
@@ -164,7 +165,10 @@ async fn handle(
             .and_then(|v| v.parse().ok())
     };
     tracing::info!(path, content_length = ?content_length, "upload started");
-    let plan = match server.disk_plan(route.archive) {
+    let plan = match server.disk_plan(route.archive).and_then(|p| match clone {
+        Some(k) if k.unpacks(&p.dest) => server.disk_plan(true),
+        _ => Ok(p),
+    }) {
         Ok(p) => p,
         Err(f) => {
             server.set_phase(Phase::Idle);
@@ -179,8 +183,9 @@ async fn handle(
     let progress = Arc::new(Progress::default());
     let reporter = crate::report::spawn(progress.clone(), false);
     let work = tokio::spawn(
-        crate::disk::blocking(move || {
-            crate::disk::write_stream(&plan, reader, content_length, progress, None)
+        crate::disk::blocking(move || match clone {
+            Some(kind) => super::clone::write(&plan, kind, reader, progress),
+            None => crate::disk::write_stream(&plan, reader, content_length, progress, None),
         })
         .in_current_span(),
     );
@@ -258,9 +263,15 @@ async fn join(
 fn finish(server: &Server, result: Result<TerminationMessage, String>) {
     let result = result.map(|m| {
         server.set_phase(Phase::Done);
+        // A clone's message is already CDI's "Clone Complete".
+        let clone = m.message.as_deref() == Some(super::clone::CLONE_COMPLETE);
         TerminationMessage {
             preallocation_applied: m.preallocation_applied,
-            message: Some("Upload Complete".into()),
+            message: Some(if clone {
+                super::clone::CLONE_COMPLETE.into()
+            } else {
+                "Upload Complete".into()
+            }),
             ..Default::default()
         }
     });

@@ -2,6 +2,7 @@
 //! The body goes through the same pipeline as an import while it arrives, so a sync
 //! upload answers as soon as the last byte is durable.
 
+mod clone;
 mod handler;
 
 use crate::cli::UploadArgs;
