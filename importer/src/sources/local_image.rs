@@ -86,14 +86,14 @@ impl Files {
     }
 
     fn json(&self, name: &str) -> Result<serde_json::Value, RegistryError> {
-        let (r, len) = self.open(name).map_err(|e| pull_err(e))?;
+        let (r, len) = self.open(name).map_err(pull_err)?;
         if len > MAX_METADATA {
             return Err(RegistryError::Config(format!("{name} is {len} bytes")));
         }
         let mut buf = Vec::new();
         r.take(MAX_METADATA)
             .read_to_end(&mut buf)
-            .map_err(|e| pull_err(e))?;
+            .map_err(pull_err)?;
         serde_json::from_slice(&buf).map_err(|e| RegistryError::Config(format!("{name}: {e}")))
     }
 }
@@ -288,7 +288,7 @@ fn docker_archive(
         let digest = name
             .strip_prefix("blobs/sha256/")
             .map(|h| format!("sha256:{h}"));
-        let size = files.open(&name).map(|(_, n)| n).map_err(|e| pull_err(e))?;
+        let size = files.open(&name).map(|(_, n)| n).map_err(pull_err)?;
         layers.push(Layer { name, digest, size });
     }
     Ok(LocalImage {
