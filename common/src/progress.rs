@@ -86,11 +86,21 @@ impl Progress {
 
 /// The exposition the CDI controller scrapes: one counter, one label, `ownerUID`.
 pub fn prometheus_text(owner_uid: &str, percent: f64) -> String {
+    metric_text(
+        METRIC,
+        "The import progress in percentage",
+        owner_uid,
+        percent,
+    )
+}
+
+/// [`prometheus_text`] for another of CDI's progress counters (the cloner's).
+pub fn metric_text(metric: &str, help: &str, owner_uid: &str, percent: f64) -> String {
     let uid = owner_uid
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n");
-    format!("# HELP {METRIC} The import progress in percentage\n# TYPE {METRIC} counter\n{METRIC}{{ownerUID=\"{uid}\"}} {percent}\n")
+    format!("# HELP {metric} {help}\n# TYPE {metric} counter\n{metric}{{ownerUID=\"{uid}\"}} {percent}\n")
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ pub enum Command {
     /// Print an image's virtual size to the termination message (CDI's
     /// cdi-image-size-detection, run by the clone controller; Go-style flags accepted).
     SizeDetection(SizeArgs),
+    /// Stream a volume to a clone target's upload server (CDI's cdi-cloner; Go-style
+    /// single-dash flags accepted).
+    CloneSource(ClonerArgs),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -39,6 +42,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "upload-server",
     "serve-disk",
     "size-detection",
+    "clone-source",
     "help",
 ];
 
@@ -49,6 +53,7 @@ const ARGV0: &[(&str, &str)] = &[
     ("cdi-importer", "import"),
     ("cdi-containerimage-server", "serve-disk"),
     ("cdi-image-size-detection", "size-detection"),
+    ("cdi-cloner", "clone-source"),
     // CDI copies the server to /shared/server and starts it under that name.
     ("server", "serve-disk"),
 ];
@@ -336,6 +341,40 @@ pub struct ServeArgs {
     pub root: PathBuf,
 }
 
+/// `importer clone-source`: CDI's cdi-cloner flags; the rest is env (`OWNER_UID`,
+/// `CLIENT_KEY`, `CLIENT_CERT`, `SERVER_CA_CERT`, `UPLOAD_URL`, `PREALLOCATION`), read
+/// as CDI reads it.
+#[derive(Args, Debug, Clone)]
+pub struct ClonerArgs {
+    /// klog verbosity.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+    /// `filesystem-clone` or `blockdevice-clone`.
+    #[arg(long = "content-type", default_value = "")]
+    pub content_type: String,
+    /// The source volume: its mount point, or the block device.
+    #[arg(long = "mount", default_value = "")]
+    pub mount: PathBuf,
+    /// About how many bytes will be read (the progress metric's 100 %).
+    #[arg(long = "upload-bytes", default_value_t = 0)]
+    pub upload_bytes: u64,
+    /// Where the result goes.
+    #[arg(long = "termination-log", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// HTTPS address of the clone progress metric; `none` to disable.
+    #[arg(long = "metrics-addr", default_value = "0.0.0.0:8443")]
+    pub metrics_addr: String,
+}
+
+impl ClonerArgs {
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        match self.metrics_addr.as_str() {
+            "" | "none" | "off" => None,
+            a => a.parse().ok(),
+        }
+    }
+}
+
 /// `importer size-detection`: CDI's cdi-image-size-detection flags.
 #[derive(Args, Debug, Clone)]
 pub struct SizeArgs {
@@ -376,7 +415,7 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
     }
     if matches!(
         args.get(1).and_then(|a| a.to_str()),
-        Some("serve-disk" | "size-detection")
+        Some("serve-disk" | "size-detection" | "clone-source")
     ) {
         return go_flags(args);
     }

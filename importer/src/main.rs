@@ -3,6 +3,7 @@
 
 mod blank;
 mod cli;
+mod cloner;
 mod destination;
 mod disk;
 mod failure;
@@ -33,6 +34,7 @@ fn main() {
         Command::Import(a) => a.volume.verbosity,
         Command::UploadServer(a) => a.volume.verbosity,
         Command::ServeDisk(_) | Command::SizeDetection(_) => 0,
+        Command::CloneSource(a) => a.verbosity,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
@@ -40,6 +42,7 @@ fn main() {
         Command::UploadServer(a) => Some(a.volume.termination_log.clone()),
         Command::ServeDisk(_) => None,
         Command::SizeDetection(a) => Some(a.termination_log.clone()),
+        Command::CloneSource(a) => Some(a.termination_log.clone()),
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -55,6 +58,7 @@ fn main() {
         Command::UploadServer(args) => runtime.block_on(upload::run(*args)),
         Command::ServeDisk(args) => runtime.block_on(serve_disk::run(args)),
         Command::SizeDetection(_) => unreachable!("handled before the runtime starts"),
+        Command::CloneSource(args) => runtime.block_on(cloner::run(args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

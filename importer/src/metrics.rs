@@ -1,7 +1,7 @@
 //! The progress metric over HTTPS with a fresh self-signed certificate, as CDI serves
 //! it (contract section 1.10): every path answers with the exposition.
 
-use ferrydisk_common::progress::{prometheus_text, Progress};
+use ferrydisk_common::progress::{metric_text, Progress, METRIC};
 use ferrydisk_common::serve::{conn, listen, tls};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -27,6 +27,22 @@ pub async fn serve(
     owner_uid: String,
     progress: Arc<Progress>,
 ) {
+    serve_named(listener, acceptor, owner_uid, progress, METRIC).await
+}
+
+/// [`serve`] with another of CDI's progress counters (the cloner's).
+pub async fn serve_named(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    owner_uid: String,
+    progress: Arc<Progress>,
+    metric: &'static str,
+) {
+    let help = if metric == METRIC {
+        "The import progress in percentage"
+    } else {
+        "The clone progress in percentage"
+    };
     let owner_uid: Arc<str> = owner_uid.into();
     // A scraper needs a connection or two; anything more is not a scraper.
     let mut listener = listen::GuardedListener::new(listener, 16);
@@ -36,7 +52,7 @@ pub async fn serve(
         let owner_uid = owner_uid.clone();
         conn::spawn(acceptor.clone(), tcp, permit, None, move |_| {
             service_fn(move |_req| {
-                let body = prometheus_text(&owner_uid, progress.percent());
+                let body = metric_text(metric, help, &owner_uid, progress.percent());
                 async move {
                     hyper::Response::builder()
                         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,219 @@
+//! `importer clone-source` (also started as `cdi-cloner`): the source side of CDI's
+//! host-assisted clone (`cmd/cdi-cloner/clone-source.go`). It reads the source volume
+//! natively (a GNU sparse tar of a filesystem volume, `volume.rs`; the device itself for
+//! a block volume), frames it with snappy, and POSTs it over mTLS to the target's upload
+//! server with `x-cdi-content-type`, in bounded memory: a blocking thread produces, a
+//! bounded channel carries 16 chunks, the HTTP body consumes. It exports
+//! `kubevirt_cdi_clone_progress_total{ownerUID}` on :8443 and ends with CDI's
+//! termination message (`Clone Complete`, plain text).
+
+pub mod volume;
+
+use crate::cli::ClonerArgs;
+use bytes::Bytes;
+use ferrydisk_common::progress::Progress;
+use std::io::{self, Write};
+use std::sync::Arc;
+
+/// CDI's `klog.Fatalf`: exit 255 with the message.
+fn fatal(msg: String) -> i32 {
+    tracing::error!(error = %msg, "clone failed");
+    eprintln!("{msg}");
+    255
+}
+
+pub async fn run(args: ClonerArgs) -> i32 {
+    tracing::info!(content_type = %args.content_type, mount = %args.mount.display(), upload_bytes = args.upload_bytes, "cloner starting");
+    let block = match args.content_type.as_str() {
+        "filesystem-clone" => false,
+        "blockdevice-clone" => true,
+        other => return fatal(format!("Invalid content-type {other:?}")),
+    };
+    if args.mount.as_os_str().is_empty() {
+        return fatal("Invalid mount \"\"".into());
+    }
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut missing = None;
+    let mut need = |name: &'static str| {
+        env(name).unwrap_or_else(|| {
+            missing.get_or_insert(name);
+            String::new()
+        })
+    };
+    let owner = need("OWNER_UID");
+    let key = need("CLIENT_KEY");
+    let cert = need("CLIENT_CERT");
+    let ca = need("SERVER_CA_CERT");
+    let url = need("UPLOAD_URL");
+    let prealloc = need("PREALLOCATION");
+    if let Some(name) = missing {
+        return fatal(format!("Error getting env var {name}"));
+    }
+    // CDI: strconv.ParseBool, false when it does not parse.
+    let preallocation = crate::cli::parse_go_bool(&prealloc).unwrap_or(false);
+    let client = match client(&cert, &key, &ca) {
+        Ok(c) => c,
+        Err(e) => return fatal(format!("Error {e} creating client keypair")),
+    };
+    let progress = Arc::new(Progress::default());
+    progress.set_source_total(Some(args.upload_bytes).filter(|&n| n > 0));
+    if let Some(addr) = args.metrics_addr() {
+        match crate::metrics::bind(addr).await {
+            Ok((listener, acceptor)) => {
+                tokio::spawn(crate::metrics::serve_named(
+                    listener,
+                    acceptor,
+                    owner.clone(),
+                    progress.clone(),
+                    CLONE_METRIC,
+                ));
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "progress metric not served"),
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+    let mount = args.mount.clone();
+    let p = progress.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut out = snap::write::FrameEncoder::new(ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        });
+        let counted = CountingWriter {
+            inner: &mut out,
+            progress: &p,
+        };
+        let result = if block {
+            std::fs::File::open(&mount).and_then(|mut dev| {
+                let mut counted = counted;
+                io::copy(&mut dev, &mut counted)
+            })
+        } else {
+            volume::write_tar(&mount, !preallocation, counted)
+        };
+        let result = result.and_then(|n| {
+            out.flush()?;
+            let mut inner = out.into_inner().map_err(|e| e.into_error())?;
+            inner.flush()?;
+            Ok(n)
+        });
+        if let Err(e) = &result {
+            // The body then ends with an error: the target sees a failed stream.
+            let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+        }
+        result
+    });
+    let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    tracing::info!(url = %url, "posting the clone stream");
+    let response = client
+        .post(&url)
+        .header("x-cdi-content-type", &args.content_type)
+        .body(body)
+        .send()
+        .await;
+    let produced = producer.await;
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            return fatal(format!(
+                "Error {} POSTing to {url}",
+                ferrydisk_common::error::chain_line(&e)
+            ))
+        }
+    };
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    match produced {
+        Ok(Ok(n)) => tracing::info!(bytes = n, "read the source volume"),
+        Ok(Err(e)) => return fatal(format!("reading {}: {e}", args.mount.display())),
+        Err(e) => return fatal(format!("the reader thread failed: {e}")),
+    }
+    if !status.is_success() {
+        return fatal(format!("Unexpected status code {}", status.as_u16()));
+    }
+    tracing::info!(response = %text, "clone complete");
+    progress.complete();
+    let mut message = String::from("Clone Complete");
+    if preallocation {
+        message.push_str(", Preallocation applied");
+    }
+    match ferrydisk_common::cdi::termination::write_failure(&args.termination_log, &message) {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "could not write the termination message");
+            1
+        }
+    }
+}
+
+/// CDI's clone progress metric (`pkg/monitoring/metrics/cdi-cloner`).
+pub const CLONE_METRIC: &str = "kubevirt_cdi_clone_progress_total";
+
+/// Chunks handed to the HTTP body.
+const CHUNK: usize = 256 << 10;
+
+/// The mTLS client: CDI's cloner trusts only `SERVER_CA_CERT` and presents
+/// `CLIENT_CERT`/`CLIENT_KEY`, TLS 1.2 at least.
+fn client(cert: &str, key: &str, ca: &str) -> Result<reqwest::Client, reqwest::Error> {
+    let mut pem = cert.as_bytes().to_vec();
+    pem.push(b'\n');
+    pem.extend_from_slice(key.as_bytes());
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .identity(reqwest::Identity::from_pem(&pem)?)
+        .tls_built_in_root_certs(false)
+        .min_tls_version(reqwest::tls::Version::TLS_1_2)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    for c in reqwest::Certificate::from_pem_bundle(ca.as_bytes())? {
+        b = b.add_root_certificate(c);
+    }
+    b.build()
+}
+
+/// Counts source bytes for the progress metric (CDI counts what it reads from tar or
+/// the device, before compression).
+struct CountingWriter<'a, W: Write> {
+    inner: W,
+    progress: &'a Progress,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.add_source(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A blocking `Write` into the bounded channel the HTTP body reads: back-pressure from
+/// the network reaches the volume reader.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
