@@ -33,6 +33,10 @@ pub enum Command {
     /// Stream a volume to a clone target's upload server (CDI's cdi-cloner; Go-style
     /// single-dash flags accepted).
     CloneSource(ClonerArgs),
+    /// The cloner image's entrypoint (CDI's cloner_startup.sh): env VOLUME_MODE,
+    /// MOUNT_POINT, PREALLOCATION, then clone-source.
+    #[command(hide = true)]
+    ClonerStartup,
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -43,6 +47,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "serve-disk",
     "size-detection",
     "clone-source",
+    "cloner-startup",
     "help",
 ];
 
@@ -54,6 +59,7 @@ const ARGV0: &[(&str, &str)] = &[
     ("cdi-containerimage-server", "serve-disk"),
     ("cdi-image-size-detection", "size-detection"),
     ("cdi-cloner", "clone-source"),
+    ("cloner_startup.sh", "cloner-startup"),
     // CDI copies the server to /shared/server and starts it under that name.
     ("server", "serve-disk"),
 ];

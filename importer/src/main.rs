@@ -35,6 +35,7 @@ fn main() {
         Command::UploadServer(a) => a.volume.verbosity,
         Command::ServeDisk(_) | Command::SizeDetection(_) => 0,
         Command::CloneSource(a) => a.verbosity,
+        Command::ClonerStartup => 3,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
@@ -43,6 +44,7 @@ fn main() {
         Command::ServeDisk(_) => None,
         Command::SizeDetection(a) => Some(a.termination_log.clone()),
         Command::CloneSource(a) => Some(a.termination_log.clone()),
+        Command::ClonerStartup => Some("/dev/termination-log".into()),
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -59,6 +61,7 @@ fn main() {
         Command::ServeDisk(args) => runtime.block_on(serve_disk::run(args)),
         Command::SizeDetection(_) => unreachable!("handled before the runtime starts"),
         Command::CloneSource(args) => runtime.block_on(cloner::run(args)),
+        Command::ClonerStartup => runtime.block_on(cloner::startup()),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -165,3 +165,85 @@ fn importer_image_as_cdi_uses_it(rootfs: &Path) {
     let term = std::fs::read_to_string(rootfs.join("dev/termination-log")).expect("termination");
     assert_eq!(term, (3u64 << 30).to_string());
 }
+
+/// The cloner image (CDI's CLONER_IMAGE): its entrypoint clones a filesystem volume into
+/// our upload server from the image's root filesystem, as uid 107; the clone
+/// populator's prep pod (`/bin/bash -c echo 'hello cdi'`) runs.
+#[test]
+fn cloner_image_clones_from_its_root_filesystem() {
+    use ferrydisk_tests::upload::{upload_server, Pki};
+    let Some(bins) = static_dir() else { return };
+    let d = tempfile::tempdir().expect("tmp");
+    let ctx = context(&bins, d.path());
+    let b = Buildah::default();
+    b.build_target(
+        &ctx,
+        &ctx.join("Containerfile"),
+        "cloner",
+        &["BUILD=prebuilt"],
+        "ferrydisk-cloner",
+    );
+    let config = b.config("ferrydisk-cloner");
+    assert_eq!(config["User"], "107", "{config}");
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/bin/cloner_startup.sh"])
+    );
+    let rootfs = b.mount("ferrydisk-cloner");
+    let size = du(&rootfs);
+    eprintln!(
+        "image size (root filesystem): cloner {:.1} MB",
+        size as f64 / 1e6
+    );
+    assert!(size <= MAX_IMAGE_BYTES, "{size} bytes");
+    let o = in_root(&rootfs, &[], &["/bin/bash", "-c", "echo", "'hello cdi'"]);
+    assert!(o.status.success(), "prep pod: {o:?}");
+    let o = in_root(&rootfs, &[], &["/usr/bin/cloner_startup.sh"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("VOLUME_MODE missing"));
+    // A clone source pod: the volume at /source, the termination log in /dev.
+    let vol = rootfs.join("source");
+    std::fs::create_dir_all(rootfs.join("dev")).expect("dev");
+    let raw = default_fixture(d.path());
+    std::fs::create_dir_all(&vol).expect("vol");
+    std::fs::rename(&raw, vol.join("disk.img")).expect("disk");
+    for p in [&vol, &rootfs.join("dev")] {
+        sh(Command::new("chown").args(["-R", "107:107"]).arg(p));
+    }
+    let pki = Pki::default();
+    let target = d.path().join("target");
+    let mut server = upload_server(&pki, &target);
+    let pem = |n: &str| String::from_utf8(pki.key(n)).expect("pem");
+    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
+    let (key, cert, ca) = (pem("client.key"), pem("client.crt"), pem("ca.crt"));
+    let o = in_root(
+        &rootfs,
+        &[
+            ("VOLUME_MODE", "filesystem"),
+            ("MOUNT_POINT", "/source"),
+            ("PREALLOCATION", "false"),
+            ("OWNER_UID", "image-test"),
+            ("CLIENT_KEY", &key),
+            ("CLIENT_CERT", &cert),
+            ("SERVER_CA_CERT", &ca),
+            ("UPLOAD_URL", &url),
+        ],
+        &["/usr/bin/cloner_startup.sh"],
+    );
+    assert!(
+        o.status.success(),
+        "cloner: {o:?}\nserver: {}",
+        server.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("dev/termination-log")).expect("termination"),
+        "Clone Complete"
+    );
+    assert_eq!(
+        server.wait(std::time::Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert_same_bytes(&target.join("data/disk.img"), &vol.join("disk.img"));
+}

@@ -217,3 +217,44 @@ impl Write for ChannelWriter {
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 }
+
+/// `cloner_startup.sh`, the cloner image's entrypoint in CDI: `VOLUME_MODE` and
+/// `MOUNT_POINT` from the pod spec, the byte count for the progress metric (the
+/// device's size; for a filesystem `du -sb` with preallocation, else the allocated
+/// bytes), then the cloner with CDI's flags.
+pub async fn startup() -> i32 {
+    let env = |n: &str| std::env::var(n).unwrap_or_default();
+    let (mode, mount) = (env("VOLUME_MODE"), env("MOUNT_POINT"));
+    if mode.is_empty() {
+        eprintln!("VOLUME_MODE missing");
+        return 1;
+    }
+    if mount.is_empty() {
+        eprintln!("MOUNT_POINT missing");
+        return 1;
+    }
+    println!("VOLUME_MODE={mode}");
+    println!("MOUNT_POINT={mount}");
+    let mount = std::path::PathBuf::from(mount);
+    let (content_type, bytes) = if mode == "block" {
+        let size = std::fs::File::open(&mount)
+            .and_then(|mut f| io::Seek::seek(&mut f, io::SeekFrom::End(0)));
+        match size {
+            Ok(n) => ("blockdevice-clone", n),
+            Err(e) => return fatal(format!("sizing {}: {e}", mount.display())),
+        }
+    } else {
+        let apparent = env("PREALLOCATION") == "true";
+        ("filesystem-clone", volume::du(&mount, apparent))
+    };
+    println!("UPLOAD_BYTES={bytes}");
+    run(ClonerArgs {
+        verbosity: 3,
+        content_type: content_type.into(),
+        mount,
+        upload_bytes: bytes,
+        termination_log: "/dev/termination-log".into(),
+        metrics_addr: "0.0.0.0:8443".into(),
+    })
+    .await
+}

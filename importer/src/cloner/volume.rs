@@ -189,3 +189,25 @@ impl Read for Runs {
         }
     }
 }
+
+/// `du -sb` (`apparent`) or `du -s --block-size=1` of a tree, symlinks not followed.
+pub fn du(path: &Path, apparent: bool) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = if apparent {
+        meta.len()
+    } else {
+        meta.blocks() * 512
+    };
+    if !meta.is_dir() {
+        return own;
+    }
+    own + fs::read_dir(path)
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .map(|e| du(&e.path(), apparent))
+                .sum::<u64>()
+        })
+        .unwrap_or(0)
+}
