@@ -239,6 +239,39 @@ pub fn proxy_with(
     Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
 }
 
+/// A standalone `uploadproxy` trusting the upload-server CA bundle in `ca` (a file the
+/// test may change) instead of the Pki's.
+pub fn proxy_with_ca(
+    pki: &Pki,
+    dir: &Path,
+    upstream_port: u16,
+    ca: &Path,
+    env: &[(&str, &str)],
+) -> Proc {
+    let port = free_port();
+    let mut c = Command::new(bin("uploadproxy"));
+    c.env_clear()
+        .env("SERVER_CERT_FILE", pki.path("srv.crt"))
+        .env("SERVER_KEY_FILE", pki.path("srv.key"))
+        .env("UPLOAD_CLIENT_CERT_FILE", pki.path("client.crt"))
+        .env("UPLOAD_CLIENT_KEY_FILE", pki.path("client.key"))
+        .env(
+            "APISERVER_PUBLIC_KEY",
+            std::fs::read_to_string(pki.path("api.pub")).expect("pub"),
+        )
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--upload-server-ca")
+        .arg(ca)
+        .arg("--upstream-template")
+        .arg(format!("https://127.0.0.1:{upstream_port}"))
+        .arg("--ready-timeout")
+        .arg("3")
+        .arg("--no-kubernetes");
+    c.envs(env.iter().copied());
+    Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
+}
+
 /// The Kubernetes API stand-in (tests/support/kubeapi.py) serving PVCs from `dir`.
 pub struct KubeApi {
     child: Child,
@@ -249,6 +282,18 @@ pub struct KubeApi {
 
 impl KubeApi {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_token(dir, "sa-token-value")
+    }
+
+    /// [`KubeApi::start`] accepting the token in `dir/api-token` (re-read per request,
+    /// so a test can rotate it) instead of a fixed one.
+    pub fn start_rotating(dir: &Path) -> Self {
+        std::fs::write(dir.join("api-token"), "sa-token-value\n").expect("token");
+        let spec = format!("@{}", dir.join("api-token").display());
+        Self::start_with_token(dir, &spec)
+    }
+
+    fn start_with_token(dir: &Path, token: &str) -> Self {
         let token_file = dir.join("sa-token");
         std::fs::write(&token_file, "sa-token-value\n").expect("token");
         let pvcs = dir.join("api");
@@ -259,7 +304,7 @@ impl KubeApi {
                 "--dir".as_ref(),
                 pvcs.as_os_str(),
                 "--token".as_ref(),
-                "sa-token-value".as_ref(),
+                token.as_ref(),
             ],
         );
         KubeApi {

@@ -2,7 +2,8 @@
 """A stand-in for the Kubernetes API (no API server can run here): serves
 GET /api/v1/namespaces/NS/persistentvolumeclaims/NAME (and configmaps) from JSON files
 DIR/NS/persistentvolumeclaims/NAME.json, re-read on every request so a test can change
-a PVC while the proxy waits. Requires the bearer token given with --token.
+a PVC while the proxy waits. Requires the bearer token given with --token
+(`--token @FILE`: the token in FILE, read on every request, so a test can rotate it).
 Prints "PORT <n>".
 """
 import argparse
@@ -20,7 +21,8 @@ class H(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        if self.headers.get("Authorization") != "Bearer " + a.token:
+        want = open(a.token[1:]).read().strip() if a.token.startswith("@") else a.token
+        if self.headers.get("Authorization") != "Bearer " + want:
             return self.reply(401, b'{"kind":"Status","code":401}')
         parts = self.path.strip("/").split("/")
         # api v1 namespaces NS KIND NAME

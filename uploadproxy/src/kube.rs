@@ -7,7 +7,8 @@ use std::path::Path;
 pub struct Kube {
     client: reqwest::Client,
     base: String,
-    token: Option<String>,
+    /// The projected service-account token: read for every call, the kubelet rotates it.
+    token_file: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,19 +29,20 @@ impl Kube {
                 b = b.add_root_certificate(c);
             }
         }
-        let token = std::fs::read_to_string(token_file)
-            .ok()
-            .map(|t| t.trim().to_string());
         Ok(Kube {
             client: b.build()?,
             base: base.trim_end_matches('/').to_string(),
-            token,
+            token_file: token_file.to_path_buf(),
         })
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
         let mut req = self.client.get(format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
+        let token = std::fs::read_to_string(&self.token_file)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         let resp = req

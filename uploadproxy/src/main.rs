@@ -110,6 +110,14 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: Option<String>,
     /// How long an upload waits for its upload server (CDI: 10 s).
+    /// How often the upload server CA bundle is re-read (CDI renews its signer).
+    #[arg(
+        long = "ca-refresh",
+        env = "FERRYDISK_CA_REFRESH",
+        value_name = "SECONDS",
+        default_value_t = 60
+    )]
+    ca_refresh: u64,
     #[arg(long = "ready-timeout", value_name = "SECONDS", default_value_t = 10)]
     ready_timeout: u64,
     /// How long running uploads may take to finish after SIGTERM.
@@ -167,8 +175,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?)
     };
     let upstream_ca = match (&args.upload_server_ca, &kube) {
-        (Some(f), _) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
-        (None, Some(k)) => {
+        (Some(f), _) => proxy::CaSource::File(f.clone()),
+        (None, Some(_)) => {
             let ns = args
                 .namespace
                 .clone()
@@ -179,20 +187,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .ok()
                 })
                 .unwrap_or_else(|| "cdi".into());
-            let cm = k
-                .config_map(ns.trim(), &args.upload_server_ca_configmap)
-                .await
-                .with_context(|| {
-                    format!(
-                        "reading ConfigMap {}/{}",
-                        ns.trim(),
-                        args.upload_server_ca_configmap
-                    )
-                })?;
-            cm.data
-                .and_then(|d| d.get("ca-bundle.crt").cloned())
-                .context("the upload server CA ConfigMap has no ca-bundle.crt")?
-                .into_bytes()
+            proxy::CaSource::ConfigMap {
+                namespace: ns.trim().to_string(),
+                name: args.upload_server_ca_configmap.clone(),
+            }
         }
         (None, None) => anyhow::bail!("--upload-server-ca is required with --no-kubernetes"),
     };
@@ -207,6 +205,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         verifier,
         kube,
     ));
+    app.set_ca(app.read_ca().await?);
+    tokio::spawn(
+        app.clone()
+            .refresh_ca(Duration::from_secs(args.ca_refresh.max(1))),
+    );
     let mut router = axum::Router::new()
         .route("/healthz", any(|| async { "OK" }))
         .route("/upload/{token}", any(proxy::with_path_token));
@@ -225,7 +228,8 @@ async fn serve(args: &Args, router: axum::Router) -> anyhow::Result<()> {
     // HTTP/1.1 only: an upload is one long body, HTTP/2 flow control only slows it, and
     // curl (7.88) reports an early refusal on HTTP/2 as a framing error instead of the
     // status we send.
-    let config = tls::server_config(
+    // Renewed certificates are picked up from the mounted secret without a restart.
+    let config = tls::server_config_reloading(
         &args.server_cert,
         &args.server_key,
         tls::ServerTls {

@@ -19,15 +19,26 @@ pub struct Config {
     pub ready_timeout: Duration,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
-    /// PEM of the CA that signs upload server certificates.
-    pub upstream_ca: Vec<u8>,
+    /// Where the CA that signs upload server certificates comes from.
+    pub upstream_ca: CaSource,
+}
+
+/// The upload-server CA bundle: a file (`--upload-server-ca`, re-read when it changes)
+/// or CDI's ConfigMap, which `refresh_ca` re-reads periodically (CDI renews the signer
+/// and republishes the bundle).
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    File(PathBuf),
+    ConfigMap { namespace: String, name: String },
 }
 
 pub struct App {
     pub cfg: Config,
     pub verifier: Verifier,
     pub kube: Option<Kube>,
-    clients: Mutex<Option<(Vec<SystemTime>, reqwest::Client)>>,
+    clients: Mutex<Option<(Vec<SystemTime>, Vec<u8>, reqwest::Client)>>,
+    /// The CA bundle last read.
+    ca: Mutex<Vec<u8>>,
 }
 
 impl App {
@@ -37,12 +48,62 @@ impl App {
             verifier,
             kube,
             clients: Mutex::new(None),
+            ca: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn set_ca(&self, ca: Vec<u8>) {
+        *self.ca.lock().unwrap_or_else(|e| e.into_inner()) = ca;
+    }
+
+    /// Reads the CA bundle from its source.
+    pub async fn read_ca(&self) -> anyhow::Result<Vec<u8>> {
+        use anyhow::Context;
+        match &self.cfg.upstream_ca {
+            CaSource::File(f) => {
+                std::fs::read(f).with_context(|| format!("reading {}", f.display()))
+            }
+            CaSource::ConfigMap { namespace, name } => {
+                let k = self.kube.as_ref().context("no Kubernetes API")?;
+                let cm = k
+                    .config_map(namespace, name)
+                    .await
+                    .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?;
+                Ok(cm
+                    .data
+                    .and_then(|d| d.get("ca-bundle.crt").cloned())
+                    .context("the upload server CA ConfigMap has no ca-bundle.crt")?
+                    .into_bytes())
+            }
+        }
+    }
+
+    /// Re-reads the CA bundle every `every`; a changed bundle is used by the next
+    /// upstream connection (connections open keep theirs).
+    pub async fn refresh_ca(self: std::sync::Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.read_ca().await {
+                Ok(ca) => {
+                    let changed = *self.ca.lock().unwrap_or_else(|e| e.into_inner()) != ca;
+                    if changed {
+                        tracing::info!(
+                            "upload server CA bundle changed: new upstream connections use it"
+                        );
+                        self.set_ca(ca);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not re-read the upload server CA bundle; keeping the last one")
+                }
+            }
         }
     }
 
     /// The mTLS client; rebuilt when the client certificate or key file changes (CDI
     /// re-reads them on every request so rotated certificates take effect).
     fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let stamp: Vec<SystemTime> = [&self.cfg.client_cert, &self.cfg.client_key]
             .iter()
             .map(|p| {
@@ -52,8 +113,8 @@ impl App {
             })
             .collect();
         let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, c)) = cache.as_ref() {
-            if *s == stamp {
+        if let Some((s, a, c)) = cache.as_ref() {
+            if *s == stamp && *a == ca {
                 return Ok(c.clone());
             }
         }
@@ -68,11 +129,11 @@ impl App {
             .connect_timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
-        for c in reqwest::Certificate::from_pem_bundle(&self.cfg.upstream_ca)? {
+        for c in reqwest::Certificate::from_pem_bundle(&ca)? {
             b = b.add_root_certificate(c);
         }
         let c = b.build()?;
-        *cache = Some((stamp, c.clone()));
+        *cache = Some((stamp, ca, c.clone()));
         Ok(c)
     }
 }

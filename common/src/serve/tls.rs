@@ -132,3 +132,96 @@ pub fn common_names(der: &[u8]) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// A server certificate read from its files again when they change: the kubelet renews
+/// a mounted secret by writing a new `..data` directory and flipping the symlink, and
+/// CDI renews its certificates after about half of their 24 h. Every handshake checks
+/// the files' identity (resolved path, inode, mtime, length; two `stat`s); a change is
+/// loaded, and a pair that does not load (caught half-written) keeps the previous one.
+/// Connections already open keep the certificate they started with.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: std::sync::Mutex<(Vec<Stamp>, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+type Stamp = Option<(std::path::PathBuf, u64, std::time::SystemTime, u64)>;
+
+fn stamp(p: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(p).ok()?;
+    let m = std::fs::metadata(&real).ok()?;
+    Some((real, m.ino(), m.modified().ok()?, m.len()))
+}
+
+fn certified_key(cert: &Path, key_path: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key_path)?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| err(format!("private key {}", key_path.display()), e))?;
+    Ok(rustls::sign::CertifiedKey::new(certs, signer))
+}
+
+impl ReloadingCert {
+    pub fn new(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let stamps = vec![stamp(cert), stamp(key)];
+        let ck = certified_key(cert, key)?;
+        Ok(ReloadingCert {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: std::sync::Mutex::new((stamps, Arc::new(ck))),
+        })
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let now = vec![stamp(&self.cert), stamp(&self.key)];
+        if now != cur.0 {
+            match certified_key(&self.cert, &self.key) {
+                Ok(ck) => {
+                    tracing::info!(cert = %self.cert.display(), "server certificate changed on disk: serving the new one");
+                    *cur = (now, Arc::new(ck));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "server certificate changed but does not load yet; serving the previous one")
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// [`server_config`] whose certificate follows its files ([`ReloadingCert`]).
+pub fn server_config_reloading(
+    cert: &Path,
+    key: &Path,
+    opts: ServerTls<'_>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let resolver = Arc::new(ReloadingCert::new(cert, key)?);
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(opts.min_version))
+        .map_err(|e| err("TLS versions", e))?;
+    if opts.client_ca.is_some() {
+        return Err(err(
+            "client CA",
+            "not supported with a reloading certificate",
+        ));
+    }
+    let mut config = builder.with_no_client_auth().with_cert_resolver(resolver);
+    if opts.http11_only {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(config)
+}
