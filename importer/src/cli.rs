@@ -37,6 +37,9 @@ pub enum Command {
     /// MOUNT_POINT, PREALLOCATION, then clone-source.
     #[command(hide = true)]
     ClonerStartup,
+    /// Record a DataImportCron poll: the source image's digest as annotations (CDI's
+    /// cdi-source-update-poller; Go-style single-dash flags accepted).
+    SourceUpdatePoller(PollerArgs),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -48,6 +51,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "size-detection",
     "clone-source",
     "cloner-startup",
+    "source-update-poller",
     "help",
 ];
 
@@ -60,6 +64,7 @@ const ARGV0: &[(&str, &str)] = &[
     ("cdi-image-size-detection", "size-detection"),
     ("cdi-cloner", "clone-source"),
     ("cloner_startup.sh", "cloner-startup"),
+    ("cdi-source-update-poller", "source-update-poller"),
     // CDI copies the server to /shared/server and starts it under that name.
     ("server", "serve-disk"),
 ];
@@ -381,6 +386,30 @@ impl ClonerArgs {
     }
 }
 
+/// `importer source-update-poller`: CDI's cdi-source-update-poller flags; registry
+/// credentials from `IMPORTER_ACCESS_KEY_ID`/`IMPORTER_SECRET_KEY`, `INSECURE_TLS`.
+#[derive(Args, Debug, Clone)]
+pub struct PollerArgs {
+    /// A kubeconfig (else in-cluster config).
+    #[arg(long = "kubeconfig", env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server URL, overriding the config's.
+    #[arg(long = "server", default_value = "")]
+    pub server: String,
+    /// The DataImportCron's namespace.
+    #[arg(long = "ns", default_value = "")]
+    pub ns: String,
+    /// The DataImportCron's name.
+    #[arg(long = "cron", default_value = "")]
+    pub cron: String,
+    /// The image it follows (`docker://registry/repo:tag`).
+    #[arg(long = "url", default_value = "")]
+    pub url: String,
+    /// Registry CA certificates.
+    #[arg(long = "certdir")]
+    pub certdir: Option<PathBuf>,
+}
+
 /// `importer size-detection`: CDI's cdi-image-size-detection flags.
 #[derive(Args, Debug, Clone)]
 pub struct SizeArgs {
@@ -421,7 +450,7 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
     }
     if matches!(
         args.get(1).and_then(|a| a.to_str()),
-        Some("serve-disk" | "size-detection" | "clone-source")
+        Some("serve-disk" | "size-detection" | "clone-source" | "source-update-poller")
     ) {
         return go_flags(args);
     }

@@ -9,6 +9,7 @@ mod disk;
 mod failure;
 mod import;
 mod metrics;
+mod poller;
 mod report;
 mod serve_disk;
 mod size_detection;
@@ -36,6 +37,7 @@ fn main() {
         Command::ServeDisk(_) | Command::SizeDetection(_) => 0,
         Command::CloneSource(a) => a.verbosity,
         Command::ClonerStartup => 3,
+        Command::SourceUpdatePoller(_) => 0,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
@@ -45,6 +47,7 @@ fn main() {
         Command::SizeDetection(a) => Some(a.termination_log.clone()),
         Command::CloneSource(a) => Some(a.termination_log.clone()),
         Command::ClonerStartup => Some("/dev/termination-log".into()),
+        Command::SourceUpdatePoller(_) => None,
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -62,6 +65,7 @@ fn main() {
         Command::SizeDetection(_) => unreachable!("handled before the runtime starts"),
         Command::CloneSource(args) => runtime.block_on(cloner::run(args)),
         Command::ClonerStartup => runtime.block_on(cloner::startup()),
+        Command::SourceUpdatePoller(args) => runtime.block_on(poller::run(args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

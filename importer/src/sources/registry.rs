@@ -341,6 +341,41 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
     })
 }
 
+/// The digest of the image's top-level manifest (an index for a multi-arch image), as
+/// CDI's DataImportCron poller computes it (containers/image `manifest.Digest`: sha256 of
+/// the manifest bytes as the registry serves them).
+pub async fn manifest_digest(
+    endpoint: &str,
+    opts: &RegistryOptions,
+) -> Result<String, RegistryError> {
+    const ACCEPT: &[&str] = &[
+        oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+        oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+        oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+    ];
+    let reference = parse_endpoint(endpoint)?;
+    let auth = auth_for(opts, reference.resolve_registry());
+    let first = client(opts, ClientProtocol::Https)
+        .pull_manifest_raw(&reference, &auth, ACCEPT)
+        .await;
+    let (raw, _) = match first {
+        Ok(m) => m,
+        Err(e) if opts.insecure => {
+            tracing::info!(error = %e, "HTTPS failed for an insecure registry; trying plain HTTP");
+            client(opts, ClientProtocol::Http)
+                .pull_manifest_raw(&reference, &auth, ACCEPT)
+                .await
+                .map_err(pull_err)?
+        }
+        Err(e) => return Err(pull_err(e)),
+    };
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&raw))
+    ))
+}
+
 async fn pull_config(
     client: &Client,
     reference: &Reference,
