@@ -11,10 +11,6 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tmp")
-}
-
 fn bearer(pki: &Pki) -> String {
     format!(
         "Authorization: Bearer {}",

@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tmp")
-}
-
 /// Builds a containerDisk and unpacks it: (rootfs, image env, raw reference).
 fn unpacked_containerdisk(dir: &Path) -> (PathBuf, Vec<String>, PathBuf) {
     let raw = dir.join("disk.raw");

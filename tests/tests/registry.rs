@@ -8,10 +8,6 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tmp")
-}
-
 /// A 32 MiB disk with data, as raw and as compressed qcow2, in `dir`.
 fn disk(dir: &Path, pattern: u8) -> (PathBuf, PathBuf) {
     let raw = dir.join(format!("disk-{pattern:02x}.raw"));

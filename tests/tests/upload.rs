@@ -9,10 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("tmp")
-}
-
 /// A 24 MiB raw disk with data and its variants.
 fn images(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
     let raw = dir.join("disk.raw");

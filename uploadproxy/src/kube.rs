@@ -1,13 +1,22 @@
 //! The little of the Kubernetes API the proxy needs: read a PVC (and a ConfigMap) with
-//! the pod's service account, typed with k8s-openapi.
+//! the pod's service account, through the `kube` client, typed with k8s-openapi.
 
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim};
+
+/// DER certificates of a PEM bundle (the service account's ca.crt).
+fn rustls_pki_certs(pem: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        out.push(c?.to_vec());
+    }
+    Ok(out)
+}
 use std::path::Path;
 
 pub struct Kube {
-    client: reqwest::Client,
-    base: String,
-    /// The projected service-account token: read for every call, the kubelet rotates it.
+    client: kube::Client,
+    /// The projected service-account token: read for every call, so a token the kubelet
+    /// rotated is used at once (kube's own token-file auth caches it for a minute).
     token_file: std::path::PathBuf,
 }
 
@@ -21,45 +30,36 @@ pub enum KubeError {
 
 impl Kube {
     pub fn new(base: &str, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(std::time::Duration::from_secs(5));
+        let mut config = kube::Config::new(base.trim_end_matches('/').parse()?);
         if let Ok(pem) = std::fs::read(ca_file) {
-            for c in reqwest::Certificate::from_pem_bundle(&pem)? {
-                b = b.add_root_certificate(c);
-            }
+            let certs = rustls_pki_certs(&pem)?;
+            config.root_cert = Some(certs);
         }
+        config.connect_timeout = Some(std::time::Duration::from_secs(5));
+        config.read_timeout = Some(std::time::Duration::from_secs(5));
         Ok(Kube {
-            client: b.build()?,
-            base: base.trim_end_matches('/').to_string(),
+            client: kube::Client::try_from(config)?,
             token_file: token_file.to_path_buf(),
         })
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
-        let mut req = self.client.get(format!("{}{path}", self.base));
+        let mut req = http::Request::get(path);
         let token = std::fs::read_to_string(&self.token_file)
             .ok()
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
         if let Some(t) = token {
-            req = req.bearer_auth(t);
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let resp = req
-            .send()
-            .await
+        let req = req
+            .body(Vec::new())
             .map_err(|e| KubeError::Api(e.to_string()))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Err(KubeError::NotFound);
+        match self.client.request::<T>(req).await {
+            Ok(v) => Ok(v),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(KubeError::NotFound),
+            Err(e) => Err(KubeError::Api(format!("GET {path}: {e}"))),
         }
-        if !resp.status().is_success() {
-            return Err(KubeError::Api(format!("GET {path}: {}", resp.status())));
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| KubeError::Api(e.to_string()))?;
-        serde_json::from_slice(&body).map_err(|e| KubeError::Api(format!("GET {path}: {e}")))
     }
 
     pub async fn pvc(

@@ -32,11 +32,15 @@ pub enum CaSource {
     ConfigMap { namespace: String, name: String },
 }
 
+/// The mTLS client with what it was built from: the certificate and key files' mtimes
+/// and the CA bundle.
+type CachedClient = (Vec<SystemTime>, Vec<u8>, reqwest::Client);
+
 pub struct App {
     pub cfg: Config,
     pub verifier: Verifier,
     pub kube: Option<Kube>,
-    clients: Mutex<Option<(Vec<SystemTime>, Vec<u8>, reqwest::Client)>>,
+    clients: Mutex<Option<CachedClient>>,
     /// The CA bundle last read.
     ca: Mutex<Vec<u8>>,
 }
