@@ -125,13 +125,15 @@ pub async fn run(args: ClonerArgs) -> i32 {
     };
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
+    // A refusal stops the body early: the target's answer is the error, not the pipe.
+    if !status.is_success() {
+        tracing::error!(status = status.as_u16(), response = %text, "the clone target refused the stream");
+        return fatal(format!("Unexpected status code {}", status.as_u16()));
+    }
     match produced {
         Ok(Ok(n)) => tracing::info!(bytes = n, "read the source volume"),
         Ok(Err(e)) => return fatal(format!("reading {}: {e}", args.mount.display())),
         Err(e) => return fatal(format!("the reader thread failed: {e}")),
-    }
-    if !status.is_success() {
-        return fatal(format!("Unexpected status code {}", status.as_u16()));
     }
     tracing::info!(response = %text, "clone complete");
     progress.complete();
