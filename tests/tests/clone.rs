@@ -325,3 +325,39 @@ fn cdi_cloner_of_an_empty_volume_completes() {
         0
     );
 }
+
+#[test]
+fn cdi_cloner_block_clone_onto_a_block_volume() {
+    let pki = Pki::default();
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let dev = d.path().join("dev/source.img");
+    std::fs::create_dir_all(dev.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(&raw, &dev).expect("copy");
+    let Some(lo) = Loop::new(&d.path().join("backing"), 64 << 20) else {
+        return;
+    };
+    let target = d.path().join("target");
+    let mut server = upload_server_with(&pki, &target, &[("DESTINATION", &lo.dev)]);
+    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
+    let (rc, term, log) = cdi_cloner(
+        &pki,
+        "client",
+        &url,
+        "blockdevice-clone",
+        &dev,
+        &d.path().join("cloner"),
+    );
+    assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
+    assert_eq!(term, "Clone Complete");
+    assert_eq!(
+        server.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    // The device held 0xff everywhere: the source's holes are zeroed on it.
+    let got = d.path().join("device.copy");
+    std::fs::write(&got, std::fs::read(&lo.dev).expect("read device")).expect("copy");
+    assert_same_bytes(&got, &raw);
+}
