@@ -4,6 +4,7 @@
 //! the way a CDI pod runs it (`runner`). Everything is re-exported at the root.
 
 pub mod bins;
+pub mod clone;
 pub mod compare;
 pub mod fixtures;
 pub mod httpserver;

@@ -193,34 +193,14 @@ pub fn proxy_with(
     wrapper: &[&str],
 ) -> Proc {
     let port = free_port();
-    let mut c = match wrapper.split_first() {
-        Some((w, rest)) => {
-            let mut c = Command::new(w);
-            c.args(rest).arg(bin("uploadproxy"));
-            c
-        }
-        None => Command::new(bin("uploadproxy")),
-    };
-    c.env_clear()
-        .env("SERVER_CERT_FILE", pki.path("srv.crt"))
-        .env("SERVER_KEY_FILE", pki.path("srv.key"))
-        .env(
-            "UPLOAD_CLIENT_CERT_FILE",
-            pki.path(&format!("{client}.crt")),
-        )
-        .env("UPLOAD_CLIENT_KEY_FILE", pki.path(&format!("{client}.key")))
-        .env(
-            "APISERVER_PUBLIC_KEY",
-            std::fs::read_to_string(pki.path("api.pub")).expect("pub"),
-        )
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--upload-server-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--upstream-template")
-        .arg(format!("https://127.0.0.1:{upstream_port}"))
-        .arg("--ready-timeout")
-        .arg("3");
+    let mut c = proxy_command(
+        pki,
+        port,
+        upstream_port,
+        client,
+        &pki.path("ca.crt"),
+        Some(wrapper),
+    );
     match mode {
         Mode::Standalone => {
             c.arg("--no-kubernetes");
@@ -249,12 +229,36 @@ pub fn proxy_with_ca(
     env: &[(&str, &str)],
 ) -> Proc {
     let port = free_port();
-    let mut c = Command::new(bin("uploadproxy"));
+    let mut c = proxy_command(pki, port, upstream_port, "client", ca, None);
+    c.arg("--no-kubernetes").envs(env.iter().copied());
+    Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
+}
+
+/// The proxy's command line as the tests run it, listening on `port`.
+fn proxy_command(
+    pki: &Pki,
+    port: u16,
+    upstream_port: u16,
+    client: &str,
+    ca: &Path,
+    wrapper: Option<&[&str]>,
+) -> Command {
+    let mut c = match wrapper.and_then(|w| w.split_first()) {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(bin("uploadproxy"));
+            c
+        }
+        None => Command::new(bin("uploadproxy")),
+    };
     c.env_clear()
         .env("SERVER_CERT_FILE", pki.path("srv.crt"))
         .env("SERVER_KEY_FILE", pki.path("srv.key"))
-        .env("UPLOAD_CLIENT_CERT_FILE", pki.path("client.crt"))
-        .env("UPLOAD_CLIENT_KEY_FILE", pki.path("client.key"))
+        .env(
+            "UPLOAD_CLIENT_CERT_FILE",
+            pki.path(&format!("{client}.crt")),
+        )
+        .env("UPLOAD_CLIENT_KEY_FILE", pki.path(&format!("{client}.key")))
         .env(
             "APISERVER_PUBLIC_KEY",
             std::fs::read_to_string(pki.path("api.pub")).expect("pub"),
@@ -266,10 +270,8 @@ pub fn proxy_with_ca(
         .arg("--upstream-template")
         .arg(format!("https://127.0.0.1:{upstream_port}"))
         .arg("--ready-timeout")
-        .arg("3")
-        .arg("--no-kubernetes");
-    c.envs(env.iter().copied());
-    Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
+        .arg("3");
+    c
 }
 
 /// The Kubernetes API stand-in (tests/support/kubeapi.py) serving PVCs from `dir`.

@@ -3,19 +3,12 @@
 //! run by `pod-run` as its pod would be) as the client: byte-equal results, sparseness
 //! kept, CDI's answers and termination messages.
 
-use ferrydisk_tests::upload::{upload_server, upload_server_with, Pki};
+use ferrydisk_tests::clone::{cdi_peer, pod_run, source_volume};
+use ferrydisk_tests::upload::{upload_server, upload_server_with, Pki, Proc};
 use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-/// The real CDI binaries, unpacked once into target/cdi-peer.
-fn cdi_peer() -> PathBuf {
-    let shared = root().join("../shared/cdi-peer");
-    let dest = root().join("target/cdi-peer");
-    sh(Command::new(shared.join("unpack")).arg(&dest));
-    dest
-}
 
 /// Runs CDI's cloner on `mount` (a directory, or a file standing for a block device)
 /// against `url`, with the client certificate `client` of `pki`. (exit code, its
@@ -34,7 +27,7 @@ fn cdi_cloner(
         mount.parent().expect("parent").to_path_buf()
     };
     let pem = |n: &str| String::from_utf8(pki.key(n)).expect("pem");
-    let out = Command::new(root().join("../shared/cdi-peer/pod-run"))
+    let out = Command::new(pod_run())
         .arg(work)
         .arg(cdi_peer().join("cdi-cloner"))
         .args(["-v=3", "-content-type", content_type, "-mount"])
@@ -57,15 +50,22 @@ fn cdi_cloner(
     (rc, term, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// A source volume: a sparse disk image, a second file, and lost+found (never cloned).
-fn source_volume(dir: &Path) -> PathBuf {
-    let vol = dir.join("source");
-    std::fs::create_dir_all(vol.join("lost+found")).expect("mkdir");
-    std::fs::write(vol.join("lost+found/junk"), b"not cloned").expect("junk");
-    let disk = default_fixture(dir);
-    std::fs::rename(&disk, vol.join("disk.img")).expect("rename");
-    std::fs::write(vol.join("notes.txt"), b"a second file\n").expect("notes");
-    vol
+/// Our upload server (with `env`) in `d/target` and CDI's cloner streaming `mount` into
+/// it with the client certificate `client`: (server, its target dir, the cloner's exit
+/// code, termination message and log).
+fn cdi_clone_into_ours(
+    pki: &Pki,
+    d: &Path,
+    env: &[(&str, &str)],
+    client: &str,
+    content_type: &str,
+    mount: &Path,
+) -> (Proc, PathBuf, i32, String, String) {
+    let target = d.join("target");
+    let server = upload_server_with(pki, &target, env);
+    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
+    let (rc, term, log) = cdi_cloner(pki, client, &url, content_type, mount, &d.join("cloner"));
+    (server, target, rc, term, log)
 }
 
 #[test]
@@ -73,17 +73,8 @@ fn cdi_cloner_filesystem_clone_into_our_upload_server() {
     let pki = Pki::default();
     let d = tmp();
     let vol = source_volume(d.path());
-    let target = d.path().join("target");
-    let mut server = upload_server(&pki, &target);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, term, log) = cdi_cloner(
-        &pki,
-        "client",
-        &url,
-        "filesystem-clone",
-        &vol,
-        &d.path().join("cloner"),
-    );
+    let (mut server, target, rc, term, log) =
+        cdi_clone_into_ours(&pki, d.path(), &[], "client", "filesystem-clone", &vol);
     assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
     assert_eq!(term, "Clone Complete");
     assert_eq!(
@@ -135,17 +126,8 @@ fn cdi_cloner_block_clone_into_our_upload_server() {
         raw.to_str().expect("utf8"),
         dev.to_str().expect("utf8"),
     ]);
-    let target = d.path().join("target");
-    let mut server = upload_server(&pki, &target);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, term, log) = cdi_cloner(
-        &pki,
-        "client",
-        &url,
-        "blockdevice-clone",
-        &dev,
-        &d.path().join("cloner"),
-    );
+    let (mut server, target, rc, term, log) =
+        cdi_clone_into_ours(&pki, d.path(), &[], "client", "blockdevice-clone", &dev);
     assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
     assert_eq!(term, "Clone Complete");
     assert_eq!(
@@ -166,17 +148,8 @@ fn clone_from_the_wrong_client_writes_nothing() {
     let pki = Pki::default();
     let d = tmp();
     let vol = source_volume(d.path());
-    let target = d.path().join("target");
-    let mut server = upload_server(&pki, &target);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, _, _) = cdi_cloner(
-        &pki,
-        "intruder",
-        &url,
-        "filesystem-clone",
-        &vol,
-        &d.path().join("cloner"),
-    );
+    let (mut server, target, rc, _, _) =
+        cdi_clone_into_ours(&pki, d.path(), &[], "intruder", "filesystem-clone", &vol);
     assert_ne!(rc, 0, "the cloner sees the refusal");
     assert_eq!(server.wait(Duration::from_secs(1)), None, "still waiting");
     assert!(!target.join("data/disk.img").exists());
@@ -264,16 +237,13 @@ fn cdi_cloner_filesystem_clone_onto_a_block_volume_writes_its_disk_img() {
     let Some(lo) = Loop::new(&d.path().join("backing"), 64 << 20) else {
         return;
     };
-    let target = d.path().join("target");
-    let mut server = upload_server_with(&pki, &target, &[("DESTINATION", &lo.dev)]);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, term, log) = cdi_cloner(
+    let (mut server, target, rc, term, log) = cdi_clone_into_ours(
         &pki,
+        d.path(),
+        &[("DESTINATION", &lo.dev)],
         "client",
-        &url,
         "filesystem-clone",
         &vol,
-        &d.path().join("cloner"),
     );
     assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
     assert_eq!(term, "Clone Complete");
@@ -299,17 +269,8 @@ fn cdi_cloner_of_an_empty_volume_completes() {
     let d = tmp();
     let vol = d.path().join("empty");
     std::fs::create_dir_all(vol.join("lost+found")).expect("mkdir");
-    let target = d.path().join("target");
-    let mut server = upload_server(&pki, &target);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, term, log) = cdi_cloner(
-        &pki,
-        "client",
-        &url,
-        "filesystem-clone",
-        &vol,
-        &d.path().join("cloner"),
-    );
+    let (mut server, target, rc, term, log) =
+        cdi_clone_into_ours(&pki, d.path(), &[], "client", "filesystem-clone", &vol);
     assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
     assert_eq!(term, "Clone Complete");
     assert_eq!(
@@ -337,16 +298,13 @@ fn cdi_cloner_block_clone_onto_a_block_volume() {
     let Some(lo) = Loop::new(&d.path().join("backing"), 64 << 20) else {
         return;
     };
-    let target = d.path().join("target");
-    let mut server = upload_server_with(&pki, &target, &[("DESTINATION", &lo.dev)]);
-    let url = format!("https://127.0.0.1:{}/v1beta1/upload", server.port);
-    let (rc, term, log) = cdi_cloner(
+    let (mut server, _, rc, term, log) = cdi_clone_into_ours(
         &pki,
+        d.path(),
+        &[("DESTINATION", &lo.dev)],
         "client",
-        &url,
         "blockdevice-clone",
         &dev,
-        &d.path().join("cloner"),
     );
     assert_eq!(rc, 0, "cdi-cloner: {log}\nserver: {}", server.log());
     assert_eq!(term, "Clone Complete");

@@ -2,17 +2,12 @@
 //! role) into the real CDI upload server (`../shared/cdi-peer/cdi-uploadserver`, run by
 //! `pod-run`) and into ours: byte-equal volumes, holes sent as holes.
 
+use ferrydisk_tests::clone::{cdi_peer, pod_run, source_volume};
 use ferrydisk_tests::upload::{upload_server, Pki, CLIENT_NAME};
 use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn cdi_peer() -> PathBuf {
-    let dest = root().join("target/cdi-peer");
-    sh(Command::new(root().join("../shared/cdi-peer/unpack")).arg(&dest));
-    dest
-}
 
 /// CDI's upload server under `pod-run` in `work`, listening on 127.0.0.1:`port`.
 struct CdiUploadServer {
@@ -25,7 +20,7 @@ impl CdiUploadServer {
         std::fs::create_dir_all(work).expect("work");
         let port = free_port();
         let pki_dir = pki.path("ca.crt").parent().expect("dir").to_path_buf();
-        let child = Command::new(root().join("../shared/cdi-peer/pod-run"))
+        let child = Command::new(pod_run())
             .arg(work)
             .arg(cdi_peer().join("cdi-uploadserver"))
             .arg("-v=3")
@@ -119,16 +114,6 @@ fn our_cloner(
         std::fs::read_to_string(&term).unwrap_or_default(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn source_volume(dir: &Path) -> PathBuf {
-    let vol = dir.join("source");
-    std::fs::create_dir_all(vol.join("lost+found")).expect("mkdir");
-    std::fs::create_dir_all(vol.join("sub")).expect("mkdir");
-    let disk = default_fixture(dir);
-    std::fs::rename(&disk, vol.join("disk.img")).expect("rename");
-    std::fs::write(vol.join("sub/notes.txt"), b"a second file\n").expect("notes");
-    vol
 }
 
 fn bytes_read(stderr: &str) -> u64 {
