@@ -198,7 +198,7 @@ pub fn proxy_with(
         port,
         upstream_port,
         client,
-        &pki.path("ca.crt"),
+        Some(&pki.path("ca.crt")),
         Some(wrapper),
     );
     match mode {
@@ -229,18 +229,19 @@ pub fn proxy_with_ca(
     env: &[(&str, &str)],
 ) -> Proc {
     let port = free_port();
-    let mut c = proxy_command(pki, port, upstream_port, "client", ca, None);
+    let mut c = proxy_command(pki, port, upstream_port, "client", Some(ca), None);
     c.arg("--no-kubernetes").envs(env.iter().copied());
     Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
 }
 
-/// The proxy's command line as the tests run it, listening on `port`.
+/// The proxy's command line as the tests run it, listening on `port`; `ca: None` leaves
+/// the upload-server CA to the ConfigMap (Kubernetes mode).
 fn proxy_command(
     pki: &Pki,
     port: u16,
     upstream_port: u16,
     client: &str,
-    ca: &Path,
+    ca: Option<&Path>,
     wrapper: Option<&[&str]>,
 ) -> Command {
     let mut c = match wrapper.and_then(|w| w.split_first()) {
@@ -265,13 +266,35 @@ fn proxy_command(
         )
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
-        .arg("--upload-server-ca")
-        .arg(ca)
         .arg("--upstream-template")
         .arg(format!("https://127.0.0.1:{upstream_port}"))
         .arg("--ready-timeout")
         .arg("3");
+    if let Some(ca) = ca {
+        c.arg("--upload-server-ca").arg(ca);
+    }
     c
+}
+
+/// A Kubernetes-mode `uploadproxy` that takes the upload-server CA bundle from CDI's
+/// ConfigMap (`cdi-uploadserver-signer-bundle` in `namespace`) through the API stand-in.
+pub fn proxy_with_ca_configmap(
+    pki: &Pki,
+    dir: &Path,
+    upstream_port: u16,
+    api: &KubeApi,
+    namespace: &str,
+    env: &[(&str, &str)],
+) -> Proc {
+    let port = free_port();
+    let mut c = proxy_command(pki, port, upstream_port, "client", None, None);
+    c.arg("--kube-api")
+        .arg(format!("http://127.0.0.1:{}", api.port))
+        .arg("--kube-token-file")
+        .arg(&api.token_file)
+        .env("POD_NAMESPACE", namespace)
+        .envs(env.iter().copied());
+    Proc::start(c, port, dir.join(format!("proxy-{port}.log")))
 }
 
 /// The Kubernetes API stand-in (tests/support/kubeapi.py) serving PVCs from `dir`.

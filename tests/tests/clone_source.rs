@@ -221,3 +221,63 @@ fn our_cloner_fails_as_cdis_does() {
     assert_eq!(rc, 255);
     assert!(log.contains("Invalid content-type"), "{log}");
 }
+
+#[test]
+fn our_cloner_serves_cdis_clone_progress_metric() {
+    let pki = Pki::default();
+    let d = tmp();
+    let vol = source_volume(d.path());
+    // A target that accepts the connection and never answers: the clone stays running.
+    let stuck = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!(
+        "https://127.0.0.1:{}/v1beta1/upload",
+        stuck.local_addr().expect("addr").port()
+    );
+    let metrics = free_port();
+    let pem = |n: &str| String::from_utf8(pki.key(n)).expect("pem");
+    let mut cloner = Command::new(bin("importer"))
+        .env_clear()
+        .args([
+            "clone-source",
+            "-content-type",
+            "filesystem-clone",
+            "-mount",
+        ])
+        .arg(&vol)
+        .args(["-upload-bytes", "4000000", "--metrics-addr"])
+        .arg(format!("127.0.0.1:{metrics}"))
+        .arg("--termination-log")
+        .arg(d.path().join("t"))
+        .env("OWNER_UID", "metric-test")
+        .env("CLIENT_KEY", pem("client.key"))
+        .env("CLIENT_CERT", pem("client.crt"))
+        .env("SERVER_CA_CERT", pem("ca.crt"))
+        .env("UPLOAD_URL", url)
+        .env("PREALLOCATION", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cloner");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let o = Command::new("curl")
+            .args(["-sk", &format!("https://127.0.0.1:{metrics}/metrics")])
+            .output()
+            .expect("curl");
+        if o.status.success() && !o.stdout.is_empty() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(Instant::now() < deadline, "no metric served");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = cloner.kill();
+    let _ = cloner.wait();
+    assert!(
+        body.contains("# TYPE kubevirt_cdi_clone_progress_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("kubevirt_cdi_clone_progress_total{ownerUID=\"metric-test\"}"),
+        "{body}"
+    );
+}

@@ -292,3 +292,60 @@ fn proxy_uses_the_rotated_service_account_token() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn proxy_ca_bundle_follows_cdis_configmap() {
+    let d = tmp();
+    let pki = Pki::default();
+    let other = Pki::default();
+    let api = KubeApi::start(d.path());
+    api.put_pvc(
+        "default",
+        "disk",
+        &[
+            ("cdi.kubevirt.io/storage.upload.target", ""),
+            ("cdi.kubevirt.io/storage.pod.ready", "true"),
+        ],
+    );
+    let put_bundle = |ca: &Path| {
+        let cm = serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cdi-uploadserver-signer-bundle", "namespace": "cdi"},
+            "data": {"ca-bundle.crt": std::fs::read_to_string(ca).expect("ca")}
+        });
+        let dir = api.dir.join("cdi/configmaps");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("cdi-uploadserver-signer-bundle.json"),
+            cm.to_string(),
+        )
+        .expect("configmap");
+    };
+    // The bundle names another CA first: the upload server cannot be trusted.
+    put_bundle(&other.path("ca.crt"));
+    let run = tmp();
+    let mut server = upload_server(&pki, run.path());
+    let p = ferrydisk_tests::upload::proxy_with_ca_configmap(
+        &pki,
+        run.path(),
+        server.port,
+        &api,
+        "cdi",
+        &[("FERRYDISK_CA_REFRESH", "1")],
+    );
+    let raw = default_fixture(d.path());
+    let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
+    let up = || {
+        curl(
+            &pki,
+            &["-H", &bearer(&pki), "-T", raw.to_str().expect("utf8"), &url],
+        )
+        .0
+    };
+    assert_ne!(up(), 200);
+    // CDI republishes the bundle: the next refresh picks it up, no restart.
+    put_bundle(&pki.path("ca.crt"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(up(), 200, "{}", server.log());
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+}
