@@ -27,7 +27,14 @@ pub async fn serve(
     owner_uid: String,
     progress: Arc<Progress>,
 ) {
-    serve_named(listener, acceptor, owner_uid, progress, METRIC).await
+    serve_named(
+        listener,
+        acceptor,
+        owner_uid,
+        progress,
+        (METRIC, "The import progress in percentage"),
+    )
+    .await
 }
 
 /// [`serve`] with another of CDI's progress counters (the cloner's).
@@ -36,13 +43,8 @@ pub async fn serve_named(
     acceptor: tokio_rustls::TlsAcceptor,
     owner_uid: String,
     progress: Arc<Progress>,
-    metric: &'static str,
+    (metric, help): (&'static str, &'static str),
 ) {
-    let help = if metric == METRIC {
-        "The import progress in percentage"
-    } else {
-        "The clone progress in percentage"
-    };
     let owner_uid: Arc<str> = owner_uid.into();
     // A scraper needs a connection or two; anything more is not a scraper.
     let mut listener = listen::GuardedListener::new(listener, 16);

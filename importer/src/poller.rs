@@ -92,7 +92,7 @@ pub async fn run(args: PollerArgs) -> i32 {
         Ok(d) => d,
         Err(e) => return fatal(format!("Failed to get image digest: {e}")),
     };
-    tracing::info!(%digest, "Digest is {digest}");
+    tracing::info!(%digest, "image digest");
     let client = match kube_client(&args).await {
         Ok(c) => c,
         Err(e) => return fatal(format!("Failed to build config: {e}")),

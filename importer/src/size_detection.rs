@@ -6,6 +6,7 @@
 
 use crate::cli::SizeArgs;
 use ferrydisk_common::format::probe;
+use std::os::unix::fs::OpenOptionsExt;
 
 /// CDI's size-detection exit codes (`pkg/controller/common`: NoErr, ErrBadArguments,
 /// ErrInvalidFile, ErrInvalidPath, ErrBadTermFile).
@@ -71,5 +72,3 @@ pub fn run(args: SizeArgs) -> i32 {
     tracing::info!("Size-detection binary has completed");
     0
 }
-
-use std::os::unix::fs::OpenOptionsExt;

@@ -501,7 +501,7 @@ impl<F: FnMut(u64)> LimitedCopy<'_, F> {
     /// sets the length at the end so trailing holes count.
     fn copy(&mut self, r: &mut dyn Read, w: &mut File) -> Result<u64, CopyError> {
         use std::os::unix::fs::FileExt;
-        const HOLE: usize = 4096;
+        const HOLE: usize = crate::sink::SECTOR;
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
@@ -522,7 +522,7 @@ impl<F: FnMut(u64)> LimitedCopy<'_, F> {
                 let to_boundary = HOLE - (at % HOLE as u64) as usize;
                 let end = (off + to_boundary).min(n);
                 let piece = &buf[off..end];
-                if piece.iter().any(|&b| b != 0) {
+                if !crate::sink::is_zero(piece) {
                     w.write_all_at(piece, at).map_err(CopyError::Write)?;
                 }
                 off = end;

@@ -21,6 +21,13 @@ pub use sparse::{SparseWriter, WriteStats};
 /// as qemu-img convert's default `-S 4k`).
 pub const SECTOR: usize = 4096;
 
+/// Whether `s` (at most a [`SECTOR`]) is all zeros: a compare against a zero block,
+/// which the compiler turns into `memcmp`, not a byte loop.
+pub fn is_zero(s: &[u8]) -> bool {
+    static ZEROS: [u8; SECTOR] = [0; SECTOR];
+    s == &ZEROS[..s.len()]
+}
+
 /// A destination for image bytes at absolute offsets.
 pub trait Target: Send {
     /// Writes `buf` at `offset`. Offsets and lengths are multiples of [`SECTOR`] except

@@ -3,7 +3,7 @@
 //! a few MiB), writes non-zero 4 KiB runs, turns zero runs into holes or zeroed ranges,
 //! refuses to grow past the volume, and checkpoints the page cache.
 
-use super::{AlignedBuf, FinishInfo, SinkError, Target, SECTOR};
+use super::{is_zero, AlignedBuf, FinishInfo, SinkError, Target, SECTOR};
 use crate::cdi::space::TooLarge;
 use crate::progress::Progress;
 use crate::stream::read_full;
@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 pub const BLOCK: usize = 1 << 20;
 /// Buffers in flight; memory used by the writer is `QUEUE * BLOCK`.
 const QUEUE: usize = 4;
-static ZEROS: [u8; SECTOR] = [0; SECTOR];
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
@@ -291,7 +290,6 @@ fn write_block(
     buf: &[u8],
     stats: &mut WriteStats,
 ) -> Result<(), SinkError> {
-    let is_zero = |s: &[u8]| s == &ZEROS[..s.len()];
     let mut i = 0;
     while i < buf.len() {
         let first_end = (i + SECTOR).min(buf.len());

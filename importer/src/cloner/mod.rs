@@ -65,13 +65,14 @@ pub async fn run(args: ClonerArgs) -> i32 {
                     acceptor,
                     owner.clone(),
                     progress.clone(),
-                    CLONE_METRIC,
+                    (CLONE_METRIC, "The clone progress in percentage"),
                 ));
             }
             Err(e) => tracing::warn!(%addr, error = %e, "progress metric not served"),
         }
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<io::Result<Bytes>>(ferrydisk_common::stream::CHANNEL_CHUNKS);
     let mount = args.mount.clone();
     let p = progress.clone();
     let producer = tokio::task::spawn_blocking(move || {

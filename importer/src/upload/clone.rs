@@ -24,9 +24,6 @@ use ferrydisk_common::ErrorKind;
 use std::io::Read;
 use std::sync::Arc;
 
-/// CDI's termination message for a completed clone.
-pub const CLONE_COMPLETE: &str = "Clone Complete";
-
 /// What the cloner sends (`x-cdi-content-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloneKind {
@@ -50,7 +47,8 @@ impl CloneKind {
 }
 
 /// The blocking half of a clone. `plan` is the data directory when [`CloneKind::unpacks`],
-/// the disk otherwise.
+/// the disk otherwise. The message's `preallocationApplied` is CDI's for the clone kind;
+/// the caller words the message (`Clone Complete`).
 pub fn write(
     plan: &DiskPlan,
     kind: CloneKind,
@@ -58,7 +56,7 @@ pub fn write(
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     let mut stream = snap::read::FrameDecoder::new(body);
-    let mut msg = match (kind, &plan.dest) {
+    let msg = match (kind, &plan.dest) {
         (CloneKind::Filesystem, Destination::Dir(_)) => {
             // An empty source volume is a tar of end-of-archive blocks only (all zeros):
             // nothing to unpack, and not "not an archive".
@@ -93,8 +91,6 @@ pub fn write(
             m
         }
     };
-    msg.scratch_space_required = None;
-    msg.message = Some(CLONE_COMPLETE.into());
     Ok(msg)
 }
 

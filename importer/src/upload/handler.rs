@@ -215,7 +215,7 @@ async fn handle(
         tokio::spawn(async move {
             let result = join(work).await;
             reporter.abort();
-            finish(&server, result.map_err(|f| f.detail()));
+            finish(&server, result.map_err(|f| f.detail()), false);
         });
         return reply(StatusCode::OK, "");
     }
@@ -223,7 +223,7 @@ async fn handle(
     reporter.abort();
     match result {
         Ok(msg) => {
-            finish(&server, Ok(msg));
+            finish(&server, Ok(msg), clone.is_some());
             reply(StatusCode::OK, "")
         }
         Err(f) => {
@@ -260,18 +260,20 @@ async fn join(
 }
 
 /// Records the outcome; the server loop writes the termination message and exits.
-fn finish(server: &Server, result: Result<TerminationMessage, String>) {
+/// CDI's messages: a clone target says "Clone Complete", an upload "Upload Complete".
+fn finish(server: &Server, result: Result<TerminationMessage, String>, clone: bool) {
     let result = result.map(|m| {
         server.set_phase(Phase::Done);
-        // A clone's message is already CDI's "Clone Complete".
-        let clone = m.message.as_deref() == Some(super::clone::CLONE_COMPLETE);
         TerminationMessage {
             preallocation_applied: m.preallocation_applied,
-            message: Some(if clone {
-                super::clone::CLONE_COMPLETE.into()
-            } else {
-                "Upload Complete".into()
-            }),
+            message: Some(
+                if clone {
+                    "Clone Complete"
+                } else {
+                    "Upload Complete"
+                }
+                .into(),
+            ),
             ..Default::default()
         }
     });
