@@ -136,7 +136,7 @@ pub fn common_names(der: &[u8]) -> Vec<String> {
 /// A server certificate read from its files again when they change: the kubelet renews
 /// a mounted secret by writing a new `..data` directory and flipping the symlink, and
 /// CDI renews its certificates after about half of their 24 h. Every handshake checks
-/// the files' identity (resolved path, inode, mtime, length; two `stat`s); a change is
+/// the files' identity (resolved path, inode, mtime, length: a few syscalls); a change is
 /// loaded, and a pair that does not load (caught half-written) keeps the previous one.
 /// Connections already open keep the certificate they started with.
 #[derive(Debug)]
