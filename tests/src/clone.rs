@@ -5,12 +5,26 @@ use crate::bins::{root, sh};
 use crate::fixtures::default_fixture;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// The real CDI binaries, unpacked (idempotently, sha256-checked) into target/cdi-peer.
+///
+/// `unpack` writes `NAME.tmp` then renames it, so two runs at once race on the same
+/// temporary file (seen in CI: two clone tests starting together). It runs once per test
+/// process, under `flock` so test binaries run side by side cannot race either.
 pub fn cdi_peer() -> PathBuf {
-    let dest = root().join("target/cdi-peer");
-    sh(Command::new(root().join("../shared/cdi-peer/unpack")).arg(&dest));
-    dest
+    static UNPACKED: OnceLock<PathBuf> = OnceLock::new();
+    UNPACKED
+        .get_or_init(|| {
+            let dest = root().join("target/cdi-peer");
+            std::fs::create_dir_all(root().join("target")).expect("mkdir target");
+            sh(Command::new("flock")
+                .arg(root().join("target/cdi-peer.lock"))
+                .arg(root().join("../shared/cdi-peer/unpack"))
+                .arg(&dest));
+            dest
+        })
+        .clone()
 }
 
 /// `../shared/cdi-peer/pod-run`: runs a CDI binary as its pod would see the world.
