@@ -6,9 +6,13 @@ use std::io::{self, Read};
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChecksumError {
     #[error(
-        "invalid checksum {0:?}: expected algorithm:hexdigest with md5, sha1, sha256 or sha512"
+        "invalid checksum {0:?}: expected algorithm:hexdigest with md5, sha1, sha256 or sha512 (several separated by commas)"
     )]
     Invalid(String),
+    #[error(
+        "invalid Content-Digest {0:?}: expected sha-256=:base64: or sha-512=:base64: (RFC 9530)"
+    )]
+    InvalidContentDigest(String),
     #[error("checksum mismatch: expected {algorithm}:{expected}, got {algorithm}:{actual}")]
     Mismatch {
         algorithm: String,
@@ -23,19 +27,24 @@ pub struct Checksum {
     expected: String,
 }
 
+/// The digest length in hex digits of each algorithm we verify.
+fn hex_len(alg: &str) -> Option<usize> {
+    Some(match alg {
+        "md5" => 32,
+        "sha1" => 40,
+        "sha256" => 64,
+        "sha512" => 128,
+        _ => return None,
+    })
+}
+
 impl Checksum {
     pub fn parse(s: &str) -> Result<Self, ChecksumError> {
         let invalid = || ChecksumError::Invalid(s.to_string());
         let (alg, hex_digest) = s.trim().split_once(':').ok_or_else(invalid)?;
-        let alg = alg.to_ascii_lowercase();
-        let len = match alg.as_str() {
-            "md5" => 32,
-            "sha1" => 40,
-            "sha256" => 64,
-            "sha512" => 128,
-            _ => return Err(invalid()),
-        };
-        let expected = hex_digest.to_ascii_lowercase();
+        let alg = alg.trim().to_ascii_lowercase();
+        let len = hex_len(&alg).ok_or_else(invalid)?;
+        let expected = hex_digest.trim().to_ascii_lowercase();
         if expected.len() != len || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid());
         }
@@ -43,6 +52,60 @@ impl Checksum {
             algorithm: alg,
             expected,
         })
+    }
+
+    /// `IMPORTER_CHECKSUM` (and an upload's `checksum`): one `algorithm:hex` as CDI takes,
+    /// or several separated by commas, every one of which must match. Blank is none.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, ChecksumError> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let c = Checksum::parse(part).map_err(|_| ChecksumError::Invalid(s.to_string()))?;
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An RFC 9530 `Content-Digest` (or `Repr-Digest`) header:
+    /// `sha-256=:<base64>:, sha-512=:<base64>:`. Algorithms this verifier does not know
+    /// are ignored as the RFC allows, but a header naming none it knows is refused: the
+    /// client asked for a verification that would otherwise silently not happen.
+    pub fn parse_content_digest(s: &str) -> Result<Vec<Self>, ChecksumError> {
+        use base64::Engine;
+        let invalid = || ChecksumError::InvalidContentDigest(s.to_string());
+        let mut out = Vec::new();
+        for member in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = member.split_once('=').ok_or_else(invalid)?;
+            let alg = match key.trim().to_ascii_lowercase().as_str() {
+                "sha-256" => "sha256",
+                "sha-512" => "sha512",
+                _ => continue,
+            };
+            let b64 = value
+                .trim()
+                .strip_prefix(':')
+                .and_then(|v| v.strip_suffix(':'))
+                .ok_or_else(invalid)?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| invalid())?;
+            if Some(raw.len() * 2) != hex_len(alg) {
+                return Err(invalid());
+            }
+            out.push(Checksum {
+                algorithm: alg.into(),
+                expected: hex::encode(raw),
+            });
+        }
+        if out.is_empty() {
+            return Err(invalid());
+        }
+        Ok(out)
+    }
+
+    pub fn algorithm(&self) -> &str {
+        &self.algorithm
     }
 
     fn hasher(&self) -> Box<dyn DynDigest + Send> {
@@ -55,43 +118,48 @@ impl Checksum {
     }
 }
 
-/// Hashes everything read through it when a checksum is wanted (and passes bytes
-/// through untouched when not); [`HashingReader::verify`] at the end.
+impl std::fmt::Display for Checksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.algorithm, self.expected)
+    }
+}
+
+/// Hashes everything read through it with every wanted checksum (one pass over the
+/// bytes, each hasher fed the same buffer; nothing when none is wanted);
+/// [`HashingReader::verify`] at the end.
 pub struct HashingReader<R> {
     inner: R,
-    check: Option<(Box<dyn DynDigest + Send>, Checksum)>,
+    checks: Vec<(Box<dyn DynDigest + Send>, Checksum)>,
 }
 
 impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R, want: Option<Checksum>) -> Self {
+    pub fn new(inner: R, wants: Vec<Checksum>) -> Self {
         HashingReader {
             inner,
-            check: want.map(|w| (w.hasher(), w)),
+            checks: wants.into_iter().map(|w| (w.hasher(), w)).collect(),
         }
     }
 
-    /// Call after the stream has been read to its end.
+    /// Call after the stream has been read to its end. The first mismatch is the error.
     pub fn verify(&mut self) -> Result<(), ChecksumError> {
-        let Some((hasher, want)) = self.check.take() else {
-            return Ok(());
-        };
-        let actual = hex::encode(hasher.finalize());
-        if actual == want.expected {
-            Ok(())
-        } else {
-            Err(ChecksumError::Mismatch {
-                algorithm: want.algorithm,
-                expected: want.expected,
-                actual,
-            })
+        for (hasher, want) in std::mem::take(&mut self.checks) {
+            let actual = hex::encode(hasher.finalize());
+            if actual != want.expected {
+                return Err(ChecksumError::Mismatch {
+                    algorithm: want.algorithm,
+                    expected: want.expected,
+                    actual,
+                });
+            }
         }
+        Ok(())
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Some((h, _)) = &mut self.check {
+        for (h, _) in &mut self.checks {
             h.update(&buf[..n]);
         }
         Ok(n)
@@ -110,7 +178,7 @@ impl<R: Read> DigestReader<R> {
     pub fn new(inner: R, digest: &str) -> Result<Self, ChecksumError> {
         let want = Checksum::parse(digest)?;
         Ok(DigestReader {
-            inner: HashingReader::new(inner, Some(want)),
+            inner: HashingReader::new(inner, vec![want]),
             digest: digest.to_string(),
         })
     }
@@ -154,15 +222,53 @@ mod tests {
     #[test]
     fn verifies_and_reports_mismatch() {
         let sha = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let mut r = HashingReader::new(&b"abc"[..], Some(Checksum::parse(sha).expect("parse")));
+        let mut r = HashingReader::new(&b"abc"[..], vec![Checksum::parse(sha).expect("parse")]);
         std::io::copy(&mut r, &mut std::io::sink()).expect("read");
         r.verify().expect("match");
-        let mut r = HashingReader::new(&b"abd"[..], Some(Checksum::parse(sha).expect("parse")));
+        let mut r = HashingReader::new(&b"abd"[..], vec![Checksum::parse(sha).expect("parse")]);
         std::io::copy(&mut r, &mut std::io::sink()).expect("read");
         let e = r.verify().expect_err("mismatch");
         assert!(e.to_string().contains("checksum mismatch"));
         assert!(Checksum::parse("md5:xyz").is_err());
         assert!(Checksum::parse("crc32:00000000").is_err());
         assert!(Checksum::parse("MD5:900150983CD24FB0D6963F7D28E17F72").is_ok());
+    }
+
+    const ABC_MD5: &str = "md5:900150983cd24fb0d6963f7d28e17f72";
+    const ABC_SHA256: &str =
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn several_digests_at_once_all_must_match() {
+        let list = Checksum::parse_list(&format!(" {ABC_MD5}, {ABC_SHA256} ,")).expect("list");
+        assert_eq!(list.len(), 2);
+        let mut r = HashingReader::new(&b"abc"[..], list.clone());
+        std::io::copy(&mut r, &mut std::io::sink()).expect("read");
+        r.verify().expect("both match");
+        let mut wrong = list;
+        wrong.push(Checksum::parse(&ABC_SHA256.replace("ba78", "0000")).expect("parse"));
+        let mut r = HashingReader::new(&b"abc"[..], wrong);
+        std::io::copy(&mut r, &mut std::io::sink()).expect("read");
+        let e = r.verify().expect_err("the third is wrong");
+        assert!(
+            e.to_string()
+                .starts_with("checksum mismatch: expected sha256:0000"),
+            "{e}"
+        );
+        assert!(Checksum::parse_list("sha256:abc,md5").is_err());
+        assert_eq!(Checksum::parse_list(" ").expect("blank"), vec![]);
+    }
+
+    #[test]
+    fn content_digest_per_rfc_9530() {
+        // RFC 9530 appendix: sha-256 of "abc" in base64.
+        let got = Checksum::parse_content_digest(
+            "sha-256=:ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=:, unknown=:AAAA:",
+        )
+        .expect("parse");
+        assert_eq!(got, vec![Checksum::parse(ABC_SHA256).expect("parse")]);
+        assert!(Checksum::parse_content_digest("md5=:kAFQmDzST7DWlj99KOF/cg==:").is_err());
+        assert!(Checksum::parse_content_digest("sha-256=ungWv48B").is_err());
+        assert!(Checksum::parse_content_digest("sha-256=:AAAA:").is_err());
     }
 }

@@ -100,7 +100,8 @@ pub struct ImportArgs {
     /// Requested size as a Kubernetes quantity (PVC request), e.g. 10Gi.
     #[arg(long = "image-size", env = "IMPORTER_IMAGE_SIZE", default_value = "")]
     pub image_size: String,
-    /// Expected checksum of the source bytes, `md5|sha1|sha256|sha512:<hex>`.
+    /// Expected checksum of the source bytes, `md5|sha1|sha256|sha512:<hex>`; several
+    /// separated by commas must all match.
     #[arg(long, env = "IMPORTER_CHECKSUM")]
     pub checksum: Option<String>,
 
@@ -119,6 +120,20 @@ pub struct ImportArgs {
         hide_env_values = true
     )]
     pub secret_key: Option<String>,
+    /// S3 region to sign for [default: the AWS host's, else AWS_REGION, else us-east-1].
+    #[arg(long = "s3-region", env = "FERRYDISK_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 addressing: `auto` (path-style for an explicit endpoint, as CDI; virtual-hosted
+    /// for AWS), `path` or `virtual`.
+    #[arg(
+        long = "s3-addressing",
+        env = "FERRYDISK_S3_ADDRESSING",
+        default_value = "auto"
+    )]
+    pub s3_addressing: String,
+    /// Service-account key (JSON) for the gcs source; anonymous without one.
+    #[arg(long = "gcs-credentials", env = "GOOGLE_APPLICATION_CREDENTIALS")]
+    pub google_credentials: Option<PathBuf>,
     /// Directory of extra CA certificates (PEM), every non-dot file.
     #[arg(long = "cert-dir", env = "IMPORTER_CERT_DIR")]
     pub cert_dir: Option<PathBuf>,
@@ -208,8 +223,6 @@ pub struct ImportArgs {
     /// Architecture to select from an image index (registry source).
     #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
     pub registry_arch: Option<String>,
-    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS", hide = true)]
-    pub google_credentials: Option<String>,
     #[arg(long, env = "IMPORTER_DISK_ID", hide = true)]
     pub disk_id: Option<String>,
     #[arg(long, env = "IMPORTER_UUID", hide = true)]
@@ -330,6 +343,9 @@ pub struct UploadArgs {
     /// Accepted for compatibility; rustls offers only modern AEAD suites.
     #[arg(long = "tls-ciphers", env = "TLS_CIPHERS", default_value = "")]
     pub tls_ciphers: String,
+    /// The `ownerUID` label of `/metrics` (CDI's upload pod sets none; blank then).
+    #[arg(long = "owner-uid", env = "OWNER_UID", default_value = "")]
+    pub owner_uid: String,
 }
 
 /// `importer serve-disk`: CDI's containerimage-server flags (section 3).

@@ -49,7 +49,8 @@ pub struct DiskPlan {
     pub preallocate: bool,
     pub requested: Option<u64>,
     pub overhead: f64,
-    pub checksum: Option<Checksum>,
+    /// Every digest the source bytes must match (none, one, or several at once).
+    pub checksum: Vec<Checksum>,
     /// O_DIRECT where the destination allows it (`CACHE_MODE=TRYNONE`).
     pub direct: bool,
     /// A mounted scratch volume, if any (CDI: a missing one means "required").
@@ -87,9 +88,9 @@ impl DiskPlan {
                 Err(_) => None,
             },
         };
-        let checksum = match r.checksum.map(str::trim).filter(|s| !s.is_empty()) {
-            None => None,
-            Some(s) => Some(Checksum::parse(s).map_err(|e| Failure::Config(e.to_string()))?),
+        let checksum = match r.checksum {
+            None => Vec::new(),
+            Some(s) => Checksum::parse_list(s).map_err(|e| Failure::Config(e.to_string()))?,
         };
         let dest = Destination::choose(r.dest, &v.block_device, &v.data_dir, r.archive);
         let mut keep_qcow2 = v.output_format == "qcow2";

@@ -284,8 +284,14 @@ async fn forward(
             },
             None => path,
         };
+        // The query goes along (CDI's reverse proxy keeps it): an upload's `checksum`.
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let url = format!(
-            "{}{path}",
+            "{}{path}{query}",
             upstream::base_url(&app.cfg.upstream_template, &target.namespace, &pvc)
         );
         let client = match app.client() {
@@ -329,7 +335,16 @@ async fn forward(
     }
     .await;
     // The access log: never the token (it is only ever in a header or a redacted path).
-    tracing::info!(method = %method, path = %shown_path, pvc = %pvc_shown, bytes = bytes.load(Ordering::Relaxed), duration_ms = started.elapsed().as_millis() as u64, status = resp.status().as_u16(), "request");
+    let (n, secs) = (
+        bytes.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    );
+    let mb_per_s = if secs > 0.0 {
+        n as f64 / secs / 1e6
+    } else {
+        0.0
+    };
+    tracing::info!(method = %method, path = %shown_path, pvc = %pvc_shown, bytes = n, duration_ms = (secs * 1000.0) as u64, mb_per_s = format!("{mb_per_s:.1}"), status = resp.status().as_u16(), "request");
     resp
 }
 

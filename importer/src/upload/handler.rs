@@ -6,6 +6,7 @@ use super::{Phase, Server};
 use crate::failure::Failure;
 use bytes::Bytes;
 use ferrydisk_common::cdi::termination::TerminationMessage;
+use ferrydisk_common::checksum::{Checksum, ChecksumError};
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::serve::{conn, linger, tls};
@@ -90,6 +91,15 @@ async fn handle(
     if path == "/healthz" {
         return reply(StatusCode::OK, "OK");
     }
+    if path == "/metrics" && req.method() == Method::GET {
+        // Like /healthz, no client certificate needed: a scraper has none.
+        let mut r = Response::new(Full::new(Bytes::from(server.metrics_text())));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(r);
+    }
     let Some(route) = route(&path) else {
         return reply(StatusCode::NOT_FOUND, "");
     };
@@ -165,6 +175,17 @@ async fn handle(
             .and_then(|v| v.parse().ok())
     };
     tracing::info!(path, content_length = ?content_length, "upload started");
+    let checksums = match expected_checksums(&req) {
+        Ok(c) => c,
+        Err(e) => {
+            server.set_phase(Phase::Idle);
+            linger(req);
+            return reply(
+                StatusCode::BAD_REQUEST,
+                format!("Saving stream failed: {e}"),
+            );
+        }
+    };
     let plan = match server.disk_plan(route.archive).and_then(|p| match clone {
         Some(k) if k.unpacks(&p.dest) => server.disk_plan(true),
         _ => Ok(p),
@@ -179,26 +200,47 @@ async fn handle(
             );
         }
     };
+    let mut plan = plan;
+    if !checksums.is_empty() {
+        let names: Vec<&str> = checksums.iter().map(|c| c.algorithm()).collect();
+        tracing::info!(algorithms = ?names, "verifying the upload against the client's digests");
+        plan.checksum = checksums;
+    }
     let (tx, reader) = ferrydisk_common::stream::channel();
     let progress = Arc::new(Progress::default());
+    progress.set_source_total(content_length);
+    server.set_progress(progress.clone());
     let reporter = crate::report::spawn(progress.clone(), false);
+    let work_progress = progress.clone();
     let work = tokio::spawn(
         crate::disk::blocking(move || match clone {
-            Some(kind) => super::clone::write(&plan, kind, reader, progress),
-            None => crate::disk::write_stream(&plan, reader, content_length, progress, None),
+            Some(kind) => super::clone::write(&plan, kind, reader, work_progress),
+            None => crate::disk::write_stream(&plan, reader, content_length, work_progress, None),
         })
         .in_current_span(),
     );
     // When the pipeline refuses the data (too large for the volume, not an image) while
     // the client is still sending, both pumps keep reading while the answer goes out, so
     // the client sees our 400 instead of a reset.
+    let started = std::time::Instant::now();
     let pumped = match boundary {
-        Some(b) => pump_form(req.into_body(), b, &tx).await,
-        None => pump_raw(req.into_body(), &tx).await,
+        Some(b) => pump_form(req.into_body(), b, &tx, &progress).await,
+        None => pump_raw(req.into_body(), &tx, &progress).await,
     };
     match &pumped {
         Pumped::Complete(n) => {
-            tracing::info!(bytes = n, "upload body received");
+            let secs = started.elapsed().as_secs_f64();
+            let mb_s = if secs > 0.0 {
+                *n as f64 / secs / 1e6
+            } else {
+                0.0
+            };
+            tracing::info!(
+                bytes = n,
+                seconds = format!("{secs:.2}"),
+                mb_per_s = format!("{mb_s:.1}"),
+                "upload body received"
+            );
             tx.end().await;
         }
         Pumped::ClientFailed(e) => {
@@ -215,6 +257,9 @@ async fn handle(
         tokio::spawn(async move {
             let result = join(work).await;
             reporter.abort();
+            if result.is_ok() {
+                progress.complete();
+            }
             finish(&server, result.map_err(|f| f.detail()), false);
         });
         return reply(StatusCode::OK, "");
@@ -223,6 +268,7 @@ async fn handle(
     reporter.abort();
     match result {
         Ok(msg) => {
+            progress.complete(); // synced: only now 100
             finish(&server, Ok(msg), clone.is_some());
             reply(StatusCode::OK, "")
         }
@@ -231,7 +277,14 @@ async fn handle(
             let detail = f.detail();
             tracing::error!(class = f.kind().class(), kind = %f.kind(), error = %detail, "upload failed");
             // A full volume is TooLarge by its io::ErrorKind where it was raised.
-            if f.kind() == ErrorKind::TooLarge {
+            if f.kind() == ErrorKind::ChecksumMismatch {
+                // The client's bytes are not the ones it vouched for: its error, a 400,
+                // and the disk was emptied by the failed write.
+                reply(
+                    StatusCode::BAD_REQUEST,
+                    format!("Saving stream failed: {detail}"),
+                )
+            } else if f.kind() == ErrorKind::TooLarge {
                 reply(StatusCode::BAD_REQUEST, format!("Saving stream failed: effective image size is larger than the reported available storage: {detail}"))
             } else if f.kind() == ErrorKind::ScratchRequired {
                 reply(
@@ -290,13 +343,14 @@ enum Pumped {
     PipelineStopped,
 }
 
-async fn pump_raw(mut body: Incoming, tx: &ChunkSender) -> Pumped {
+async fn pump_raw(mut body: Incoming, tx: &ChunkSender, progress: &Progress) -> Pumped {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Ok(data) = f.into_data() {
                     n += data.len() as u64;
+                    progress.add_source(data.len() as u64);
                     if tx.data(data).await.is_err() {
                         linger::body(body);
                         return Pumped::PipelineStopped;
@@ -312,7 +366,12 @@ async fn pump_raw(mut body: Incoming, tx: &ChunkSender) -> Pumped {
 }
 
 /// Skips form parts until the one named `file` (CDI's rule) and streams it.
-async fn pump_form(body: Incoming, boundary: String, tx: &ChunkSender) -> Pumped {
+async fn pump_form(
+    body: Incoming,
+    boundary: String,
+    tx: &ChunkSender,
+    progress: &Progress,
+) -> Pumped {
     let stream = BodyStream::new(body).filter_map(|f| async move {
         match f {
             Ok(frame) => frame.into_data().ok().map(Ok),
@@ -335,6 +394,7 @@ async fn pump_form(body: Incoming, boundary: String, tx: &ChunkSender) -> Pumped
             match field.chunk().await {
                 Ok(Some(data)) => {
                     n += data.len() as u64;
+                    progress.add_source(data.len() as u64);
                     if tx.data(data).await.is_err() {
                         // Linger: read the rest of the form while the answer goes out.
                         drop(field);
@@ -353,6 +413,36 @@ async fn pump_form(body: Incoming, boundary: String, tx: &ChunkSender) -> Pumped
             }
         }
     }
+}
+
+/// The digests the client vouches for, from any of: the `checksum` query parameter or
+/// an `X-Checksum` header (IMPORTER_CHECKSUM's syntax, several separated by commas),
+/// or an RFC 9530 `Content-Digest` header. All of them must match.
+fn expected_checksums(req: &Request<Incoming>) -> Result<Vec<Checksum>, ChecksumError> {
+    let mut out = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        if k == "checksum" {
+            out.extend(Checksum::parse_list(&v)?);
+        }
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| ChecksumError::Invalid("<not ASCII>".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    for v in header("x-checksum")? {
+        out.extend(Checksum::parse_list(v)?);
+    }
+    for v in header("content-digest")? {
+        out.extend(Checksum::parse_content_digest(v)?);
+    }
+    out.dedup();
+    Ok(out)
 }
 
 #[cfg(test)]

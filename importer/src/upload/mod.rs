@@ -10,6 +10,7 @@ use crate::destination::Destination;
 use crate::disk::{DiskPlan, DiskRequest, Parsing};
 use crate::failure::Failure;
 use ferrydisk_common::cdi::termination::TerminationMessage;
+use ferrydisk_common::progress::{metric_text, Progress};
 use ferrydisk_common::serve::listen::{GuardedListener, MAX_CONNECTIONS};
 use ferrydisk_common::serve::tls;
 use std::net::SocketAddr;
@@ -29,7 +30,13 @@ pub struct Server {
     pub phase: std::sync::Mutex<Phase>,
     /// Set once, with the message to write, when the upload is complete.
     pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, String>>>,
+    /// The progress of the current (or last) upload, which `/metrics` reports.
+    pub progress: std::sync::Mutex<Arc<Progress>>,
 }
+
+/// The upload server's progress counter: the shape of the importer's (CDI's controller
+/// scrapes none for uploads, so the name says what it counts).
+pub const UPLOAD_METRIC: &str = "kubevirt_cdi_upload_progress_total";
 
 impl Server {
     /// CDI's upload server is lenient: a value that does not parse means the default.
@@ -45,6 +52,27 @@ impl Server {
                 checksum: None,
             },
             Parsing::Lenient,
+        )
+    }
+
+    /// A new upload's counters replace the last one's.
+    pub fn set_progress(&self, p: Arc<Progress>) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    /// The exposition `/metrics` answers: percent of the declared length (or of the
+    /// virtual size when the length is not declared), 100 only once the disk is synced.
+    pub fn metrics_text(&self) -> String {
+        let p = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        metric_text(
+            UPLOAD_METRIC,
+            "The upload progress in percentage",
+            &self.args.owner_uid,
+            p.percent(),
         )
     }
 
@@ -134,6 +162,7 @@ pub async fn run(args: UploadArgs) -> i32 {
     let server = Arc::new(Server {
         phase: std::sync::Mutex::new(Phase::Idle),
         finished,
+        progress: Default::default(),
         args,
     });
     tracing::info!(%addr, dest = %disk_dest.path().display(), client_auth = !server.args.no_client_auth, "upload server listening");
