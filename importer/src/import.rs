@@ -6,7 +6,7 @@ use crate::destination::Destination;
 use crate::disk::{blocking, write_image, write_stream, DiskPlan, DiskRequest, Parsing};
 use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
-use crate::sources::{client, http, local_image, node, redact, registry};
+use crate::sources::{client, gcs, http, local_image, node, redact, registry, s3};
 use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::CountingReader;
@@ -68,7 +68,9 @@ async fn run_in_span(
         "none" => return plan.disk.create_blank(),
         "http" => import_http(plan, progress).await?,
         "registry" => import_registry(plan, progress).await?,
-        "s3" | "gcs" | "imageio" | "vddk" => {
+        "s3" => import_s3(plan, progress).await?,
+        "gcs" => import_gcs(plan, progress).await?,
+        "imageio" | "vddk" => {
             return Err(Failure::Connect {
                 source_name: source.clone(),
                 kind: ErrorKind::UnsupportedFormat,
@@ -96,27 +98,16 @@ fn ca_dirs(a: &ImportArgs) -> Vec<PathBuf> {
     dirs
 }
 
-async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
-    let endpoint = node::endpoint(&plan.args).await?;
-    let connect_err = |kind, message: String| Failure::Connect {
-        source_name: "http".into(),
-        kind,
-        message,
-    };
-    if let Some(path) = local_path(&endpoint) {
-        if !plan.args.allow_local_files {
-            return Err(connect_err(
-                ErrorKind::Config,
-                "file:// endpoints need --allow-local-files (a flag, so a DataVolume's URL cannot read the importer pod's files)".into(),
-            ));
-        }
-        return import_file(plan, &path, progress).await;
-    }
-    let a = &plan.args;
+/// The HTTP client every URL source uses: CA dirs, proxies, extra headers, TLS policy.
+fn http_client(
+    a: &ImportArgs,
+    source_name: &str,
+    localhost_names: Vec<String>,
+) -> Result<reqwest::Client, Failure> {
     let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
     headers.extend(a.extra_headers.iter().cloned());
     let dirs = ca_dirs(a);
-    let client = client::build(&client::ClientOptions {
+    client::build(&client::ClientOptions {
         ca_dirs: dirs.iter().map(PathBuf::as_path).collect(),
         insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
         headers,
@@ -124,44 +115,163 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
         refuse_internal_redirects: a.refuse_internal_redirects,
+        localhost_names,
     })
-    .map_err(|e| connect_err(ErrorKind::Config, e.to_string()))?;
+    .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))
+}
+
+fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failure {
+    Failure::Connect {
+        source_name: source_name.into(),
+        kind,
+        message,
+    }
+}
+
+async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
+    let endpoint = node::endpoint(&plan.args).await?;
+    if let Some(path) = local_path(&endpoint) {
+        if !plan.args.allow_local_files {
+            return Err(connect_err(
+                "http",
+                ErrorKind::Config,
+                "file:// endpoints need --allow-local-files (a flag, so a DataVolume's URL cannot read the importer pod's files)".into(),
+            ));
+        }
+        return import_file(plan, &path, progress).await;
+    }
+    let a = &plan.args;
+    let client = http_client(a, "http", Vec::new())?;
     let auth = match (&a.access_key_id, &a.secret_key) {
-        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
-        _ => None,
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => {
+            http::Auth::Basic(u.clone(), p.clone())
+        }
+        _ => http::Auth::None,
     };
     tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.disk.dest.path().display(), "starting import");
     let opts = http::HttpOptions {
         auth,
+        if_match: false,
+        what: None,
         retries: a.retries,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress: progress.clone(),
     };
     let node_pull = a.pull_method == "node";
-    let disk = Arc::new(plan.disk);
+    let mut msg = download(plan.disk, &client, &endpoint, opts, "http", MAX_RESTARTS).await?;
+    if node_pull {
+        msg.labels = node::labels(&client, &endpoint).await;
+    }
+    Ok(msg)
+}
+
+/// Streams `url` onto the disk, starting again from byte 0 up to `max_restarts` times
+/// when the source changed under a resume.
+async fn download(
+    disk: DiskPlan,
+    client: &reqwest::Client,
+    url: &str,
+    opts: http::HttpOptions,
+    source_name: &str,
+    max_restarts: u32,
+) -> Result<TerminationMessage, Failure> {
+    let progress = opts.progress.clone();
+    let disk = Arc::new(disk);
     let mut restarts = 0;
-    let mut msg = loop {
-        let download = http::open(client.clone(), &endpoint, opts.clone())
+    loop {
+        let download = http::open(client.clone(), url, opts.clone())
             .await
-            .map_err(|e| connect_err(e.kind(), e.to_string()))?;
+            .map_err(|e| connect_err(source_name, e.kind(), e.to_string()))?;
         let content_length = download.content_length;
         let reader = download.reader;
         let (d, p) = (disk.clone(), progress.clone());
         let result = blocking(move || write_stream(&d, reader, content_length, p, None)).await;
         match result {
             // The destination was emptied when the attempt failed; a new one rewrites it.
-            Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < MAX_RESTARTS => {
+            Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < max_restarts => {
                 restarts += 1;
                 tracing::warn!(restart = restarts, error = %f.detail(), "the source changed under a resumed download; importing again from byte 0");
                 progress.restart();
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    if node_pull {
-        msg.labels = node::labels(&client, &endpoint).await;
     }
-    Ok(msg)
+}
+
+/// `IMPORTER_SOURCE=s3`: the object's URL and a SigV4 signer (anonymous without keys),
+/// then the HTTP download with `If-Match` resumes. A replaced object is refused, not
+/// imported again: the DataVolume named the object it saw.
+async fn import_s3(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
+    let a = &plan.args;
+    let region = a
+        .s3_region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .filter(|r| !r.trim().is_empty());
+    let object = s3::Addressing::parse(&a.s3_addressing)
+        .and_then(|mode| s3::resolve(&a.endpoint, region.as_deref(), mode))
+        .map_err(|e| connect_err("s3", ErrorKind::Config, e.to_string()))?;
+    let host = object.url.host_str().unwrap_or("").to_string();
+    let client = http_client(a, "s3", vec![host])?;
+    let auth = match (&a.access_key_id, &a.secret_key) {
+        (Some(k), Some(s)) if !k.is_empty() && !s.is_empty() => {
+            http::Auth::Per(Arc::new(s3::SigV4 {
+                access_key: k.clone(),
+                secret_key: s.clone(),
+                region: object.region.clone(),
+                session_token: std::env::var("AWS_SESSION_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+            }))
+        }
+        _ => http::Auth::None,
+    };
+    let signed = !matches!(auth, http::Auth::None);
+    tracing::info!(source = "s3", bucket = %object.bucket, key = %object.key, url = %object.url, region = %object.region, signed, dest = %plan.disk.dest.path().display(), "starting import");
+    let opts = http::HttpOptions {
+        auth,
+        if_match: true,
+        what: Some(format!("download of s3 object {}", object.shown())),
+        retries: a.retries,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        progress,
+    };
+    download(plan.disk, &client, object.url.as_str(), opts, "s3", 0).await
+}
+
+/// `IMPORTER_SOURCE=gcs`: the object URL, a bearer token from the service-account key
+/// when one is mounted (anonymous otherwise), then the HTTP download with `If-Match`.
+async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
+    let a = &plan.args;
+    let url = gcs::object_url(&a.endpoint)
+        .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
+    let client = http_client(a, "gcs", Vec::new())?;
+    let auth = match a
+        .google_credentials
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        Some(path) => {
+            let sa = gcs::ServiceAccount::load(path, client.clone())
+                .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
+            tracing::info!(account = %sa.email(), "using the GCS service-account key");
+            http::Auth::Per(Arc::new(sa))
+        }
+        None => http::Auth::None,
+    };
+    tracing::info!(source = "gcs", url = %redact::url(url.as_str()), dest = %plan.disk.dest.path().display(), "starting import");
+    let opts = http::HttpOptions {
+        auth,
+        if_match: true,
+        what: Some(format!(
+            "download of gcs object {}",
+            redact::url(url.as_str())
+        )),
+        retries: a.retries,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        progress,
+    };
+    download(plan.disk, &client, url.as_str(), opts, "gcs", 0).await
 }
 
 /// How often an import starts again from byte 0 because its source changed under a

@@ -28,12 +28,17 @@ TEST_PACKAGES=(qemu-utils curl python3 gzip xz-utils zstd bzip2 tar util-linux t
 
 # The manifest test's validators: yamllint (Debian) and kubernetes-validate (PyPI,
 # ships the Kubernetes JSON schemas, so it needs no cluster and no network at run time).
+# An entry is a pip spec, or MODULE=SPEC when the module to check for differs.
 ensure_python_packages() {
-    local p
+    local p mod spec
     for p in "$@"; do
-        python3 -c "import ${p//-/_}" 2>/dev/null && continue
-        echo "==> pip install $p" >&2
-        python3 -m pip install -q "$p" >&2 2>/dev/null || python3 -m pip install -q --break-system-packages "$p" >&2
+        mod=${p%%=*}; spec=${p#*=}
+        python3 -c "import ${mod//-/_}" 2>/dev/null && continue
+        echo "==> pip install $spec" >&2
+        python3 -m pip install -q "$spec" >&2 2>/dev/null || python3 -m pip install -q --break-system-packages "$spec" >&2
     done
 }
 TEST_PACKAGES+=(yamllint python3-pip)
+# The S3 tests' server: moto's standalone S3 server (flask_cors is only there with the
+# [server] extra; boto3 and cryptography come with it, the GCS stand-in uses the latter).
+TEST_PYTHON_PACKAGES=(kubernetes-validate "flask_cors=moto[server]")

@@ -8,6 +8,7 @@ pub mod clone;
 pub mod compare;
 pub mod fixtures;
 pub mod httpserver;
+pub mod objstore;
 pub mod registry;
 pub mod runner;
 pub mod token;

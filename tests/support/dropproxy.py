@@ -3,7 +3,10 @@
 than --after bytes back to the client: a network that breaks mid-download.
 Prints "PORT <n>" once listening.
 
-usage: dropproxy.py --to PORT --after BYTES --drops N
+usage: dropproxy.py --to PORT --after BYTES --drops N [--cut-file F --hold-file G]
+
+With --cut-file, F is created at the first cut; with --hold-file, connections made
+after a cut wait until G exists: a test changes the source in between, deterministically.
 """
 import argparse
 import socket
@@ -13,7 +16,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--to", type=int, required=True)
 p.add_argument("--after", type=int, required=True)
 p.add_argument("--drops", type=int, required=True)
+p.add_argument("--cut-file")
+p.add_argument("--hold-file")
 a = p.parse_args()
+cut_seen = threading.Event()
 lock = threading.Lock()
 left = [a.drops]
 
@@ -32,6 +38,9 @@ def pipe(src, dst, limit):
                         left[0] -= 1
                 if cut:
                     dst.sendall(data[: limit - sent])
+                    cut_seen.set()
+                    if a.cut_file:
+                        open(a.cut_file, "w").close()
                     break
                 limit = None
             dst.sendall(data)
@@ -51,8 +60,20 @@ srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0))
 srv.listen(64)
 print("PORT %d" % srv.getsockname()[1], flush=True)
-while True:
-    c, _ = srv.accept()
+
+
+def serve(c):
+    if a.hold_file and cut_seen.is_set():
+        import os
+        import time
+
+        while not os.path.exists(a.hold_file):
+            time.sleep(0.05)
     u = socket.create_connection(("127.0.0.1", a.to))
     threading.Thread(target=pipe, args=(c, u, None), daemon=True).start()
-    threading.Thread(target=pipe, args=(u, c, a.after), daemon=True).start()
+    pipe(u, c, a.after)
+
+
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()

@@ -11,8 +11,10 @@ use ferrydisk_common::resume::{self, Continue, Headers, Restart, Validators};
 use ferrydisk_common::stream::{self, ChannelReader};
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
-use reqwest::{Client, Response, StatusCode};
+use reqwest::header::{
+    ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
+};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,10 +27,12 @@ pub enum HttpError {
     /// A redirect loop or a refused redirect target: terminal, retrying cannot help.
     #[error(transparent)]
     Redirect(Box<HttpError>),
-    #[error("{url} answered {status}{hint}")]
+    #[error("{url} answered {status}{detail}{hint}")]
     Status {
         url: String,
         status: StatusCode,
+        /// What an object store's error body said (` (SignatureDoesNotMatch: ...)`).
+        detail: String,
         hint: &'static str,
     },
 }
@@ -49,9 +53,34 @@ impl HttpError {
     }
 }
 
+/// Adds credentials to each request (the first and every resume): an object store's
+/// request signature or bearer token.
+pub trait Authorize: Send + Sync + 'static {
+    fn authorize<'a>(
+        &'a self,
+        req: RequestBuilder,
+        url: &'a reqwest::Url,
+    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, String>>;
+}
+
+#[derive(Clone, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    /// HTTP basic (`IMPORTER_ACCESS_KEY_ID` / `IMPORTER_SECRET_KEY` on the http source).
+    Basic(String, String),
+    /// Computed per request (S3 SigV4, a GCS OAuth token).
+    Per(Arc<dyn Authorize>),
+}
+
 #[derive(Clone)]
 pub struct HttpOptions {
-    pub auth: Option<(String, String)>,
+    pub auth: Auth,
+    /// Resumes also send `If-Match` with the first response's ETag: object stores
+    /// answer 412 when the object was replaced, instead of a body of the new one.
+    pub if_match: bool,
+    /// Names the transfer in errors and logs (`download of URL`, `s3 object bucket/key`).
+    pub what: Option<String>,
     pub retries: u32,
     pub idle_timeout: Duration,
     pub progress: Arc<Progress>,
@@ -91,13 +120,23 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
         match get(&client, &parsed, &opts, None).await {
             Ok(r) if r.status().is_success() => break r,
             Ok(r) => {
-                let e = status_error(&shown, r.status());
+                let status = r.status();
+                let mut e = status_error(&shown, status);
+                if let HttpError::Status { detail, .. } = &mut e {
+                    *detail = error_detail(r).await;
+                }
                 if e.kind() != ErrorKind::Network || attempt >= opts.retries {
                     return Err(e);
                 }
-                tracing::warn!(url = %shown, status = %r.status(), attempt, "server error, retrying");
+                tracing::warn!(url = %shown, %status, attempt, "server error, retrying");
             }
-            Err(e) => {
+            Err(Failed::Auth(m)) => {
+                return Err(HttpError::Request {
+                    url: shown.clone(),
+                    message: m,
+                })
+            }
+            Err(Failed::Http(e)) => {
                 let refused = super::client::is_redirect_refusal(&e);
                 let e = HttpError::Request {
                     url: shown.clone(),
@@ -131,7 +170,10 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
         progress: opts.progress.clone(),
     };
     let labels = Labels {
-        what: format!("download of {shown}"),
+        what: opts
+            .what
+            .clone()
+            .unwrap_or_else(|| format!("download of {shown}")),
         total: content_length,
         interrupted: "connection lost, resuming",
     };
@@ -159,23 +201,74 @@ fn body_of(resp: Response) -> Body {
     Box::pin(resp.bytes_stream().map(|r| r.map_err(|e| error_text(&e))))
 }
 
+/// Why a request gave no response.
+enum Failed {
+    Http(reqwest::Error),
+    /// The credentials could not be computed (a token endpoint refused the key).
+    Auth(String),
+}
+
 async fn get(
     client: &Client,
     url: &reqwest::Url,
     opts: &HttpOptions,
     range: Option<(u64, &Validators)>,
-) -> reqwest::Result<Response> {
+) -> Result<Response, Failed> {
     let mut req = client.get(url.clone());
-    if let Some((user, pass)) = &opts.auth {
-        req = req.basic_auth(user, Some(pass));
-    }
     if let Some((from, v)) = range {
         req = req.header(RANGE, format!("bytes={from}-"));
         if let Some(ir) = v.if_range() {
             req = req.header(IF_RANGE, ir);
         }
+        if let (true, Some(etag)) = (opts.if_match, &v.etag) {
+            req = req.header(IF_MATCH, etag);
+        }
     }
-    req.send().await
+    req = match &opts.auth {
+        Auth::None => req,
+        Auth::Basic(user, pass) => req.basic_auth(user, Some(pass)),
+        Auth::Per(a) => a.authorize(req, url).await.map_err(Failed::Auth)?,
+    };
+    req.send().await.map_err(Failed::Http)
+}
+
+/// The code and message of an object store's XML error body (S3, GCS XML API), read
+/// from at most 4 KiB of it: ` (SignatureDoesNotMatch: The request signature ...)`.
+async fn error_detail(resp: Response) -> String {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    let read = async {
+        while let Some(Ok(b)) = stream.next().await {
+            body.extend_from_slice(&b[..b.len().min(4096 - body.len())]);
+            if body.len() >= 4096 {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&body);
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let start = text.find(&open)? + open.len();
+        let end = start + text[start..].find('<')?;
+        let v = text[start..end].trim();
+        (!v.is_empty()).then(|| {
+            v.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        })
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => format!(" ({c}: {m})"),
+        (Some(c), None) => format!(" ({c})"),
+        _ => String::new(),
+    }
 }
 
 fn status_error(url: &str, status: StatusCode) -> HttpError {
@@ -189,6 +282,7 @@ fn status_error(url: &str, status: StatusCode) -> HttpError {
     HttpError::Status {
         url: url.to_string(),
         status,
+        detail: String::new(),
         hint,
     }
 }
@@ -230,14 +324,21 @@ impl Resumable for HttpSource {
         let range = self.ranges.then_some((offset, &self.validators));
         let resp = get(&self.client, &self.url, &self.opts, range)
             .await
-            .map_err(|e| {
-                if super::client::is_redirect_refusal(&e) {
+            .map_err(|e| match e {
+                Failed::Http(e) if super::client::is_redirect_refusal(&e) => {
                     Reopen::Fatal(ErrorKind::SourceRefused, error_text(&e))
-                } else {
-                    Reopen::Retry(error_text(&e))
                 }
+                Failed::Http(e) => Reopen::Retry(error_text(&e)),
+                Failed::Auth(m) => Reopen::Retry(m),
             })?;
         let status = resp.status();
+        if status == StatusCode::PRECONDITION_FAILED {
+            return Err(Reopen::Restart(format!(
+                "{} cannot be resumed at byte {offset}: it was replaced during the download (412 to If-Match {})",
+                self.shown,
+                self.validators.etag.as_deref().unwrap_or("")
+            )));
+        }
         if status.is_success() {
             match resume::judge(
                 &self.validators,

@@ -1,6 +1,7 @@
 //! Where image bytes come from.
 
 pub mod client;
+pub mod gcs;
 pub mod http;
 pub mod image;
 pub mod local_image;
@@ -8,3 +9,4 @@ pub mod node;
 pub mod redact;
 pub mod registry;
 pub mod resume;
+pub mod s3;
