@@ -25,7 +25,7 @@ def client(service, endpoint, ak, sk):
         aws_access_key_id=ak,
         aws_secret_access_key=sk,
         verify=os.environ.get("S3TOOL_CA", True),
-        config=botocore.config.Config(s3={"addressing_style": "path"}),
+        config=botocore.config.Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
     )
 
 
