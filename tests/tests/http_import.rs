@@ -341,6 +341,30 @@ fn checksum_match_and_mismatch() {
         0,
         "mismatched data is removed"
     );
+    // Several digests at once (ferrydisk: CDI takes one): all must match.
+    let md5 = String::from_utf8(sh(Command::new("md5sum").arg(&gz)).stdout).expect("utf8");
+    let md5 = md5.split_whitespace().next().expect("md5").to_string();
+    let run = tmp();
+    Importer::new(run.path())
+        .http(&server.url("disk.raw.gz"))
+        .env("IMPORTER_CHECKSUM", &format!("md5:{md5},sha256:{sum}"))
+        .run()
+        .assert_success();
+    let run = tmp();
+    let o = Importer::new(run.path())
+        .http(&server.url("disk.raw.gz"))
+        .env(
+            "IMPORTER_CHECKSUM",
+            &format!("sha256:{sum},md5:{}", "0".repeat(32)),
+        )
+        .run();
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.termination
+            .contains("checksum mismatch: expected md5:000"),
+        "{}",
+        o.termination
+    );
 }
 
 #[test]
