@@ -219,6 +219,12 @@ pub struct ImportArgs {
     #[arg(long = "owner-uid", env = "OWNER_UID", default_value = "")]
     pub owner_uid: String,
 
+    /// The registry layer whose blob is the disk (`sha256:...`), for an OCI artifact with
+    /// several (CDI's VEP 395 import by digest). Default: KubeVirt's disk media type, or
+    /// an artifact's only non-tar layer, else the containerDisk's `disk/` file.
+    #[arg(long = "layer-digest", env = "FERRYDISK_LAYER_DIGEST")]
+    pub layer_digest: Option<String>,
+
     // ---- accepted for contract compatibility; used by sources ferrydisk does not implement ----
     /// Architecture to select from an image index (registry source).
     #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]

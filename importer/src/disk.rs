@@ -361,8 +361,17 @@ pub fn write_raw(
 pub fn write_image(
     plan: &DiskPlan,
     image: &dyn ContainerImage,
+    layer_digest: Option<&str>,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
+    let blob =
+        crate::sources::image::disk_blob(image, layer_digest).map_err(|m| Failure::Process {
+            kind: ErrorKind::Config,
+            message: m,
+        })?;
+    if let Some(idx) = blob {
+        return write_blob(plan, image, idx, progress);
+    }
     let mut disk = open_disk(plan, progress.clone(), None)?;
     let mut finder = DiskFinder::default();
     let mut fetched = 0u64;
@@ -404,6 +413,48 @@ pub fn write_image(
             tracing::info!(image = %image.describe(), labels = ?labels, "image labels");
             finish_disk(plan, disk, &report, Some(labels))
         }
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// An artifact whose layer blob is the disk itself (raw, qcow2, ..., possibly
+/// compressed): streamed through the pipeline like an HTTP body, its digest checked
+/// over every byte by the layer reader before the disk is reported.
+fn write_blob(
+    plan: &DiskPlan,
+    image: &dyn ContainerImage,
+    idx: usize,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let info = image.layer_info(idx);
+    tracing::info!(
+        image = %image.describe(),
+        layer = idx,
+        digest = info.digest.unwrap_or("?"),
+        media_type = info.media_type,
+        title = info.title.unwrap_or(""),
+        "the disk is a layer's blob (OCI artifact): streaming it as the disk blob"
+    );
+    let size = image.layer_size(idx);
+    progress.set_source_total(Some(size));
+    let mut disk = open_disk(plan, progress.clone(), Some(size))?;
+    let result = image
+        .open_layer(idx, progress)
+        .map_err(|e| Failure::Process {
+            kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
+            message: format!("opening layer {idx} of {}: {e}", image.describe()),
+        })
+        .and_then(|mut layer| {
+            let report = pipeline::write_disk(&mut layer, &mut disk.writer, &disk.opts)
+                .map_err(process_failure)?;
+            drain(&mut layer)?;
+            Ok(report)
+        });
+    match result {
+        Ok(report) => finish_disk(plan, disk, &report, Some(Default::default())),
         Err(f) => {
             disk.writer.abort();
             Err(f)

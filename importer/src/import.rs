@@ -341,5 +341,6 @@ async fn import_registry(
             Some(local) => Box::new(local),
             None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
         };
-    blocking(move || write_image(&plan.disk, image.as_ref(), progress)).await
+    let digest = plan.args.layer_digest.clone();
+    blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), progress)).await
 }

@@ -7,6 +7,9 @@ usage: mkimage.py OUT TAG SPEC.json
 SPEC: {"index": bool, "images": [{"architecture": "amd64", "env": ["K=V"],
         "layers": [[{"path": "disk/a.raw", "file": "/src"} | {"path": "...", "data": "text"}
                     | {"path": "...", "symlink": "target"}], ...]}]}
+An OCI artifact instead (KubeVirt's VEP 256 export, CDI's VEP 395 import): an image with
+  {"artifactType": "...", "blobs": [{"file": "/src", "mediaType": "...", "annotations": {}}]}
+gets the empty config (application/vnd.oci.empty.v1+json) and each file as a layer as is.
 """
 import gzip
 import hashlib
@@ -56,6 +59,23 @@ def layer(entries) -> tuple:
 
 manifests = []
 for img in spec["images"]:
+    if "blobs" in img:
+        descs = []
+        for b in img["blobs"]:
+            d = put(open(b["file"], "rb").read())
+            d["mediaType"] = b["mediaType"]
+            if b.get("annotations"):
+                d["annotations"] = b["annotations"]
+            descs.append(d)
+        cdesc = put(b"{}")
+        cdesc["mediaType"] = "application/vnd.oci.empty.v1+json"
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "artifactType": img["artifactType"], "config": cdesc, "layers": descs}
+        mdesc = put(json.dumps(manifest).encode())
+        mdesc["mediaType"] = "application/vnd.oci.image.manifest.v1+json"
+        mdesc["platform"] = {"architecture": img.get("architecture", "amd64"), "os": "linux"}
+        manifests.append(mdesc)
+        continue
     descs, diffs = [], []
     for entries in img["layers"]:
         d, diff = layer(entries)

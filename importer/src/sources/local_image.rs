@@ -102,12 +102,15 @@ struct Layer {
     name: String,
     digest: Option<String>,
     size: u64,
+    media_type: String,
+    title: Option<String>,
 }
 
 pub struct LocalImage {
     files: Files,
     layers: Vec<Layer>,
     env: Vec<String>,
+    artifact_type: Option<String>,
     shown: String,
 }
 
@@ -224,11 +227,20 @@ fn oci_layout(
         desc = serde_json::json!({ "digest": chosen });
     }
     let manifest = files.json(&blob_name(str_field(&desc, "digest"))?)?;
-    let config = files.json(&blob_name(str_field(
-        manifest.get("config").unwrap_or(&serde_json::Value::Null),
-        "digest",
-    ))?)?;
-    let env = check_config(&config, arch)?;
+    let config_desc = manifest.get("config").unwrap_or(&serde_json::Value::Null);
+    let config = files.json(&blob_name(str_field(config_desc, "digest"))?)?;
+    let artifact_type = manifest
+        .get("artifactType")
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .or_else(|| {
+            let mt = str_field(config_desc, "mediaType");
+            (!super::image::is_image_config(mt)).then(|| mt.to_string())
+        });
+    let env = match artifact_type {
+        None => check_config(&config, arch)?,
+        Some(_) => Vec::new(),
+    };
     let layers = manifest
         .get("layers")
         .and_then(|l| l.as_array())
@@ -241,6 +253,11 @@ fn oci_layout(
                 name: blob_name(&digest)?,
                 size: l.get("size").and_then(|s| s.as_u64()).unwrap_or(0),
                 digest: Some(digest),
+                media_type: str_field(l, "mediaType").to_string(),
+                title: l
+                    .pointer("/annotations/org.opencontainers.image.title")
+                    .and_then(|v| v.as_str())
+                    .map(String::from),
             })
         })
         .collect::<Result<Vec<_>, RegistryError>>()?;
@@ -248,6 +265,7 @@ fn oci_layout(
         files,
         layers,
         env,
+        artifact_type,
         shown: shown.to_string(),
     })
 }
@@ -289,12 +307,20 @@ fn docker_archive(
             .strip_prefix("blobs/sha256/")
             .map(|h| format!("sha256:{h}"));
         let size = files.open(&name).map(|(_, n)| n).map_err(pull_err)?;
-        layers.push(Layer { name, digest, size });
+        layers.push(Layer {
+            name,
+            digest,
+            size,
+            // `docker save` layers are tars, always.
+            media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
+            title: None,
+        });
     }
     Ok(LocalImage {
         files,
         layers,
         env,
+        artifact_type: None,
         shown: shown.to_string(),
     })
 }
@@ -311,6 +337,17 @@ impl ContainerImage for LocalImage {
     }
     fn layer_size(&self, idx: usize) -> u64 {
         self.layers[idx].size
+    }
+    fn layer_info(&self, idx: usize) -> super::image::LayerInfo<'_> {
+        let l = &self.layers[idx];
+        super::image::LayerInfo {
+            media_type: &l.media_type,
+            digest: l.digest.as_deref(),
+            title: l.title.as_deref(),
+        }
+    }
+    fn artifact_type(&self) -> Option<&str> {
+        self.artifact_type.as_deref()
     }
     fn open_layer(
         &self,

@@ -71,6 +71,7 @@ pub struct Image {
     reference: Reference,
     pub manifest: OciImageManifest,
     pub env: Vec<String>,
+    pub artifact_type: Option<String>,
     pub shown: String,
     retries: u32,
     idle_timeout: Duration,
@@ -322,8 +323,19 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
             }
         }
     };
+    let artifact_type = manifest.artifact_type.clone().or_else(|| {
+        (!super::image::is_image_config(&manifest.config.media_type))
+            .then(|| manifest.config.media_type.clone())
+    });
     let config = pull_config(&client, &reference, &manifest.config).await?;
-    let env = check_config(&config, requested.as_deref())?;
+    // An artifact's config is no image config (often `{}`): no platform, no Env.
+    let env = match &artifact_type {
+        None => check_config(&config, requested.as_deref())?,
+        Some(t) => {
+            tracing::info!(image = %shown, artifact_type = %t, "the manifest is an OCI artifact");
+            Vec::new()
+        }
+    };
     let arch = config
         .get("architecture")
         .and_then(|v| v.as_str())
@@ -335,6 +347,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
         reference,
         manifest,
         env,
+        artifact_type,
         shown,
         retries: opts.retries,
         idle_timeout: opts.idle_timeout,
@@ -411,6 +424,21 @@ impl super::image::ContainerImage for Image {
     }
     fn layer_size(&self, idx: usize) -> u64 {
         u64::try_from(self.manifest.layers[idx].size).unwrap_or(0)
+    }
+    fn layer_info(&self, idx: usize) -> super::image::LayerInfo<'_> {
+        let l = &self.manifest.layers[idx];
+        super::image::LayerInfo {
+            media_type: &l.media_type,
+            digest: Some(&l.digest),
+            title: l
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("org.opencontainers.image.title"))
+                .map(String::as_str),
+        }
+    }
+    fn artifact_type(&self) -> Option<&str> {
+        self.artifact_type.as_deref()
     }
     fn open_layer(
         &self,
