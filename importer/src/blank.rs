@@ -30,13 +30,13 @@ pub fn create(
             Ok(None)
         }
         Destination::Block(path) => {
-            let t = block::BlockTarget::open(path, false)
+            let t = block::BlockTarget::open(path, false, true)
                 .map_err(|e| fail(kind_of(&e), format!("opening {}: {e}", path.display())))?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(|e| fail(kind_of(&e), e.to_string()))?;
-            let mut offload = true;
+            let mut offload = block::Zeroing::Allocate; // preallocation: allocate
             block::zero_range(&f, &mut offload, 0, t.size())
                 .map_err(|e| fail(kind_of(&e), format!("zeroing {}: {e}", path.display())))?;
             f.sync_all().map_err(|e| fail(kind_of(&e), e.to_string()))?;

@@ -193,7 +193,7 @@ fn open_disk(
             (Box::new(t), Some(space))
         }
         Destination::Block(path) => {
-            let t = BlockTarget::open(path, plan.direct)
+            let t = BlockTarget::open(path, plan.direct, plan.preallocate)
                 .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
             opts.limit = t.size();
             (Box::new(t), None)

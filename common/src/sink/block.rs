@@ -1,7 +1,13 @@
 //! A block device as the disk (`/dev/cdi-block-volume`). A device keeps whatever it held
-//! before, so skipped zero runs must be zeroed explicitly: `fallocate(ZERO_RANGE)`
-//! (the kernel's BLKZEROOUT path, offloaded to the device where it can), falling back to
-//! writing zeros. Adjacent zero runs are merged so a mostly-empty disk costs few calls.
+//! before, so skipped zero runs must be zeroed explicitly. Adjacent zero runs are merged
+//! so a mostly-empty disk costs few calls. How, in order (see [`Zeroing`]):
+//!
+//! - `fallocate(PUNCH_HOLE)`: the kernel deallocates the range (discard/unmap) *and*
+//!   guarantees it reads back as zeros, or refuses (`EOPNOTSUPP`): a thin volume (LVM
+//!   thin, Ceph RBD, a loop device on a sparse file) stays thin (CDI issue 3614);
+//! - `fallocate(ZERO_RANGE)`: BLKZEROOUT with NOUNMAP, offloaded to the device where it
+//!   can, which allocates on a thin volume; first when preallocation was asked for;
+//! - writing zeros.
 
 use super::{FinishInfo, Target};
 use rustix::fs::{fadvise, fallocate, fdatasync, Advice, FallocateFlags};
@@ -10,19 +16,41 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// The best way to zero a range this device has not refused yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeroing {
+    /// Deallocate with guaranteed zeros (`PUNCH_HOLE`): thin stays thin.
+    Unmap,
+    /// Zero in place, allocating (`ZERO_RANGE`): preallocation.
+    Allocate,
+    /// The device offloads neither: write zeros.
+    Write,
+}
+
+impl Zeroing {
+    /// Where to start: a preallocated disk must end up allocated, any other one thin.
+    pub fn for_preallocation(preallocate: bool) -> Self {
+        if preallocate {
+            Zeroing::Allocate
+        } else {
+            Zeroing::Unmap
+        }
+    }
+}
+
 pub struct BlockTarget {
     path: PathBuf,
     file: File,
     direct: Option<File>,
     size: u64,
     pending_zero: Option<(u64, u64)>,
-    zero_offload: bool,
+    zero_offload: Zeroing,
     /// The end of the furthest write, zeroed back on abort.
     written_end: u64,
 }
 
 impl BlockTarget {
-    pub fn open(path: &Path, try_direct: bool) -> io::Result<Self> {
+    pub fn open(path: &Path, try_direct: bool, preallocate: bool) -> io::Result<Self> {
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         // lseek(SEEK_END) on a block device returns its size: no ioctl needed.
         let size = file.seek(SeekFrom::End(0))?;
@@ -42,7 +70,7 @@ impl BlockTarget {
             direct,
             size,
             pending_zero: None,
-            zero_offload: true,
+            zero_offload: Zeroing::for_preallocation(preallocate),
             written_end: 0,
         })
     }
@@ -60,13 +88,30 @@ impl BlockTarget {
 }
 
 /// Zeroes `[offset, offset+len)` of a device; also used for blank preallocated disks.
-pub fn zero_range(file: &File, offload: &mut bool, offset: u64, len: u64) -> io::Result<()> {
+/// `mode` steps down (Unmap -> Allocate -> Write) when the device refuses a way, once,
+/// with a log line.
+pub fn zero_range(file: &File, mode: &mut Zeroing, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // ZERO_RANGE needs logical-block alignment; everything we pass is 4 KiB aligned
-    // except possibly the image's tail, which goes through the write path below.
-    if *offload && offset.is_multiple_of(512) && len.is_multiple_of(512) {
+    // Both need logical-block alignment; everything we pass is 4 KiB aligned except
+    // possibly the image's tail, which goes through the write path below.
+    let aligned = offset.is_multiple_of(512) && len.is_multiple_of(512);
+    if aligned && *mode == Zeroing::Unmap {
+        match fallocate(
+            file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::info!(error = %e, "device cannot deallocate with guaranteed zeros (punch hole); zeroing in place");
+                *mode = Zeroing::Allocate;
+            }
+        }
+    }
+    if aligned && *mode == Zeroing::Allocate {
         match fallocate(
             file,
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
@@ -76,7 +121,7 @@ pub fn zero_range(file: &File, offload: &mut bool, offset: u64, len: u64) -> io:
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::info!(error = %e, "device does not zero ranges by itself; writing zeros");
-                *offload = false;
+                *mode = Zeroing::Write;
             }
         }
     }
