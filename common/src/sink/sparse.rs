@@ -39,7 +39,7 @@ impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
             limit: u64::MAX,
-            checkpoint_every: 256 << 20,
+            checkpoint_every: 64 << 20,
             progress: None,
         }
     }
