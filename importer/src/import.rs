@@ -153,6 +153,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         auth,
         if_match: false,
         what: None,
+        credentials_hint: http::ACCESS_KEY_HINT,
         retries: a.retries,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress: progress.clone(),
@@ -232,6 +233,7 @@ async fn import_s3(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMes
         auth,
         if_match: true,
         what: Some(format!("download of s3 object {}", object.shown())),
+        credentials_hint: http::ACCESS_KEY_HINT,
         retries: a.retries,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress,
@@ -267,6 +269,7 @@ async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMe
             "download of gcs object {}",
             redact::url(url.as_str())
         )),
+        credentials_hint: " (check the service-account key in GOOGLE_APPLICATION_CREDENTIALS, or that the object is public)",
         retries: a.retries,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress,

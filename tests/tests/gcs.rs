@@ -65,6 +65,11 @@ fn service_account_token_flow_and_both_download_apis() {
     let url = format!("http://127.0.0.1:{}/private/images/disk.qcow2", gcs.port);
     let o = gcs_import(run.path(), &url, None).run();
     o.assert_failure("401 Unauthorized");
+    assert!(
+        o.termination.contains("GOOGLE_APPLICATION_CREDENTIALS"),
+        "{}",
+        o.termination
+    );
 
     // A key the token endpoint does not trust (another RSA key, same account): the
     // refusal of the token request is the error, nothing written.

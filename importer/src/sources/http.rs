@@ -81,6 +81,8 @@ pub struct HttpOptions {
     pub if_match: bool,
     /// Names the transfer in errors and logs (`download of URL`, `s3 object bucket/key`).
     pub what: Option<String>,
+    /// What a 401/403 tells the user to check (the source's credentials).
+    pub credentials_hint: &'static str,
     pub retries: u32,
     pub idle_timeout: Duration,
     pub progress: Arc<Progress>,
@@ -121,7 +123,7 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
             Ok(r) if r.status().is_success() => break r,
             Ok(r) => {
                 let status = r.status();
-                let mut e = status_error(&shown, status);
+                let mut e = status_error(&shown, status, opts.credentials_hint);
                 if let HttpError::Status { detail, .. } = &mut e {
                     *detail = error_detail(r).await;
                 }
@@ -271,11 +273,12 @@ async fn error_detail(resp: Response) -> String {
     }
 }
 
-fn status_error(url: &str, status: StatusCode) -> HttpError {
+/// The 401/403 hint of the http and s3 sources.
+pub const ACCESS_KEY_HINT: &str = " (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY)";
+
+fn status_error(url: &str, status: StatusCode, credentials_hint: &'static str) -> HttpError {
     let hint = match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            " (check IMPORTER_ACCESS_KEY_ID / IMPORTER_SECRET_KEY)"
-        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => credentials_hint,
         StatusCode::NOT_FOUND => " (no image at this URL)",
         _ => "",
     };
@@ -362,7 +365,7 @@ impl Resumable for HttpSource {
                 }
             }
         } else {
-            let e = status_error(&self.shown, status);
+            let e = status_error(&self.shown, status, self.opts.credentials_hint);
             return Err(if e.kind() == ErrorKind::Network {
                 Reopen::Retry(e.to_string())
             } else {
