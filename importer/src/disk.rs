@@ -440,26 +440,15 @@ fn write_blob(
     );
     let size = image.layer_size(idx);
     progress.set_source_total(Some(size));
-    let mut disk = open_disk(plan, progress.clone(), Some(size))?;
-    let result = image
-        .open_layer(idx, progress)
+    let layer = image
+        .open_layer(idx, progress.clone())
         .map_err(|e| Failure::Process {
             kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
             message: format!("opening layer {idx} of {}: {e}", image.describe()),
-        })
-        .and_then(|mut layer| {
-            let report = pipeline::write_disk(&mut layer, &mut disk.writer, &disk.opts)
-                .map_err(process_failure)?;
-            drain(&mut layer)?;
-            Ok(report)
-        });
-    match result {
-        Ok(report) => finish_disk(plan, disk, &report, Some(Default::default())),
-        Err(f) => {
-            disk.writer.abort();
-            Err(f)
-        }
-    }
+        })?;
+    // The same blocking half as an HTTP body: pipeline, drain (the layer reader checks
+    // the digest at its end), checksum, finish or abort.
+    write_stream(plan, layer, Some(size), progress, None)
 }
 
 /// Reads whatever follows the image in the source (tar padding, trailing bytes), so a

@@ -120,6 +120,19 @@ fn http_client(
     .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))
 }
 
+/// The download settings every URL source shares; object stores override a few.
+fn http_options(a: &ImportArgs, auth: http::Auth, progress: Arc<Progress>) -> http::HttpOptions {
+    http::HttpOptions {
+        auth,
+        if_match: false,
+        what: None,
+        credentials_hint: http::ACCESS_KEY_HINT,
+        retries: a.retries,
+        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        progress,
+    }
+}
+
 fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failure {
     Failure::Connect {
         source_name: source_name.into(),
@@ -149,15 +162,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         _ => http::Auth::None,
     };
     tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.disk.dest.path().display(), "starting import");
-    let opts = http::HttpOptions {
-        auth,
-        if_match: false,
-        what: None,
-        credentials_hint: http::ACCESS_KEY_HINT,
-        retries: a.retries,
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-        progress: progress.clone(),
-    };
+    let opts = http_options(a, auth, progress.clone());
     let node_pull = a.pull_method == "node";
     let mut msg = download(plan.disk, &client, &endpoint, opts, "http", MAX_RESTARTS).await?;
     if node_pull {
@@ -230,13 +235,9 @@ async fn import_s3(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMes
     let signed = !matches!(auth, http::Auth::None);
     tracing::info!(source = "s3", bucket = %object.bucket, key = %object.key, url = %object.url, region = %object.region, signed, dest = %plan.disk.dest.path().display(), "starting import");
     let opts = http::HttpOptions {
-        auth,
         if_match: true,
         what: Some(format!("download of s3 object {}", object.shown())),
-        credentials_hint: http::ACCESS_KEY_HINT,
-        retries: a.retries,
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-        progress,
+        ..http_options(a, auth, progress)
     };
     download(plan.disk, &client, object.url.as_str(), opts, "s3", 0).await
 }
@@ -263,16 +264,13 @@ async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMe
     };
     tracing::info!(source = "gcs", url = %redact::url(url.as_str()), dest = %plan.disk.dest.path().display(), "starting import");
     let opts = http::HttpOptions {
-        auth,
         if_match: true,
         what: Some(format!(
             "download of gcs object {}",
             redact::url(url.as_str())
         )),
         credentials_hint: " (check the service-account key in GOOGLE_APPLICATION_CREDENTIALS, or that the object is public)",
-        retries: a.retries,
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-        progress,
+        ..http_options(a, auth, progress)
     };
     download(plan.disk, &client, url.as_str(), opts, "gcs", 0).await
 }

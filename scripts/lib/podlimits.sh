@@ -17,8 +17,8 @@ pod_run_limited() {
     [ "$1" = "--" ] && shift
     local name="ferrydisk-bench-$$-$label"
     local cg_cpu=/sys/fs/cgroup/cpu/$name cg_acct=/sys/fs/cgroup/cpuacct/$name cg_mem=/sys/fs/cgroup/memory/$name
-    mkdir -p "$cg_cpu" "$cg_mem"
-    [ "$cg_acct" != "$cg_cpu" ] && mkdir -p "$cg_acct"
+    # (where cpu and cpuacct are co-mounted, both paths name the same group)
+    mkdir -p "$cg_cpu" "$cg_acct" "$cg_mem"
     local period; period=$(cat "$cg_cpu/cpu.cfs_period_us")
     if [ "$cpu" != "0" ]; then
         awk -v c="$cpu" -v p="$period" 'BEGIN { printf "%d\n", c * p }' > "$cg_cpu/cpu.cfs_quota_us"
@@ -37,7 +37,6 @@ pod_run_limited() {
     oom=$(awk '/^oom_kill /{print $2}' "$cg_mem/memory.oom_control"); oom=${oom:-0}
     awk -v s="$start" -v e="$end" -v u="$usage" -v p="$peak" -v f="$fail" -v o="$oom" -v r="$rc" \
         'BEGIN { printf "%.2f %.2f %d %d %d %d\n", e - s, u / 1e9, p, f, o, r }' > "$out"
-    rmdir "$cg_cpu" "$cg_mem" 2>/dev/null || true
-    [ "$cg_acct" != "$cg_cpu" ] && rmdir "$cg_acct" 2>/dev/null || true
+    rmdir "$cg_cpu" "$cg_acct" "$cg_mem" 2>/dev/null || true
     return 0
 }

@@ -120,6 +120,20 @@ pub struct Gcs {
     pub key_file: PathBuf,
 }
 
+/// A fresh 2048-bit RSA key, PEM PKCS#8 (what a service-account key file holds).
+pub fn rsa_key(path: &Path) {
+    sh(Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(path));
+}
+
 pub const SA_EMAIL: &str = "importer@ferrydisk-test.iam.gserviceaccount.com";
 
 impl Gcs {
@@ -128,16 +142,7 @@ impl Gcs {
         std::fs::create_dir_all(&objects).expect("objects");
         let key = dir.join("sa.key");
         let public = dir.join("sa.pub");
-        sh(Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&key));
+        rsa_key(&key);
         sh(Command::new("openssl")
             .args(["pkey", "-pubout", "-in"])
             .arg(&key)

@@ -3,7 +3,7 @@
 //! flow, checking the RS256 signature of our assertion with the test service account's
 //! public key. Outputs compared byte for byte with `qemu-img convert`.
 
-use ferrydisk_tests::objstore::{DropProxy, Gcs};
+use ferrydisk_tests::objstore::{rsa_key, DropProxy, Gcs};
 use ferrydisk_tests::*;
 use std::path::Path;
 use std::process::Command;
@@ -74,16 +74,7 @@ fn service_account_token_flow_and_both_download_apis() {
     // A key the token endpoint does not trust (another RSA key, same account): the
     // refusal of the token request is the error, nothing written.
     let other = d.path().join("other.key");
-    sh(Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&other));
+    rsa_key(&other);
     let mut sa: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&gcs.key_file).expect("key")).expect("json");
     sa["private_key"] = std::fs::read_to_string(&other).expect("pem").into();

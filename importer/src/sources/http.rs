@@ -63,9 +63,8 @@ pub trait Authorize: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, String>>;
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub enum Auth {
-    #[default]
     None,
     /// HTTP basic (`IMPORTER_ACCESS_KEY_ID` / `IMPORTER_SECRET_KEY` on the http source).
     Basic(String, String),

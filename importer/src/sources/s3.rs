@@ -115,7 +115,7 @@ pub fn resolve(
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(bad)?;
     let path = url.path().trim_start_matches('/');
     let decoded = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-    // (bucket, key, base host, explicit endpoint?, virtual-hosted given?)
+    // (bucket, key, base host[:port], scheme, an explicit non-AWS endpoint?)
     let (bucket, key, base, scheme, explicit) = match url.scheme() {
         "s3" => {
             let region = region.unwrap_or("us-east-1");

@@ -186,7 +186,7 @@ async fn handle(
             );
         }
     };
-    let plan = match server.disk_plan(route.archive).and_then(|p| match clone {
+    let mut plan = match server.disk_plan(route.archive).and_then(|p| match clone {
         Some(k) if k.unpacks(&p.dest) => server.disk_plan(true),
         _ => Ok(p),
     }) {
@@ -200,7 +200,6 @@ async fn handle(
             );
         }
     };
-    let mut plan = plan;
     if !checksums.is_empty() {
         let names: Vec<&str> = checksums.iter().map(|c| c.algorithm()).collect();
         tracing::info!(algorithms = ?names, "verifying the upload against the client's digests");
