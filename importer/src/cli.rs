@@ -40,6 +40,9 @@ pub enum Command {
     /// Record a DataImportCron poll: the source image's digest as annotations (CDI's
     /// cdi-source-update-poller; Go-style single-dash flags accepted).
     SourceUpdatePoller(PollerArgs),
+    /// Push a local disk file or volume to a registry as a containerDisk or an OCI
+    /// artifact, streamed (chunked upload, digest on the fly).
+    Push(Box<PushArgs>),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -52,6 +55,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "clone-source",
     "cloner-startup",
     "source-update-poller",
+    "push",
     "help",
 ];
 
@@ -430,6 +434,78 @@ pub struct PollerArgs {
     /// Registry CA certificates.
     #[arg(long = "certdir")]
     pub certdir: Option<PathBuf>,
+}
+
+/// `importer push`: a local disk file or volume into a registry.
+#[derive(Args, Debug, Clone)]
+pub struct PushArgs {
+    /// Log verbosity, klog style: 0-2 info, 3+ debug.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
+    pub verbosity: u8,
+    /// The disk: a file (holes are not read) or a block device.
+    #[arg(long, env = "FERRYDISK_PUSH_SOURCE")]
+    pub source: PathBuf,
+    /// `docker://host[:port]/repo[:tag]`.
+    #[arg(long, env = "FERRYDISK_PUSH_DEST")]
+    pub dest: String,
+    /// `containerdisk` (a tar layer holding disk/<name>) or `artifact` (the disk as the
+    /// layer blob, KubeVirt's disk media type).
+    #[arg(
+        long,
+        env = "FERRYDISK_PUSH_LAYOUT",
+        value_enum,
+        default_value = "containerdisk"
+    )]
+    pub layout: crate::push::layer::Layout,
+    /// The disk's file name under disk/ (containerdisk) or its title (artifact).
+    #[arg(
+        long = "disk-name",
+        env = "FERRYDISK_PUSH_DISK_NAME",
+        default_value = "disk.img"
+    )]
+    pub disk_name: String,
+    /// Compress the layer with zstd (multi-threaded on the cores available).
+    #[arg(long, env = "FERRYDISK_PUSH_ZSTD")]
+    pub zstd: bool,
+    /// zstd level (1-19).
+    #[arg(long = "zstd-level", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+    /// Upload in PATCHes of this many MiB, each with its Content-Range (the spec's
+    /// chunked upload), instead of one streamed PATCH. At least 5 (S3-backed registries).
+    #[arg(long = "chunk-mib", value_parser = clap::value_parser!(u64).range(5..=1024))]
+    pub chunk_mib: Option<u64>,
+    /// The image config's architecture (containerdisk).
+    #[arg(long, default_value = "amd64")]
+    pub arch: String,
+    /// Registry username (as for imports).
+    #[arg(
+        long = "access-key-id",
+        env = "IMPORTER_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    pub access_key_id: Option<String>,
+    /// Registry password.
+    #[arg(
+        long = "secret-key",
+        env = "IMPORTER_SECRET_KEY",
+        hide_env_values = true
+    )]
+    pub secret_key: Option<String>,
+    /// Credentials file (docker `config.json` / containers `auth.json`).
+    #[arg(long = "auth-file", env = "REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Directory of extra CA certificates (PEM).
+    #[arg(long = "cert-dir", env = "IMPORTER_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Skip TLS verification, and fall back to plain HTTP (Go ParseBool syntax).
+    #[arg(long = "insecure-tls", env = "INSECURE_TLS", default_value = "false")]
+    pub insecure_tls: String,
+}
+
+impl PushArgs {
+    pub fn insecure(&self) -> bool {
+        parse_go_bool(&self.insecure_tls).unwrap_or(false)
+    }
 }
 
 /// `importer size-detection`: CDI's cdi-image-size-detection flags.

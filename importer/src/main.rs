@@ -10,6 +10,7 @@ mod failure;
 mod import;
 mod metrics;
 mod poller;
+mod push;
 mod report;
 mod serve_disk;
 mod size_detection;
@@ -38,6 +39,7 @@ fn main() {
         Command::CloneSource(a) => a.verbosity,
         Command::ClonerStartup => 3,
         Command::SourceUpdatePoller(_) => 0,
+        Command::Push(a) => a.verbosity,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
@@ -47,7 +49,7 @@ fn main() {
         Command::SizeDetection(a) => Some(a.termination_log.clone()),
         Command::CloneSource(a) => Some(a.termination_log.clone()),
         Command::ClonerStartup => Some("/dev/termination-log".into()),
-        Command::SourceUpdatePoller(_) => None,
+        Command::SourceUpdatePoller(_) | Command::Push(_) => None,
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -66,6 +68,7 @@ fn main() {
         Command::CloneSource(args) => runtime.block_on(cloner::run(args)),
         Command::ClonerStartup => runtime.block_on(cloner::startup()),
         Command::SourceUpdatePoller(args) => runtime.block_on(poller::run(args)),
+        Command::Push(args) => runtime.block_on(push::run(*args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -16,6 +16,8 @@ pub struct Registry {
     /// A directory holding the CA certificate, for IMPORTER_CERT_DIR (TLS only).
     pub ca_dir: Option<PathBuf>,
     pub creds: Option<(String, String)>,
+    /// The registry's output: its access log, one line per request.
+    pub log: PathBuf,
     _dir: tempfile::TempDir,
     _pki: Option<Pki>,
 }
@@ -55,11 +57,13 @@ impl Registry {
             ));
         }
         std::fs::write(d.join("config.yml"), cfg).expect("config");
+        let log = d.join("registry.log");
+        let out = std::fs::File::create(&log).expect("log");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(d.join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().expect("log")))
+            .stderr(Stdio::from(out))
             .spawn()
             .expect("docker-registry (apt-get install docker-registry)");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -73,6 +77,7 @@ impl Registry {
             storage,
             ca_dir,
             creds: creds.map(|(u, p)| (u.into(), p.into())),
+            log,
             _dir: dir,
             _pki: pki,
         }

@@ -1,0 +1,445 @@
+//! `importer push`: a local disk file or volume into a registry, as a containerDisk (a
+//! tar layer holding `disk/<name>`, uid/gid 107) or as an OCI artifact whose one layer
+//! blob is the disk (KubeVirt's `application/vnd.kubevirt.disk.*` media types). The
+//! payload goes up as it is stored (raw or qcow2 stays what it is).
+//!
+//! It streams: the layer is produced in one forward pass (holes of a sparse file are
+//! not read, only counted as zeros) and goes up as one streamed PATCH of 1 MiB pieces
+//! (or `--chunk-mib` PATCHes with `Content-Range`) while its digest is computed. A blob the registry already has is not sent again: a first
+//! pass computes the layer's digest without uploading (reading the source once more,
+//! never storing it), then `HEAD` decides.
+
+pub mod layer;
+pub mod registry;
+
+use crate::cli::PushArgs;
+use bytes::Bytes;
+use ferrydisk_common::format::probe;
+use ferrydisk_common::sniff::Format;
+use layer::{LayerSpec, Layout, Produced};
+use registry::{PushError, Registry};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+/// Bytes per piece handed from the producer to a streamed upload.
+const PIECE: usize = 1 << 20;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+
+/// What a push did, printed as one JSON line on stdout.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub layer_digest: String,
+    pub layer_size: u64,
+    pub layer_media_type: String,
+    /// False when the registry already had the layer blob.
+    pub layer_uploaded: bool,
+    pub format: String,
+    pub virtual_size: u64,
+    pub source_size: u64,
+}
+
+pub async fn run(args: PushArgs) -> i32 {
+    match push(&args).await {
+        Ok(s) => {
+            println!("{}", serde_json::to_string(&s).expect("json"));
+            0
+        }
+        Err(e) => {
+            tracing::error!("push failed: {e}");
+            eprintln!("push failed: {e}");
+            1
+        }
+    }
+}
+
+/// Where the push goes: `docker://host[:port]/repo[:tag]`.
+struct Dest {
+    host: String,
+    repo: String,
+    tag: String,
+}
+
+fn parse_dest(dest: &str) -> Result<Dest, String> {
+    let rest = dest
+        .strip_prefix("docker://")
+        .ok_or_else(|| format!("--dest {dest:?} must be docker://host[:port]/repo[:tag]"))?;
+    let r: oci_client::Reference = rest.parse().map_err(|e| format!("--dest {dest:?}: {e}"))?;
+    if r.digest().is_some() {
+        return Err(format!("--dest {dest:?}: a push needs a tag, not a digest"));
+    }
+    let host = match r.resolve_registry() {
+        "index.docker.io" => "registry-1.docker.io".to_string(),
+        h => h.to_string(),
+    };
+    Ok(Dest {
+        host,
+        repo: r.repository().to_string(),
+        tag: r.tag().unwrap_or("latest").to_string(),
+    })
+}
+
+/// The layer's media type: KubeVirt's disk types for an artifact, OCI's tar types for a
+/// containerDisk.
+fn media_type(spec: &LayerSpec, format: Format) -> Result<String, String> {
+    let z = if spec.zstd.is_some() { "+zstd" } else { "" };
+    match spec.layout {
+        Layout::ContainerDisk => Ok(format!("application/vnd.oci.image.layer.v1.tar{z}")),
+        Layout::Artifact => match format {
+            Format::Raw | Format::Qcow2 => Ok(format!(
+                "application/vnd.kubevirt.disk.{}{z}",
+                format.name()
+            )),
+            other => Err(format!(
+                "an artifact layer holds a raw or qcow2 disk; this one is {} (push it as a containerdisk, or convert it first)",
+                other.name()
+            )),
+        },
+    }
+}
+
+/// The source's length: a file's size, a block device's capacity.
+fn source_len(f: &mut File) -> io::Result<u64> {
+    let len = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(len)
+}
+
+async fn push(args: &PushArgs) -> Result<Summary, String> {
+    let dest = parse_dest(&args.dest)?;
+    layer::check_disk_name(&args.disk_name)?;
+    let shown = args.source.display().to_string();
+    let mut file = File::open(&args.source).map_err(|e| format!("opening {shown}: {e}"))?;
+    let len = source_len(&mut file).map_err(|e| format!("sizing {shown}: {e}"))?;
+    let probed = probe::probe(&mut file).map_err(|e| format!("{shown}: {e}"))?;
+    let spec = LayerSpec {
+        layout: args.layout,
+        disk_name: args.disk_name.clone(),
+        zstd: args.zstd.then_some((args.zstd_level, zstd_threads())),
+    };
+    let media = media_type(&spec, probed.format)?;
+    tracing::info!(source = %shown, format = probed.format.name(), virtual_size = probed.virtual_size, source_size = len, layout = ?args.layout, media_type = %media, "pushing");
+
+    let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
+        ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
+        insecure: args.insecure(),
+        headers: Vec::new(),
+        http_proxy: None,
+        https_proxy: None,
+        no_proxy: None,
+        refuse_internal_redirects: false,
+        localhost_names: Vec::new(),
+    })
+    .map_err(|e| e.to_string())?;
+    let creds = credentials(args, &dest.host);
+    let reg = Registry::connect(http, &dest.host, &dest.repo, creds, args.insecure())
+        .await
+        .map_err(|e| format!("{}: {}", dest.host, chain(&e)))?;
+
+    let file = Arc::new(file);
+    // Pass one: the digest, so a blob the registry has is not sent again.
+    let pre = {
+        let (f, s) = (file.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || {
+            layer::produce(&mut SkipHoles::new(&f, len), len, &s, io::sink()).map(|(_, p)| p)
+        })
+        .await
+        .expect("layer task")
+        .map_err(|e| format!("reading {shown}: {e}"))?
+    };
+    let uploaded = if reg.blob_exists(&pre.digest).await.map_err(|e| chain(&e))? {
+        tracing::info!(digest = %pre.digest, "the registry has this layer; not uploading it");
+        false
+    } else {
+        let got = upload_layer(
+            &reg,
+            file.clone(),
+            len,
+            &spec,
+            pre.size,
+            args.chunk_mib.map(|m| (m as usize) << 20),
+        )
+        .await
+        .map_err(|e| chain(&e))?;
+        if got != pre {
+            return Err(format!(
+                "{shown} changed while it was pushed (layer {} then {})",
+                pre.digest, got.digest
+            ));
+        }
+        true
+    };
+
+    let (config_media, config) = match args.layout {
+        Layout::ContainerDisk => (
+            OCI_CONFIG,
+            serde_json::json!({
+                "architecture": args.arch,
+                "os": "linux",
+                "config": {"Labels": labels(probed.format, probed.virtual_size, len)},
+                "rootfs": {"type": "layers", "diff_ids": [pre.diff_id]},
+                "history": [{"created_by": format!("ferrydisk push: disk/{}", args.disk_name)}],
+            }),
+        ),
+        Layout::Artifact => (OCI_EMPTY, serde_json::json!({})),
+    };
+    let config = Bytes::from(serde_json::to_vec(&config).expect("json"));
+    let config_size = config.len();
+    let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
+    let mut layer_desc = serde_json::json!({
+        "mediaType": media, "digest": pre.digest, "size": pre.size,
+    });
+    let mut manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": config_media, "digest": config_digest, "size": config_size},
+    });
+    if args.layout == Layout::Artifact {
+        layer_desc["annotations"] = serde_json::json!({
+            "org.opencontainers.image.title": args.disk_name,
+            "io.ferrydisk.disk.format": probed.format.name(),
+            "io.ferrydisk.disk.virtual-size": probed.virtual_size.to_string(),
+        });
+        manifest["artifactType"] = serde_json::json!("application/vnd.kubevirt.disk.v1");
+        manifest["annotations"] =
+            serde_json::json!(labels(probed.format, probed.virtual_size, len));
+    }
+    manifest["layers"] = serde_json::json!([layer_desc]);
+    let body = Bytes::from(serde_json::to_vec(&manifest).expect("json"));
+    let manifest_digest = reg
+        .put_manifest(&dest.tag, OCI_MANIFEST, body)
+        .await
+        .map_err(|e| chain(&e))?;
+    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, "pushed");
+    Ok(Summary {
+        reference,
+        manifest_digest,
+        layer_digest: pre.digest,
+        layer_size: pre.size,
+        layer_media_type: media,
+        layer_uploaded: uploaded,
+        format: probed.format.name().to_string(),
+        virtual_size: probed.virtual_size,
+        source_size: len,
+    })
+}
+
+/// An error and its causes in one line (reqwest names the TLS failure only in a source).
+fn chain(e: &PushError) -> String {
+    ferrydisk_common::error::chain_line(e)
+}
+
+/// Deckhouse's labels for an image in its registry.
+fn labels(format: Format, virtual_size: u64, source_size: u64) -> serde_json::Value {
+    serde_json::json!({
+        "source-image-format": format.name(),
+        "source-image-size": source_size.to_string(),
+        "source-image-virtual-size": virtual_size.to_string(),
+    })
+}
+
+/// IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY, else the registry's auth-file entry.
+fn credentials(args: &PushArgs, host: &str) -> Option<(String, String)> {
+    match (&args.access_key_id, &args.secret_key) {
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
+        _ => args
+            .auth_file
+            .as_deref()
+            .and_then(|f| crate::sources::registry::auth_file_entry(f, host)),
+    }
+}
+
+/// zstd workers: the cores this process may use, less one for hashing and the upload.
+fn zstd_threads() -> u32 {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(n.saturating_sub(1)).unwrap_or(0)
+}
+
+/// Pass two: the layer produced on a blocking thread into 8 MiB chunks that the upload
+/// session PATCHes as they come (two chunks in flight at most).
+async fn upload_layer(
+    reg: &Registry,
+    file: Arc<File>,
+    len: u64,
+    spec: &LayerSpec,
+    layer_size: u64,
+    chunk: Option<usize>,
+) -> Result<Produced, PushError> {
+    let chunked = chunk.is_some();
+    let piece = chunk.unwrap_or(PIECE);
+    // Chunked: one chunk being sent, one queued. Streamed: a few 1 MiB pieces queued.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunked { 1 } else { 4 });
+    let (dtx, drx) = tokio::sync::oneshot::channel();
+    let s = spec.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let out = Chunks {
+            buf: Vec::new(),
+            piece,
+            tx,
+        };
+        let made = layer::produce(&mut SkipHoles::new(&file, len), len, &s, out)
+            .and_then(|(mut out, p)| out.send().map(|()| p));
+        let _ = dtx.send(made.as_ref().ok().map(|p| p.digest.clone()));
+        made
+    });
+    let uploaded = reg.upload(rx, drx, layer_size, chunked).await;
+    let made = producer.await.expect("layer task");
+    match (uploaded, made) {
+        (Ok(_), Ok(p)) => Ok(p),
+        // The producer's own error says what went wrong on the source side.
+        (_, Err(e)) => Err(PushError::Protocol(format!("reading the source: {e}"))),
+        (Err(e), Ok(_)) => Err(e),
+    }
+}
+
+/// Collects the layer into chunks for the uploader.
+struct Chunks {
+    buf: Vec<u8>,
+    piece: usize,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl Chunks {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // The next buffer is allocated when the next write comes, not while this one waits.
+        let chunk = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(Bytes::from(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.piece);
+        }
+        let n = data.len().min(self.piece - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.piece {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads a file front to back, answering its holes (SEEK_HOLE/SEEK_DATA) with zeros
+/// instead of reading them; a block device, or a file system without hole reporting,
+/// is read whole.
+struct SkipHoles<'a> {
+    f: &'a File,
+    pos: u64,
+    len: u64,
+    /// `[pos, data_end)` is known data, `[pos, hole_end)` a known hole.
+    data_end: u64,
+    hole_end: u64,
+}
+
+impl<'a> SkipHoles<'a> {
+    fn new(f: &'a File, len: u64) -> Self {
+        SkipHoles {
+            f,
+            pos: 0,
+            len,
+            data_end: 0,
+            hole_end: 0,
+        }
+    }
+
+    /// Classifies the bytes at `pos`.
+    fn locate(&mut self) -> io::Result<()> {
+        use rustix::fs::{seek, SeekFrom as Whence};
+        let data = match seek(self.f, Whence::Data(self.pos)) {
+            Ok(d) => d.min(self.len),
+            Err(rustix::io::Errno::NXIO) => self.len, // only a hole remains
+            Err(_) => {
+                self.data_end = self.len;
+                return Ok(());
+            }
+        };
+        if data > self.pos {
+            self.hole_end = data;
+        } else {
+            self.data_end = seek(self.f, Whence::Hole(self.pos))
+                .map(|h| h.min(self.len))
+                .unwrap_or(self.len)
+                .max(self.pos + 1);
+        }
+        Ok(())
+    }
+}
+
+impl Read for SkipHoles<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.pos >= self.hole_end && self.pos >= self.data_end {
+            self.locate()?;
+        }
+        let limit = |end: u64| {
+            buf.len()
+                .min(usize::try_from(end - self.pos).unwrap_or(usize::MAX))
+        };
+        let n = if self.pos < self.hole_end {
+            let n = limit(self.hole_end);
+            buf[..n].fill(0);
+            n
+        } else {
+            let n = limit(self.data_end);
+            self.f.read_at(&mut buf[..n], self.pos)?
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_read_as_zeros_without_reading_them() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("sparse");
+        let f = File::create(&p).expect("create");
+        f.write_all_at(&[1u8; 4096], 1 << 20).expect("write");
+        f.write_all_at(&[2u8; 100], 3 << 20).expect("write");
+        f.set_len(5 << 20).expect("len");
+        let f = File::open(&p).expect("open");
+        let mut got = Vec::new();
+        SkipHoles::new(&f, 5 << 20)
+            .read_to_end(&mut got)
+            .expect("read");
+        assert_eq!(got, std::fs::read(&p).expect("read"));
+    }
+
+    #[test]
+    fn destinations_need_docker_and_a_tag() {
+        let d = parse_dest("docker://127.0.0.1:5000/disks/fedora:41").expect("dest");
+        assert_eq!(
+            (d.host.as_str(), d.repo.as_str(), d.tag.as_str()),
+            ("127.0.0.1:5000", "disks/fedora", "41")
+        );
+        assert_eq!(
+            parse_dest("docker://127.0.0.1:5000/d").expect("dest").tag,
+            "latest"
+        );
+        assert!(parse_dest("127.0.0.1:5000/d").is_err());
+        assert!(parse_dest("docker://127.0.0.1:5000/d@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef").is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! `importer push` against the real `docker-registry` (TLS + htpasswd), checked with the
+//! tools registry users have: `skopeo inspect` (labels, media types), `skopeo copy` +
+//! `umoci unpack` (the disk file and its owner), our registry import and CDI's real
+//! importer (`../shared/cdi-peer`), compared byte for byte with `qemu-img convert`. A
+//! second push of the same disk sends no blob data (counted in the registry's access log).
+
+use ferrydisk_tests::clone::{cdi_peer, pod_run};
+use ferrydisk_tests::registry::Registry;
+use ferrydisk_tests::*;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn push(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> Output {
+    let mut c = Command::new(bin("importer"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .arg("push")
+        .arg("--source")
+        .arg(source)
+        .arg("--dest")
+        .arg(reg.image(repo_tag))
+        .arg("--cert-dir")
+        .arg(reg.ca_dir.as_ref().expect("tls"))
+        .args(extra);
+    c.output().expect("run importer push")
+}
+
+fn pushed(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> serde_json::Value {
+    let out = push(reg, source, repo_tag, extra);
+    assert!(
+        out.status.success(),
+        "push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("summary json")
+}
+
+fn registry_import(run: &Path, reg: &Registry, repo_tag: &str) -> Outcome {
+    Importer::new(run)
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", &reg.image(repo_tag))
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .env(
+            "IMPORTER_CERT_DIR",
+            reg.ca_dir.as_ref().expect("tls").to_str().expect("utf8"),
+        )
+        .arg("--metrics-addr")
+        .arg("none")
+        .run()
+}
+
+/// PATCH and PUT requests that carried a blob's bytes, from the registry's access log.
+fn blob_writes(reg: &Registry) -> usize {
+    std::fs::read_to_string(&reg.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            (l.contains("\"PATCH /v2/") && l.contains("/blobs/uploads/"))
+                || (l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/"))
+        })
+        .count()
+}
+
+#[test]
+fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let q = d.path().join("fedora.qcow2");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().expect("utf8"),
+        q.to_str().expect("utf8"),
+    ]);
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let s = pushed(
+        &reg,
+        &q,
+        "disks/fedora:41",
+        &["--disk-name", "fedora.qcow2"],
+    );
+    let qlen = std::fs::metadata(&q).expect("meta").len();
+    assert_eq!(s["format"], "qcow2");
+    assert_eq!(s["virtualSize"], 64 << 20);
+    assert_eq!(s["sourceSize"], qlen);
+    assert_eq!(s["layerUploaded"], true);
+
+    // What skopeo sees: an OCI manifest with one tar layer, Deckhouse's labels.
+    let m = reg.raw_manifest("disks/fedora:41");
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+    assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
+    let inspect = sh(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
+        .arg(reg.image("disks/fedora:41")));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    assert_eq!(info["Labels"]["source-image-format"], "qcow2");
+    assert_eq!(
+        info["Labels"]["source-image-virtual-size"],
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
+    assert_eq!(info["Architecture"], "amd64");
+
+    // skopeo copy + umoci unpack: disk/fedora.qcow2, owned by 107:107, mode 0644, the
+    // pushed file's bytes.
+    let layout = d.path().join("layout");
+    sh(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "user:pass",
+        ])
+        .arg(reg.image("disks/fedora:41"))
+        .arg(format!("oci:{}:41", layout.display())));
+    let bundle = d.path().join("bundle");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:41", layout.display()))
+        .arg(&bundle));
+    let disk = bundle.join("rootfs/disk/fedora.qcow2");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&disk).expect("unpacked disk");
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (107, 107, 0o644)
+        );
+    }
+    assert_same_bytes(&disk, &q);
+
+    // Our registry import converts it to exactly qemu-img's raw.
+    let run = d.path().join("ours");
+    registry_import(&run, &reg, "disks/fedora:41").assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // CDI's real importer takes the same containerDisk.
+    let work = d.path().join("cdi");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let o = Command::new(pod_run())
+        .arg(&work)
+        .arg(cdi_peer().join("cdi-importer"))
+        .arg("-v=1")
+        .env("POD_NET", "host")
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", reg.image("disks/fedora:41"))
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .env("INSECURE_TLS", "true")
+        .env("IMPORTER_CONTENTTYPE", "kubevirt")
+        .env("IMPORTER_IMAGE_SIZE", "64Mi")
+        .env("FILESYSTEM_OVERHEAD", "0")
+        .env("PREALLOCATION", "false")
+        .env("OWNER_UID", "push-test")
+        .output()
+        .expect("pod-run");
+    let rc = std::fs::read_to_string(work.join("rc")).unwrap_or_default();
+    assert_eq!(
+        rc.trim(),
+        "0",
+        "CDI importer: {} {}",
+        std::fs::read_to_string(work.join("termination-log")).unwrap_or_default(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_same_bytes(&work.join("data/disk.img"), &reference);
+
+    // A second push of the same disk sends no blob: the layer is found by HEAD, the
+    // config too, and only the manifest is PUT again.
+    let before = blob_writes(&reg);
+    assert!(before >= 2, "the first push wrote blobs ({before})");
+    let again = pushed(
+        &reg,
+        &q,
+        "disks/fedora:41",
+        &["--disk-name", "fedora.qcow2"],
+    );
+    assert_eq!(again["layerUploaded"], false);
+    assert_eq!(again["manifestDigest"], s["manifestDigest"]);
+    assert_eq!(blob_writes(&reg), before, "a second push wrote blob data");
+}
+
+#[test]
+fn artifact_push_of_a_sparse_volume_imports_byte_equal() {
+    let d = tmp();
+    // A sparse raw volume: its holes are not read, and come back as zeros.
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let s = pushed(
+        &reg,
+        &raw,
+        "vms/exported:rootdisk",
+        &["--layout", "artifact", "--zstd", "--disk-name", "rootdisk"],
+    );
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.kubevirt.disk.raw+zstd"
+    );
+    let m = reg.raw_manifest("vms/exported:rootdisk");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.oci.empty.v1+json"
+    );
+    let layer = &m["layers"][0];
+    assert_eq!(layer["mediaType"], "application/vnd.kubevirt.disk.raw+zstd");
+    assert_eq!(
+        layer["annotations"]["org.opencontainers.image.title"],
+        "rootdisk"
+    );
+    assert_eq!(
+        layer["annotations"]["io.ferrydisk.disk.virtual-size"],
+        (64u64 << 20).to_string()
+    );
+    // The blob is the zstd of the volume's bytes, far smaller than the 64 MiB volume.
+    let blob = reg.blob_path(layer["digest"].as_str().expect("digest"));
+    let stored = std::fs::metadata(&blob).expect("blob").len();
+    assert!(stored < 1 << 20, "{stored} bytes");
+    let run = d.path().join("ours");
+    registry_import(&run, &reg, "vms/exported:rootdisk").assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+}
+
+#[test]
+fn bad_pushes_fail_in_one_line_and_tag_nothing() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let vmdk = d.path().join("disk.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        raw.to_str().expect("utf8"),
+        vmdk.to_str().expect("utf8"),
+    ]);
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let fails = |out: Output, needle: &str| {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("push failed: "))
+            .unwrap_or_else(|| panic!("no failure line in {err}"));
+        assert!(line.contains(needle), "{line:?} lacks {needle:?}");
+        assert!(out.stdout.is_empty(), "no summary on failure");
+    };
+    fails(
+        push(&reg, &vmdk, "d/x:1", &["--layout", "artifact"]),
+        "raw or qcow2 disk; this one is vmdk",
+    );
+    fails(
+        push(&reg, &d.path().join("missing"), "d/x:1", &[]),
+        "opening",
+    );
+    fails(
+        push(&reg, &raw, "d/x:1", &["--disk-name", "../etc"]),
+        "one plain file name",
+    );
+    let mut wrong = Command::new(bin("importer"));
+    wrong
+        .env_clear()
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "wrong")
+        .args(["push", "--source"])
+        .arg(&raw)
+        .arg("--dest")
+        .arg(reg.image("d/x:1"))
+        .arg("--cert-dir")
+        .arg(reg.ca_dir.as_ref().expect("tls"));
+    fails(wrong.output().expect("run"), "401");
+    let mut untrusted = Command::new(bin("importer"));
+    untrusted
+        .env_clear()
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .args(["push", "--source"])
+        .arg(&raw)
+        .arg("--dest")
+        .arg(reg.image("d/x:1"));
+    fails(untrusted.output().expect("run"), "certificate");
+    // Nothing was tagged.
+    let o = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            "user:pass",
+        ])
+        .arg(reg.image("d/x:1"))
+        .output()
+        .expect("skopeo");
+    assert!(!o.status.success(), "d/x:1 exists after failed pushes");
+}
+
+#[test]
+fn chunked_upload_sends_one_patch_per_chunk_and_imports_byte_equal() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let s = pushed(&reg, &raw, "disks/chunked:1", &["--chunk-mib", "5"]);
+    let layer = s["layerSize"].as_u64().expect("size");
+    let patches = std::fs::read_to_string(&reg.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"PATCH /v2/disks/chunked/blobs/uploads/"))
+        .count() as u64;
+    assert_eq!(
+        patches,
+        layer.div_ceil(5 << 20),
+        "{layer} bytes in 5 MiB chunks"
+    );
+    let run = d.path().join("ours");
+    registry_import(&run, &reg, "disks/chunked:1").assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+}
