@@ -65,6 +65,18 @@ pub fn default_fixture(dir: &Path) -> PathBuf {
     p
 }
 
+/// `qemu-img convert -O qcow2` of `raw` into `out`.
+pub fn qcow2_of(raw: &Path, out: &Path) -> PathBuf {
+    qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().expect("utf8"),
+        out.to_str().expect("utf8"),
+    ]);
+    out.to_path_buf()
+}
+
 /// `qemu-img convert -O raw` of `src`: the oracle output disks are compared with.
 pub fn qemu_reference(src: &Path, dir: &Path) -> PathBuf {
     qemu_reference_as(src, None, dir)

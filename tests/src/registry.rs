@@ -109,6 +109,24 @@ impl Registry {
         sh(&mut c);
     }
 
+    /// Our importer reading `repo_tag` from this registry, with its credentials and CA.
+    pub fn importer(&self, run: &Path, repo_tag: &str) -> crate::runner::Importer {
+        let mut i = crate::runner::Importer::new(run)
+            .env("IMPORTER_SOURCE", "registry")
+            .env("IMPORTER_ENDPOINT", &self.image(repo_tag))
+            .arg("--metrics-addr")
+            .arg("none");
+        if let Some((u, p)) = &self.creds {
+            i = i
+                .env("IMPORTER_ACCESS_KEY_ID", u)
+                .env("IMPORTER_SECRET_KEY", p);
+        }
+        if let Some(ca) = &self.ca_dir {
+            i = i.env("IMPORTER_CERT_DIR", ca.to_str().expect("utf8"));
+        }
+        i
+    }
+
     /// The filesystem path of a blob in the registry's storage.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");

@@ -9,20 +9,6 @@ use ferrydisk_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-fn registry_import(run: &Path, reg: &Registry, repo_tag: &str) -> Importer {
-    Importer::new(run)
-        .env("IMPORTER_SOURCE", "registry")
-        .env("IMPORTER_ENDPOINT", &reg.image(repo_tag))
-        .env("IMPORTER_ACCESS_KEY_ID", "user")
-        .env("IMPORTER_SECRET_KEY", "pass")
-        .env(
-            "IMPORTER_CERT_DIR",
-            reg.ca_dir.as_ref().expect("tls").to_str().expect("utf8"),
-        )
-        .arg("--metrics-addr")
-        .arg("none")
-}
-
 fn zst(src: &Path) -> std::path::PathBuf {
     let out = src.with_extension("raw.zst");
     std::fs::write(
@@ -67,7 +53,7 @@ fn kubevirt_disk_artifacts_raw_zstd_and_qcow2_by_digest() {
         "application/vnd.kubevirt.disk.raw+zstd"
     );
     let run = tmp();
-    let o = registry_import(run.path(), &reg, "vm/export:v1").run();
+    let o = reg.importer(run.path(), "vm/export:v1").run();
     o.assert_success();
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);
     assert!(o.stderr.contains("disk blob"), "{}", o.stderr);
@@ -88,14 +74,16 @@ fn kubevirt_disk_artifacts_raw_zstd_and_qcow2_by_digest() {
         .expect("digest")
         .to_string();
     let run = tmp();
-    let o = registry_import(run.path(), &reg, "vm/two:v1").run();
+    let o = reg.importer(run.path(), "vm/two:v1").run();
     o.assert_failure("FERRYDISK_LAYER_DIGEST");
-    let o = registry_import(run.path(), &reg, "vm/two:v1")
+    let o = reg
+        .importer(run.path(), "vm/two:v1")
         .env("FERRYDISK_LAYER_DIGEST", &digest)
         .run();
     o.assert_success();
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);
-    let o = registry_import(run.path(), &reg, "vm/two:v1")
+    let o = reg
+        .importer(run.path(), "vm/two:v1")
         .env(
             "FERRYDISK_LAYER_DIGEST",
             &format!("sha256:{}", "0".repeat(64)),
@@ -109,14 +97,7 @@ fn a_generic_single_blob_artifact_and_a_tampered_blob() {
     let d = tmp();
     let raw = default_fixture(d.path());
     let reference = qemu_reference(&raw, d.path());
-    let q = d.path().join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().expect("utf8"),
-        q.to_str().expect("utf8"),
-    ]);
+    let q = qcow2_of(&raw, &d.path().join("disk.qcow2"));
     let reg = Registry::start(true, Some(("user", "pass")));
     // An artifact of some other tool (oras push disk.qcow2): one non-tar layer.
     let layout = d.path().join("generic");
@@ -129,7 +110,7 @@ fn a_generic_single_blob_artifact_and_a_tampered_blob() {
     );
     reg.push_layout(&layout, "v1", "disks/generic:v1");
     let run = tmp();
-    registry_import(run.path(), &reg, "disks/generic:v1")
+    reg.importer(run.path(), "disks/generic:v1")
         .run()
         .assert_success();
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);
@@ -146,7 +127,7 @@ fn a_generic_single_blob_artifact_and_a_tampered_blob() {
     bytes[at] ^= 0xff;
     std::fs::write(&blob, &bytes).expect("tamper");
     let run = tmp();
-    let o = registry_import(run.path(), &reg, "disks/generic:v1").run();
+    let o = reg.importer(run.path(), "disks/generic:v1").run();
     o.assert_failure("digest mismatch");
     assert_eq!(
         std::fs::metadata(run.path().join("data/disk.img"))

@@ -37,21 +37,6 @@ fn pushed(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> serd
     serde_json::from_slice(&out.stdout).expect("summary json")
 }
 
-fn registry_import(run: &Path, reg: &Registry, repo_tag: &str) -> Outcome {
-    Importer::new(run)
-        .env("IMPORTER_SOURCE", "registry")
-        .env("IMPORTER_ENDPOINT", &reg.image(repo_tag))
-        .env("IMPORTER_ACCESS_KEY_ID", "user")
-        .env("IMPORTER_SECRET_KEY", "pass")
-        .env(
-            "IMPORTER_CERT_DIR",
-            reg.ca_dir.as_ref().expect("tls").to_str().expect("utf8"),
-        )
-        .arg("--metrics-addr")
-        .arg("none")
-        .run()
-}
-
 /// PATCH and PUT requests that carried a blob's bytes, from the registry's access log.
 fn blob_writes(reg: &Registry) -> usize {
     std::fs::read_to_string(&reg.log)
@@ -69,14 +54,7 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
     let d = tmp();
     let raw = default_fixture(d.path());
     let reference = qemu_reference(&raw, d.path());
-    let q = d.path().join("fedora.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().expect("utf8"),
-        q.to_str().expect("utf8"),
-    ]);
+    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
     let reg = Registry::start(true, Some(("user", "pass")));
     let s = pushed(
         &reg,
@@ -141,7 +119,7 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
 
     // Our registry import converts it to exactly qemu-img's raw.
     let run = d.path().join("ours");
-    registry_import(&run, &reg, "disks/fedora:41").assert_success();
+    reg.importer(&run, "disks/fedora:41").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 
     // CDI's real importer takes the same containerDisk.
@@ -226,7 +204,9 @@ fn artifact_push_of_a_sparse_volume_imports_byte_equal() {
     let stored = std::fs::metadata(&blob).expect("blob").len();
     assert!(stored < 1 << 20, "{stored} bytes");
     let run = d.path().join("ours");
-    registry_import(&run, &reg, "vms/exported:rootdisk").assert_success();
+    reg.importer(&run, "vms/exported:rootdisk")
+        .run()
+        .assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
 
@@ -321,6 +301,6 @@ fn chunked_upload_sends_one_patch_per_chunk_and_imports_byte_equal() {
         "{layer} bytes in 5 MiB chunks"
     );
     let run = d.path().join("ours");
-    registry_import(&run, &reg, "disks/chunked:1").assert_success();
+    reg.importer(&run, "disks/chunked:1").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
