@@ -304,3 +304,38 @@ fn chunked_upload_sends_one_patch_per_chunk_and_imports_byte_equal() {
     reg.importer(&run, "disks/chunked:1").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
+
+#[test]
+fn a_block_volume_pushes_as_a_zstd_containerdisk() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let Some(lo) = ferrydisk_tests::Loop::new(&d.path().join("backing"), 64 << 20) else {
+        return;
+    };
+    // The volume holds the disk (a block PVC after an import): copy it onto the device.
+    std::io::copy(
+        &mut std::fs::File::open(&raw).expect("raw"),
+        &mut std::fs::OpenOptions::new()
+            .write(true)
+            .open(&lo.dev)
+            .expect("device"),
+    )
+    .expect("copy onto the device");
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let s = pushed(
+        &reg,
+        Path::new(&lo.dev),
+        "volumes/pvc:1",
+        &["--zstd", "--disk-name", "disk.img"],
+    );
+    assert_eq!(s["format"], "raw");
+    assert_eq!(s["sourceSize"], 64 << 20);
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    let run = d.path().join("ours");
+    reg.importer(&run, "volumes/pvc:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+}
