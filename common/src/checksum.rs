@@ -3,6 +3,12 @@
 use sha2::digest::DynDigest;
 use std::io::{self, Read};
 
+/// `sha256:<hex>` of a small blob: an OCI digest (manifests, configs).
+pub fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChecksumError {
     #[error(

@@ -37,7 +37,8 @@ fn pushed(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> serd
     serde_json::from_slice(&out.stdout).expect("summary json")
 }
 
-/// PATCH and PUT requests that carried a blob's bytes, from the registry's access log.
+/// Blob upload requests (PATCHes, and the PUTs that commit them), from the registry's
+/// access log.
 fn blob_writes(reg: &Registry) -> usize {
     std::fs::read_to_string(&reg.log)
         .unwrap_or_default()

@@ -71,11 +71,6 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// `sha256:<hex>` of a small blob (configs, manifests).
-pub fn digest_of(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
 /// A disk name for `disk/<name>`: one plain path component that fits a ustar name.
 pub fn check_disk_name(name: &str) -> Result<(), String> {
     let plain = !name.is_empty()
@@ -210,6 +205,7 @@ pub fn produce<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrydisk_common::checksum::sha256_digest;
 
     fn spec(layout: Layout, zstd: Option<(i32, u32)>) -> LayerSpec {
         LayerSpec {
@@ -229,7 +225,7 @@ mod tests {
             Vec::new(),
         )
         .expect("produce");
-        assert_eq!(p.digest, digest_of(&tar_bytes));
+        assert_eq!(p.digest, sha256_digest(&tar_bytes));
         assert_eq!(p.diff_id, p.digest);
         assert_eq!(p.size, tar_bytes.len() as u64);
         let mut a = tar::Archive::new(&tar_bytes[..]);
@@ -254,8 +250,8 @@ mod tests {
         let disk = vec![7u8; 1 << 20];
         let s = spec(Layout::Artifact, Some((3, 0)));
         let (z, p) = produce(&mut &disk[..], disk.len() as u64, &s, Vec::new()).expect("zstd");
-        assert_eq!(p.digest, digest_of(&z));
-        assert_eq!(p.diff_id, digest_of(&disk));
+        assert_eq!(p.digest, sha256_digest(&z));
+        assert_eq!(p.diff_id, sha256_digest(&disk));
         assert_eq!(zstd::decode_all(&z[..]).expect("decode"), disk);
         let (_, again) = produce(&mut &disk[..], disk.len() as u64, &s, io::sink()).expect("again");
         assert_eq!(again, p);

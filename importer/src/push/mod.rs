@@ -5,9 +5,10 @@
 //!
 //! It streams: the layer is produced in one forward pass (holes of a sparse file are
 //! not read, only counted as zeros) and goes up as one streamed PATCH of 1 MiB pieces
-//! (or `--chunk-mib` PATCHes with `Content-Range`) while its digest is computed. A blob the registry already has is not sent again: a first
-//! pass computes the layer's digest without uploading (reading the source once more,
-//! never storing it), then `HEAD` decides.
+//! (or `--chunk-mib` PATCHes with `Content-Range`) while its digest is computed. A blob
+//! the registry already has is not sent again: a first pass computes the layer's digest
+//! without uploading (reading the source once more, never storing it), then `HEAD`
+//! decides.
 
 pub mod layer;
 pub mod registry;
@@ -138,7 +139,12 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
         localhost_names: Vec::new(),
     })
     .map_err(|e| e.to_string())?;
-    let creds = credentials(args, &dest.host);
+    let creds = crate::sources::registry::credentials(
+        args.access_key_id.as_deref(),
+        args.secret_key.as_deref(),
+        args.auth_file.as_deref(),
+        &dest.host,
+    );
     let reg = Registry::connect(http, &dest.host, &dest.repo, creds, args.insecure())
         .await
         .map_err(|e| format!("{}: {}", dest.host, chain(&e)))?;
@@ -246,25 +252,14 @@ fn labels(format: Format, virtual_size: u64, source_size: u64) -> serde_json::Va
     })
 }
 
-/// IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY, else the registry's auth-file entry.
-fn credentials(args: &PushArgs, host: &str) -> Option<(String, String)> {
-    match (&args.access_key_id, &args.secret_key) {
-        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
-        _ => args
-            .auth_file
-            .as_deref()
-            .and_then(|f| crate::sources::registry::auth_file_entry(f, host)),
-    }
-}
-
 /// zstd workers: the cores this process may use, less one for hashing and the upload.
 fn zstd_threads() -> u32 {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     u32::try_from(n.saturating_sub(1)).unwrap_or(0)
 }
 
-/// Pass two: the layer produced on a blocking thread into 8 MiB chunks that the upload
-/// session PATCHes as they come (two chunks in flight at most).
+/// Pass two: the layer produced on a blocking thread into pieces (1 MiB, or the chunk
+/// size) that the upload session sends as they come.
 async fn upload_layer(
     reg: &Registry,
     file: Arc<File>,

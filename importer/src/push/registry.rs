@@ -1,13 +1,12 @@
-//! The registry side of a push (OCI distribution spec, "push"): a blob HEAD, a chunked
-//! upload session (POST, one PATCH per chunk with `Content-Range`, PUT with the digest),
-//! small blobs in one PUT, and the manifest. Authentication answers the registry's
+//! The registry side of a push (OCI distribution spec, "push"): a blob HEAD, an upload
+//! session (POST, then one streamed PATCH or one PATCH per chunk with `Content-Range`,
+//! then PUT with the digest), small blobs in one PUT, and the manifest. Authentication answers the registry's
 //! `WWW-Authenticate` challenge: Basic, or a Bearer token from the realm it names.
 
 use bytes::Bytes;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// Logs each tenth of the layer crossed by `[before, after)`.
 fn log_progress(before: u64, after: u64, total: u64) {
@@ -43,8 +42,8 @@ fn body_text(body: &str) -> String {
     if t.is_empty() {
         String::new()
     } else {
-        let t: String = t.chars().take(300).collect();
-        format!(" ({})", t.replace('\n', " "))
+        // The message is folded onto one line where it is reported (`chain_line`).
+        format!(" ({})", t.chars().take(300).collect::<String>())
     }
 }
 
@@ -96,6 +95,14 @@ impl Registry {
             .map(drop)
     }
 
+    /// The request with the Authorization header a challenge gave, if any.
+    fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.auth.lock().expect("auth").clone() {
+            Some(h) => req.header(AUTHORIZATION, h),
+            None => req,
+        }
+    }
+
     /// Sends a request, answering one 401 challenge and sending it again.
     async fn send(
         &self,
@@ -104,14 +111,14 @@ impl Registry {
     ) -> Result<reqwest::Response, PushError> {
         let mut answered = false;
         loop {
-            let mut req = make();
-            if let Some(h) = self.auth.lock().expect("auth").clone() {
-                req = req.header(AUTHORIZATION, h);
-            }
-            let resp = req.send().await.map_err(|source| PushError::Http {
-                what: what.to_string(),
-                source,
-            })?;
+            let resp = self
+                .authed(make())
+                .send()
+                .await
+                .map_err(|source| PushError::Http {
+                    what: what.to_string(),
+                    source,
+                })?;
             if resp.status() != StatusCode::UNAUTHORIZED || answered {
                 return Ok(resp);
             }
@@ -248,7 +255,7 @@ impl Registry {
 
     /// A small blob (a config) in one request, unless the registry has it.
     pub async fn put_small_blob(&self, data: Bytes) -> Result<String, PushError> {
-        let digest = super::layer::digest_of(&data);
+        let digest = ferrydisk_common::checksum::sha256_digest(&data);
         if self.blob_exists(&digest).await? {
             return Ok(digest);
         }
@@ -257,29 +264,29 @@ impl Registry {
         Ok(digest)
     }
 
-    /// Uploads a blob whose pieces arrive on `pieces`; `digest` is awaited once they
-    /// end (the producer computes it as it goes) and the upload is committed with it.
+    /// Uploads a blob of `total` bytes whose pieces arrive on `pieces`; `digest` is
+    /// awaited once they end (the producer computes it as it goes) and the upload is
+    /// committed with it.
     ///
     /// `chunked`: one PATCH per piece with its `Content-Range` (the spec's chunked
-    /// upload; pieces are then the chunk size). Otherwise the pieces are one PATCH body
-    /// in chunked transfer encoding (the spec's streamed upload, as docker and
-    /// containers/image push): distribution saves and restores its hash state for every
-    /// PATCH, so one long PATCH is the faster of the two. Returns the bytes sent.
+    /// upload; pieces are then the chunk size). Otherwise the pieces are the body of one
+    /// PATCH of known length (the spec's streamed upload, as docker and containers/image
+    /// push): distribution saves and restores its hash state for every PATCH, so one
+    /// long PATCH is the faster of the two.
     pub async fn upload(
         &self,
         mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
         digest: tokio::sync::oneshot::Receiver<Option<String>>,
         total: u64,
         chunked: bool,
-    ) -> Result<u64, PushError> {
+    ) -> Result<(), PushError> {
         let mut location = self.start_upload().await?;
-        let sent = Arc::new(AtomicU64::new(0));
         if chunked {
+            let mut offset = 0u64;
             while let Some(chunk) = pieces.recv().await {
                 if chunk.is_empty() {
                     continue;
                 }
-                let offset = sent.load(Ordering::Relaxed);
                 let end = offset + chunk.len() as u64 - 1;
                 let what = format!("uploading bytes {offset}-{end}");
                 let resp = self
@@ -295,37 +302,34 @@ impl Registry {
                 let resp = expect(resp, &[StatusCode::ACCEPTED], &what).await?;
                 location = self.location(&resp)?;
                 log_progress(offset, end + 1, total);
-                sent.store(end + 1, Ordering::Relaxed);
+                offset = end + 1;
             }
         } else {
-            let counter = sent.clone();
-            let stream = futures_util::stream::unfold(pieces, move |mut rx| {
-                let counter = counter.clone();
-                async move {
+            let stream =
+                futures_util::stream::unfold((pieces, 0u64), move |(mut rx, sent)| async move {
                     let piece = rx.recv().await?;
-                    let before = counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
-                    log_progress(before, before + piece.len() as u64, total);
-                    Some((Ok::<_, std::io::Error>(piece), rx))
-                }
-            });
-            let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(stream)));
-            // Authenticated by `connect`; a body that streams cannot be sent twice.
+                    let after = sent + piece.len() as u64;
+                    log_progress(sent, after, total);
+                    Some((Ok::<_, std::io::Error>(piece), (rx, after)))
+                });
+            // A streaming body cannot be sent twice, so no challenge is answered here:
+            // `connect` authenticated, and a 401 now is an error. The first pass measured
+            // the layer: a known length spares the registry chunked transfer decoding.
             let what = "uploading the layer";
+            let req = self
+                .http
+                .request(Method::PATCH, &location)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, total)
+                .body(reqwest::Body::wrap_stream(stream));
             let resp = self
-                .send(what, || {
-                    // The first pass measured the layer: a known length spares the
-                    // registry chunked transfer decoding.
-                    let req = self
-                        .http
-                        .request(Method::PATCH, &location)
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, total);
-                    match body.lock().expect("body").take() {
-                        Some(b) => req.body(b),
-                        None => req.body(Bytes::new()),
-                    }
-                })
-                .await?;
+                .authed(req)
+                .send()
+                .await
+                .map_err(|source| PushError::Http {
+                    what: what.into(),
+                    source,
+                })?;
             let resp = expect(resp, &[StatusCode::ACCEPTED, StatusCode::NO_CONTENT], what).await?;
             location = self.location(&resp)?;
         }
@@ -334,8 +338,7 @@ impl Registry {
             digest.await.ok().flatten().ok_or_else(|| {
                 PushError::Protocol("the layer was not produced to the end".into())
             })?;
-        self.finish_upload(&location, &digest, Bytes::new()).await?;
-        Ok(sent.load(Ordering::Relaxed))
+        self.finish_upload(&location, &digest, Bytes::new()).await
     }
 
     /// PUTs a manifest under `reference` (a tag); returns the digest the registry gives it.
@@ -361,7 +364,7 @@ impl Registry {
             .get("Docker-Content-Digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-            .unwrap_or_else(|| super::layer::digest_of(&body)))
+            .unwrap_or_else(|| ferrydisk_common::checksum::sha256_digest(&body)))
     }
 }
 

@@ -136,16 +136,26 @@ fn client(opts: &RegistryOptions, protocol: ClientProtocol) -> Client {
 /// Credentials: IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY (both set, as CDI requires),
 /// else the registry's entry in a docker/containers auth file, else anonymous.
 fn auth_for(opts: &RegistryOptions, registry: &str) -> RegistryAuth {
-    match (&opts.username, &opts.password) {
-        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => {
-            return RegistryAuth::Basic(u.clone(), p.clone())
-        }
-        _ => {}
+    credentials(
+        opts.username.as_deref(),
+        opts.password.as_deref(),
+        opts.auth_file.as_deref(),
+        registry,
+    )
+    .map_or(RegistryAuth::Anonymous, |(u, p)| RegistryAuth::Basic(u, p))
+}
+
+/// A username and password (both non-empty), else the registry's auth-file entry.
+pub fn credentials(
+    username: Option<&str>,
+    password: Option<&str>,
+    auth_file: Option<&Path>,
+    registry: &str,
+) -> Option<(String, String)> {
+    match (username, password) {
+        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.into(), p.into())),
+        _ => auth_file.and_then(|f| auth_file_entry(f, registry)),
     }
-    opts.auth_file
-        .as_deref()
-        .and_then(|f| auth_file_entry(f, registry))
-        .map_or(RegistryAuth::Anonymous, |(u, p)| RegistryAuth::Basic(u, p))
 }
 
 /// Looks `registry` up in a `config.json`/`auth.json` (`{"auths":{"host":{"auth":"base64(user:pass)"}}}`).
@@ -383,10 +393,7 @@ pub async fn manifest_digest(
         }
         Err(e) => return Err(pull_err(e)),
     };
-    Ok(format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&raw))
-    ))
+    Ok(ferrydisk_common::checksum::sha256_digest(&raw))
 }
 
 async fn pull_config(
