@@ -232,6 +232,7 @@ fn keep_qcow2(
     last: Option<Format>,
     known_len: Option<u64>,
 ) -> Result<(), PipelineError> {
+    writer.keep_format()?;
     let progress = opts.progress.clone();
     let mut counted = CountingReader::new(r, move |n| progress.add_decoded(n));
     let mut tee = Tee {

@@ -286,9 +286,9 @@ pub struct VolumeArgs {
     /// Where the result for the controller goes.
     #[arg(long = "termination-log", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
-    /// `qcow2`: a qcow2 image is written as qcow2 (after the same validation as a
-    /// conversion) instead of raw; other formats are still converted to raw. Only for a
-    /// file destination.
+    /// `qcow2`: the disk is written as qcow2 instead of raw. A qcow2 image is kept as it
+    /// came (after the same validation as a conversion); any other format goes through
+    /// the streaming qcow2 writer. Only for a file destination.
     #[arg(long = "output-format", env = "FERRYDISK_OUTPUT_FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub output_format: String,
 }

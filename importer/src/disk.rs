@@ -15,7 +15,7 @@ use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::sink::sparse::{CopyError, WriterOptions};
-use ferrydisk_common::sink::{BlockTarget, FileTarget, SparseWriter, Target};
+use ferrydisk_common::sink::{BlockTarget, FileTarget, Qcow2Target, SparseWriter, Target};
 use ferrydisk_common::sniff::Format;
 use ferrydisk_common::ErrorKind;
 use std::collections::BTreeMap;
@@ -55,8 +55,9 @@ pub struct DiskPlan {
     pub direct: bool,
     /// A mounted scratch volume, if any (CDI: a missing one means "required").
     pub scratch: Option<PathBuf>,
-    /// Write a qcow2 source as qcow2 (`--output-format qcow2`; file destinations only).
-    pub keep_qcow2: bool,
+    /// Write the disk as qcow2 (`--output-format qcow2`; file destinations only): a
+    /// qcow2 source is kept as it is, anything else goes through the qcow2 writer.
+    pub qcow2_out: bool,
 }
 
 impl DiskPlan {
@@ -93,17 +94,17 @@ impl DiskPlan {
             Some(s) => Checksum::parse_list(s).map_err(|e| Failure::Config(e.to_string()))?,
         };
         let dest = Destination::choose(r.dest, &v.block_device, &v.data_dir, r.archive);
-        let mut keep_qcow2 = v.output_format == "qcow2";
-        if keep_qcow2 && matches!(dest, Destination::Block(_)) {
+        let mut qcow2_out = v.output_format == "qcow2";
+        if qcow2_out && matches!(dest, Destination::Block(_)) {
             if strict {
                 return Err(Failure::Config(
                     "--output-format qcow2 needs a file destination, not a block device".into(),
                 ));
             }
-            keep_qcow2 = false;
+            qcow2_out = false;
         }
         Ok(DiskPlan {
-            keep_qcow2,
+            qcow2_out,
             preallocate,
             requested,
             overhead: parse_overhead(&v.filesystem_overhead),
@@ -165,7 +166,7 @@ fn pipeline_options(
         // Only a mounted scratch volume counts (CDI: a missing one means "required").
         scratch: plan.scratch.clone(),
         source_file: None,
-        keep_qcow2: plan.keep_qcow2,
+        keep_qcow2: plan.qcow2_out,
     }
 }
 
@@ -190,7 +191,13 @@ fn open_disk(
                 fs_available(&dir).map_err(|e| io_fail(format!("statfs {}", dir.display()), e))?;
             let space = FileSpace::new(avail, plan.requested, plan.overhead);
             opts.limit = space.available;
-            (Box::new(t), Some(space))
+            if plan.qcow2_out {
+                let reader = std::fs::File::open(path)
+                    .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
+                (Box::new(Qcow2Target::new(Box::new(t), reader)), Some(space))
+            } else {
+                (Box::new(t), Some(space))
+            }
         }
         Destination::Block(path) => {
             let t = BlockTarget::open(path, plan.direct, plan.preallocate)

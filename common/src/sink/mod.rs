@@ -1,5 +1,6 @@
 //! Where the disk goes. Two real targets, a sparse regular file ([`file::FileTarget`])
-//! and a block device ([`block::BlockTarget`]), behind [`Target`]; the
+//! and a block device ([`block::BlockTarget`]), behind [`Target`], optionally with the
+//! qcow2 writer ([`qcow2::Qcow2Target`]) in front of a file; the
 //! [`sparse::SparseWriter`] in front of them skips zero blocks, enforces the size
 //! limit and keeps the page cache charged to the pod flat.
 
@@ -7,6 +8,7 @@ pub mod aligned;
 pub mod block;
 pub mod discard;
 pub mod file;
+pub mod qcow2;
 pub mod sparse;
 
 use std::io;
@@ -14,6 +16,7 @@ use std::io;
 pub use aligned::AlignedBuf;
 pub use block::BlockTarget;
 pub use file::FileTarget;
+pub use qcow2::Qcow2Target;
 pub use sparse::{SparseWriter, WriteStats};
 
 /// The alignment O_DIRECT needs for offsets, lengths and memory (covers 512-byte and
@@ -45,6 +48,9 @@ pub trait Target: Send {
     /// Called before writes that arrive in random order (qcow2): afterwards every byte
     /// of `[0, len)` that is never written must read as zero.
     fn prepare_random(&mut self, len: u64) -> io::Result<()>;
+    /// Called before any write when the image already is in the destination's format
+    /// (a qcow2 kept as qcow2): its bytes go where they are addressed, unconverted.
+    fn keep_format(&mut self) {}
     /// What the target writes to, for messages (a full volume names it).
     fn path(&self) -> &std::path::Path;
 }

@@ -52,6 +52,7 @@ enum Msg {
         len: usize,
     },
     PrepareRandom(u64),
+    KeepFormat,
     Finish(u64),
     Abort,
 }
@@ -167,6 +168,16 @@ impl SparseWriter {
         Ok(())
     }
 
+    /// Announces an image already in the destination's format (see
+    /// [`Target::keep_format`]); before any write.
+    pub fn keep_format(&mut self) -> Result<(), SinkError> {
+        self.flush_pending()?;
+        if self.tx.send(Msg::KeepFormat).is_err() {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
     /// Hands a partly filled [`SparseWriter::write_at`] block to the writer thread.
     pub fn flush_pending(&mut self) -> Result<(), SinkError> {
         match self.pending.take() {
@@ -267,6 +278,7 @@ fn run(
                         .prepare_random(len)
                         .map_err(|source| SinkError::Write { offset: 0, source })?;
                 }
+                Msg::KeepFormat => target.keep_format(),
                 Msg::Finish(len) => {
                     let info = target
                         .finish(len.max(stats.end))
