@@ -2,11 +2,12 @@
 //! percentage and its Prometheus exposition.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 /// CDI's metric name; the controller scrapes it with a regex, so it must match exactly.
 pub const METRIC: &str = "kubevirt_cdi_import_progress_total";
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     source: AtomicU64,
     decoded: AtomicU64,
@@ -16,6 +17,22 @@ pub struct Progress {
     /// Highest percentage reported so far, as f64 bits (positive floats order like
     /// their bits), so the counter only ever goes up as Prometheus counters must.
     reported: AtomicU64,
+    /// When the transfer began (the counters' creation).
+    started: Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            source: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            source_total: AtomicU64::new(0),
+            virtual_total: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -77,6 +94,11 @@ impl Progress {
         self.source.store(0, Relaxed);
         self.decoded.store(0, Relaxed);
         self.written.store(0, Relaxed);
+    }
+
+    /// Time since the counters were created (the start of the import or upload).
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     pub fn complete(&self) {

@@ -7,7 +7,7 @@ use crate::destination::{fs_available, Destination, FileSpace};
 use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
 use ferrydisk_common::cdi::space::{parse_overhead, parse_quantity};
-use ferrydisk_common::cdi::termination::TerminationMessage;
+use ferrydisk_common::cdi::termination::{ImportInfo, TerminationMessage};
 use ferrydisk_common::checksum::{Checksum, HashingReader};
 use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
 use ferrydisk_common::decode::tar::Staging;
@@ -233,6 +233,7 @@ fn finish_disk(
         disk.space
             .map_or(report.virtual_size, |s| s.final_len(report.virtual_size))
     });
+    let disk_progress = disk.opts.progress.clone();
     let (stats, info) = disk
         .writer
         .finish(final_len)
@@ -244,7 +245,21 @@ fn finish_disk(
     // A block device has every byte of the image written or explicitly zeroed.
     let preallocated =
         info.preallocated || (plan.preallocate && matches!(plan.dest, Destination::Block(_)));
-    Ok(TerminationMessage::import_complete(preallocated, labels))
+    let mut message = TerminationMessage::import_complete(preallocated, labels);
+    message.import_info = Some(import_info(report, &disk_progress));
+    Ok(message)
+}
+
+/// Deckhouse's report of an import: the image under its layers, duration and speed.
+fn import_info(report: &Report, progress: &Progress) -> ImportInfo {
+    let s = progress.snapshot();
+    ImportInfo::new(
+        report.format.map_or("", |f| f.name()),
+        s.decoded,
+        report.virtual_size,
+        s.source,
+        progress.elapsed(),
+    )
 }
 
 fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {

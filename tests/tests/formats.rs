@@ -77,7 +77,7 @@ fn format_matrix_matches_qemu_img_when_streamed() {
                 importer.http(&server.url(name)).run()
             };
             assert_eq!(o.code, 0, "{name}: {}\n{}", o.termination, o.stderr);
-            assert_eq!(o.termination, Outcome::SUCCESS, "{name}");
+            assert_eq!(cdi_part(&o.termination), Outcome::SUCCESS, "{name}");
             assert!(!o.stderr.contains("spooling"), "{name}: {}", o.stderr);
             assert_same_bytes(&run.path().join("data/disk.img"), &reference);
         }
@@ -188,6 +188,72 @@ fn every_format_converts_to_qcow2_output() {
         "{} sources written as qcow2: qemu-img check clean, qemu-img compare identical",
         images.len()
     );
+}
+
+/// The termination message carries Deckhouse's report after CDI's fields (issue #14
+/// item 6): format, virtual size and image size as `qemu-img info` states them for the
+/// image under any compression, a duration and an average speed.
+#[test]
+fn termination_message_carries_deckhouse_fields() {
+    let d = tempfile::tempdir().expect("tmp");
+    let base = patterned_disk(d.path());
+    let qcow2 = qcow2_of(&base, &d.path().join("disk.qcow2"));
+    let vmdk = d.path().join("disk.vmdk");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        base.to_str().expect("utf8"),
+        vmdk.to_str().expect("utf8"),
+    ]);
+    let xz = sh(Command::new("xz").args(["-1", "-T1", "-c"]).arg(&qcow2)).stdout;
+    std::fs::write(d.path().join("disk.qcow2.xz"), &xz).expect("write");
+    let server = HttpServer::start(d.path(), &[]);
+    for (name, image, fmt, wire) in [
+        ("disk.qcow2.xz", &qcow2, "qcow2", xz.len() as u64),
+        ("disk.vmdk", &vmdk, "vmdk", 0),
+        ("base.raw", &base, "raw", 0),
+    ] {
+        let run = tempfile::tempdir().expect("tmp");
+        let o = Importer::new(run.path()).http(&server.url(name)).run();
+        o.assert_success();
+        let info = deckhouse_part(&o.termination);
+        let qemu = sh(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", fmt])
+            .arg(image))
+        .stdout;
+        let qemu: serde_json::Value = serde_json::from_slice(&qemu).expect("json");
+        assert_eq!(
+            info["source-image-format"], qemu["format"],
+            "{name}: {info}"
+        );
+        assert_eq!(
+            info["source-image-virtual-size"], qemu["virtual-size"],
+            "{name}: {info}"
+        );
+        assert_eq!(
+            info["source-image-size"].as_u64(),
+            Some(std::fs::metadata(image).expect("meta").len()),
+            "{name}: {info}"
+        );
+        assert!(info["duration"].as_u64().unwrap_or(0) > 0, "{name}: {info}");
+        assert!(
+            info["average-speed"].as_u64().unwrap_or(0) > 0,
+            "{name}: {info}"
+        );
+        if wire > 0 {
+            // The speed is of the bytes on the wire (the xz), not of the disk.
+            let ns = info["duration"].as_u64().expect("duration") as f64;
+            let speed = info["average-speed"].as_u64().expect("speed") as f64;
+            let implied = speed * ns / 1e9;
+            assert!(
+                (implied - wire as f64).abs() <= wire as f64 * 0.05 + 1.0,
+                "{name}: {implied} bytes implied by the speed, {wire} sent"
+            );
+        }
+    }
 }
 
 #[test]

@@ -127,7 +127,7 @@ fn qcow2_matrix_matches_qemu_img_when_streamed() {
                 importer.http(&server.url(name)).run()
             };
             assert_eq!(o.code, 0, "{name}: {}\n{}", o.termination, o.stderr);
-            assert_eq!(o.termination, Outcome::SUCCESS, "{name}");
+            assert_eq!(cdi_part(&o.termination), Outcome::SUCCESS, "{name}");
             // preallocation=full puts most L2 tables after all the data: the one layout
             // here that needs a spool from a pipe. A local file is read again instead.
             assert_eq!(

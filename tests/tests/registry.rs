@@ -64,7 +64,7 @@ fn buildah_image_over_plain_http_with_labels() {
     let o = registry_import(run.path(), &reg, "cd/fedora:41").run();
     assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
     assert_eq!(
-        o.termination,
+        cdi_part(&o.termination),
         r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"instancetype.kubevirt.io/default-instancetype":"u1.small","instancetype.kubevirt.io/default-preference":"fedora"},"message":"Import Complete"}"#
     );
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);

@@ -77,9 +77,18 @@ fn curl_t_through_the_proxy_for_each_format() {
             "the server exits after a complete upload"
         );
         assert_eq!(
-            std::fs::read_to_string(run.path().join("termination-log")).expect("term"),
+            cdi_part(&std::fs::read_to_string(run.path().join("termination-log")).expect("term")),
             r#"{"preallocationApplied":false,"message":"Upload Complete"}"#
         );
+        // Deckhouse's keys follow CDI's: the format under any compression, a duration.
+        let info = deckhouse_part(
+            &std::fs::read_to_string(run.path().join("termination-log")).expect("term"),
+        );
+        assert!(
+            ["raw", "qcow2"].contains(&info["source-image-format"].as_str().unwrap_or("")),
+            "{info}"
+        );
+        assert!(info["duration"].as_u64().unwrap_or(0) > 0, "{info}");
         assert_same_bytes(&disk_of(run.path()), &reference);
         assert!(
             !p.log().contains(&token(&pki)[..40]),

@@ -31,6 +31,60 @@ pub struct TerminationMessage {
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Deckhouse's import report, after CDI's fields (the controller ignores keys it
+    /// does not know, and CDI's part of the message stays byte-identical).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub import_info: Option<ImportInfo>,
+}
+
+/// What Deckhouse's importer and uploader report (its `monitoring.ImportInfo`): the
+/// image as found under compression and tar, and the transfer's duration and speed.
+/// Go's `omitempty`: a zero is left out.
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImportInfo {
+    /// Bytes of the disk image itself (a qcow2's file size; a raw image's length).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_image_size: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_image_virtual_size: u64,
+    /// qemu-img's name of the format (`raw`, `qcow2`, `vmdk`, `vpc`, `vhdx`, `vdi`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_image_format: String,
+    /// Nanoseconds, as Go serialises a `time.Duration`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duration: u64,
+    /// Bytes per second read from the source, over the whole duration.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub average_speed: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl ImportInfo {
+    /// From what was found and the source bytes read in `elapsed`.
+    pub fn new(
+        format: &str,
+        image_size: u64,
+        virtual_size: u64,
+        source_bytes: u64,
+        elapsed: std::time::Duration,
+    ) -> Self {
+        let secs = elapsed.as_secs_f64();
+        ImportInfo {
+            source_image_size: image_size,
+            source_image_virtual_size: virtual_size,
+            source_image_format: format.to_string(),
+            duration: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            average_speed: if secs > 0.0 {
+                (source_bytes as f64 / secs) as u64
+            } else {
+                0
+            },
+        }
+    }
 }
 
 /// CDI's struct has no json tags, hence the capitalised keys.
@@ -69,7 +123,15 @@ impl TerminationMessage {
     }
 
     pub fn to_json(&self) -> Result<String, TerminationError> {
-        let s = serde_json::to_string(self).unwrap_or_default();
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        if s.len() > MAX_LEN && self.import_info.is_some() {
+            // Deckhouse's extra keys are the first to go: CDI's fields must fit.
+            let cdi_only = TerminationMessage {
+                import_info: None,
+                ..self.clone()
+            };
+            s = serde_json::to_string(&cdi_only).unwrap_or_default();
+        }
         if s.len() > MAX_LEN {
             return Err(TerminationError::TooLong(s.len()));
         }
@@ -170,6 +232,25 @@ mod tests {
     }
 
     #[test]
+    fn deckhouse_fields_follow_cdis_byte_identical_part() {
+        let mut m = TerminationMessage::import_complete(false, None);
+        m.import_info = Some(ImportInfo::new(
+            "qcow2",
+            1000,
+            4096,
+            2000,
+            std::time::Duration::from_millis(1500),
+        ));
+        assert_eq!(
+            m.to_json().expect("json"),
+            concat!(
+                r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"message":"Import Complete","#,
+                r#""source-image-size":1000,"source-image-virtual-size":4096,"source-image-format":"qcow2","duration":1500000000,"average-speed":1333}"#
+            )
+        );
+    }
+
+    #[test]
     fn failure_is_one_line_and_too_long_json_is_refused() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("log");
@@ -181,5 +262,17 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(big.to_json(), Err(TerminationError::TooLong(_))));
+        // Labels that leave no room: the Deckhouse keys are dropped, CDI's kept.
+        let labels = BTreeMap::from([("k".to_string(), "v".repeat(3990))]);
+        let mut m = TerminationMessage::import_complete(false, Some(labels));
+        m.import_info = Some(ImportInfo::new(
+            "raw",
+            1,
+            1,
+            1,
+            std::time::Duration::from_secs(1),
+        ));
+        let s = m.to_json().expect("fits without the extra keys");
+        assert!(!s.contains("source-image-format") && s.len() <= MAX_LEN);
     }
 }

@@ -318,6 +318,8 @@ fn finish(server: &Server, result: Result<TerminationMessage, String>, clone: bo
         server.set_phase(Phase::Done);
         TerminationMessage {
             preallocation_applied: m.preallocation_applied,
+            // Deckhouse's report belongs to uploads; a clone target says only CDI's.
+            import_info: if clone { None } else { m.import_info },
             message: Some(
                 if clone {
                     "Clone Complete"
