@@ -9,6 +9,35 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
+/// Hashes everything read through it into a SHA-256 the caller keeps a handle on: a
+/// report's digest of a stream whose reader is handed away (`importer inspect`).
+pub struct Sha256Tap<R> {
+    inner: R,
+    hasher: std::sync::Arc<std::sync::Mutex<sha2::Sha256>>,
+}
+
+impl<R: Read> Sha256Tap<R> {
+    pub fn new(inner: R, hasher: std::sync::Arc<std::sync::Mutex<sha2::Sha256>>) -> Self {
+        Sha256Tap { inner, hasher }
+    }
+}
+
+impl<R: Read> Read for Sha256Tap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Ok(mut h) = self.hasher.lock() {
+            sha2::Digest::update(&mut *h, &buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// `sha256:<hex>` of what a [`Sha256Tap`] has seen so far.
+pub fn tap_digest(hasher: &std::sync::Mutex<sha2::Sha256>) -> String {
+    let h = hasher.lock().map(|h| h.clone()).unwrap_or_default();
+    format!("sha256:{}", hex::encode(sha2::Digest::finalize(h)))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChecksumError {
     #[error(

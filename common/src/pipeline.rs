@@ -215,6 +215,9 @@ fn disk_layer(
             let mut counted = CountingReader::new(&mut peek, move |n| progress.add_decoded(n));
             let sopts = opts.stream_options(report, known_len);
             let info = convert(&mut counted, writer, &sopts).map_err(|e| format_error(e, last))?;
+            // What follows the last structure a converter needs (a dynamic vhd's footer
+            // copy) is still part of the image: read here, it counts as the image's size.
+            io::copy(&mut counted, &mut io::sink()).map_err(|e| read_error(e, last))?;
             finish_native(&info, opts, report);
             Ok(())
         }

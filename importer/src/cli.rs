@@ -43,6 +43,9 @@ pub enum Command {
     /// Push a local disk file or volume to a registry as a containerDisk or an OCI
     /// artifact, streamed (chunked upload, digest on the fly).
     Push(Box<PushArgs>),
+    /// Print what an import of SOURCE would find (layers, format, sizes, digests,
+    /// labels, platforms), as JSON or a table, writing nothing.
+    Inspect(Box<InspectArgs>),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -56,6 +59,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "cloner-startup",
     "source-update-poller",
     "push",
+    "inspect",
     "help",
 ];
 
@@ -434,6 +438,20 @@ pub struct PollerArgs {
     /// Registry CA certificates.
     #[arg(long = "certdir")]
     pub certdir: Option<PathBuf>,
+}
+
+/// `importer inspect SOURCE`: the import pipeline run into a writer that keeps nothing.
+#[derive(Args, Debug, Clone)]
+pub struct InspectArgs {
+    /// `https://...`, `file:///path` or a path, `docker://host/repo:tag`, `oci:DIR[:TAG]`,
+    /// `oci-archive:FILE`, `docker-archive:FILE`.
+    pub image: String,
+    /// `json` (one object on stdout) or `table`.
+    #[arg(long = "output", short = 'o', default_value = "json", value_parser = ["json", "table"])]
+    pub output: String,
+    /// Credentials, CA directories, proxies, platform: as for an import.
+    #[command(flatten)]
+    pub import: ImportArgs,
 }
 
 /// `importer push`: a local disk file or volume into a registry.

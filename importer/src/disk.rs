@@ -8,12 +8,13 @@ use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
 use ferrydisk_common::cdi::space::{parse_overhead, parse_quantity};
 use ferrydisk_common::cdi::termination::{ImportInfo, TerminationMessage};
-use ferrydisk_common::checksum::{Checksum, HashingReader};
+use ferrydisk_common::checksum::{Checksum, HashingReader, Sha256Tap};
 use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
 use ferrydisk_common::decode::tar::Staging;
 use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
 use ferrydisk_common::progress::Progress;
+use ferrydisk_common::sink::discard::DiscardTarget;
 use ferrydisk_common::sink::sparse::{CopyError, WriterOptions};
 use ferrydisk_common::sink::{BlockTarget, FileTarget, Qcow2Target, SparseWriter, Target};
 use ferrydisk_common::sniff::Format;
@@ -21,7 +22,7 @@ use ferrydisk_common::ErrorKind;
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// What a subcommand asks of the disk, as given (env vars and flags, unparsed).
 pub struct DiskRequest<'a> {
@@ -58,6 +59,18 @@ pub struct DiskPlan {
     /// Write the disk as qcow2 (`--output-format qcow2`; file destinations only): a
     /// qcow2 source is kept as it is, anything else goes through the qcow2 writer.
     pub qcow2_out: bool,
+    /// `importer inspect`: the whole pipeline runs into a writer that keeps nothing, and
+    /// what it found is left here instead of on a disk.
+    pub inspect: Option<Arc<Inspected>>,
+}
+
+/// What an inspecting run found: the pipeline's report and the SHA-256 of the stream
+/// it read (an HTTP body, a file, an artifact's blob).
+#[derive(Default)]
+pub struct Inspected {
+    pub report: Mutex<Option<Report>>,
+    pub source_sha256: Arc<Mutex<sha2::Sha256>>,
+    pub hashed: std::sync::atomic::AtomicBool,
 }
 
 impl DiskPlan {
@@ -104,6 +117,7 @@ impl DiskPlan {
             qcow2_out = false;
         }
         Ok(DiskPlan {
+            inspect: None,
             qcow2_out,
             preallocate,
             requested,
@@ -177,6 +191,7 @@ fn open_disk(
 ) -> Result<Disk, Failure> {
     let mut opts = pipeline_options(plan, progress.clone(), source_len);
     let (target, space): (Box<dyn Target>, Option<FileSpace>) = match &plan.dest {
+        _ if plan.inspect.is_some() => (Box::new(DiscardTarget::default()), None),
         Destination::Dir(_) => {
             return Err(Failure::Config(
                 "a disk image needs a file or block destination".into(),
@@ -233,6 +248,11 @@ fn finish_disk(
         disk.space
             .map_or(report.virtual_size, |s| s.final_len(report.virtual_size))
     });
+    if let Some(found) = &plan.inspect {
+        if let Ok(mut r) = found.report.lock() {
+            *r = Some(report.clone());
+        }
+    }
     let disk_progress = disk.opts.progress.clone();
     let (stats, info) = disk
         .writer
@@ -280,6 +300,15 @@ pub fn write_stream(
     progress: Arc<Progress>,
     file: Option<Arc<std::fs::File>>,
 ) -> Result<TerminationMessage, Failure> {
+    let source: Box<dyn Read> = match &plan.inspect {
+        Some(found) => {
+            found
+                .hashed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Box::new(Sha256Tap::new(source, found.source_sha256.clone()))
+        }
+        None => Box::new(source),
+    };
     let mut src = HashingReader::new(source, plan.checksum.clone());
     if let Destination::Dir(dir) = &plan.dest {
         let mut opts = pipeline_options(plan, progress, content_length);

@@ -318,7 +318,15 @@ async fn import_registry(
             "registry imports require content type kubevirt".into(),
         ));
     }
-    let a = &plan.args;
+    tracing::info!(source = "registry", endpoint = %plan.args.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
+    let image = open_image(&plan.args).await?;
+    let digest = plan.args.layer_digest.clone();
+    blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), progress)).await
+}
+
+/// The image `a.endpoint` names: a local layout or archive, else a registry's manifest
+/// and config (a platform chosen from an index).
+pub async fn open_image(a: &ImportArgs) -> Result<Box<dyn ContainerImage>, Failure> {
     let opts = registry::RegistryOptions {
         username: a.access_key_id.clone(),
         password: a.secret_key.clone(),
@@ -332,16 +340,14 @@ async fn import_registry(
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
     };
-    tracing::info!(source = "registry", endpoint = %a.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
     let fail = |e: registry::RegistryError| Failure::Process {
         kind: e.kind(),
         message: e.to_string(),
     };
-    let image: Box<dyn ContainerImage> =
+    Ok(
         match local_image::open(&a.endpoint, opts.arch.as_deref()).map_err(fail)? {
             Some(local) => Box::new(local),
             None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
-        };
-    let digest = plan.args.layer_digest.clone();
-    blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), progress)).await
+        },
+    )
 }

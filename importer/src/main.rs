@@ -8,6 +8,7 @@ mod destination;
 mod disk;
 mod failure;
 mod import;
+mod inspect;
 mod metrics;
 mod poller;
 mod push;
@@ -40,6 +41,7 @@ fn main() {
         Command::ClonerStartup => 3,
         Command::SourceUpdatePoller(_) => 0,
         Command::Push(a) => a.verbosity,
+        Command::Inspect(a) => a.import.volume.verbosity,
     };
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
@@ -49,7 +51,7 @@ fn main() {
         Command::SizeDetection(a) => Some(a.termination_log.clone()),
         Command::CloneSource(a) => Some(a.termination_log.clone()),
         Command::ClonerStartup => Some("/dev/termination-log".into()),
-        Command::SourceUpdatePoller(_) | Command::Push(_) => None,
+        Command::SourceUpdatePoller(_) | Command::Push(_) | Command::Inspect(_) => None,
     };
     termination::install_panic_hook(termination_log, "Unable to process data: ");
     // One TLS implementation for every client and server in the binary (oci-client's
@@ -69,6 +71,7 @@ fn main() {
         Command::ClonerStartup => runtime.block_on(cloner::startup()),
         Command::SourceUpdatePoller(args) => runtime.block_on(poller::run(args)),
         Command::Push(args) => runtime.block_on(push::run(*args)),
+        Command::Inspect(args) => runtime.block_on(inspect::run(*args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -34,6 +34,19 @@ pub trait ContainerImage: Send + Sync {
         idx: usize,
         progress: Arc<Progress>,
     ) -> io::Result<Box<dyn Read + Send + '_>>;
+    /// The digest of the manifest the reference names (an index for a multi-arch
+    /// image), where the source states one.
+    fn top_digest(&self) -> Option<&str> {
+        None
+    }
+    /// `os/arch[/variant]` of each entry when the reference names an index.
+    fn platforms(&self) -> &[String] {
+        &[]
+    }
+    /// The image config's `Labels`.
+    fn config_labels(&self) -> std::collections::BTreeMap<String, String> {
+        Default::default()
+    }
 }
 
 /// KubeVirt's disk layers (VEP 256: `application/vnd.kubevirt.disk.raw+zstd`, ...).

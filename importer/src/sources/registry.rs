@@ -73,6 +73,12 @@ pub struct Image {
     pub env: Vec<String>,
     pub artifact_type: Option<String>,
     pub shown: String,
+    /// The digest of the manifest the tag names (an index for a multi-arch image).
+    pub top_digest: String,
+    /// `os/arch[/variant]` of every entry when the tag names an index.
+    pub platforms: Vec<String>,
+    /// The image config's `Labels`.
+    pub config_labels: std::collections::BTreeMap<String, String>,
     retries: u32,
     idle_timeout: Duration,
 }
@@ -286,7 +292,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
     let auth = auth_for(opts, reference.resolve_registry());
     let mut client = client(opts, ClientProtocol::Https);
     let first = client.pull_manifest(&reference, &auth).await;
-    let (manifest, _) = match first {
+    let (manifest, top_digest) = match first {
         Ok(m) => m,
         // CDI (containers/image) falls back to plain HTTP for insecure registries.
         Err(e) if opts.insecure => {
@@ -301,6 +307,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
     };
     let requested = opts.arch.clone();
     let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
+    let mut platforms = Vec::new();
     let (manifest, reference) = match manifest {
         OciManifest::Image(m) => (m, reference),
         OciManifest::ImageIndex(index) => {
@@ -314,6 +321,13 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
                         variant: p.variant.clone(),
                         digest: e.digest.clone(),
                     })
+                })
+                .collect();
+            platforms = entries
+                .iter()
+                .map(|e| match &e.variant {
+                    Some(v) => format!("{}/{}/{v}", e.os, e.arch),
+                    None => format!("{}/{}", e.os, e.arch),
                 })
                 .collect();
             let entry = select_platform(&entries, &want)?;
@@ -351,7 +365,19 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
         .and_then(|v| v.as_str())
         .unwrap_or("");
     tracing::info!(image = %shown, layers = manifest.layers.len(), architecture = arch, "resolved image");
+    let config_labels = config
+        .pointer("/config/Labels")
+        .and_then(|l| l.as_object())
+        .map(|l| {
+            l.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Image {
+        top_digest,
+        platforms,
+        config_labels,
         rt: tokio::runtime::Handle::current(),
         client: Arc::new(client),
         reference,
@@ -420,6 +446,15 @@ async fn pull_config(
 }
 
 impl super::image::ContainerImage for Image {
+    fn top_digest(&self) -> Option<&str> {
+        Some(&self.top_digest)
+    }
+    fn platforms(&self) -> &[String] {
+        &self.platforms
+    }
+    fn config_labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.config_labels.clone()
+    }
     fn describe(&self) -> &str {
         &self.shown
     }
