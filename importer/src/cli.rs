@@ -463,7 +463,8 @@ pub struct PushArgs {
     /// The disk: a file (holes are not read) or a block device.
     #[arg(long, env = "FERRYDISK_PUSH_SOURCE")]
     pub source: PathBuf,
-    /// `docker://host[:port]/repo[:tag]`.
+    /// `docker://host[:port]/repo[:tag]`, or saved locally: `oci:DIR[:TAG]`,
+    /// `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:NAME:TAG]`.
     #[arg(long, env = "FERRYDISK_PUSH_DEST")]
     pub dest: String,
     /// `containerdisk` (a tar layer holding disk/<name>) or `artifact` (the disk as the

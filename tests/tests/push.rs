@@ -340,3 +340,140 @@ fn a_block_volume_pushes_as_a_zstd_containerdisk() {
     reg.importer(&run, "volumes/pvc:1").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
+
+/// `importer push` to a local destination (issue #14 item 4: minivirt's save, pcocc's
+/// export): no registry, the summary on stdout.
+fn saved(source: &Path, dest: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("importer"))
+        .arg("push")
+        .arg("--source")
+        .arg(source)
+        .arg("--dest")
+        .arg(dest)
+        .args(extra)
+        .output()
+        .expect("run importer push");
+    assert!(
+        out.status.success(),
+        "save to {dest} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("summary json")
+}
+
+/// Saved as an OCI layout directory, an oci-archive and a docker-archive: `skopeo
+/// inspect` reads each (labels, the layer digest), `umoci unpack` gives `disk/<name>`
+/// owned by 107, our import of each is exactly `qemu-img convert -O raw`, `skopeo copy`
+/// takes the archive into a registry. A second tag in the same layout keeps the first
+/// and does not write the layer again; a zstd artifact saves and imports too.
+#[test]
+fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
+    let qlen = std::fs::metadata(&q).expect("meta").len();
+    let layout = d.path().join("layout");
+    let oci = format!("oci:{}:41", layout.display());
+    let archive = d.path().join("image.tar");
+    let oci_archive = format!("oci-archive:{}:41", archive.display());
+    let docker = d.path().join("docker.tar");
+    let docker_archive = format!("docker-archive:{}:disks/fedora:41", docker.display());
+    let name = ["--disk-name", "fedora.qcow2"];
+    let first = saved(&q, &oci, &name);
+    assert_eq!(first["layerUploaded"], true);
+    let again = saved(&q, &format!("oci:{}:latest", layout.display()), &name);
+    assert_eq!(again["layerUploaded"], false, "the layout already had it");
+    assert_eq!(again["manifestDigest"], first["manifestDigest"]);
+    let s = saved(&q, &oci_archive, &name);
+    assert_eq!(s["manifestDigest"], first["manifestDigest"]);
+    saved(&q, &docker_archive, &name);
+    for src in [
+        &oci,
+        &format!("oci:{}:latest", layout.display()),
+        &oci_archive,
+        &docker_archive,
+    ] {
+        let info = sh(Command::new("skopeo").arg("inspect").arg(src));
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("inspect");
+        assert_eq!(info["Labels"]["source-image-format"], "qcow2", "{src}");
+        assert_eq!(
+            info["Labels"]["source-image-size"],
+            qlen.to_string(),
+            "{src}"
+        );
+        assert_eq!(info["Layers"][0], first["layerDigest"], "{src}");
+        let run = d.path().join(format!("run-{}", src.len()));
+        Importer::new(&run)
+            .env("IMPORTER_SOURCE", "registry")
+            .env("IMPORTER_ENDPOINT", src)
+            .arg("--metrics-addr")
+            .arg("none")
+            .run()
+            .assert_success();
+        assert_same_bytes(&run.join("data/disk.img"), &reference);
+    }
+    // umoci reads the layout: the disk file, its owner and bytes.
+    let bundle = d.path().join("bundle");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:41", layout.display()))
+        .arg(&bundle));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let disk = bundle.join("rootfs/disk/fedora.qcow2");
+        let meta = std::fs::metadata(&disk).expect("unpacked disk");
+        assert_eq!((meta.uid(), meta.gid()), (107, 107));
+        assert_same_bytes(&disk, &q);
+    }
+    // The oci-archive goes into a registry with skopeo and imports from there.
+    let reg = Registry::start(true, Some(("user", "pass")));
+    sh(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "user:pass",
+        ])
+        .arg(&oci_archive)
+        .arg(reg.image("disks/saved:41")));
+    let run = d.path().join("from-registry");
+    reg.importer(&run, "disks/saved:41").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // A raw volume as a zstd artifact in a layout.
+    let art = format!("oci:{}:art", layout.display());
+    let s = saved(
+        &raw,
+        &art,
+        &["--layout", "artifact", "--zstd", "--disk-name", "disk.raw"],
+    );
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.kubevirt.disk.raw+zstd"
+    );
+    let run = d.path().join("artifact");
+    Importer::new(&run)
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", &art)
+        .arg("--metrics-addr")
+        .arg("none")
+        .run()
+        .assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &raw);
+    // A docker-archive holds uncompressed tar layers only.
+    let out = Command::new(bin("importer"))
+        .args(["push", "--zstd", "--source"])
+        .arg(&q)
+        .arg("--dest")
+        .arg(format!(
+            "docker-archive:{}:x/y:1",
+            d.path().join("z.tar").display()
+        ))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("docker-archive"));
+    assert!(!d.path().join("z.tar").exists(), "nothing left behind");
+}

@@ -12,6 +12,7 @@
 
 pub mod layer;
 pub mod registry;
+pub mod save;
 
 use crate::cli::PushArgs;
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 /// Bytes per piece handed from the producer to a streamed upload.
 const PIECE: usize = 1 << 20;
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
@@ -61,7 +62,8 @@ pub async fn run(args: PushArgs) -> i32 {
     }
 }
 
-/// Where the push goes: `docker://host[:port]/repo[:tag]`.
+/// Where the push goes: `docker://host[:port]/repo[:tag]` (local layouts and archives:
+/// [`save::Local`]).
 struct Dest {
     host: String,
     repo: String,
@@ -113,8 +115,23 @@ fn source_len(f: &mut File) -> io::Result<u64> {
     Ok(len)
 }
 
+/// What `push` needs to know of its source, found before anything is sent.
+pub struct Source {
+    pub file: Arc<File>,
+    pub len: u64,
+    pub shown: String,
+    pub format: Format,
+    pub virtual_size: u64,
+    pub spec: LayerSpec,
+    pub media: String,
+}
+
 async fn push(args: &PushArgs) -> Result<Summary, String> {
-    let dest = parse_dest(&args.dest)?;
+    let dest = if save::Local::is_local(&args.dest) {
+        None
+    } else {
+        Some(parse_dest(&args.dest)?)
+    };
     layer::check_disk_name(&args.disk_name)?;
     let shown = args.source.display().to_string();
     let mut file = File::open(&args.source).map_err(|e| format!("opening {shown}: {e}"))?;
@@ -126,8 +143,39 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
         zstd: args.zstd.then_some((args.zstd_level, zstd_threads())),
     };
     let media = media_type(&spec, probed.format)?;
-    tracing::info!(source = %shown, format = probed.format.name(), virtual_size = probed.virtual_size, source_size = len, layout = ?args.layout, media_type = %media, "pushing");
+    tracing::info!(source = %shown, format = probed.format.name(), virtual_size = probed.virtual_size, source_size = len, layout = ?args.layout, media_type = %media, dest = %args.dest, "pushing");
+    let src = Source {
+        file: Arc::new(file),
+        len,
+        shown,
+        format: probed.format,
+        virtual_size: probed.virtual_size,
+        spec,
+        media,
+    };
+    match dest {
+        Some(dest) => push_registry(args, &dest, src).await,
+        None => {
+            let local = save::Local::parse(&args.dest)?;
+            tokio::task::spawn_blocking({
+                let args = args.clone();
+                move || save::save(&args, &local, src)
+            })
+            .await
+            .map_err(|e| format!("save task: {e}"))?
+        }
+    }
+}
 
+async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summary, String> {
+    let Source {
+        file,
+        len,
+        shown,
+        spec,
+        ..
+    } = &src;
+    let (len, shown) = (*len, shown.as_str());
     let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
         ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
         insecure: args.insecure(),
@@ -149,7 +197,6 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
         .await
         .map_err(|e| format!("{}: {}", dest.host, chain(&e)))?;
 
-    let file = Arc::new(file);
     // Pass one: the digest, so a blob the registry has is not sent again.
     let pre = {
         let (f, s) = (file.clone(), spec.clone());
@@ -168,7 +215,7 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
             &reg,
             file.clone(),
             len,
-            &spec,
+            spec,
             pre.size,
             args.chunk_mib.map(|m| (m as usize) << 20),
         )
@@ -183,24 +230,72 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
         true
     };
 
-    let (config_media, config) = match args.layout {
+    let (config_media, config) = config_blob(args, &src, &pre);
+    let config_size = config.len();
+    let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
+    let body = manifest_blob(args, &src, &pre, config_media, &config_digest, config_size);
+    let manifest_digest = reg
+        .put_manifest(&dest.tag, OCI_MANIFEST, body)
+        .await
+        .map_err(|e| chain(&e))?;
+    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, "pushed");
+    Ok(summary(reference, manifest_digest, pre, uploaded, &src))
+}
+
+fn summary(
+    reference: String,
+    manifest_digest: String,
+    pre: Produced,
+    uploaded: bool,
+    src: &Source,
+) -> Summary {
+    Summary {
+        reference,
+        manifest_digest,
+        layer_digest: pre.digest,
+        layer_size: pre.size,
+        layer_media_type: src.media.clone(),
+        layer_uploaded: uploaded,
+        format: src.format.name().to_string(),
+        virtual_size: src.virtual_size,
+        source_size: src.len,
+    }
+}
+
+/// The image config: a container image's for a containerDisk (Deckhouse's labels,
+/// the layer's diff_id), OCI's empty config for an artifact.
+pub fn config_blob(args: &PushArgs, src: &Source, pre: &Produced) -> (&'static str, Bytes) {
+    let (media, config) = match args.layout {
         Layout::ContainerDisk => (
             OCI_CONFIG,
             serde_json::json!({
                 "architecture": args.arch,
                 "os": "linux",
-                "config": {"Labels": labels(probed.format, probed.virtual_size, len)},
+                "config": {"Labels": labels(src.format, src.virtual_size, src.len)},
                 "rootfs": {"type": "layers", "diff_ids": [pre.diff_id]},
                 "history": [{"created_by": format!("ferrydisk push: disk/{}", args.disk_name)}],
             }),
         ),
         Layout::Artifact => (OCI_EMPTY, serde_json::json!({})),
     };
-    let config = Bytes::from(serde_json::to_vec(&config).expect("json"));
-    let config_size = config.len();
-    let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
+    (
+        media,
+        Bytes::from(serde_json::to_vec(&config).expect("json")),
+    )
+}
+
+/// The OCI image manifest naming the config and the one layer.
+pub fn manifest_blob(
+    args: &PushArgs,
+    src: &Source,
+    pre: &Produced,
+    config_media: &str,
+    config_digest: &str,
+    config_size: usize,
+) -> Bytes {
     let mut layer_desc = serde_json::json!({
-        "mediaType": media, "digest": pre.digest, "size": pre.size,
+        "mediaType": src.media, "digest": pre.digest, "size": pre.size,
     });
     let mut manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -210,32 +305,14 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
     if args.layout == Layout::Artifact {
         layer_desc["annotations"] = serde_json::json!({
             "org.opencontainers.image.title": args.disk_name,
-            "io.ferrydisk.disk.format": probed.format.name(),
-            "io.ferrydisk.disk.virtual-size": probed.virtual_size.to_string(),
+            "io.ferrydisk.disk.format": src.format.name(),
+            "io.ferrydisk.disk.virtual-size": src.virtual_size.to_string(),
         });
         manifest["artifactType"] = serde_json::json!("application/vnd.kubevirt.disk.v1");
-        manifest["annotations"] =
-            serde_json::json!(labels(probed.format, probed.virtual_size, len));
+        manifest["annotations"] = serde_json::json!(labels(src.format, src.virtual_size, src.len));
     }
     manifest["layers"] = serde_json::json!([layer_desc]);
-    let body = Bytes::from(serde_json::to_vec(&manifest).expect("json"));
-    let manifest_digest = reg
-        .put_manifest(&dest.tag, OCI_MANIFEST, body)
-        .await
-        .map_err(|e| chain(&e))?;
-    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
-    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, "pushed");
-    Ok(Summary {
-        reference,
-        manifest_digest,
-        layer_digest: pre.digest,
-        layer_size: pre.size,
-        layer_media_type: media,
-        layer_uploaded: uploaded,
-        format: probed.format.name().to_string(),
-        virtual_size: probed.virtual_size,
-        source_size: len,
-    })
+    Bytes::from(serde_json::to_vec(&manifest).expect("json"))
 }
 
 /// An error and its causes in one line (reqwest names the TLS failure only in a source).
@@ -335,7 +412,7 @@ impl Write for Chunks {
 /// Reads a file front to back, answering its holes (SEEK_HOLE/SEEK_DATA) with zeros
 /// instead of reading them; a block device, or a file system without hole reporting,
 /// is read whole.
-struct SkipHoles<'a> {
+pub struct SkipHoles<'a> {
     f: &'a File,
     pos: u64,
     len: u64,
@@ -345,7 +422,7 @@ struct SkipHoles<'a> {
 }
 
 impl<'a> SkipHoles<'a> {
-    fn new(f: &'a File, len: u64) -> Self {
+    pub fn new(f: &'a File, len: u64) -> Self {
         SkipHoles {
             f,
             pos: 0,

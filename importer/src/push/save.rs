@@ -1,0 +1,345 @@
+//! `importer push SOURCE oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+//! `docker-archive:FILE[:NAME:TAG]`: the same image a registry push makes, saved
+//! locally (minivirt's `save`, pcocc's export). The import reads all three back.
+//!
+//! * An OCI layout directory gets its blobs in one pass: the layer is produced into a
+//!   temporary file under `blobs/sha256/` and renamed to its digest. A blob already
+//!   there is kept. `index.json` gains (or replaces) the entry for the tag.
+//! * An archive is a tar whose entries need their size up front. A first pass computes
+//!   the layer's digest and size without storing it. The second pass writes the layer
+//!   straight into the tar after its header. The archive is built under a temporary
+//!   name and renamed when complete, so a failed save leaves no half archive.
+
+use super::layer::{self, Layout, Produced};
+use super::{config_blob, manifest_blob, summary, SkipHoles, Source, Summary, OCI_MANIFEST};
+use crate::cli::PushArgs;
+use ferrydisk_common::checksum::sha256_digest;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Layout,
+    OciArchive,
+    DockerArchive,
+}
+
+/// A local destination: where, and the tag (or `name:tag` for docker-archive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub kind: Kind,
+    pub path: PathBuf,
+    pub tag: String,
+}
+
+const PREFIXES: [(&str, Kind); 3] = [
+    ("oci:", Kind::Layout),
+    ("oci-archive:", Kind::OciArchive),
+    ("docker-archive:", Kind::DockerArchive),
+];
+
+impl Local {
+    pub fn is_local(dest: &str) -> bool {
+        PREFIXES.iter().any(|(p, _)| dest.starts_with(p))
+    }
+
+    /// The same syntax the import reads: `oci:DIR:TAG` splits at the last `:` (a tag has
+    /// no `/`), `docker-archive:FILE:NAME:TAG` at the first.
+    pub fn parse(dest: &str) -> Result<Self, String> {
+        let (rest, kind) = PREFIXES
+            .iter()
+            .find_map(|(p, k)| dest.strip_prefix(p).map(|r| (r, *k)))
+            .ok_or_else(|| format!("--dest {dest:?}: not a local layout or archive"))?;
+        let (path, tag) = match kind {
+            Kind::DockerArchive => match rest.split_once(':') {
+                Some((f, t)) => (f, t.to_string()),
+                None => (rest, "ferrydisk/disk:latest".to_string()),
+            },
+            _ => match rest.rsplit_once(':') {
+                Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, t.to_string()),
+                _ => (rest, "latest".to_string()),
+            },
+        };
+        if path.is_empty() || tag.is_empty() {
+            return Err(format!("--dest {dest:?}: a path and a tag are needed"));
+        }
+        Ok(Local {
+            kind,
+            path: PathBuf::from(path),
+            tag,
+        })
+    }
+
+    fn shown(&self) -> String {
+        let prefix = PREFIXES
+            .iter()
+            .find(|(_, k)| *k == self.kind)
+            .map_or("", |(p, _)| p);
+        format!("{prefix}{}:{}", self.path.display(), self.tag)
+    }
+}
+
+pub fn save(args: &PushArgs, local: &Local, src: Source) -> Result<Summary, String> {
+    if local.kind == Kind::DockerArchive
+        && (args.layout == Layout::Artifact || src.spec.zstd.is_some())
+    {
+        return Err(
+            "a docker-archive holds a container image with uncompressed tar layers: save an artifact or a zstd layer as oci: or oci-archive:".into(),
+        );
+    }
+    let made = match local.kind {
+        Kind::Layout => save_layout(args, local, &src),
+        Kind::OciArchive | Kind::DockerArchive => save_archive(args, local, &src),
+    };
+    let (manifest_digest, pre, written) =
+        made.map_err(|e| format!("saving {}: {e}", local.shown()))?;
+    tracing::info!(dest = %local.shown(), digest = %manifest_digest, layer = %pre.digest, "saved");
+    Ok(summary(local.shown(), manifest_digest, pre, written, &src))
+}
+
+fn blob_name(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+fn hex(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:")
+}
+
+/// An OCI layout directory; returns (manifest digest, layer, whether the layer blob
+/// was written rather than found).
+fn save_layout(
+    args: &PushArgs,
+    local: &Local,
+    src: &Source,
+) -> io::Result<(String, Produced, bool)> {
+    let blobs = local.path.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    fs::write(
+        local.path.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let tmp = blobs.join(format!(".ferrydisk-{}.tmp", std::process::id()));
+    let out = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    let made = layer::produce(
+        &mut SkipHoles::new(&src.file, src.len),
+        src.len,
+        &src.spec,
+        out,
+    )
+    .and_then(|(out, p)| {
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(p)
+    });
+    let pre = match made {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let layer_path = local.path.join(blob_name(&pre.digest));
+    let written = !layer_path.exists();
+    if written {
+        fs::rename(&tmp, &layer_path)?;
+    } else {
+        tracing::info!(digest = %pre.digest, "the layout has this layer; kept");
+        fs::remove_file(&tmp)?;
+    }
+    let (config_media, config) = config_blob(args, src, &pre);
+    let config_digest = sha256_digest(&config);
+    write_blob(&local.path, &config_digest, &config)?;
+    let manifest = manifest_blob(args, src, &pre, config_media, &config_digest, config.len());
+    let manifest_digest = sha256_digest(&manifest);
+    write_blob(&local.path, &manifest_digest, &manifest)?;
+    // index.json: the other tags stay, this tag points at the new manifest.
+    let index_path = local.path.join("index.json");
+    let mut index = match fs::read(&index_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("index.json: {e}")))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            serde_json::json!({"schemaVersion": 2, "manifests": []})
+        }
+        Err(e) => return Err(e),
+    };
+    let mut entries: Vec<serde_json::Value> = index["manifests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.pointer("/annotations/org.opencontainers.image.ref.name")
+                .and_then(|n| n.as_str())
+                != Some(local.tag.as_str())
+        })
+        .collect();
+    entries.push(manifest_entry(&manifest_digest, manifest.len(), &local.tag));
+    index["schemaVersion"] = 2.into();
+    index["manifests"] = entries.into();
+    let tmp_index = local.path.join(".index.json.tmp");
+    fs::write(&tmp_index, serde_json::to_vec(&index).expect("json"))?;
+    fs::rename(&tmp_index, &index_path)?;
+    Ok((manifest_digest, pre, written))
+}
+
+fn manifest_entry(digest: &str, size: usize, tag: &str) -> serde_json::Value {
+    serde_json::json!({
+        "mediaType": OCI_MANIFEST,
+        "digest": digest,
+        "size": size,
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    })
+}
+
+fn write_blob(root: &Path, digest: &str, data: &[u8]) -> io::Result<()> {
+    let p = root.join(blob_name(digest));
+    if !p.exists() {
+        fs::write(p, data)?;
+    }
+    Ok(())
+}
+
+/// A tar built entry by entry: header, data, padding to 512.
+struct TarOut<W: Write> {
+    out: W,
+}
+
+impl<W: Write> TarOut<W> {
+    fn header(&mut self, name: &str, size: u64) -> io::Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name)?;
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        self.out.write_all(h.as_bytes())
+    }
+
+    fn pad(&mut self, size: u64) -> io::Result<()> {
+        let rem = (size % 512) as usize;
+        if rem != 0 {
+            self.out.write_all(&[0u8; 512][..512 - rem])?;
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
+        self.header(name, data.len() as u64)?;
+        self.out.write_all(data)?;
+        self.pad(data.len() as u64)
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(&[0u8; 1024])?;
+        Ok(self.out)
+    }
+}
+
+/// An oci-archive or docker-archive; returns (manifest digest, layer, true).
+fn save_archive(
+    args: &PushArgs,
+    local: &Local,
+    src: &Source,
+) -> io::Result<(String, Produced, bool)> {
+    // Pass one: the layer's size and digest, for its tar header.
+    let (_, pre) = layer::produce(
+        &mut SkipHoles::new(&src.file, src.len),
+        src.len,
+        &src.spec,
+        io::sink(),
+    )?;
+    let (config_media, config) = config_blob(args, src, &pre);
+    let config_digest = sha256_digest(&config);
+    let manifest = manifest_blob(args, src, &pre, config_media, &config_digest, config.len());
+    let manifest_digest = sha256_digest(&manifest);
+
+    let name = local
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "archive".into());
+    let tmp = local
+        .path
+        .with_file_name(format!(".{name}.ferrydisk-{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut tar = TarOut {
+            out: BufWriter::with_capacity(1 << 20, File::create(&tmp)?),
+        };
+        let layer_name = match local.kind {
+            Kind::DockerArchive => format!("{}.tar", hex(&pre.digest)),
+            _ => blob_name(&pre.digest),
+        };
+        if local.kind == Kind::OciArchive {
+            tar.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        // Pass two: the layer straight into the archive after its header.
+        tar.header(&layer_name, pre.size)?;
+        let (out, got) = layer::produce(
+            &mut SkipHoles::new(&src.file, src.len),
+            src.len,
+            &src.spec,
+            tar.out,
+        )?;
+        tar.out = out;
+        if got != pre {
+            return Err(io::Error::other(format!(
+                "{} changed while it was saved (layer {} then {})",
+                src.shown, pre.digest, got.digest
+            )));
+        }
+        tar.pad(pre.size)?;
+        match local.kind {
+            Kind::DockerArchive => {
+                let config_name = format!("{}.json", hex(&config_digest));
+                tar.file(&config_name, &config)?;
+                let m = serde_json::json!([{
+                    "Config": config_name,
+                    "RepoTags": [local.tag],
+                    "Layers": [layer_name],
+                }]);
+                tar.file("manifest.json", &serde_json::to_vec(&m).expect("json"))?;
+            }
+            _ => {
+                tar.file(&blob_name(&config_digest), &config)?;
+                tar.file(&blob_name(&manifest_digest), &manifest)?;
+                let index = serde_json::json!({
+                    "schemaVersion": 2,
+                    "manifests": [manifest_entry(&manifest_digest, manifest.len(), &local.tag)],
+                });
+                tar.file("index.json", &serde_json::to_vec(&index).expect("json"))?;
+            }
+        }
+        let f = tar.finish()?.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &local.path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| (manifest_digest, pre, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse_as_the_import_reads_them() {
+        let l = Local::parse("oci:/tmp/x:41").expect("oci");
+        assert_eq!(
+            (l.kind, l.path.as_path(), l.tag.as_str()),
+            (Kind::Layout, Path::new("/tmp/x"), "41")
+        );
+        assert_eq!(Local::parse("oci:/tmp/x").expect("oci").tag, "latest");
+        let l = Local::parse("oci-archive:/a/b.tar:v1").expect("archive");
+        assert_eq!((l.kind, l.tag.as_str()), (Kind::OciArchive, "v1"));
+        let l = Local::parse("docker-archive:/a/d.tar:cd/fedora:41").expect("docker");
+        assert_eq!(
+            (l.kind, l.path.as_path(), l.tag.as_str()),
+            (Kind::DockerArchive, Path::new("/a/d.tar"), "cd/fedora:41")
+        );
+        assert!(Local::is_local("oci:x") && !Local::is_local("docker://h/r:t"));
+        assert!(Local::parse("oci::t").is_err());
+    }
+}
