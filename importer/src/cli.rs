@@ -493,9 +493,19 @@ pub struct PushArgs {
     /// chunked upload), instead of one streamed PATCH. At least 5 (S3-backed registries).
     #[arg(long = "chunk-mib", value_parser = clap::value_parser!(u64).range(5..=1024))]
     pub chunk_mib: Option<u64>,
-    /// The image config's architecture (containerdisk).
+    /// The image config's architecture (containerdisk), `arch[/variant]`. Several,
+    /// comma-separated (`amd64,arm64/v8`), push an image index with one manifest per
+    /// platform, all sharing the one layer.
     #[arg(long, default_value = "amd64")]
     pub arch: String,
+    /// `KEY=VALUE` in the image config's Env (containerdisk), repeatable: keys holding
+    /// `KUBEVIRT_IO_` become PVC labels when CDI imports the image.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Ask the registry to mount the layer from this repository of the same registry
+    /// (cross-repository mount) before uploading it.
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Option<String>,
     /// Registry username (as for imports).
     #[arg(
         long = "access-key-id",

@@ -477,3 +477,117 @@ fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("docker-archive"));
     assert!(!d.path().join("z.tar").exists(), "nothing left behind");
 }
+
+/// `--arch amd64,arm64/v8` pushes an image index whose platforms share the one layer,
+/// `--env` puts `KUBEVIRT_IO_` keys in the config (PVC labels at import), and
+/// `--mount-from` has the registry mount the layer into another repository instead of
+/// receiving it again (no PATCH in the access log). A layout saves the index too.
+#[test]
+fn multi_arch_index_env_labels_and_cross_repository_mount() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let env = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small";
+    let s = pushed(
+        &reg,
+        &q,
+        "disks/multi:41",
+        &["--arch", "amd64,arm64/v8", "--env", env],
+    );
+    assert_eq!(s["layerUploaded"], true);
+    let index = reg.raw_manifest("disks/multi:41");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| {
+            let p = &m["platform"];
+            match p["variant"].as_str() {
+                Some(v) => format!(
+                    "{}/{}/{v}",
+                    p["os"].as_str().unwrap_or(""),
+                    p["architecture"].as_str().unwrap_or("")
+                ),
+                None => format!(
+                    "{}/{}",
+                    p["os"].as_str().unwrap_or(""),
+                    p["architecture"].as_str().unwrap_or("")
+                ),
+            }
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64/v8"]);
+    for arch in ["amd64", "arm64"] {
+        let run = d.path().join(format!("import-{arch}"));
+        let o = reg
+            .importer(&run, "disks/multi:41")
+            .env("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", arch)
+            .run();
+        assert_eq!(o.code, 0, "{arch}: {}\n{}", o.termination, o.stderr);
+        assert!(
+            o.termination
+                .contains(r#""instancetype.kubevirt.io/default-instancetype":"u1.small""#),
+            "{arch}: {}",
+            o.termination
+        );
+        assert_same_bytes(&run.join("data/disk.img"), &reference);
+    }
+    // Mounted into another repository: the layer is not sent again (the two small
+    // configs are: PUTs without a PATCH).
+    let patches = |reg: &Registry| {
+        std::fs::read_to_string(&reg.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"PATCH /v2/"))
+            .count()
+    };
+    let before = patches(&reg);
+    let m = pushed(
+        &reg,
+        &q,
+        "other/fedora:41",
+        &[
+            "--arch",
+            "amd64,arm64/v8",
+            "--env",
+            env,
+            "--mount-from",
+            "disks/multi",
+        ],
+    );
+    assert_eq!(m["layerMounted"], true, "{m}");
+    assert_eq!(m["layerUploaded"], false, "{m}");
+    assert_eq!(patches(&reg), before, "no layer data sent for a mount");
+    let log = std::fs::read_to_string(&reg.log).unwrap_or_default();
+    assert!(
+        log.contains("mount=sha256"),
+        "the mount request is in the log"
+    );
+    let run = d.path().join("import-mounted");
+    let o = reg.importer(&run, "other/fedora:41").run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    // The same index saved as a layout.
+    let layout = d.path().join("layout");
+    saved(
+        &q,
+        &format!("oci:{}:41", layout.display()),
+        &["--arch", "amd64,arm64/v8"],
+    );
+    let run = d.path().join("import-layout");
+    Importer::new(&run)
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", &format!("oci:{}:41", layout.display()))
+        .env("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64")
+        .arg("--metrics-addr")
+        .arg("none")
+        .run()
+        .assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+}

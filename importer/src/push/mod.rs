@@ -29,6 +29,7 @@ use std::sync::Arc;
 const PIECE: usize = 1 << 20;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
@@ -43,6 +44,8 @@ pub struct Summary {
     pub layer_media_type: String,
     /// False when the registry already had the layer blob.
     pub layer_uploaded: bool,
+    /// True when the registry mounted the layer from `--mount-from`.
+    pub layer_mounted: bool,
     pub format: String,
     pub virtual_size: u64,
     pub source_size: u64,
@@ -176,6 +179,7 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
         ..
     } = &src;
     let (len, shown) = (*len, shown.as_str());
+    let platforms = platforms(args)?;
     let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
         ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
         insecure: args.insecure(),
@@ -207,40 +211,179 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
         .expect("layer task")
         .map_err(|e| format!("reading {shown}: {e}"))?
     };
+    let mut mounted = false;
     let uploaded = if reg.blob_exists(&pre.digest).await.map_err(|e| chain(&e))? {
         tracing::info!(digest = %pre.digest, "the registry has this layer; not uploading it");
         false
+    } else if let Some(from) = args.mount_from.as_deref().filter(|f| !f.is_empty()) {
+        mounted = reg.mount(&pre.digest, from).await.map_err(|e| chain(&e))?;
+        if mounted {
+            tracing::info!(digest = %pre.digest, from, "layer mounted from another repository; not uploading it");
+            false
+        } else {
+            tracing::info!(digest = %pre.digest, from, "the registry did not mount the layer; uploading it");
+            upload_checked(args, &reg, &src, &pre).await?
+        }
     } else {
+        upload_checked(args, &reg, &src, &pre).await?
+    };
+
+    let mut manifests = Vec::new();
+    for (arch, variant) in &platforms {
+        let (config_media, config) = config_blob(args, &src, &pre, arch, variant.as_deref());
+        let config_size = config.len();
+        let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
+        let body = manifest_blob(args, &src, &pre, config_media, &config_digest, config_size);
+        manifests.push(((arch.clone(), variant.clone()), body));
+    }
+    let (manifest_digest, reference) = if manifests.len() == 1 {
+        let (_, body) = manifests.pop().expect("one");
+        let d = reg
+            .put_manifest(&dest.tag, OCI_MANIFEST, body)
+            .await
+            .map_err(|e| chain(&e))?;
+        (d, format!("{}/{}:{}", dest.host, dest.repo, dest.tag))
+    } else {
+        let mut entries = Vec::new();
+        for ((arch, variant), body) in manifests {
+            let digest = ferrydisk_common::checksum::sha256_digest(&body);
+            let size = body.len();
+            reg.put_manifest(&digest, OCI_MANIFEST, body)
+                .await
+                .map_err(|e| chain(&e))?;
+            entries.push(index_entry(&digest, size, &arch, variant.as_deref()));
+        }
+        let index = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": entries,
+            }))
+            .expect("json"),
+        );
+        let d = reg
+            .put_manifest(&dest.tag, OCI_INDEX, index)
+            .await
+            .map_err(|e| chain(&e))?;
+        (d, format!("{}/{}:{}", dest.host, dest.repo, dest.tag))
+    };
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, mounted, platforms = platforms.len(), "pushed");
+    let mut s = summary(reference, manifest_digest, pre, uploaded, &src);
+    s.layer_mounted = mounted;
+    Ok(s)
+}
+
+/// Pass two, and the check that the source did not change since pass one.
+async fn upload_checked(
+    args: &PushArgs,
+    reg: &Registry,
+    src: &Source,
+    pre: &Produced,
+) -> Result<bool, String> {
+    {
         let got = upload_layer(
-            &reg,
-            file.clone(),
-            len,
-            spec,
+            reg,
+            src.file.clone(),
+            src.len,
+            &src.spec,
             pre.size,
             args.chunk_mib.map(|m| (m as usize) << 20),
         )
         .await
         .map_err(|e| chain(&e))?;
-        if got != pre {
+        if &got != pre {
             return Err(format!(
-                "{shown} changed while it was pushed (layer {} then {})",
-                pre.digest, got.digest
+                "{} changed while it was pushed (layer {} then {})",
+                src.shown, pre.digest, got.digest
             ));
         }
-        true
-    };
+    }
+    Ok(true)
+}
 
-    let (config_media, config) = config_blob(args, &src, &pre);
-    let config_size = config.len();
-    let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
-    let body = manifest_blob(args, &src, &pre, config_media, &config_digest, config_size);
-    let manifest_digest = reg
-        .put_manifest(&dest.tag, OCI_MANIFEST, body)
-        .await
-        .map_err(|e| chain(&e))?;
-    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
-    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, "pushed");
-    Ok(summary(reference, manifest_digest, pre, uploaded, &src))
+/// Every small blob of the image (configs, manifests, an index for several platforms)
+/// as (digest, bytes), and the top descriptor's (media type, digest, size).
+pub fn small_blobs(
+    args: &PushArgs,
+    src: &Source,
+    pre: &Produced,
+) -> Result<(Vec<(String, Bytes)>, (&'static str, String, usize)), String> {
+    use ferrydisk_common::checksum::sha256_digest;
+    let platforms = platforms(args)?;
+    let mut blobs = Vec::new();
+    let mut entries = Vec::new();
+    let mut top = None;
+    for (arch, variant) in &platforms {
+        let (config_media, config) = config_blob(args, src, pre, arch, variant.as_deref());
+        let config_digest = sha256_digest(&config);
+        let manifest = manifest_blob(args, src, pre, config_media, &config_digest, config.len());
+        let digest = sha256_digest(&manifest);
+        entries.push(index_entry(
+            &digest,
+            manifest.len(),
+            arch,
+            variant.as_deref(),
+        ));
+        top = Some((OCI_MANIFEST, digest.clone(), manifest.len()));
+        blobs.push((config_digest, config));
+        blobs.push((digest, manifest));
+    }
+    if platforms.len() > 1 {
+        let index = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": entries,
+            }))
+            .expect("json"),
+        );
+        let digest = sha256_digest(&index);
+        top = Some((OCI_INDEX, digest.clone(), index.len()));
+        blobs.push((digest, index));
+    }
+    Ok((blobs, top.expect("one platform at least")))
+}
+
+/// `--arch amd64,arm64/v8` as (architecture, variant) pairs.
+pub fn platforms(args: &PushArgs) -> Result<Vec<(String, Option<String>)>, String> {
+    let list: Vec<(String, Option<String>)> = args
+        .arch
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| match a.split_once('/') {
+            Some((arch, v)) => (arch.to_string(), Some(v.to_string())),
+            None => (a.to_string(), None),
+        })
+        .collect();
+    if list.is_empty() {
+        return Err("--arch names no architecture".into());
+    }
+    if list.len() > 1 && args.layout == Layout::Artifact {
+        return Err(
+            "a multi-arch index is made of container images: use --layout containerdisk".into(),
+        );
+    }
+    Ok(list)
+}
+
+/// An index entry for one platform's manifest.
+pub fn index_entry(
+    digest: &str,
+    size: usize,
+    arch: &str,
+    variant: Option<&str>,
+) -> serde_json::Value {
+    let mut platform = serde_json::json!({"architecture": arch, "os": "linux"});
+    if let Some(v) = variant {
+        platform["variant"] = v.into();
+    }
+    serde_json::json!({
+        "mediaType": OCI_MANIFEST,
+        "digest": digest,
+        "size": size,
+        "platform": platform,
+    })
 }
 
 fn summary(
@@ -257,6 +400,7 @@ fn summary(
         layer_size: pre.size,
         layer_media_type: src.media.clone(),
         layer_uploaded: uploaded,
+        layer_mounted: false,
         format: src.format.name().to_string(),
         virtual_size: src.virtual_size,
         source_size: src.len,
@@ -265,18 +409,30 @@ fn summary(
 
 /// The image config: a container image's for a containerDisk (Deckhouse's labels,
 /// the layer's diff_id), OCI's empty config for an artifact.
-pub fn config_blob(args: &PushArgs, src: &Source, pre: &Produced) -> (&'static str, Bytes) {
+pub fn config_blob(
+    args: &PushArgs,
+    src: &Source,
+    pre: &Produced,
+    arch: &str,
+    variant: Option<&str>,
+) -> (&'static str, Bytes) {
     let (media, config) = match args.layout {
-        Layout::ContainerDisk => (
-            OCI_CONFIG,
-            serde_json::json!({
-                "architecture": args.arch,
+        Layout::ContainerDisk => {
+            let mut c = serde_json::json!({
+                "architecture": arch,
                 "os": "linux",
                 "config": {"Labels": labels(src.format, src.virtual_size, src.len)},
                 "rootfs": {"type": "layers", "diff_ids": [pre.diff_id]},
                 "history": [{"created_by": format!("ferrydisk push: disk/{}", args.disk_name)}],
-            }),
-        ),
+            });
+            if let Some(v) = variant {
+                c["variant"] = v.into();
+            }
+            if !args.env.is_empty() {
+                c["config"]["Env"] = args.env.clone().into();
+            }
+            (OCI_CONFIG, c)
+        }
         Layout::Artifact => (OCI_EMPTY, serde_json::json!({})),
     };
     (

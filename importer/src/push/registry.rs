@@ -220,6 +220,32 @@ impl Registry {
         }
     }
 
+    /// Cross-repository mount: asks the registry to link blob `digest` from repository
+    /// `from` into this one. True when it did (201). A 202 means it started an upload
+    /// instead (the blob is not there, or the credentials cannot read `from`): that
+    /// session is cancelled and the caller uploads.
+    pub async fn mount(&self, digest: &str, from: &str) -> Result<bool, PushError> {
+        let url = self.url(&format!("blobs/uploads/?mount={digest}&from={from}"));
+        let what = format!("mounting blob {digest} from {from}");
+        let resp = self
+            .send(&what, || self.http.post(&url).header(CONTENT_LENGTH, 0))
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                if let Ok(location) = self.location(&resp) {
+                    let _ = self
+                        .send("cancelling an upload session", || {
+                            self.http.delete(&location)
+                        })
+                        .await;
+                }
+                Ok(false)
+            }
+            _ => expect(resp, &[], &what).await.map(|_| false),
+        }
+    }
+
     async fn start_upload(&self) -> Result<String, PushError> {
         let url = self.url("blobs/uploads/");
         let resp = self

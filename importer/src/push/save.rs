@@ -11,7 +11,7 @@
 //!   name and renamed when complete, so a failed save leaves no half archive.
 
 use super::layer::{self, Layout, Produced};
-use super::{config_blob, manifest_blob, summary, SkipHoles, Source, Summary, OCI_MANIFEST};
+use super::{config_blob, small_blobs, summary, SkipHoles, Source, Summary};
 use crate::cli::PushArgs;
 use ferrydisk_common::checksum::sha256_digest;
 use std::fs::{self, File};
@@ -146,12 +146,11 @@ fn save_layout(
         tracing::info!(digest = %pre.digest, "the layout has this layer; kept");
         fs::remove_file(&tmp)?;
     }
-    let (config_media, config) = config_blob(args, src, &pre);
-    let config_digest = sha256_digest(&config);
-    write_blob(&local.path, &config_digest, &config)?;
-    let manifest = manifest_blob(args, src, &pre, config_media, &config_digest, config.len());
-    let manifest_digest = sha256_digest(&manifest);
-    write_blob(&local.path, &manifest_digest, &manifest)?;
+    let (blobs, (top_media, manifest_digest, top_size)) =
+        small_blobs(args, src, &pre).map_err(io::Error::other)?;
+    for (digest, data) in &blobs {
+        write_blob(&local.path, digest, data)?;
+    }
     // index.json: the other tags stay, this tag points at the new manifest.
     let index_path = local.path.join("index.json");
     let mut index = match fs::read(&index_path) {
@@ -173,7 +172,12 @@ fn save_layout(
                 != Some(local.tag.as_str())
         })
         .collect();
-    entries.push(manifest_entry(&manifest_digest, manifest.len(), &local.tag));
+    entries.push(manifest_entry(
+        top_media,
+        &manifest_digest,
+        top_size,
+        &local.tag,
+    ));
     index["schemaVersion"] = 2.into();
     index["manifests"] = entries.into();
     let tmp_index = local.path.join(".index.json.tmp");
@@ -182,9 +186,9 @@ fn save_layout(
     Ok((manifest_digest, pre, written))
 }
 
-fn manifest_entry(digest: &str, size: usize, tag: &str) -> serde_json::Value {
+fn manifest_entry(media_type: &str, digest: &str, size: usize, tag: &str) -> serde_json::Value {
     serde_json::json!({
-        "mediaType": OCI_MANIFEST,
+        "mediaType": media_type,
         "digest": digest,
         "size": size,
         "annotations": {"org.opencontainers.image.ref.name": tag},
@@ -249,11 +253,8 @@ fn save_archive(
         &src.spec,
         io::sink(),
     )?;
-    let (config_media, config) = config_blob(args, src, &pre);
-    let config_digest = sha256_digest(&config);
-    let manifest = manifest_blob(args, src, &pre, config_media, &config_digest, config.len());
-    let manifest_digest = sha256_digest(&manifest);
-
+    let (blobs, (top_media, manifest_digest, top_size)) =
+        small_blobs(args, src, &pre).map_err(io::Error::other)?;
     let name = local
         .path
         .file_name()
@@ -291,6 +292,15 @@ fn save_archive(
         tar.pad(pre.size)?;
         match local.kind {
             Kind::DockerArchive => {
+                let platforms = super::platforms(args).map_err(io::Error::other)?;
+                let (arch, variant) = &platforms[0];
+                if platforms.len() > 1 {
+                    return Err(io::Error::other(
+                        "a docker-archive holds one platform: save a multi-arch index as oci: or oci-archive:",
+                    ));
+                }
+                let (_, config) = config_blob(args, src, &pre, arch, variant.as_deref());
+                let config_digest = sha256_digest(&config);
                 let config_name = format!("{}.json", hex(&config_digest));
                 tar.file(&config_name, &config)?;
                 let m = serde_json::json!([{
@@ -301,11 +311,12 @@ fn save_archive(
                 tar.file("manifest.json", &serde_json::to_vec(&m).expect("json"))?;
             }
             _ => {
-                tar.file(&blob_name(&config_digest), &config)?;
-                tar.file(&blob_name(&manifest_digest), &manifest)?;
+                for (digest, data) in &blobs {
+                    tar.file(&blob_name(digest), data)?;
+                }
                 let index = serde_json::json!({
                     "schemaVersion": 2,
-                    "manifests": [manifest_entry(&manifest_digest, manifest.len(), &local.tag)],
+                    "manifests": [manifest_entry(top_media, &manifest_digest, top_size, &local.tag)],
                 });
                 tar.file("index.json", &serde_json::to_vec(&index).expect("json"))?;
             }
