@@ -25,6 +25,7 @@ pub fn run<T, E>(
         limit: LIMIT,
         source_file: None,
         source_len: Some(data.len() as u64),
+        layers: None,
     };
     let mut src = data;
     match convert(&mut src, &mut w, &opts) {

@@ -415,6 +415,9 @@ pub fn write_image(
     layer_digest: Option<&str>,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
+    if is_virter(image) {
+        return write_layered(plan, image, progress);
+    }
     let blob =
         crate::sources::image::disk_blob(image, layer_digest).map_err(|m| Failure::Process {
             kind: ErrorKind::Config,
@@ -462,6 +465,141 @@ pub fn write_image(
             let labels =
                 ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
             tracing::info!(image = %image.describe(), labels = ?labels, "image labels");
+            finish_disk(plan, disk, &report, Some(labels))
+        }
+        Err(f) => {
+            disk.writer.abort();
+            Err(f)
+        }
+    }
+}
+
+/// virter's layer media type: a gzip'd bare qcow2 whose backing file is the layer below
+/// it, named `./virter:layer:<diff id of that layer>`.
+pub const VIRTER_LAYER: &str = "application/vnd.com.linbit.virter.layer.v1.qcow2.gzip";
+
+fn is_virter(image: &dyn ContainerImage) -> bool {
+    let n = image.layer_count();
+    n > 0 && (0..n).all(|i| image.layer_info(i).media_type == VIRTER_LAYER)
+}
+
+/// The diff id a virter backing name stands for: `[./]virter:layer:sha256:<hex>`, a
+/// sibling layer of the same image; anything else (a host path) is refused.
+fn virter_backing(name: &str) -> Option<String> {
+    let id = name
+        .strip_prefix("./")
+        .unwrap_or(name)
+        .strip_prefix("virter:layer:")?;
+    let hex = id.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// A layered qcow2 image (virter), flattened top-down: each layer is streamed once
+/// (gunzip, qcow2), its decided clusters claimed, lower layers filling only what no
+/// layer above decided. Each backing name must be the diff id of the layer below, which
+/// is checked over that layer's uncompressed bytes as it streams.
+fn write_layered(
+    plan: &DiskPlan,
+    image: &dyn ContainerImage,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    use ferrydisk_common::checksum::tap_digest;
+    use ferrydisk_common::format::contract::StreamOptions;
+    use ferrydisk_common::format::qcow2::{self, layers::Stack};
+    let refuse = |message: String| Failure::Process {
+        kind: ErrorKind::UnsupportedFormat,
+        message,
+    };
+    let n = image.layer_count();
+    tracing::info!(image = %image.describe(), layers = n, "a layered qcow2 image (virter): flattening its layers top-down");
+    let mut disk = open_disk(plan, progress.clone(), None)?;
+    let stack = Arc::new(Stack::default());
+    let mut expected: Option<String> = None;
+    let mut fetched = 0u64;
+    let result = (|| {
+        for idx in (0..n).rev() {
+            fetched += image.layer_size(idx);
+            progress.set_source_total(Some(fetched));
+            let mut layer =
+                image
+                    .open_layer(idx, progress.clone())
+                    .map_err(|e| Failure::Process {
+                        kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
+                        message: format!("opening layer {idx} of {}: {e}", image.describe()),
+                    })?;
+            let hasher = Arc::new(Mutex::new(sha2::Sha256::default()));
+            {
+                let gz =
+                    ferrydisk_common::decode::compression::decompressor(Format::Gzip, &mut layer)
+                        .map_err(|e| process_failure(PipelineError::Read(e)))?
+                        .expect("gzip is supported");
+                let tap = Sha256Tap::new(gz, hasher.clone());
+                let p = progress.clone();
+                let mut counted =
+                    ferrydisk_common::stream::CountingReader::new(tap, move |n| p.add_decoded(n));
+                let sopts = StreamOptions {
+                    limit: disk.opts.limit,
+                    scratch: disk.opts.scratch.clone(),
+                    layers: Some(stack.clone()),
+                    ..Default::default()
+                };
+                qcow2::convert(&mut counted, &mut disk.writer, &sopts).map_err(|e| {
+                    Failure::Process {
+                        kind: e.kind(),
+                        message: format!("layer {idx}: {}", chain_line(&e)),
+                    }
+                })?;
+                drain(&mut counted)?;
+            }
+            // The compressed layer to its end: its digest is checked there.
+            drain(&mut layer)?;
+            let diff_id = tap_digest(&hasher);
+            if let Some(want) = expected.take() {
+                if diff_id != want {
+                    return Err(refuse(format!(
+                        "the layer above layer {idx} names backing layer {want}, but layer {idx} is {diff_id}"
+                    )));
+                }
+            }
+            match stack.backing() {
+                Some(name) if idx > 0 => {
+                    expected = Some(virter_backing(&name).ok_or_else(|| {
+                        refuse(format!(
+                            "layer {idx} has backing file {name:?}, which is not a layer of this image (virter:layer:sha256:<diff id>); backing files outside the image are refused"
+                        ))
+                    })?);
+                }
+                Some(name) => {
+                    return Err(refuse(format!(
+                        "the bottom layer has backing file {name:?}: there is no layer below it, and backing files outside the image are refused"
+                    )))
+                }
+                None => {
+                    if idx > 0 {
+                        tracing::info!(layer = idx, "this layer has no backing file: the layers below it are not read");
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let report = Report {
+                layers: vec![Format::Gzip],
+                format: Some(Format::Qcow2),
+                virtual_size: stack.virtual_size(),
+                ..Default::default()
+            };
+            progress.set_virtual_total(Some(report.virtual_size));
+            tracing::info!(
+                layers = stack.layers(),
+                virtual_size = report.virtual_size,
+                "flattened the layered image"
+            );
+            let labels =
+                ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
             finish_disk(plan, disk, &report, Some(labels))
         }
         Err(f) => {

@@ -25,6 +25,9 @@ pub struct StreamOptions {
     /// The image's length when the stream says (Content-Length, a tar entry's size):
     /// a table pointing past it is refused at once instead of waited for.
     pub source_len: Option<u64>,
+    /// A layer of a layered qcow2 image: the stack that knows what the layers above
+    /// decided (see [`crate::format::qcow2::layers`]).
+    pub layers: Option<std::sync::Arc<crate::format::qcow2::layers::Stack>>,
 }
 
 impl Default for StreamOptions {
@@ -35,6 +38,7 @@ impl Default for StreamOptions {
             limit: u64::MAX,
             source_file: None,
             source_len: None,
+            layers: None,
         }
     }
 }

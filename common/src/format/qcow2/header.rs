@@ -152,6 +152,9 @@ pub enum Qcow2Error {
     /// out of order, many compressed clusters waiting on data not yet read).
     #[error("qcow2 image is laid out too far out of order to stream in bounded memory ({what}); convert it with qemu-img first")]
     TooScattered { what: String },
+    /// A layer of a layered image that cannot be flattened as it is.
+    #[error("layered qcow2 image: {0}")]
+    Layered(String),
 }
 
 impl Qcow2Error {
@@ -163,7 +166,8 @@ impl Qcow2Error {
             | Qcow2Error::Encrypted(_)
             | Qcow2Error::UnknownFeatures(_)
             | Qcow2Error::Version(_)
-            | Qcow2Error::CompressionType(_) => ErrorKind::UnsupportedFormat,
+            | Qcow2Error::CompressionType(_)
+            | Qcow2Error::Layered(_) => ErrorKind::UnsupportedFormat,
             Qcow2Error::ShortHeader(_)
             | Qcow2Error::MarkedCorrupt
             | Qcow2Error::Field { .. }
@@ -211,6 +215,17 @@ impl Header {
 
     /// Parses and validates the header from cluster 0 of the image.
     pub fn parse(c0: &[u8]) -> Result<Header, Qcow2Error> {
+        Self::parse_inner(c0, false).map(|(h, _)| h)
+    }
+
+    /// As [`Header::parse`], for a layer of a layered image: a backing file name is
+    /// returned (the caller resolves it inside the image, never on the host) instead of
+    /// refused. A name that does not lie in cluster 0 is still refused.
+    pub fn parse_layer(c0: &[u8]) -> Result<(Header, Option<String>), Qcow2Error> {
+        Self::parse_inner(c0, true)
+    }
+
+    fn parse_inner(c0: &[u8], allow_backing: bool) -> Result<(Header, Option<String>), Qcow2Error> {
         let short = || Qcow2Error::ShortHeader(c0.len());
         let (v2, rest) = OnDiskV2::ref_from_prefix(c0).map_err(|_| short())?;
         if &v2.magic != b"QFI\xfb" {
@@ -224,12 +239,19 @@ impl Header {
         let cs = 1u64 << cluster_bits;
         let backing_file_offset = v2.backing_file_offset.get();
         let backing_file_size = u64::from(v2.backing_file_size.get());
+        let mut backing = None;
         if backing_file_offset != 0 {
-            return Err(Qcow2Error::BackingFile(backing_name(
-                c0,
-                backing_file_offset,
-                backing_file_size,
-            )));
+            let name = backing_name(c0, backing_file_offset, backing_file_size);
+            let inside = usize::try_from(backing_file_offset)
+                .ok()
+                .zip(usize::try_from(backing_file_size).ok())
+                .and_then(|(o, n)| o.checked_add(n))
+                .is_some_and(|e| e <= c0.len())
+                && backing_file_size <= MAX_BACKING_NAME;
+            if !allow_backing || !inside {
+                return Err(Qcow2Error::BackingFile(name));
+            }
+            backing = Some(name);
         }
         let virtual_size = v2.size.get();
         if virtual_size > MAX_VIRTUAL_SIZE {
@@ -331,7 +353,7 @@ impl Header {
             });
         }
         h.check_extensions(c0)?;
-        Ok(h)
+        Ok((h, backing))
     }
 
     fn check_extensions(&self, c0: &[u8]) -> Result<(), Qcow2Error> {

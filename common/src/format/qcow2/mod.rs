@@ -2,6 +2,7 @@
 //! tables precede their data (what qemu-img writes).
 
 pub mod header;
+pub mod layers;
 pub mod stream;
 pub mod wanted;
 

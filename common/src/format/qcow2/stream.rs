@@ -42,7 +42,14 @@ pub fn convert(
         0
     };
     c0.truncate(n + m);
-    let h = Header::parse(&c0)?;
+    let (h, top) = match &opts.layers {
+        Some(stack) => {
+            let (h, backing) = Header::parse_layer(&c0)?;
+            let top = stack.begin(&h, backing)?;
+            (h, top)
+        }
+        None => (Header::parse(&c0)?, true),
+    };
     check_size(h.virtual_size, opts)?;
     tracing::info!(
         version = h.version,
@@ -52,7 +59,10 @@ pub fn convert(
         extended_l2 = h.extended_l2,
         "qcow2 image"
     );
-    writer.prepare_random(h.virtual_size)?;
+    // Lower layers of a stack write into what the top layer prepared.
+    if top {
+        writer.prepare_random(h.virtual_size)?;
+    }
     let mut st = State::new(h.clone(), writer, opts);
     st.run(r)?;
     Ok(ImageInfo {
@@ -121,6 +131,8 @@ struct State<'w> {
     /// Decodes compressed clusters on the other cores once every table is known (the
     /// usual case: qemu-img writes the tables first).
     pool: Option<DecodePool>,
+    /// Set for a layer of a layered image.
+    layers: Option<std::sync::Arc<super::layers::Stack>>,
 }
 
 impl<'w> State<'w> {
@@ -138,6 +150,7 @@ impl<'w> State<'w> {
             data_wanted: Wanted::new(cs, cs),
             comp_cache_bytes: 0,
             source_len: opts.source_len,
+            layers: opts.layers.clone(),
             comp_pending: BTreeMap::new(),
             comp_refs: HashMap::new(),
             comp_cache: HashMap::new(),
@@ -296,6 +309,15 @@ impl<'w> State<'w> {
             let guest = guest_base + j as u64 * self.cs;
             if guest >= self.h.virtual_size {
                 break;
+            }
+            if let Some(stack) = &self.layers {
+                // Unallocated here: left to the layers below. Decided by a layer above:
+                // not this layer's to write.
+                let host = entry & L2_OFFSET_MASK;
+                let decided = entry & (COMPRESSED | ZERO_FLAG) != 0 || host != 0;
+                if !decided || !stack.claim(guest) {
+                    continue;
+                }
             }
             if entry & COMPRESSED != 0 {
                 let x = 62 - (bits - 8);
