@@ -102,3 +102,43 @@ impl Stack {
         self.inner.lock().expect("layer stack").layers
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::qcow2::header::tests::header_v3;
+
+    #[test]
+    fn upper_layers_win_and_mismatched_layers_are_refused() {
+        let top = Header::parse(&header_v3(1 << 30)).expect("top");
+        let stack = Stack::default();
+        assert!(stack
+            .begin(&top, Some("./virter:layer:sha256:x".into()))
+            .expect("top"));
+        assert!(stack.claim(0));
+        assert!(!stack.claim(0), "a cluster is claimed once");
+        assert!(stack.claim(5 << 16));
+        assert!(!stack.claim(1 << 30), "outside the disk: never written");
+        let lower = Header::parse(&header_v3(1 << 20)).expect("lower");
+        assert!(!stack.begin(&lower, None).expect("lower"), "not the top");
+        assert_eq!(stack.backing(), None);
+        assert!(!stack.claim(5 << 16), "decided above");
+        assert!(stack.claim(6 << 16));
+        assert_eq!((stack.layers(), stack.virtual_size()), (2, 1 << 30));
+        let larger = Header::parse(&header_v3(2 << 30)).expect("larger");
+        assert!(matches!(
+            stack.begin(&larger, None),
+            Err(Qcow2Error::Layered(_))
+        ));
+        let mut c = header_v3(1 << 20);
+        c[20..24].copy_from_slice(&17u32.to_be_bytes());
+        c[40..48].copy_from_slice(&(3u64 << 17).to_be_bytes()); // L1, cluster-aligned
+        c[48..56].copy_from_slice(&(1u64 << 17).to_be_bytes()); // refcount table
+        c.resize(1 << 17, 0);
+        let other_cs = Header::parse(&c).expect("128 KiB clusters");
+        assert!(matches!(
+            stack.begin(&other_cs, None),
+            Err(Qcow2Error::Layered(_))
+        ));
+    }
+}
