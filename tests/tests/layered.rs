@@ -41,7 +41,7 @@ fn chain(dir: &Path, mid_backing: Option<&str>) -> Vec<(PathBuf, String)> {
         }
         sh(c.arg(name).arg("64M"));
     };
-    let mut settle = |name: &str, out: &mut Vec<(PathBuf, String)>| {
+    let settle = |name: &str, out: &mut Vec<(PathBuf, String)>| {
         let p = dir.join(name);
         let id = format!("sha256:{}", sha256_hex(&std::fs::read(&p).expect("read")));
         // The name the layer above uses for it, so qemu resolves the chain here.

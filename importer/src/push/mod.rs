@@ -301,13 +301,16 @@ async fn upload_checked(
     Ok(true)
 }
 
+/// The descriptor a tag points at: (media type, digest, size).
+pub type Top = (&'static str, String, usize);
+
 /// Every small blob of the image (configs, manifests, an index for several platforms)
-/// as (digest, bytes), and the top descriptor's (media type, digest, size).
+/// as (digest, bytes), and the top descriptor.
 pub fn small_blobs(
     args: &PushArgs,
     src: &Source,
     pre: &Produced,
-) -> Result<(Vec<(String, Bytes)>, (&'static str, String, usize)), String> {
+) -> Result<(Vec<(String, Bytes)>, Top), String> {
     use ferrydisk_common::checksum::sha256_digest;
     let platforms = platforms(args)?;
     let mut blobs = Vec::new();
