@@ -351,6 +351,6 @@ mod tests {
             (Kind::DockerArchive, Path::new("/a/d.tar"), "cd/fedora:41")
         );
         assert!(Local::is_local("oci:x") && !Local::is_local("docker://h/r:t"));
-        assert!(Local::parse("oci::t").is_err());
+        assert!(Local::parse("oci:").is_err());
     }
 }
