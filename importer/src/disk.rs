@@ -433,13 +433,7 @@ pub fn write_image(
         for idx in (0..image.layer_count()).rev() {
             fetched += image.layer_size(idx);
             progress.set_source_total(Some(fetched));
-            let mut layer =
-                image
-                    .open_layer(idx, progress.clone())
-                    .map_err(|e| Failure::Process {
-                        kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
-                        message: format!("opening layer {idx} of {}: {e}", image.describe()),
-                    })?;
+            let mut layer = open_layer(image, idx, &progress)?;
             if let Some(report) = pipeline::write_disk_from_layer(
                 &mut layer,
                 &mut finder,
@@ -472,6 +466,20 @@ pub fn write_image(
             Err(f)
         }
     }
+}
+
+/// Layer `idx`'s stored bytes, its digest checked at its end; a failure names the layer.
+fn open_layer<'a>(
+    image: &'a dyn ContainerImage,
+    idx: usize,
+    progress: &Arc<Progress>,
+) -> Result<Box<dyn Read + Send + 'a>, Failure> {
+    image
+        .open_layer(idx, progress.clone())
+        .map_err(|e| Failure::Process {
+            kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
+            message: format!("opening layer {idx} of {}: {e}", image.describe()),
+        })
 }
 
 /// virter's layer media type: a gzip'd bare qcow2 whose backing file is the layer below
@@ -520,13 +528,7 @@ fn write_layered(
         for idx in (0..n).rev() {
             fetched += image.layer_size(idx);
             progress.set_source_total(Some(fetched));
-            let mut layer =
-                image
-                    .open_layer(idx, progress.clone())
-                    .map_err(|e| Failure::Process {
-                        kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
-                        message: format!("opening layer {idx} of {}: {e}", image.describe()),
-                    })?;
+            let mut layer = open_layer(image, idx, &progress)?;
             let hasher = Arc::new(Mutex::new(sha2::Sha256::default()));
             {
                 let gz =
@@ -629,12 +631,7 @@ fn write_blob(
     );
     let size = image.layer_size(idx);
     progress.set_source_total(Some(size));
-    let layer = image
-        .open_layer(idx, progress.clone())
-        .map_err(|e| Failure::Process {
-            kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
-            message: format!("opening layer {idx} of {}: {e}", image.describe()),
-        })?;
+    let layer = open_layer(image, idx, &progress)?;
     // The same blocking half as an HTTP body: pipeline, drain (the layer reader checks
     // the digest at its end), checksum, finish or abort.
     write_stream(plan, layer, Some(size), progress, None)

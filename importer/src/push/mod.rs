@@ -228,45 +228,32 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
         upload_checked(args, &reg, &src, &pre).await?
     };
 
-    let mut manifests = Vec::new();
-    for (arch, variant) in &platforms {
-        let (config_media, config) = config_blob(args, &src, &pre, arch, variant.as_deref());
-        let config_size = config.len();
-        let config_digest = reg.put_small_blob(config).await.map_err(|e| chain(&e))?;
-        let body = manifest_blob(args, &src, &pre, config_media, &config_digest, config_size);
-        manifests.push(((arch.clone(), variant.clone()), body));
+    let blobs = image_blobs(args, &src, &pre)?;
+    for (_, config) in &blobs.configs {
+        reg.put_small_blob(config.clone())
+            .await
+            .map_err(|e| chain(&e))?;
     }
-    let (manifest_digest, reference) = if manifests.len() == 1 {
-        let (_, body) = manifests.pop().expect("one");
-        let d = reg
-            .put_manifest(&dest.tag, OCI_MANIFEST, body)
-            .await
-            .map_err(|e| chain(&e))?;
-        (d, format!("{}/{}:{}", dest.host, dest.repo, dest.tag))
-    } else {
-        let mut entries = Vec::new();
-        for ((arch, variant), body) in manifests {
-            let digest = ferrydisk_common::checksum::sha256_digest(&body);
-            let size = body.len();
-            reg.put_manifest(&digest, OCI_MANIFEST, body)
+    let manifest_digest = match &blobs.index {
+        None => {
+            let (_, body) = &blobs.manifests[0];
+            reg.put_manifest(&dest.tag, OCI_MANIFEST, body.clone())
                 .await
-                .map_err(|e| chain(&e))?;
-            entries.push(index_entry(&digest, size, &arch, variant.as_deref()));
+                .map_err(|e| chain(&e))?
         }
-        let index = Bytes::from(
-            serde_json::to_vec(&serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": OCI_INDEX,
-                "manifests": entries,
-            }))
-            .expect("json"),
-        );
-        let d = reg
-            .put_manifest(&dest.tag, OCI_INDEX, index)
-            .await
-            .map_err(|e| chain(&e))?;
-        (d, format!("{}/{}:{}", dest.host, dest.repo, dest.tag))
+        Some((_, index)) => {
+            // The platforms' manifests by digest first, then the index under the tag.
+            for (digest, body) in &blobs.manifests {
+                reg.put_manifest(digest, OCI_MANIFEST, body.clone())
+                    .await
+                    .map_err(|e| chain(&e))?;
+            }
+            reg.put_manifest(&dest.tag, OCI_INDEX, index.clone())
+                .await
+                .map_err(|e| chain(&e))?
+        }
     };
+    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
     tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, mounted, platforms = platforms.len(), "pushed");
     let mut s = summary(reference, manifest_digest, pre, uploaded, &src);
     s.layer_mounted = mounted;
@@ -304,18 +291,45 @@ async fn upload_checked(
 /// The descriptor a tag points at: (media type, digest, size).
 pub type Top = (&'static str, String, usize);
 
-/// Every small blob of the image (configs, manifests, an index for several platforms)
-/// as (digest, bytes), and the top descriptor.
-pub fn small_blobs(
-    args: &PushArgs,
-    src: &Source,
-    pre: &Produced,
-) -> Result<(Vec<(String, Bytes)>, Top), String> {
+/// The image's small blobs, each as (digest, bytes): one config and one manifest per
+/// platform, and an index when there are several platforms.
+pub struct ImageBlobs {
+    pub configs: Vec<(String, Bytes)>,
+    pub manifests: Vec<(String, Bytes)>,
+    pub index: Option<(String, Bytes)>,
+}
+
+impl ImageBlobs {
+    /// What the tag points at: the index, else the one manifest.
+    pub fn top(&self) -> Top {
+        match &self.index {
+            Some((d, b)) => (OCI_INDEX, d.clone(), b.len()),
+            None => (
+                OCI_MANIFEST,
+                self.manifests[0].0.clone(),
+                self.manifests[0].1.len(),
+            ),
+        }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &(String, Bytes)> {
+        self.configs
+            .iter()
+            .chain(&self.manifests)
+            .chain(self.index.as_ref())
+    }
+}
+
+/// Builds [`ImageBlobs`] for the platforms `--arch` names.
+pub fn image_blobs(args: &PushArgs, src: &Source, pre: &Produced) -> Result<ImageBlobs, String> {
     use ferrydisk_common::checksum::sha256_digest;
     let platforms = platforms(args)?;
-    let mut blobs = Vec::new();
+    let mut blobs = ImageBlobs {
+        configs: Vec::new(),
+        manifests: Vec::new(),
+        index: None,
+    };
     let mut entries = Vec::new();
-    let mut top = None;
     for (arch, variant) in &platforms {
         let (config_media, config) = config_blob(args, src, pre, arch, variant.as_deref());
         let config_digest = sha256_digest(&config);
@@ -327,9 +341,8 @@ pub fn small_blobs(
             arch,
             variant.as_deref(),
         ));
-        top = Some((OCI_MANIFEST, digest.clone(), manifest.len()));
-        blobs.push((config_digest, config));
-        blobs.push((digest, manifest));
+        blobs.configs.push((config_digest, config));
+        blobs.manifests.push((digest, manifest));
     }
     if platforms.len() > 1 {
         let index = Bytes::from(
@@ -340,11 +353,9 @@ pub fn small_blobs(
             }))
             .expect("json"),
         );
-        let digest = sha256_digest(&index);
-        top = Some((OCI_INDEX, digest.clone(), index.len()));
-        blobs.push((digest, index));
+        blobs.index = Some((sha256_digest(&index), index));
     }
-    Ok((blobs, top.expect("one platform at least")))
+    Ok(blobs)
 }
 
 /// `--arch amd64,arm64/v8` as (architecture, variant) pairs.

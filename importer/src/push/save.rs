@@ -11,9 +11,8 @@
 //!   name and renamed when complete, so a failed save leaves no half archive.
 
 use super::layer::{self, Layout, Produced};
-use super::{config_blob, small_blobs, summary, SkipHoles, Source, Summary};
+use super::{image_blobs, summary, SkipHoles, Source, Summary};
 use crate::cli::PushArgs;
-use ferrydisk_common::checksum::sha256_digest;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -146,11 +145,11 @@ fn save_layout(
         tracing::info!(digest = %pre.digest, "the layout has this layer; kept");
         fs::remove_file(&tmp)?;
     }
-    let (blobs, (top_media, manifest_digest, top_size)) =
-        small_blobs(args, src, &pre).map_err(io::Error::other)?;
-    for (digest, data) in &blobs {
+    let blobs = image_blobs(args, src, &pre).map_err(io::Error::other)?;
+    for (digest, data) in blobs.all() {
         write_blob(&local.path, digest, data)?;
     }
+    let (top_media, manifest_digest, top_size) = blobs.top();
     // index.json: the other tags stay, this tag points at the new manifest.
     let index_path = local.path.join("index.json");
     let mut index = match fs::read(&index_path) {
@@ -253,8 +252,13 @@ fn save_archive(
         &src.spec,
         io::sink(),
     )?;
-    let (blobs, (top_media, manifest_digest, top_size)) =
-        small_blobs(args, src, &pre).map_err(io::Error::other)?;
+    let blobs = image_blobs(args, src, &pre).map_err(io::Error::other)?;
+    if local.kind == Kind::DockerArchive && blobs.index.is_some() {
+        return Err(io::Error::other(
+            "a docker-archive holds one platform: save a multi-arch index as oci: or oci-archive:",
+        ));
+    }
+    let (top_media, manifest_digest, top_size) = blobs.top();
     let name = local
         .path
         .file_name()
@@ -292,17 +296,9 @@ fn save_archive(
         tar.pad(pre.size)?;
         match local.kind {
             Kind::DockerArchive => {
-                let platforms = super::platforms(args).map_err(io::Error::other)?;
-                let (arch, variant) = &platforms[0];
-                if platforms.len() > 1 {
-                    return Err(io::Error::other(
-                        "a docker-archive holds one platform: save a multi-arch index as oci: or oci-archive:",
-                    ));
-                }
-                let (_, config) = config_blob(args, src, &pre, arch, variant.as_deref());
-                let config_digest = sha256_digest(&config);
-                let config_name = format!("{}.json", hex(&config_digest));
-                tar.file(&config_name, &config)?;
+                let (config_digest, config) = &blobs.configs[0];
+                let config_name = format!("{}.json", hex(config_digest));
+                tar.file(&config_name, config)?;
                 let m = serde_json::json!([{
                     "Config": config_name,
                     "RepoTags": [local.tag],
@@ -311,7 +307,7 @@ fn save_archive(
                 tar.file("manifest.json", &serde_json::to_vec(&m).expect("json"))?;
             }
             _ => {
-                for (digest, data) in &blobs {
+                for (digest, data) in blobs.all() {
                     tar.file(&blob_name(digest), data)?;
                 }
                 let index = serde_json::json!({
