@@ -3,7 +3,7 @@
 //! Everything here is I/O-policy free: the binaries decide where bytes come from and
 //! where they go; this crate turns a byte stream into a disk image on a sink in bounded
 //! memory. The pipeline is built from blocking `std::io::Read` adapters because every
-//! decoder we use (flate2, xz2, zstd, bzip2, tar) is synchronous and CPU-bound; async
+//! decoder we use (flate2, liblzma, zstd, bzip2, tar) is synchronous and CPU-bound; async
 //! sources hand their bytes in through [`stream::ChannelReader`], which applies
 //! back-pressure to the network.
 

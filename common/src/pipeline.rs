@@ -491,7 +491,7 @@ mod tests {
     #[test]
     fn decompression_bomb_is_capped() {
         let zeros = vec![0u8; 8 << 20];
-        let mut e = xz2::write::XzEncoder::new(Vec::new(), 6);
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
         e.write_all(&zeros).expect("xz");
         let xz = e.finish().expect("xz");
         let (r, _) = run(&xz, 2 << 20);

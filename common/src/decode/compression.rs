@@ -13,7 +13,10 @@ pub fn decompressor<'a, R: Read + 'a>(
 ) -> io::Result<Option<Box<dyn Read + 'a>>> {
     Ok(Some(match format {
         Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
-        Format::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
+        Format::Xz => Box::new(super::xz::XzReader::new(io::BufReader::with_capacity(
+            1 << 20,
+            r,
+        ))?),
         Format::Zstd => {
             let mut d = zstd::stream::read::Decoder::new(r)?;
             d.window_log_max(31)?;
@@ -67,7 +70,7 @@ mod tests {
 
         let mut x = Vec::new();
         for part in [&b"ab"[..], &b"cd"[..]] {
-            let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
             e.write_all(part).expect("write");
             x.extend(e.finish().expect("finish"));
         }
