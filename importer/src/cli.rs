@@ -40,8 +40,9 @@ pub enum Command {
     /// Record a DataImportCron poll: the source image's digest as annotations (CDI's
     /// cdi-source-update-poller; Go-style single-dash flags accepted).
     SourceUpdatePoller(PollerArgs),
-    /// Push a local disk file or volume to a registry as a containerDisk or an OCI
-    /// artifact, streamed (chunked upload, digest on the fly).
+    /// Push a disk file, volume or any import source to a registry (or a local layout
+    /// or archive) as a containerDisk or an OCI artifact, streamed (chunked upload,
+    /// digest on the fly).
     Push(Box<PushArgs>),
     /// Print what an import of SOURCE would find (layers, format, sizes, digests,
     /// labels, platforms), as JSON or a table, writing nothing.
@@ -360,6 +361,11 @@ pub struct UploadArgs {
     /// The `ownerUID` label of `/metrics` (CDI's upload pod sets none; blank then).
     #[arg(long = "owner-uid", env = "OWNER_UID", default_value = "")]
     pub owner_uid: String,
+    /// After the upload is complete, push the disk to this registry reference (or
+    /// local layout/archive) as `importer push` would, taking its other settings from
+    /// the FERRYDISK_PUSH_* and credential environment (Deckhouse's uploader into DVCR).
+    #[arg(long = "push-dest", env = "FERRYDISK_PUSH_DEST")]
+    pub push_dest: Option<String>,
 }
 
 /// `importer serve-disk`: CDI's containerimage-server flags (section 3).
@@ -454,15 +460,24 @@ pub struct InspectArgs {
     pub import: ImportArgs,
 }
 
-/// `importer push`: a local disk file or volume into a registry.
+/// `importer push`: a disk file, volume or any import source into a registry.
 #[derive(Args, Debug, Clone)]
 pub struct PushArgs {
     /// Log verbosity, klog style: 0-2 info, 3+ debug.
     #[arg(short = 'v', long = "v", value_name = "LEVEL", default_value_t = 0)]
     pub verbosity: u8,
-    /// The disk: a file (holes are not read) or a block device.
+    /// The disk: a file (holes are not read) or a block device; or anything an import
+    /// reads (`https://...`, `docker://...`, `oci:DIR`, `oci-archive:FILE`,
+    /// `docker-archive:FILE`), imported into --spool-dir first.
     #[arg(long, env = "FERRYDISK_PUSH_SOURCE")]
     pub source: PathBuf,
+    /// The payload: `keep` (a local file as stored; an imported source as qcow2, a
+    /// qcow2 source's bytes unchanged), `raw` or `qcow2` (converted, via the spool).
+    #[arg(long, env = "FERRYDISK_PUSH_CONVERT", default_value = "keep", value_parser = ["keep", "raw", "qcow2"])]
+    pub convert: String,
+    /// Where an imported or converted source is spooled (default: the temp dir).
+    #[arg(long = "spool-dir", env = "FERRYDISK_PUSH_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// `docker://host[:port]/repo[:tag]`, or saved locally: `oci:DIR[:TAG]`,
     /// `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:NAME:TAG]`.
     #[arg(long, env = "FERRYDISK_PUSH_DEST")]

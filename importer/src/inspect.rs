@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The import source type and endpoint SOURCE stands for.
-fn classify(source: &str) -> (&'static str, String) {
+pub(crate) fn classify(source: &str) -> (&'static str, String) {
     const IMAGE_PREFIXES: [&str; 4] = ["docker://", "oci:", "oci-archive:", "docker-archive:"];
     if IMAGE_PREFIXES.iter().any(|p| source.starts_with(p)) {
         return ("registry", source.to_string());

@@ -591,3 +591,249 @@ fn multi_arch_index_env_labels_and_cross_repository_mount() {
         .assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
+
+/// Files left in a spool directory.
+fn spool_left(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |r| r.count())
+}
+
+#[test]
+fn pushes_from_http_and_registry_sources_converting_on_the_way() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let www = d.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let q = qcow2_of(&raw, &www.join("fedora.qcow2"));
+    sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
+    let gz = std::fs::read(www.join("fedora.qcow2.gz")).expect("gz");
+    std::fs::write(www.join("cut.qcow2.gz"), &gz[..gz.len() / 2]).expect("cut");
+    let http = HttpServer::start(&www, &[]);
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let spool = d.path().join("spool");
+    std::fs::create_dir_all(&spool).expect("mkdir");
+    let spool_arg = spool.to_str().expect("utf8");
+    let qlen = std::fs::metadata(&q).expect("meta").len();
+    let env = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small";
+
+    // HTTP qcow2.gz -> containerDisk: the qcow2's own bytes under disk/, the labels
+    // describe the source.
+    let url = http.url("fedora.qcow2.gz");
+    let s = pushed(
+        &reg,
+        Path::new(&url),
+        "disks/web:1",
+        &[
+            "--disk-name",
+            "fedora.qcow2",
+            "--spool-dir",
+            spool_arg,
+            "--env",
+            env,
+        ],
+    );
+    assert_eq!(s["format"], "qcow2", "{s}");
+    assert_eq!(s["sourceSize"], qlen, "{s}");
+    assert_eq!(s["virtualSize"], 64 << 20, "{s}");
+    assert_eq!(spool_left(&spool), 0, "the spool is removed after the push");
+    let inspect = sh(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
+        .arg(reg.image("disks/web:1")));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    assert_eq!(info["Labels"]["source-image-format"], "qcow2");
+    assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
+    assert_eq!(
+        info["Labels"]["source-image-virtual-size"],
+        (64u64 << 20).to_string()
+    );
+    let layout = d.path().join("layout");
+    sh(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "user:pass",
+        ])
+        .arg(reg.image("disks/web:1"))
+        .arg(format!("oci:{}:1", layout.display())));
+    let bundle = d.path().join("bundle");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:1", layout.display()))
+        .arg(&bundle));
+    assert_same_bytes(&bundle.join("rootfs/disk/fedora.qcow2"), &q);
+
+    // Registry -> registry, converted to raw (zstd layer); the source's KUBEVIRT_IO_
+    // env comes along and becomes a PVC label at import.
+    let s = pushed(
+        &reg,
+        Path::new(&reg.image("disks/web:1")),
+        "disks/raw:1",
+        &["--convert", "raw", "--zstd", "--spool-dir", spool_arg],
+    );
+    assert_eq!(s["format"], "raw", "{s}");
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    let inspect = sh(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
+        .arg(reg.image("disks/raw:1")));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    assert!(
+        info["Env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v == env)),
+        "{info}"
+    );
+    assert_eq!(info["Labels"]["source-image-format"], "qcow2");
+    let run = d.path().join("import-raw");
+    let o = reg.importer(&run, "disks/raw:1").run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert!(
+        o.termination
+            .contains(r#""instancetype.kubevirt.io/default-instancetype":"u1.small""#),
+        "{}",
+        o.termination
+    );
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // A local vmdk converted to a qcow2 artifact: the blob passes qemu-img check and
+    // compares equal to the original.
+    let vmdk = d.path().join("disk.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        raw.to_str().expect("utf8"),
+        vmdk.to_str().expect("utf8"),
+    ]);
+    let s = pushed(
+        &reg,
+        &vmdk,
+        "vms/vmdk:1",
+        &[
+            "--convert",
+            "qcow2",
+            "--layout",
+            "artifact",
+            "--spool-dir",
+            spool_arg,
+        ],
+    );
+    assert_eq!(s["layerMediaType"], "application/vnd.kubevirt.disk.qcow2");
+    let blob = reg.blob_path(s["layerDigest"].as_str().expect("digest"));
+    qemu_img(&["check", "-f", "qcow2", blob.to_str().expect("utf8")]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        blob.to_str().expect("utf8"),
+        reference.to_str().expect("utf8"),
+    ]);
+    let m = reg.raw_manifest("vms/vmdk:1");
+    assert_eq!(m["annotations"]["source-image-format"], "vmdk", "{m}");
+    let run = d.path().join("import-vmdk");
+    reg.importer(&run, "vms/vmdk:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // A truncated source fails in one line, tags nothing and leaves no spool.
+    let out = push(
+        &reg,
+        Path::new(&http.url("cut.qcow2.gz")),
+        "disks/cut:1",
+        &["--spool-dir", spool_arg],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("push failed: reading http://") && l.contains("cut.qcow2.gz")),
+        "{err}"
+    );
+    assert_eq!(spool_left(&spool), 0, "a failed push leaves no spool");
+    let o = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            "--creds",
+            "user:pass",
+        ])
+        .arg(reg.image("disks/cut:1"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        !o.status.success(),
+        "disks/cut:1 exists after a failed push"
+    );
+}
+
+#[test]
+fn the_upload_server_pushes_what_it_received_to_the_registry() {
+    use ferrydisk_tests::token::{mint, Claims};
+    use ferrydisk_tests::upload::{curl, proxy, upload_server_with, Mode, Pki};
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
+    let qlen = std::fs::metadata(&q).expect("meta").len();
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let pki = Pki::default();
+    let run = d.path().join("run");
+    let dest = reg.image("dvcr/uploaded:1");
+    let ca = reg.ca_dir.as_ref().expect("tls").to_str().expect("utf8");
+    let mut server = upload_server_with(
+        &pki,
+        &run,
+        &[
+            ("FERRYDISK_PUSH_DEST", dest.as_str()),
+            ("FERRYDISK_PUSH_ZSTD", "true"),
+            ("IMPORTER_ACCESS_KEY_ID", "user"),
+            ("IMPORTER_SECRET_KEY", "pass"),
+            ("IMPORTER_CERT_DIR", ca),
+        ],
+    );
+    let p = proxy(&pki, &run, server.port, Mode::Standalone, "client");
+    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
+    let (code, body) = curl(
+        &pki,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-T",
+            q.to_str().expect("utf8"),
+            &format!("https://127.0.0.1:{}/v1beta1/upload", p.port),
+        ],
+    );
+    assert_eq!(code, 200, "{body}\n{}", server.log());
+    assert_eq!(
+        server.wait(std::time::Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert!(
+        server.log().contains("pushed the uploaded disk"),
+        "{}",
+        server.log()
+    );
+    // The labels describe the upload (a qcow2), the layer holds the raw volume.
+    let inspect = sh(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
+        .arg(&dest));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    assert_eq!(info["Labels"]["source-image-format"], "qcow2", "{info}");
+    assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
+    let m = reg.raw_manifest("dvcr/uploaded:1");
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    let out = d.path().join("import");
+    reg.importer(&out, "dvcr/uploaded:1").run().assert_success();
+    assert_same_bytes(&out.join("data/disk.img"), &reference);
+}

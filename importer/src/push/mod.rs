@@ -13,6 +13,7 @@
 pub mod layer;
 pub mod registry;
 pub mod save;
+pub mod spool;
 
 use crate::cli::PushArgs;
 use bytes::Bytes;
@@ -127,17 +128,59 @@ pub struct Source {
     pub virtual_size: u64,
     pub spec: LayerSpec,
     pub media: String,
+    /// What the config's labels describe: the file itself, or what an import found
+    /// in the source it spooled from.
+    pub origin: spool::Origin,
 }
 
 async fn push(args: &PushArgs) -> Result<Summary, String> {
+    push_with(args, None).await
+}
+
+/// [`push`], with the labels' origin given (the upload server knows what it received).
+pub async fn push_with(
+    args: &PushArgs,
+    given_origin: Option<spool::Origin>,
+) -> Result<Summary, String> {
     let dest = if save::Local::is_local(&args.dest) {
         None
     } else {
         Some(parse_dest(&args.dest)?)
     };
     layer::check_disk_name(&args.disk_name)?;
-    let shown = args.source.display().to_string();
-    let mut file = File::open(&args.source).map_err(|e| format!("opening {shown}: {e}"))?;
+    let given = args.source.to_string_lossy().to_string();
+    // Anything but a local file as stored is imported into the spool first.
+    let spooled = if spool::is_path(&given) && args.convert == "keep" {
+        None
+    } else {
+        let output = if args.convert == "raw" {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        Some(spool::import(args, output).await?)
+    };
+    let mut args = args.clone();
+    let path = match &spooled {
+        Some(s) => {
+            // The source's KUBEVIRT_IO_ entries, unless --env sets the same key.
+            for e in &s.env {
+                let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+                if !args
+                    .env
+                    .iter()
+                    .any(|x| x.split_once('=').is_some_and(|(k, _)| k == key))
+                {
+                    args.env.push(e.clone());
+                }
+            }
+            s.disk.clone()
+        }
+        None => args.source.clone(),
+    };
+    let args = &args;
+    let shown = given;
+    let mut file = File::open(&path).map_err(|e| format!("opening {shown}: {e}"))?;
     let len = source_len(&mut file).map_err(|e| format!("sizing {shown}: {e}"))?;
     let probed = probe::probe(&mut file).map_err(|e| format!("{shown}: {e}"))?;
     let spec = LayerSpec {
@@ -147,6 +190,15 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
     };
     let media = media_type(&spec, probed.format)?;
     tracing::info!(source = %shown, format = probed.format.name(), virtual_size = probed.virtual_size, source_size = len, layout = ?args.layout, media_type = %media, dest = %args.dest, "pushing");
+    let origin = match (&spooled, given_origin) {
+        (Some(s), _) => s.origin.clone(),
+        (None, Some(o)) => o,
+        (None, None) => spool::Origin {
+            format: probed.format.name().to_string(),
+            virtual_size: probed.virtual_size,
+            source_size: len,
+        },
+    };
     let src = Source {
         file: Arc::new(file),
         len,
@@ -155,7 +207,9 @@ async fn push(args: &PushArgs) -> Result<Summary, String> {
         virtual_size: probed.virtual_size,
         spec,
         media,
+        origin,
     };
+    // (the spool, if any, is removed when `spooled` drops, after the push)
     match dest {
         Some(dest) => push_registry(args, &dest, src).await,
         None => {
@@ -417,7 +471,7 @@ fn summary(
         layer_mounted: false,
         format: src.format.name().to_string(),
         virtual_size: src.virtual_size,
-        source_size: src.len,
+        source_size: src.origin.source_size,
     }
 }
 
@@ -435,7 +489,7 @@ pub fn config_blob(
             let mut c = serde_json::json!({
                 "architecture": arch,
                 "os": "linux",
-                "config": {"Labels": labels(src.format, src.virtual_size, src.len)},
+                "config": {"Labels": labels(&src.origin)},
                 "rootfs": {"type": "layers", "diff_ids": [pre.diff_id]},
                 "history": [{"created_by": format!("ferrydisk push: disk/{}", args.disk_name)}],
             });
@@ -479,7 +533,7 @@ pub fn manifest_blob(
             "io.ferrydisk.disk.virtual-size": src.virtual_size.to_string(),
         });
         manifest["artifactType"] = serde_json::json!("application/vnd.kubevirt.disk.v1");
-        manifest["annotations"] = serde_json::json!(labels(src.format, src.virtual_size, src.len));
+        manifest["annotations"] = labels(&src.origin);
     }
     manifest["layers"] = serde_json::json!([layer_desc]);
     Bytes::from(serde_json::to_vec(&manifest).expect("json"))
@@ -491,11 +545,11 @@ fn chain(e: &PushError) -> String {
 }
 
 /// Deckhouse's labels for an image in its registry.
-fn labels(format: Format, virtual_size: u64, source_size: u64) -> serde_json::Value {
+fn labels(o: &spool::Origin) -> serde_json::Value {
     serde_json::json!({
-        "source-image-format": format.name(),
-        "source-image-size": source_size.to_string(),
-        "source-image-virtual-size": virtual_size.to_string(),
+        "source-image-format": o.format,
+        "source-image-size": o.source_size.to_string(),
+        "source-image-virtual-size": o.virtual_size.to_string(),
     })
 }
 

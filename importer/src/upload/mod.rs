@@ -187,6 +187,14 @@ pub async fn run(args: UploadArgs) -> i32 {
     // Let the answer to the last request reach the client before exiting.
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     let log = server.args.volume.termination_log.clone();
+    let outcome = match (outcome, server.args.push_dest.clone()) {
+        (Ok(msg), Some(dest)) if msg.deadline_passed.is_none() => {
+            push_upload(&dest, disk_dest.path(), &msg)
+                .await
+                .map(|()| msg)
+        }
+        (o, _) => o,
+    };
     match outcome {
         Ok(msg) => match msg.write(&log) {
             Ok(json) => {
@@ -228,4 +236,43 @@ async fn deadline_watch(server: Arc<Server>, deadline: Option<SystemTime>) -> Te
             _ => tokio::time::sleep(Duration::from_secs(2)).await,
         }
     }
+}
+
+/// `--push-dest`: the uploaded disk into a registry, its labels describing what was
+/// uploaded (format, sizes) rather than what the volume now holds.
+async fn push_upload(
+    dest: &str,
+    disk: &std::path::Path,
+    msg: &TerminationMessage,
+) -> Result<(), String> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct PushCli {
+        #[command(flatten)]
+        push: crate::cli::PushArgs,
+    }
+    let argv = [
+        "importer".to_string(),
+        format!("--source={}", disk.display()),
+        format!("--dest={dest}"),
+        // The volume as it was written (a qcow2 volume stays qcow2).
+        "--convert=keep".to_string(),
+    ];
+    let args = PushCli::try_parse_from(argv)
+        .map_err(|e| format!("push settings: {}", e.to_string().trim()))?
+        .push;
+    let origin = msg
+        .import_info
+        .as_ref()
+        .map(|i| crate::push::spool::Origin {
+            format: i.source_image_format.clone(),
+            virtual_size: i.source_image_virtual_size,
+            source_size: i.source_image_size,
+        });
+    tracing::info!(%dest, disk = %disk.display(), "pushing the uploaded disk");
+    let summary = crate::push::push_with(&args, origin)
+        .await
+        .map_err(|e| format!("push failed: {e}"))?;
+    tracing::info!(summary = %serde_json::to_string(&summary).unwrap_or_default(), "pushed the uploaded disk");
+    Ok(())
 }
