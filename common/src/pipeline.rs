@@ -312,7 +312,7 @@ fn finish_native(info: &ImageInfo, opts: &Options, report: &mut Report) {
 }
 
 /// A converter's read failure is the layer below's (a corrupt gzip, a dropped source).
-fn format_error(e: FormatError, layer: Option<Format>) -> PipelineError {
+pub fn format_error(e: FormatError, layer: Option<Format>) -> PipelineError {
     match e {
         FormatError::Read { source, .. } => read_error(source, layer),
         FormatError::Sink(e) => PipelineError::Sink(e),
@@ -330,17 +330,8 @@ pub fn write_disk_from_layer(
     writer: &mut SparseWriter,
     opts: &Options,
 ) -> Result<Option<Report>, PipelineError> {
-    let mut peek = PeekReader::new(layer, SNIFF_LEN).map_err(|e| read_error(e, None))?;
-    let format = sniff(peek.head());
-    let found = {
-        let mut reader: Box<dyn Read + '_> = if format.is_compression() {
-            decode::decompressor(format, &mut peek)
-                .map_err(|e| read_error(e, Some(format)))?
-                .ok_or(PipelineError::Unsupported(format))?
-        } else {
-            Box::new(&mut peek)
-        };
-        let found = finder.scan_layer(&mut reader, |f| {
+    with_layer_tar(layer, |reader| {
+        finder.scan_layer(reader, |f| {
             check_fits(f.size, opts.limit)?;
             let mut report = Report {
                 tar_entry: Some(f.name),
@@ -348,13 +339,43 @@ pub fn write_disk_from_layer(
             };
             disk_layer(f.reader, writer, opts, Some(f.size), &mut report)?;
             Ok::<_, PipelineError>(report)
-        })?;
+        })
+    })
+}
+
+/// Every visible file under `/disk` in one containerDisk layer, through `f` (see
+/// [`DiskFinder::scan_files`]); the layer is read to its end.
+pub fn disk_files_in_layer(
+    layer: &mut dyn Read,
+    finder: &mut DiskFinder,
+    f: impl FnMut(crate::decode::tar::TarFile<'_>) -> Result<(), PipelineError>,
+) -> Result<(), PipelineError> {
+    with_layer_tar(layer, |reader| finder.scan_files(reader, f))
+}
+
+/// A containerDisk layer's tar stream (under gzip or zstd, or plain) through `body`,
+/// then the rest of the layer read to its end.
+fn with_layer_tar<T>(
+    layer: &mut dyn Read,
+    body: impl FnOnce(&mut dyn Read) -> Result<T, PipelineError>,
+) -> Result<T, PipelineError> {
+    let mut peek = PeekReader::new(layer, SNIFF_LEN).map_err(|e| read_error(e, None))?;
+    let format = sniff(peek.head());
+    let out = {
+        let mut reader: Box<dyn Read + '_> = if format.is_compression() {
+            decode::decompressor(format, &mut peek)
+                .map_err(|e| read_error(e, Some(format)))?
+                .ok_or(PipelineError::Unsupported(format))?
+        } else {
+            Box::new(&mut peek)
+        };
+        let out = body(&mut reader)?;
         io::copy(&mut reader, &mut io::sink())
             .map_err(|e| read_error(e, format.is_compression().then_some(format)))?;
-        found
+        out
     };
     io::copy(&mut peek, &mut io::sink()).map_err(|e| read_error(e, None))?;
-    Ok(found)
+    Ok(out)
 }
 
 /// Unpacks a (possibly compressed) tar into `dir` (content type `archive`).

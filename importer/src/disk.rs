@@ -434,14 +434,16 @@ pub fn write_image(
             fetched += image.layer_size(idx);
             progress.set_source_total(Some(fetched));
             let mut layer = open_layer(image, idx, &progress)?;
-            if let Some(report) = pipeline::write_disk_from_layer(
+            let found = match pipeline::write_disk_from_layer(
                 &mut layer,
                 &mut finder,
                 &mut disk.writer,
                 &disk.opts,
-            )
-            .map_err(process_failure)?
-            {
+            ) {
+                Err(e) if chain_hint(&e) => return Err(Chain(e.to_string())),
+                r => r.map_err(process_failure)?,
+            };
+            if let Some(report) = found {
                 if idx > 0 {
                     tracing::info!(
                         layer = idx,
@@ -452,13 +454,271 @@ pub fn write_image(
                 return Ok(report);
             }
         }
-        Err(process_failure(PipelineError::Disk(DiskError::None)))
+        Err(Single(process_failure(PipelineError::Disk(
+            DiskError::None,
+        ))))
     })();
     match result {
         Ok(report) => {
             let labels =
                 ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
             tracing::info!(image = %image.describe(), labels = ?labels, "image labels");
+            finish_disk(plan, disk, &report, Some(labels))
+        }
+        Err(Single(f)) => {
+            disk.writer.abort();
+            Err(f)
+        }
+        Err(Chain(why)) => {
+            disk.writer.abort();
+            write_chain(plan, image, progress, &why)
+        }
+    }
+}
+
+/// How the one-disk import of a containerDisk ended when it did not succeed.
+enum Attempt {
+    /// A failure to report.
+    Single(Failure),
+    /// `/disk` may hold an overlay chain (several files, or a qcow2 with a backing
+    /// file): read it as one, naming why.
+    Chain(String),
+}
+use Attempt::{Chain, Single};
+
+impl From<Failure> for Attempt {
+    fn from(f: Failure) -> Self {
+        Single(f)
+    }
+}
+
+/// A second file under `/disk`, or a qcow2 disk with a backing file: what a chain of
+/// overlays looks like to the one-disk reader.
+fn chain_hint(e: &PipelineError) -> bool {
+    use ferrydisk_common::format::contract::FormatError;
+    use ferrydisk_common::format::qcow2::header::Qcow2Error;
+    matches!(
+        e,
+        PipelineError::Disk(DiskError::Several(_))
+            | PipelineError::Format(FormatError::Qcow2(Qcow2Error::BackingFile(_)))
+    )
+}
+
+/// The longest overlay chain under `/disk` that is read.
+const MAX_CHAIN_FILES: usize = 16;
+
+/// A regular file under `/disk` seen by the chain scan.
+struct ChainFile {
+    layer: usize,
+    path: String,
+    /// Its backing file name; an error for a qcow2 whose header is refused (`None`:
+    /// not a qcow2).
+    backing: Result<Option<String>, Option<String>>,
+}
+
+/// The file of `files` a backing name stands for: a sibling under `/disk`, named bare
+/// (`base.qcow2`), `./base.qcow2` or `/disk/base.qcow2`. Anything else (another
+/// directory, `..`, a host path) names nothing in the image.
+fn resolve_backing(files: &[ChainFile], name: &str) -> Option<usize> {
+    let bare = name.strip_prefix("./").unwrap_or(name);
+    let path = match bare.strip_prefix("/disk/") {
+        Some(rest) => format!("disk/{rest}"),
+        None => format!("disk/{bare}"),
+    };
+    if path.matches('/').count() != 1 || path.ends_with('/') || path.contains("/.") {
+        return None;
+    }
+    files.iter().position(|f| f.path == path)
+}
+
+/// A containerDisk whose `/disk` holds a chain of qcow2 overlays (`top.qcow2` backed by
+/// `base.qcow2`, in one layer or in several), flattened top-down in bounded memory as
+/// virter's layers are: a first pass over the layers reads each visible file's header
+/// (its first 64 KiB), the chain is resolved inside `/disk` only, and then each file is
+/// streamed once, top first, through the cluster-claim bitmap. Each layer holding a
+/// chain file is downloaded again for it (its digest checked each time): no scratch.
+fn write_chain(
+    plan: &DiskPlan,
+    image: &dyn ContainerImage,
+    progress: Arc<Progress>,
+    why: &str,
+) -> Result<TerminationMessage, Failure> {
+    use ferrydisk_common::format::contract::StreamOptions;
+    use ferrydisk_common::format::qcow2::{self, header::Header, layers::Stack};
+    let refuse = |message: String| Failure::Process {
+        kind: ErrorKind::UnsupportedFormat,
+        message,
+    };
+    tracing::info!(image = %image.describe(), reason = why, "reading /disk as a chain of qcow2 overlays: the layers holding them are read again, once for their headers and once per file");
+    let n = image.layer_count();
+    let mut finder = DiskFinder::default();
+    let mut files: Vec<ChainFile> = Vec::new();
+    for idx in (0..n).rev() {
+        let mut layer = open_layer(image, idx, &progress)?;
+        pipeline::disk_files_in_layer(&mut layer, &mut finder, |f| {
+            if files.len() == MAX_CHAIN_FILES {
+                return Err(PipelineError::Disk(DiskError::Several(format!(
+                    "more than {MAX_CHAIN_FILES} files"
+                ))));
+            }
+            let mut head = Vec::with_capacity(64 << 10);
+            f.reader
+                .take(64 << 10)
+                .read_to_end(&mut head)
+                .map_err(PipelineError::Read)?;
+            let backing = if head.starts_with(b"QFI\xfb") {
+                Header::parse_layer(&head)
+                    .map(|(_, b)| b)
+                    .map_err(|e| Some(e.to_string()))
+            } else {
+                Err(None)
+            };
+            files.push(ChainFile {
+                layer: idx,
+                path: f.name,
+                backing,
+            });
+            Ok(())
+        })
+        .map_err(process_failure)?;
+        drain(&mut layer)?;
+        // Lower layers are read only while a backing name is still unresolved.
+        let resolved = files.iter().all(|f| match &f.backing {
+            Ok(Some(name)) => resolve_backing(&files, name).is_some(),
+            _ => true,
+        });
+        if !files.is_empty() && resolved {
+            break;
+        }
+    }
+    let shown = |i: usize| format!("/{}", files[i].path);
+    // As for one disk, the topmost layer holding files under /disk decides: its files
+    // must all be in the chain, which may reach into lower layers.
+    let top_layer = files.first().map(|f| f.layer);
+    let in_top: Vec<usize> = (0..files.len())
+        .filter(|&i| Some(files[i].layer) == top_layer)
+        .collect();
+    let several = || {
+        let all: Vec<String> = in_top.iter().map(|&i| shown(i)).collect();
+        process_failure(PipelineError::Disk(DiskError::Several(all.join(", "))))
+    };
+    let header = |i: usize| match &files[i].backing {
+        Ok(b) => Ok(b.clone()),
+        Err(None) if in_top.len() > 1 => Err(several()),
+        Err(None) => Err(refuse(format!(
+            "{} is not a qcow2 image: only chains of qcow2 overlays are read",
+            shown(i)
+        ))),
+        Err(Some(e)) => Err(refuse(format!("{}: {e}", shown(i)))),
+    };
+    let lower_of = |i: usize| -> Result<Option<usize>, Failure> {
+        let Some(name) = header(i)? else {
+            return Ok(None);
+        };
+        resolve_backing(&files, &name)
+            .filter(|&j| j != i)
+            .map(Some)
+            .ok_or_else(|| {
+                refuse(format!(
+                    "{} has backing file {name:?}, which is not another file of this image's /disk; backing files outside the image are refused",
+                    shown(i)
+                ))
+            })
+    };
+    // A backing name leaving the image is the first thing to say.
+    for &i in &in_top {
+        lower_of(i)?;
+    }
+    // The top: the one file of the top layer no other file there names.
+    let mut named = vec![false; files.len()];
+    for &i in &in_top {
+        if let Ok(Some(name)) = &files[i].backing {
+            if let Some(j) = resolve_backing(&files, name).filter(|&j| j != i) {
+                named[j] = true;
+            }
+        }
+    }
+    let tops: Vec<usize> = in_top.iter().copied().filter(|&i| !named[i]).collect();
+    let [top] = tops[..] else {
+        return Err(if tops.is_empty() {
+            refuse("the backing files under /disk form a loop".into())
+        } else {
+            several()
+        });
+    };
+    let mut chain = vec![top];
+    while let Some(next) = lower_of(*chain.last().expect("not empty"))? {
+        if chain.contains(&next) {
+            return Err(refuse("the backing files under /disk form a loop".into()));
+        }
+        chain.push(next);
+    }
+    if in_top.iter().any(|i| !chain.contains(i)) {
+        return Err(several());
+    }
+    let names: Vec<String> = chain.iter().map(|&i| shown(i)).collect();
+    tracing::info!(chain = %names.join(" -> "), "flattening the overlay chain top-down");
+
+    let mut disk = open_disk(plan, progress.clone(), None)?;
+    let stack = Arc::new(Stack::default());
+    let result = (|| {
+        for &i in &chain {
+            let f = &files[i];
+            let mut layer = open_layer(image, f.layer, &progress)?;
+            let mut done = false;
+            let mut finder = DiskFinder::default();
+            pipeline::disk_files_in_layer(&mut layer, &mut finder, |t| {
+                if done || t.name != f.path {
+                    return Ok(());
+                }
+                done = true;
+                let sopts = StreamOptions {
+                    limit: disk.opts.limit,
+                    scratch: disk.opts.scratch.clone(),
+                    layers: Some(stack.clone()),
+                    ..Default::default()
+                };
+                let p = progress.clone();
+                let mut counted =
+                    ferrydisk_common::stream::CountingReader::new(t.reader, move |n| {
+                        p.add_decoded(n)
+                    });
+                qcow2::convert(&mut counted, &mut disk.writer, &sopts)
+                    .map_err(|e| pipeline::format_error(e, None))?;
+                Ok(())
+            })
+            .map_err(|e| Failure::Process {
+                kind: e.kind(),
+                message: format!("{}: {}", shown(i), chain_line(&e)),
+            })?;
+            drain(&mut layer)?;
+            if !done {
+                return Err(refuse(format!(
+                    "{} was not found again in layer {}",
+                    shown(i),
+                    f.layer
+                )));
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let report = Report {
+                layers: vec![Format::Tar],
+                format: Some(Format::Qcow2),
+                virtual_size: stack.virtual_size(),
+                tar_entry: Some(files[top].path.clone()),
+                ..Default::default()
+            };
+            progress.set_virtual_total(Some(report.virtual_size));
+            tracing::info!(
+                files = chain.len(),
+                virtual_size = report.virtual_size,
+                "flattened the overlay chain"
+            );
+            let labels =
+                ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
             finish_disk(plan, disk, &report, Some(labels))
         }
         Err(f) => {

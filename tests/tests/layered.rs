@@ -6,7 +6,7 @@
 //! the image, or names a layer that is not the one below, is refused with nothing
 //! written.
 
-use ferrydisk_tests::registry::Registry;
+use ferrydisk_tests::registry::{mkimage, Registry};
 use ferrydisk_tests::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -232,4 +232,157 @@ fn a_backing_name_outside_the_image_or_not_the_layer_below_is_refused() {
     );
     let disk = std::fs::read(run.path().join("data/disk.img")).unwrap_or_default();
     assert!(disk.is_empty(), "nothing written for a refused chain");
+}
+
+/// A containerDisk chain in `dir`: base.qcow2 <- mid.qcow2 (backing `base.qcow2`) <-
+/// top.qcow2 (backing `./mid.qcow2`), each grown with qemu-io writes that overlap the
+/// ones below (data, zeroes over data, unaligned). Returns the raw reference of the top.
+fn disk_chain(dir: &Path) -> PathBuf {
+    let create = |name: &str, backing: Option<&str>| {
+        let mut c = Command::new("qemu-img");
+        c.current_dir(dir).args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            c.args(["-b", b, "-F", "qcow2"]);
+        }
+        sh(c.arg(name).arg("64M"));
+    };
+    create("base.qcow2", None);
+    qemu_io(
+        dir,
+        "base.qcow2",
+        &["write -q -P 0x11 0 8M", "write -q -P 0x22 40M 8M"],
+    );
+    create("mid.qcow2", Some("base.qcow2"));
+    qemu_io(
+        dir,
+        "mid.qcow2",
+        &[
+            "write -q -P 0x33 4M 2M",
+            "write -q -z 41M 1M",
+            "write -q -P 0x44 63M 1M",
+        ],
+    );
+    create("top.qcow2", Some("./mid.qcow2"));
+    qemu_io(
+        dir,
+        "top.qcow2",
+        &[
+            "write -q -P 0x55 5M 4096",
+            "write -q -z 0 64K",
+            "write -q -P 0x66 44M 3M",
+        ],
+    );
+    qemu_reference(&dir.join("top.qcow2"), dir)
+}
+
+#[test]
+fn a_containerdisk_overlay_chain_flattens_in_any_layer_and_tar_order() {
+    let d = tmp();
+    let reference = disk_chain(d.path());
+    let f = |n: &str| d.path().join(n).to_str().expect("utf8").to_string();
+    let e = |n: &str| json!({"path": format!("disk/{n}"), "file": f(n)});
+    let reg = Registry::start(false, None);
+    let cases = [
+        (
+            "one layer, base first",
+            json!([[e("base.qcow2"), e("mid.qcow2"), e("top.qcow2")]]),
+        ),
+        (
+            "one layer, top first",
+            json!([[e("top.qcow2"), e("mid.qcow2"), e("base.qcow2")]]),
+        ),
+        (
+            "a layer each",
+            json!([[e("base.qcow2")], [e("mid.qcow2")], [e("top.qcow2")]]),
+        ),
+        (
+            "top over a two-file layer",
+            json!([[e("mid.qcow2"), e("base.qcow2")], [e("top.qcow2")]]),
+        ),
+    ];
+    for (i, (what, layers)) in cases.into_iter().enumerate() {
+        let root = d.path().join(format!("layout{i}"));
+        mkimage(&root, "v1", &json!({"images": [{"layers": layers}]}));
+        let repo = format!("chain/case{i}:v1");
+        reg.push_layout(&root, "v1", &repo);
+        let run = tmp();
+        let o = import(run.path(), &reg.image(&repo));
+        assert_eq!(o.code, 0, "{what}: {}\n{}", o.termination, o.stderr);
+        assert!(
+            o.stderr.contains("flattening the overlay chain top-down"),
+            "{what}: {}",
+            o.stderr
+        );
+        assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+    }
+    // qcow2 output of a flattened chain is a clean qcow2 of the same disk.
+    let run = tmp();
+    let o = Importer::new(run.path())
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", &reg.image("chain/case0:v1"))
+        .env("INSECURE_TLS", "true")
+        .arg("--output-format")
+        .arg("qcow2")
+        .arg("--metrics-addr")
+        .arg("none")
+        .run();
+    o.assert_success();
+    let out = run.path().join("data/disk.img");
+    qemu_img(&["check", "-q", "-f", "qcow2", out.to_str().expect("utf8")]);
+    qemu_img(&[
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        out.to_str().expect("utf8"),
+        reference.to_str().expect("utf8"),
+    ]);
+}
+
+#[test]
+fn a_containerdisk_chain_leaving_the_image_is_refused_with_nothing_written() {
+    let d = tmp();
+    disk_chain(d.path());
+    let f = |n: &str| d.path().join(n).to_str().expect("utf8").to_string();
+    // Next to base.qcow2, overlays whose backing file is a host path, a path climbing
+    // out of /disk (twice), a file not in the image; and a second, independent disk.
+    let backings = [
+        Some("/etc/base.qcow2"),
+        Some("../base.qcow2"),
+        Some("top.qcow2"),
+        Some("/disk/../etc/base.qcow2"),
+        None,
+    ];
+    for (i, backing) in backings.into_iter().enumerate() {
+        let name = format!("bad{i}.qcow2");
+        let mut c = Command::new("qemu-img");
+        c.current_dir(d.path())
+            .args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            c.args(["-u", "-b", b, "-F", "qcow2"]);
+        }
+        sh(c.arg(&name).arg("64M"));
+        let root = d.path().join(format!("bad-layout{i}"));
+        let layers = json!([[
+            {"path": "disk/base.qcow2", "file": f("base.qcow2")},
+            {"path": format!("disk/{name}"), "file": f(&name)},
+        ]]);
+        mkimage(&root, "v1", &json!({"images": [{"layers": layers}]}));
+        let run = tmp();
+        let o = import(run.path(), &format!("oci:{}:v1", root.display()));
+        assert_ne!(o.code, 0, "{backing:?}: {}", o.stderr);
+        let want = match backing {
+            Some(_) => "backing files outside the image are refused",
+            None => "more than one disk file under /disk: /disk/base.qcow2, /disk/bad4.qcow2",
+        };
+        assert!(
+            o.termination.contains(want),
+            "{backing:?}: {}",
+            o.termination
+        );
+        let disk = std::fs::read(run.path().join("data/disk.img")).unwrap_or_default();
+        assert!(disk.iter().all(|&b| b == 0), "{backing:?}: nothing written");
+    }
 }

@@ -94,9 +94,62 @@ impl DiskFinder {
         R: Read,
         E: From<DiskError>,
     {
-        let mut archive = tar::Archive::new(reader);
         let mut f = Some(f);
         let mut found: Option<(String, T)> = None;
+        let below = self.walk(reader, |file| -> Result<(), E> {
+            match (&found, f.take()) {
+            (None, Some(f)) => {
+                tracing::info!(path = %format!("/{}", file.name), size = file.size, "found the disk");
+                let path = file.name.clone();
+                found = Some((path, f(file)?));
+                Ok(())
+            }
+            (Some((first, _)), _) => {
+                Err(DiskError::Several(format!("/{first}, /{}", file.name)).into())
+            }
+            (None, None) => unreachable!("f is only taken when found is set"),
+            }
+        })?;
+        if found.is_none() {
+            self.hide(below);
+        }
+        Ok(found.map(|(_, t)| t))
+    }
+
+    /// Every visible regular file under `disk/` in this layer, through `f` in tar order
+    /// (a containerDisk whose `/disk` holds an overlay chain). What this layer holds
+    /// hides the same paths in the layers below, as for [`DiskFinder::scan_layer`].
+    pub fn scan_files<R, E>(
+        &mut self,
+        reader: R,
+        f: impl FnMut(TarFile<'_>) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        R: Read,
+        E: From<DiskError>,
+    {
+        let below = self.walk(reader, f)?;
+        self.hide(below);
+        Ok(())
+    }
+
+    fn hide(&mut self, (hidden, opaque): (Vec<String>, bool)) {
+        self.hidden.extend(hidden);
+        self.disk_opaque |= opaque;
+    }
+
+    /// Reads one layer: `visit` gets each visible regular file under `disk/` (and the
+    /// rest of its bytes are skipped after it); returns what the layer hides below it.
+    fn walk<R, E>(
+        &self,
+        reader: R,
+        mut visit: impl FnMut(TarFile<'_>) -> Result<(), E>,
+    ) -> Result<(Vec<String>, bool), E>
+    where
+        R: Read,
+        E: From<DiskError>,
+    {
+        let mut archive = tar::Archive::new(reader);
         let mut layer_hidden = Vec::new();
         let mut layer_opaque = false;
         for entry in archive.entries().map_err(DiskError::Read)? {
@@ -152,29 +205,15 @@ impl DiskFinder {
                 }
                 .into());
             }
-            match (&found, f.take()) {
-                (None, Some(f)) => {
-                    let size = entry.size();
-                    tracing::info!(path = %format!("/{path}"), size, "found the disk");
-                    let out = f(TarFile {
-                        name: path.clone(),
-                        size,
-                        reader: &mut entry,
-                    })?;
-                    io::copy(&mut entry, &mut io::sink()).map_err(DiskError::Read)?;
-                    found = Some((path, out));
-                }
-                (Some((first, _)), _) => {
-                    return Err(DiskError::Several(format!("/{first}, /{path}")).into())
-                }
-                (None, None) => unreachable!("f is only taken when found is set"),
-            }
+            let size = entry.size();
+            visit(TarFile {
+                name: path,
+                size,
+                reader: &mut entry,
+            })?;
+            io::copy(&mut entry, &mut io::sink()).map_err(DiskError::Read)?;
         }
-        if found.is_none() {
-            self.hidden.extend(layer_hidden);
-            self.disk_opaque |= layer_opaque;
-        }
-        Ok(found.map(|(_, t)| t))
+        Ok((layer_hidden, layer_opaque))
     }
 }
 
