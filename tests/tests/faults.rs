@@ -1,6 +1,7 @@
 //! Faults: the importer killed with SIGKILL at pseudo-random points of an import, then
 //! run again, must leave exactly `qemu-img convert`'s bytes (10 trials, file and block
-//! destinations); and one upload proxy carrying 400 uploads must not grow.
+//! destinations); and one upload proxy carrying 400 uploads must not grow; a volume
+//! that fills up mid-import (ENOSPC) is a terminal error naming it.
 
 use ferrydisk_tests::token::{mint, Claims};
 use ferrydisk_tests::upload::{curl, proxy, upload_server, Mode, Pki};
@@ -150,4 +151,68 @@ fn four_hundred_uploads_through_one_proxy_do_not_grow_it() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
     assert_same_bytes(&run.path().join("data/disk.img"), &raw);
+}
+
+/// Unmounts on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_mid_import_is_a_terminal_error_naming_the_destination() {
+    let d = tmp();
+    let raw = dense_fixture_named(d.path(), "dense.raw", 11);
+    let reference = qemu_reference(&raw, d.path());
+    // 25 MiB at 8 MB/s: the filesystem fills while the import is writing.
+    let server = HttpServer::start(d.path(), &["--rate", "8000000"]);
+    let fs = d.path().join("fs.img");
+    std::fs::File::create(&fs)
+        .and_then(|f| f.set_len(48 << 20))
+        .expect("fs image");
+    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fs));
+    let run = d.path().join("run");
+    let data = run.join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&fs)
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP: cannot loop-mount a filesystem here");
+        return;
+    }
+    let _m = Mounted(data.clone());
+    let child = Importer::new(&run).http(&server.url("dense.raw")).spawn();
+    // Once the import is under way, something else takes the rest of the space (the
+    // importer's own size check passed: the volume had room when it started).
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", data.join("filler").display()))
+        .status();
+    let out = child.wait_with_output().expect("wait");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "an import onto a full volume failed"
+    );
+    let term = std::fs::read_to_string(run.join("termination-log")).unwrap_or_default();
+    assert!(
+        term.contains("No space left on device") && term.contains("disk.img"),
+        "the message names ENOSPC and the destination: {term}"
+    );
+    assert!(!term.contains("Import Complete"), "{term}");
+    // With the space back, a rerun is correct.
+    std::fs::remove_file(data.join("filler")).expect("rm filler");
+    Importer::new(&run)
+        .http(&server.url("dense.raw"))
+        .run()
+        .assert_success();
+    assert_same_bytes(&data.join("disk.img"), &reference);
 }
