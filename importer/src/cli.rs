@@ -296,6 +296,10 @@ pub struct VolumeArgs {
     /// the streaming qcow2 writer. Only for a file destination.
     #[arg(long = "output-format", env = "FERRYDISK_OUTPUT_FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub output_format: String,
+    /// With `--output-format qcow2`: data clusters deflate-compressed, as `qemu-img
+    /// convert -c` writes them (a qcow2 source kept as it came is not recompressed).
+    #[arg(long = "qcow2-compress", env = "FERRYDISK_QCOW2_COMPRESS")]
+    pub qcow2_compress: bool,
 }
 
 /// `importer upload-server`: CDI's cdi-uploadserver env contract (section 4).

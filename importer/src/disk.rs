@@ -59,6 +59,8 @@ pub struct DiskPlan {
     /// Write the disk as qcow2 (`--output-format qcow2`; file destinations only): a
     /// qcow2 source is kept as it is, anything else goes through the qcow2 writer.
     pub qcow2_out: bool,
+    /// qcow2 output with compressed clusters.
+    pub qcow2_compress: bool,
     /// `importer inspect`: the whole pipeline runs into a writer that keeps nothing, and
     /// what it found is left here instead of on a disk.
     pub inspect: Option<Arc<Inspected>>,
@@ -118,6 +120,7 @@ impl DiskPlan {
         }
         Ok(DiskPlan {
             inspect: None,
+            qcow2_compress: qcow2_out && v.qcow2_compress,
             qcow2_out,
             preallocate,
             requested,
@@ -209,7 +212,13 @@ fn open_disk(
             if plan.qcow2_out {
                 let reader = std::fs::File::open(path)
                     .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
-                (Box::new(Qcow2Target::new(Box::new(t), reader)), Some(space))
+                let q = Qcow2Target::new(Box::new(t), reader);
+                let q = if plan.qcow2_compress {
+                    q.with_compression()
+                } else {
+                    q
+                };
+                (Box::new(q), Some(space))
             } else {
                 (Box::new(t), Some(space))
             }

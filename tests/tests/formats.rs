@@ -125,7 +125,8 @@ fn every_format_converts_to_qcow2_output() {
     std::fs::write(d.path().join("base.raw.gz"), gz).expect("write");
     images.push((d.path().join("base.raw.gz"), "raw"));
     let server = HttpServer::start(d.path(), &[]);
-    for (img, fmt) in &images {
+    let mut compressed_clusters = 0;
+    for ((img, fmt), compress) in images.iter().flat_map(|i| [(i, false), (i, true)]) {
         let name = img.file_name().and_then(|n| n.to_str()).expect("name");
         let reference = if name.ends_with(".gz") {
             base.clone()
@@ -133,15 +134,27 @@ fn every_format_converts_to_qcow2_output() {
             qemu_reference_as(img, Some(fmt), d.path())
         };
         let run = tempfile::tempdir().expect("tmp");
-        Importer::new(run.path())
+        let mut i = Importer::new(run.path())
             .http(&server.url(name))
             .arg("--output-format")
-            .arg("qcow2")
-            .run()
-            .assert_success();
+            .arg("qcow2");
+        if compress {
+            i = i.env("FERRYDISK_QCOW2_COMPRESS", "true");
+        }
+        i.run().assert_success();
         let out = run.path().join("data/disk.img");
         let (clean, report) = qemu_check(&out);
         assert!(clean, "{name}: qemu-img check: {report}");
+        if compress {
+            let json: serde_json::Value = serde_json::from_slice(
+                &sh(Command::new("qemu-img")
+                    .args(["check", "--output=json", "-f", "qcow2"])
+                    .arg(&out))
+                .stdout,
+            )
+            .expect("check json");
+            compressed_clusters += json["compressed-clusters"].as_u64().unwrap_or(0);
+        }
         assert!(report.contains("No errors were found"), "{name}: {report}");
         assert_eq!(
             virtual_size(&out),
@@ -184,8 +197,12 @@ fn every_format_converts_to_qcow2_output() {
         .args(["compare", "-f", "raw", "-F", "qcow2"])
         .arg(&base)
         .arg(&out));
+    assert!(
+        compressed_clusters > 0,
+        "compression wrote compressed clusters"
+    );
     eprintln!(
-        "{} sources written as qcow2: qemu-img check clean, qemu-img compare identical",
+        "{} sources written as qcow2, plain and compressed ({compressed_clusters} compressed clusters): qemu-img check clean, qemu-img compare identical",
         images.len()
     );
 }
