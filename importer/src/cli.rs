@@ -482,6 +482,14 @@ pub struct PushArgs {
     /// Where an imported or converted source is spooled (default: the temp dir).
     #[arg(long = "spool-dir", env = "FERRYDISK_PUSH_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// The largest disk a streamed push may send (an artifact imported as raw goes up
+    /// as it is decoded, with no volume to cap it).
+    #[arg(
+        long = "max-size",
+        env = "FERRYDISK_PUSH_MAX_SIZE",
+        default_value = "1Ti"
+    )]
+    pub max_size: String,
     /// `docker://host[:port]/repo[:tag]`, or saved locally: `oci:DIR[:TAG]`,
     /// `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:NAME:TAG]`.
     #[arg(long, env = "FERRYDISK_PUSH_DEST")]

@@ -44,6 +44,13 @@ pub enum Parsing {
     Lenient,
 }
 
+/// Why a streamed push falls back to the spool when the import needs a second pass
+/// over the disk (a containerDisk's overlay chain).
+pub const STREAM_RESTART: &str = "a streamed push cannot start the disk over";
+
+/// A streamed push's target and the size the disk may reach.
+pub type StreamSink = (Box<dyn Target>, u64);
+
 /// How the bytes are written, whatever the source (import or upload).
 pub struct DiskPlan {
     pub dest: Destination,
@@ -64,6 +71,9 @@ pub struct DiskPlan {
     /// `importer inspect`: the whole pipeline runs into a writer that keeps nothing, and
     /// what it found is left here instead of on a disk.
     pub inspect: Option<Arc<Inspected>>,
+    /// A push streaming the disk as it is imported: the target (taken once) and the
+    /// size the disk may reach.
+    pub stream: Option<Mutex<Option<StreamSink>>>,
 }
 
 /// What an inspecting run found: the pipeline's report and the SHA-256 of the stream
@@ -120,6 +130,7 @@ impl DiskPlan {
         }
         Ok(DiskPlan {
             inspect: None,
+            stream: None,
             qcow2_compress: qcow2_out && v.qcow2_compress,
             qcow2_out,
             preallocate,
@@ -194,6 +205,15 @@ fn open_disk(
 ) -> Result<Disk, Failure> {
     let mut opts = pipeline_options(plan, progress.clone(), source_len);
     let (target, space): (Box<dyn Target>, Option<FileSpace>) = match &plan.dest {
+        _ if plan.stream.is_some() => {
+            let taken = plan
+                .stream
+                .as_ref()
+                .and_then(|s| s.lock().ok().and_then(|mut s| s.take()));
+            let (t, limit) = taken.ok_or_else(|| Failure::Config(STREAM_RESTART.into()))?;
+            opts.limit = limit;
+            (t, None)
+        }
         _ if plan.inspect.is_some() => (Box::new(DiscardTarget::default()), None),
         Destination::Dir(_) => {
             return Err(Failure::Config(

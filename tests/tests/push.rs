@@ -837,3 +837,79 @@ fn the_upload_server_pushes_what_it_received_to_the_registry() {
     reg.importer(&out, "dvcr/uploaded:1").run().assert_success();
     assert_same_bytes(&out.join("data/disk.img"), &reference);
 }
+
+#[test]
+fn a_raw_artifact_streams_from_http_without_a_spool_and_falls_back_when_out_of_order() {
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let www = d.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let xz = sh(Command::new("xz").args(["-T2", "-3", "-c"]).arg(&raw)).stdout;
+    std::fs::write(www.join("disk.raw.xz"), xz).expect("xz");
+    qcow2_of(&raw, &www.join("ordered.qcow2"));
+    // Clusters allocated in reverse guest order: the qcow2 holds its data backwards.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        www.join("backwards.qcow2").to_str().expect("utf8"),
+        "64M",
+    ]);
+    let io = |cmd: &str| {
+        sh(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(www.join("backwards.qcow2")));
+    };
+    io("write -q -P 0x5a 40M 1M");
+    io("write -q -P 0xa5 1M 1M");
+    let backwards_ref = qemu_reference(&www.join("backwards.qcow2"), d.path());
+    let http = HttpServer::start(&www, &[]);
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let spool = d.path().join("spool");
+    std::fs::create_dir_all(&spool).expect("mkdir");
+    let spool_arg = spool.to_str().expect("utf8");
+    let args = [
+        "--layout",
+        "artifact",
+        "--convert",
+        "raw",
+        "--zstd",
+        "--disk-name",
+        "rootdisk",
+        "--spool-dir",
+        spool_arg,
+    ];
+    for (file, want, streams) in [
+        ("disk.raw.xz", &reference, true),
+        ("ordered.qcow2", &reference, true),
+        ("backwards.qcow2", &backwards_ref, false),
+    ] {
+        let repo = format!("vms/{}:1", file.replace('.', "-"));
+        let out = push(&reg, Path::new(&http.url(file)), &repo, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{file}: {err}");
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+        assert_eq!(
+            s["layerMediaType"], "application/vnd.kubevirt.disk.raw+zstd",
+            "{file}"
+        );
+        assert_eq!(s["virtualSize"], 64 << 20, "{file}");
+        assert_eq!(
+            err.contains("pushed as streamed"),
+            streams,
+            "{file}: streamed or not: {err}"
+        );
+        if !streams {
+            assert!(err.contains("not in guest order"), "{file}: {err}");
+            assert!(err.contains("spooling the import"), "{file}: {err}");
+        }
+        assert_eq!(spool_left(&spool), 0, "{file}: no spool left");
+        let m = reg.raw_manifest(&repo);
+        assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
+        let run = d.path().join(format!("import-{file}"));
+        reg.importer(&run, &repo).run().assert_success();
+        assert_same_bytes(&run.join("data/disk.img"), want);
+    }
+}

@@ -10,6 +10,7 @@ pub mod discard;
 pub mod file;
 pub mod qcow2;
 pub mod sparse;
+pub mod stream;
 
 use std::io;
 

@@ -14,6 +14,7 @@ pub mod layer;
 pub mod registry;
 pub mod save;
 pub mod spool;
+mod streamed;
 
 use crate::cli::PushArgs;
 use bytes::Bytes;
@@ -149,8 +150,15 @@ pub async fn push_with(
     };
     layer::check_disk_name(&args.disk_name)?;
     let given = args.source.to_string_lossy().to_string();
+    let local_as_stored = spool::is_path(&given) && args.convert == "keep";
+    // A raw artifact for a registry goes up as it is imported, when the source allows.
+    if let (Some(d), false, true) = (&dest, local_as_stored, streamed::applies(args)) {
+        if let Some(s) = streamed::push(args, d).await? {
+            return Ok(s);
+        }
+    }
     // Anything but a local file as stored is imported into the spool first.
-    let spooled = if spool::is_path(&given) && args.convert == "keep" {
+    let spooled = if local_as_stored {
         None
     } else {
         let output = if args.convert == "raw" {
@@ -234,26 +242,7 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
     } = &src;
     let (len, shown) = (*len, shown.as_str());
     let platforms = platforms(args)?;
-    let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
-        ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
-        insecure: args.insecure(),
-        headers: Vec::new(),
-        http_proxy: None,
-        https_proxy: None,
-        no_proxy: None,
-        refuse_internal_redirects: false,
-        localhost_names: Vec::new(),
-    })
-    .map_err(|e| e.to_string())?;
-    let creds = crate::sources::registry::credentials(
-        args.access_key_id.as_deref(),
-        args.secret_key.as_deref(),
-        args.auth_file.as_deref(),
-        &dest.host,
-    );
-    let reg = Registry::connect(http, &dest.host, &dest.repo, creds, args.insecure())
-        .await
-        .map_err(|e| format!("{}: {}", dest.host, chain(&e)))?;
+    let reg = connect(args, dest).await?;
 
     // Pass one: the digest, so a blob the registry has is not sent again.
     let pre = {
@@ -282,7 +271,48 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
         upload_checked(args, &reg, &src, &pre).await?
     };
 
-    let blobs = image_blobs(args, &src, &pre)?;
+    let manifest_digest = put_image(args, dest, &reg, &src, &pre).await?;
+    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, mounted, platforms = platforms.len(), "pushed");
+    let mut s = summary(reference, manifest_digest, pre, uploaded, &src);
+    s.layer_mounted = mounted;
+    Ok(s)
+}
+
+/// The registry client for `dest`, authenticated.
+async fn connect(args: &PushArgs, dest: &Dest) -> Result<Registry, String> {
+    let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
+        ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
+        insecure: args.insecure(),
+        headers: Vec::new(),
+        http_proxy: None,
+        https_proxy: None,
+        no_proxy: None,
+        refuse_internal_redirects: false,
+        localhost_names: Vec::new(),
+    })
+    .map_err(|e| e.to_string())?;
+    let creds = crate::sources::registry::credentials(
+        args.access_key_id.as_deref(),
+        args.secret_key.as_deref(),
+        args.auth_file.as_deref(),
+        &dest.host,
+    );
+    Registry::connect(http, &dest.host, &dest.repo, creds, args.insecure())
+        .await
+        .map_err(|e| format!("{}: {}", dest.host, chain(&e)))
+}
+
+/// Once the layer is in: the configs, the manifests (and index), the tag last. Returns
+/// the digest the tag points at.
+async fn put_image(
+    args: &PushArgs,
+    dest: &Dest,
+    reg: &Registry,
+    src: &Source,
+    pre: &Produced,
+) -> Result<String, String> {
+    let blobs = image_blobs(args, src, pre)?;
     for (_, config) in &blobs.configs {
         reg.put_small_blob(config.clone())
             .await
@@ -307,11 +337,7 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
                 .map_err(|e| chain(&e))?
         }
     };
-    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
-    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, uploaded, mounted, platforms = platforms.len(), "pushed");
-    let mut s = summary(reference, manifest_digest, pre, uploaded, &src);
-    s.layer_mounted = mounted;
-    Ok(s)
+    Ok(manifest_digest)
 }
 
 /// Pass two, and the check that the source did not change since pass one.
@@ -586,7 +612,7 @@ async fn upload_layer(
         let _ = dtx.send(made.as_ref().ok().map(|p| p.digest.clone()));
         made
     });
-    let uploaded = reg.upload(rx, drx, layer_size, chunked).await;
+    let uploaded = reg.upload(rx, drx, Some(layer_size), chunked).await;
     let made = producer.await.expect("layer task");
     match (uploaded, made) {
         (Ok(_), Ok(p)) => Ok(p),

@@ -10,7 +10,12 @@ use std::sync::Mutex;
 
 /// Logs each tenth of the layer crossed by `[before, after)`.
 fn log_progress(before: u64, after: u64, total: u64) {
-    let total = total.max(1);
+    if total == 0 {
+        if before >> 30 != after >> 30 {
+            tracing::info!(bytes = after, "uploaded {} GiB of the layer", after >> 30);
+        }
+        return;
+    }
     if before == 0 || before * 10 / total != after * 10 / total {
         let pct = after.saturating_mul(100) / total;
         tracing::info!(bytes = after, total, "uploaded {pct}% of the layer");
@@ -303,9 +308,11 @@ impl Registry {
         &self,
         mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
         digest: tokio::sync::oneshot::Receiver<Option<String>>,
-        total: u64,
+        total: Option<u64>,
         chunked: bool,
     ) -> Result<(), PushError> {
+        // (an unknown length: a streamed disk whose size shows at its end)
+        let shown_total = total.unwrap_or(0);
         let mut location = self.start_upload().await?;
         if chunked {
             let mut offset = 0u64;
@@ -327,7 +334,7 @@ impl Registry {
                     .await?;
                 let resp = expect(resp, &[StatusCode::ACCEPTED], &what).await?;
                 location = self.location(&resp)?;
-                log_progress(offset, end + 1, total);
+                log_progress(offset, end + 1, shown_total);
                 offset = end + 1;
             }
         } else {
@@ -335,19 +342,21 @@ impl Registry {
                 futures_util::stream::unfold((pieces, 0u64), move |(mut rx, sent)| async move {
                     let piece = rx.recv().await?;
                     let after = sent + piece.len() as u64;
-                    log_progress(sent, after, total);
+                    log_progress(sent, after, shown_total);
                     Some((Ok::<_, std::io::Error>(piece), (rx, after)))
                 });
             // A streaming body cannot be sent twice, so no challenge is answered here:
             // `connect` authenticated, and a 401 now is an error. The first pass measured
             // the layer: a known length spares the registry chunked transfer decoding.
             let what = "uploading the layer";
-            let req = self
+            let mut req = self
                 .http
                 .request(Method::PATCH, &location)
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .header(CONTENT_LENGTH, total)
-                .body(reqwest::Body::wrap_stream(stream));
+                .header(CONTENT_TYPE, "application/octet-stream");
+            if let Some(total) = total {
+                req = req.header(CONTENT_LENGTH, total);
+            }
+            let req = req.body(reqwest::Body::wrap_stream(stream));
             let resp = self
                 .authed(req)
                 .send()

@@ -56,6 +56,16 @@ struct SpoolCli {
 /// Imports `args.source` into a spool directory as `output_format` (raw or qcow2; a
 /// qcow2 source with qcow2 output keeps its bytes).
 pub async fn import(args: &PushArgs, output_format: &str) -> Result<Spooled, String> {
+    import_into(args, output_format, None).await
+}
+
+/// [`import`], or with `stream` the disk written into that target as it is imported
+/// (the spool directory then only holds the import's bookkeeping, no disk).
+pub async fn import_into(
+    args: &PushArgs,
+    output_format: &str,
+    stream: Option<crate::disk::StreamSink>,
+) -> Result<Spooled, String> {
     let source = args.source.to_string_lossy().to_string();
     let (kind, endpoint) = crate::inspect::classify(&source);
     let base = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -98,12 +108,16 @@ pub async fn import(args: &PushArgs, output_format: &str) -> Result<Spooled, Str
     a.image_size = String::new();
     a.preallocation = None;
     a.volume.filesystem_overhead = "0".into();
-    tracing::info!(
-        source = %crate::sources::redact::url(&endpoint),
-        spool = %dir.path().display(),
-        output_format,
-        "spooling the import before pushing: a tar layer needs the disk's size and the registry check its digest before any byte goes up"
-    );
+    if stream.is_some() {
+        tracing::info!(source = %crate::sources::redact::url(&endpoint), "streaming the import into the upload");
+    } else {
+        tracing::info!(
+            source = %crate::sources::redact::url(&endpoint),
+            spool = %dir.path().display(),
+            output_format,
+            "spooling the import before pushing: a tar layer needs the disk's size and the registry check its digest before any byte goes up"
+        );
+    }
     let failed = |f: Failure| {
         format!(
             "reading {source}: {}",
@@ -112,6 +126,9 @@ pub async fn import(args: &PushArgs, output_format: &str) -> Result<Spooled, Str
     };
     let progress = Arc::new(Progress::default());
     let mut plan = Plan::new(a).map_err(failed)?;
+    if let Some(s) = stream {
+        plan.disk.stream = Some(std::sync::Mutex::new(Some(s)));
+    }
     let (msg, env) = if kind == "registry" {
         let image = import::open_image(&plan.args).await.map_err(failed)?;
         let env: Vec<String> = image

@@ -1,0 +1,169 @@
+//! Pushing while importing, with no spool: an OCI artifact whose layer is the raw disk
+//! (`--layout artifact --convert raw`, KubeVirt's `application/vnd.kubevirt.disk.raw`,
+//! `+zstd` with `--zstd`) goes up as the import decodes it. The import writes into a
+//! [`StreamTarget`]: the disk in guest order, holes as zeros, through zstd and the
+//! digest into the registry's upload, whose length and digest are known only at the
+//! end. Raw sources (also compressed) are in guest order; a converted format usually
+//! is, and when it is not (a write going back), the upload is dropped and the push
+//! spools instead, saying so.
+//!
+//! What this gives up against a spooled push: the `HEAD` check before the upload (the
+//! digest is not known until the last byte), so a blob the registry has is sent again
+//! (the registry then keeps one copy).
+
+use super::layer::{Hashing, LayerSpec, Layout, Produced};
+use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
+use crate::cli::PushArgs;
+use bytes::Bytes;
+use ferrydisk_common::sink::stream::{StreamOut, StreamTarget};
+use ferrydisk_common::sniff::Format;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Whether this push can stream: a raw artifact to a registry from anything but a
+/// local file kept as stored (which streams from the file already).
+pub(super) fn applies(args: &PushArgs) -> bool {
+    args.layout == Layout::Artifact && args.convert == "raw"
+}
+
+enum Blob {
+    Plain(Hashing<Chunks>),
+    Zstd(Hashing<zstd::stream::Encoder<'static, Hashing<Chunks>>>),
+}
+
+struct UploadOut {
+    blob: Option<Blob>,
+    digest: Option<tokio::sync::oneshot::Sender<Option<String>>>,
+    produced: Arc<Mutex<Option<Produced>>>,
+}
+
+impl Write for UploadOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.blob {
+            Some(Blob::Plain(w)) => w.write(buf),
+            Some(Blob::Zstd(w)) => w.write(buf),
+            None => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the upload is closed",
+            )),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl StreamOut for UploadOut {
+    fn close(mut self: Box<Self>) -> io::Result<()> {
+        let (mut out, p) = match self.blob.take() {
+            Some(Blob::Plain(h)) => {
+                let (out, digest, size) = h.finish();
+                let p = Produced {
+                    diff_id: digest.clone(),
+                    digest,
+                    size,
+                };
+                (out, p)
+            }
+            Some(Blob::Zstd(h)) => {
+                let (enc, diff_id, _) = h.finish();
+                let (out, digest, size) = enc.finish()?.finish();
+                (
+                    out,
+                    Produced {
+                        digest,
+                        size,
+                        diff_id,
+                    },
+                )
+            }
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed twice")),
+        };
+        out.send()?;
+        drop(out);
+        if let Some(d) = self.digest.take() {
+            let _ = d.send(Some(p.digest.clone()));
+        }
+        *self.produced.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        Ok(())
+    }
+}
+
+/// Streams the push; `Ok(None)` when the source turned out not to be in guest order
+/// (the caller spools instead).
+pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>, String> {
+    let limit = ferrydisk_common::cdi::space::parse_quantity(&args.max_size)
+        .map_err(|e| format!("--max-size {:?}: {e}", args.max_size))?;
+    let reg = connect(args, dest).await?;
+    let spec = LayerSpec {
+        layout: Layout::Artifact,
+        disk_name: args.disk_name.clone(),
+        zstd: args
+            .zstd
+            .then_some((args.zstd_level, super::zstd_threads())),
+    };
+    let chunk = args.chunk_mib.map(|m| (m as usize) << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunk.is_some() { 1 } else { 4 });
+    let (dtx, drx) = tokio::sync::oneshot::channel();
+    let chunks = Chunks {
+        buf: Vec::new(),
+        piece: chunk.unwrap_or(PIECE),
+        tx,
+    };
+    let blob = match spec.zstd {
+        None => Blob::Plain(Hashing::new(chunks)),
+        Some((level, threads)) => {
+            let mut enc = zstd::stream::Encoder::new(Hashing::new(chunks), level)
+                .map_err(|e| format!("zstd: {e}"))?;
+            if threads > 0 {
+                enc.multithread(threads).map_err(|e| format!("zstd: {e}"))?;
+            }
+            Blob::Zstd(Hashing::new(enc))
+        }
+    };
+    let produced = Arc::new(Mutex::new(None));
+    let out = UploadOut {
+        blob: Some(blob),
+        digest: Some(dtx),
+        produced: produced.clone(),
+    };
+    let backwards = Arc::new(AtomicBool::new(false));
+    let shown = format!("the upload to {}/{}", dest.host, dest.repo);
+    let target = StreamTarget::new(Box::new(out), &shown, backwards.clone());
+    tracing::info!(dest = %shown, max_size = limit, "pushing as the import decodes: no spool");
+    let (uploaded, imported) = tokio::join!(
+        reg.upload(rx, drx, None, chunk.is_some()),
+        spool::import_into(args, "raw", Some((Box::new(target), limit)))
+    );
+    let spooled = match imported {
+        Ok(s) => s,
+        Err(e) if backwards.load(Ordering::Relaxed) || e.contains(crate::disk::STREAM_RESTART) => {
+            tracing::info!("the source's data is not in guest order: the upload is dropped and the push spools instead");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    uploaded.map_err(|e| super::chain(&e))?;
+    let pre = produced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or("the stream ended without its digest")?;
+    let media = super::media_type(&spec, Format::Raw)?;
+    let src = Source {
+        // Nothing local: the disk went up as it was decoded.
+        file: Arc::new(tempfile::tempfile().map_err(|e| format!("temp file: {e}"))?),
+        len: 0,
+        shown: args.source.display().to_string(),
+        format: Format::Raw,
+        virtual_size: spooled.origin.virtual_size,
+        spec,
+        media,
+        origin: spooled.origin.clone(),
+    };
+    let manifest_digest = put_image(args, dest, &reg, &src, &pre).await?;
+    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, "pushed as streamed");
+    Ok(Some(summary(reference, manifest_digest, pre, true, &src)))
+}
