@@ -142,7 +142,13 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
             tracing::info!("the source's data is not in guest order: the upload is dropped and the push spools instead");
             return Ok(None);
         }
-        Err(e) => return Err(e),
+        // A failed upload stops the import ("the upload stopped"); its own error says why.
+        Err(e) => {
+            return Err(match uploaded {
+                Err(u) if e.contains("the upload stopped") => super::chain(&u),
+                _ => e,
+            })
+        }
     };
     uploaded.map_err(|e| super::chain(&e))?;
     let pre = produced
