@@ -208,6 +208,15 @@ pub struct DropProxy {
 
 impl DropProxy {
     pub fn start(dir: &Path, port: u16, after: u64, drops: u32, hold: bool) -> Self {
+        Self::spawn(dir, port, after, drops, hold, false)
+    }
+
+    /// Cuts the client's bytes towards `port` instead: an upload broken mid-body.
+    pub fn start_upward(dir: &Path, port: u16, after: u64, drops: u32) -> Self {
+        Self::spawn(dir, port, after, drops, false, true)
+    }
+
+    fn spawn(dir: &Path, port: u16, after: u64, drops: u32, hold: bool, up: bool) -> Self {
         let cut = dir.join("cut");
         let release = dir.join("release");
         let to = port.to_string();
@@ -228,6 +237,9 @@ impl DropProxy {
                 "--hold-file".as_ref(),
                 release.as_os_str(),
             ]);
+        }
+        if up {
+            args.push("--up".as_ref());
         }
         let (child, port) = spawn_support("dropproxy.py", &args);
         DropProxy {

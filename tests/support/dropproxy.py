@@ -3,7 +3,10 @@
 than --after bytes back to the client: a network that breaks mid-download.
 Prints "PORT <n>" once listening.
 
-usage: dropproxy.py --to PORT --after BYTES --drops N [--cut-file F --hold-file G]
+usage: dropproxy.py --to PORT --after BYTES --drops N [--cut-file F --hold-file G] [--up]
+
+With --up, the bytes counted and cut are the client's towards PORT instead (an upload
+that breaks mid-body).
 
 With --cut-file, F is created at the first cut; with --hold-file, connections made
 after a cut wait until G exists: a test changes the source in between, deterministically.
@@ -18,6 +21,7 @@ p.add_argument("--after", type=int, required=True)
 p.add_argument("--drops", type=int, required=True)
 p.add_argument("--cut-file")
 p.add_argument("--hold-file")
+p.add_argument("--up", action="store_true")
 a = p.parse_args()
 cut_seen = threading.Event()
 lock = threading.Lock()
@@ -70,8 +74,9 @@ def serve(c):
         while not os.path.exists(a.hold_file):
             time.sleep(0.05)
     u = socket.create_connection(("127.0.0.1", a.to))
-    threading.Thread(target=pipe, args=(c, u, None), daemon=True).start()
-    pipe(u, c, a.after)
+    up, down = (a.after, None) if a.up else (None, a.after)
+    threading.Thread(target=pipe, args=(c, u, up), daemon=True).start()
+    pipe(u, c, down)
 
 
 while True:

@@ -1,7 +1,8 @@
 //! Faults: the importer killed with SIGKILL at pseudo-random points of an import, then
 //! run again, must leave exactly `qemu-img convert`'s bytes (10 trials, file and block
 //! destinations); and one upload proxy carrying 400 uploads must not grow; a volume
-//! that fills up mid-import (ENOSPC) is a terminal error naming it.
+//! that fills up mid-import (ENOSPC) is a terminal error naming it; an upload cut
+//! between proxy and server fails and the next one is correct.
 
 use ferrydisk_tests::token::{mint, Claims};
 use ferrydisk_tests::upload::{curl, proxy, upload_server, Mode, Pki};
@@ -215,4 +216,42 @@ fn enospc_mid_import_is_a_terminal_error_naming_the_destination() {
         .run()
         .assert_success();
     assert_same_bytes(&data.join("disk.img"), &reference);
+}
+
+#[test]
+fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
+    use ferrydisk_tests::objstore::DropProxy;
+    let d = tmp();
+    let raw = dense_fixture_named(d.path(), "dense.raw", 5);
+    let reference = qemu_reference(&raw, d.path());
+    let pki = Pki::default();
+    let run = d.path().join("run");
+    let mut server = upload_server(&pki, &run);
+    // The first connection from the proxy to the server is cut 8 MiB into its bytes
+    // (TLS records, mid-body); the next ones pass.
+    let cut = DropProxy::start_upward(d.path(), server.port, 8 << 20, 1);
+    let p = proxy(&pki, &run, cut.port, Mode::Standalone, "client");
+    let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
+    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
+    let auth = format!("Authorization: Bearer {token}");
+    let file = raw.to_str().expect("utf8");
+    let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
+    assert_ne!(code, 200, "a cut upload is not a success: {body}");
+    assert_eq!(
+        server.wait(Duration::from_millis(500)),
+        None,
+        "the server waits for another upload"
+    );
+    let term = std::fs::read_to_string(run.join("termination-log")).unwrap_or_default();
+    assert!(!term.contains("Upload Complete"), "{term}");
+    // The same upload again, through the same proxy: complete and byte-equal.
+    let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
+    assert_eq!(code, 200, "{body}\n{}", server.log());
+    assert_eq!(
+        server.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
 }
