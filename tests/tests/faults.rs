@@ -244,8 +244,16 @@ fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
     );
     let term = std::fs::read_to_string(run.join("termination-log")).unwrap_or_default();
     assert!(!term.contains("Upload Complete"), "{term}");
-    // The same upload again, through the same proxy: complete and byte-equal.
-    let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
+    // The same upload again, through the same proxy: complete and byte-equal. Until
+    // the server has put the cut upload away it answers 503, which a client retries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (code, body) = loop {
+        let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
+        if code != 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(code, 200, "{body}\n{}", server.log());
     assert_eq!(
         server.wait(Duration::from_secs(20)),
