@@ -549,15 +549,68 @@ struct ChainFile {
 /// (`base.qcow2`), `./base.qcow2` or `/disk/base.qcow2`. Anything else (another
 /// directory, `..`, a host path) names nothing in the image.
 fn resolve_backing(files: &[ChainFile], name: &str) -> Option<usize> {
+    let path = sibling_path(name)?;
+    files.iter().position(|f| f.path == path)
+}
+
+/// The path under `/disk` a backing name can stand for; `None` when it names nothing
+/// in the image, whatever the image holds.
+fn sibling_path(name: &str) -> Option<String> {
     let bare = name.strip_prefix("./").unwrap_or(name);
     let path = match bare.strip_prefix("/disk/") {
         Some(rest) => format!("disk/{rest}"),
         None => format!("disk/{bare}"),
     };
-    if path.matches('/').count() != 1 || path.ends_with('/') || path.contains("/.") {
-        return None;
+    let plain = path.matches('/').count() == 1 && !path.ends_with('/') && !path.contains("/.");
+    plain.then_some(path)
+}
+
+/// One layer of a stack (a virter layer, a file of a `/disk` chain) converted into the
+/// disk through the claim bitmap: only clusters no layer above decided are written.
+fn flatten_one(
+    r: &mut dyn Read,
+    disk: &mut Disk,
+    stack: &Arc<ferrydisk_common::format::qcow2::layers::Stack>,
+) -> Result<(), ferrydisk_common::format::contract::FormatError> {
+    let sopts = ferrydisk_common::format::contract::StreamOptions {
+        limit: disk.opts.limit,
+        scratch: disk.opts.scratch.clone(),
+        layers: Some(stack.clone()),
+        ..Default::default()
+    };
+    ferrydisk_common::format::qcow2::convert(r, &mut disk.writer, &sopts).map(|_| ())
+}
+
+/// `r`, its bytes counted as decoded image bytes.
+fn counted<'a>(r: impl Read + 'a, progress: &Arc<Progress>) -> impl Read + 'a {
+    let p = progress.clone();
+    ferrydisk_common::stream::CountingReader::new(r, move |n| p.add_decoded(n))
+}
+
+/// After a stack was flattened (`result`): the disk finished with the top layer's
+/// virtual size and the image's labels, or emptied.
+fn finish_flattened(
+    plan: &DiskPlan,
+    image: &dyn ContainerImage,
+    disk: Disk,
+    stack: &ferrydisk_common::format::qcow2::layers::Stack,
+    progress: &Progress,
+    mut report: Report,
+    result: Result<(), Failure>,
+) -> Result<TerminationMessage, Failure> {
+    if let Err(f) = result {
+        disk.writer.abort();
+        return Err(f);
     }
-    files.iter().position(|f| f.path == path)
+    report.virtual_size = stack.virtual_size();
+    progress.set_virtual_total(Some(report.virtual_size));
+    tracing::info!(
+        layers = stack.layers(),
+        virtual_size = report.virtual_size,
+        "flattened the layered image"
+    );
+    let labels = ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
+    finish_disk(plan, disk, &report, Some(labels))
 }
 
 /// A containerDisk whose `/disk` holds a chain of qcow2 overlays (`top.qcow2` backed by
@@ -572,8 +625,7 @@ fn write_chain(
     progress: Arc<Progress>,
     why: &str,
 ) -> Result<TerminationMessage, Failure> {
-    use ferrydisk_common::format::contract::StreamOptions;
-    use ferrydisk_common::format::qcow2::{self, header::Header, layers::Stack};
+    use ferrydisk_common::format::qcow2::{header::Header, layers::Stack};
     let refuse = |message: String| Failure::Process {
         kind: ErrorKind::UnsupportedFormat,
         message,
@@ -611,9 +663,12 @@ fn write_chain(
         })
         .map_err(process_failure)?;
         drain(&mut layer)?;
-        // Lower layers are read only while a backing name is still unresolved.
+        // Lower layers are read only while a backing name that could name a file under
+        // /disk is still unresolved (a host path is refused without reading them).
         let resolved = files.iter().all(|f| match &f.backing {
-            Ok(Some(name)) => resolve_backing(&files, name).is_some(),
+            Ok(Some(name)) => {
+                sibling_path(name).is_none() || resolve_backing(&files, name).is_some()
+            }
             _ => true,
         });
         if !files.is_empty() && resolved {
@@ -654,17 +709,12 @@ fn write_chain(
                 ))
             })
     };
-    // A backing name leaving the image is the first thing to say.
-    for &i in &in_top {
-        lower_of(i)?;
-    }
-    // The top: the one file of the top layer no other file there names.
+    // A backing name leaving the image is the first thing to say. The top: the one
+    // file of the top layer no other file there names.
     let mut named = vec![false; files.len()];
     for &i in &in_top {
-        if let Ok(Some(name)) = &files[i].backing {
-            if let Some(j) = resolve_backing(&files, name).filter(|&j| j != i) {
-                named[j] = true;
-            }
+        if let Some(j) = lower_of(i)? {
+            named[j] = true;
         }
     }
     let tops: Vec<usize> = in_top.iter().copied().filter(|&i| !named[i]).collect();
@@ -701,20 +751,8 @@ fn write_chain(
                     return Ok(());
                 }
                 done = true;
-                let sopts = StreamOptions {
-                    limit: disk.opts.limit,
-                    scratch: disk.opts.scratch.clone(),
-                    layers: Some(stack.clone()),
-                    ..Default::default()
-                };
-                let p = progress.clone();
-                let mut counted =
-                    ferrydisk_common::stream::CountingReader::new(t.reader, move |n| {
-                        p.add_decoded(n)
-                    });
-                qcow2::convert(&mut counted, &mut disk.writer, &sopts)
-                    .map_err(|e| pipeline::format_error(e, None))?;
-                Ok(())
+                flatten_one(&mut counted(t.reader, &progress), &mut disk, &stack)
+                    .map_err(|e| pipeline::format_error(e, None))
             })
             .map_err(|e| Failure::Process {
                 kind: e.kind(),
@@ -731,30 +769,13 @@ fn write_chain(
         }
         Ok(())
     })();
-    match result {
-        Ok(()) => {
-            let report = Report {
-                layers: vec![Format::Tar],
-                format: Some(Format::Qcow2),
-                virtual_size: stack.virtual_size(),
-                tar_entry: Some(files[top].path.clone()),
-                ..Default::default()
-            };
-            progress.set_virtual_total(Some(report.virtual_size));
-            tracing::info!(
-                files = chain.len(),
-                virtual_size = report.virtual_size,
-                "flattened the overlay chain"
-            );
-            let labels =
-                ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
-            finish_disk(plan, disk, &report, Some(labels))
-        }
-        Err(f) => {
-            disk.writer.abort();
-            Err(f)
-        }
-    }
+    let report = Report {
+        layers: vec![Format::Tar],
+        format: Some(Format::Qcow2),
+        tar_entry: Some(files[top].path.clone()),
+        ..Default::default()
+    };
+    finish_flattened(plan, image, disk, &stack, &progress, report, result)
 }
 
 /// Layer `idx`'s stored bytes, its digest checked at its end; a failure names the layer.
@@ -801,8 +822,7 @@ fn write_layered(
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     use ferrydisk_common::checksum::tap_digest;
-    use ferrydisk_common::format::contract::StreamOptions;
-    use ferrydisk_common::format::qcow2::{self, layers::Stack};
+    use ferrydisk_common::format::qcow2::layers::Stack;
     let refuse = |message: String| Failure::Process {
         kind: ErrorKind::UnsupportedFormat,
         message,
@@ -824,21 +844,10 @@ fn write_layered(
                     ferrydisk_common::decode::compression::decompressor(Format::Gzip, &mut layer)
                         .map_err(|e| process_failure(PipelineError::Read(e)))?
                         .expect("gzip is supported");
-                let tap = Sha256Tap::new(gz, hasher.clone());
-                let p = progress.clone();
-                let mut counted =
-                    ferrydisk_common::stream::CountingReader::new(tap, move |n| p.add_decoded(n));
-                let sopts = StreamOptions {
-                    limit: disk.opts.limit,
-                    scratch: disk.opts.scratch.clone(),
-                    layers: Some(stack.clone()),
-                    ..Default::default()
-                };
-                qcow2::convert(&mut counted, &mut disk.writer, &sopts).map_err(|e| {
-                    Failure::Process {
-                        kind: e.kind(),
-                        message: format!("layer {idx}: {}", chain_line(&e)),
-                    }
+                let mut counted = counted(Sha256Tap::new(gz, hasher.clone()), &progress);
+                flatten_one(&mut counted, &mut disk, &stack).map_err(|e| Failure::Process {
+                    kind: e.kind(),
+                    message: format!("layer {idx}: {}", chain_line(&e)),
                 })?;
                 drain(&mut counted)?;
             }
@@ -875,29 +884,12 @@ fn write_layered(
         }
         Ok(())
     })();
-    match result {
-        Ok(()) => {
-            let report = Report {
-                layers: vec![Format::Gzip],
-                format: Some(Format::Qcow2),
-                virtual_size: stack.virtual_size(),
-                ..Default::default()
-            };
-            progress.set_virtual_total(Some(report.virtual_size));
-            tracing::info!(
-                layers = stack.layers(),
-                virtual_size = report.virtual_size,
-                "flattened the layered image"
-            );
-            let labels =
-                ferrydisk_common::cdi::labels::from_env(image.env().iter().map(String::as_str));
-            finish_disk(plan, disk, &report, Some(labels))
-        }
-        Err(f) => {
-            disk.writer.abort();
-            Err(f)
-        }
-    }
+    let report = Report {
+        layers: vec![Format::Gzip],
+        format: Some(Format::Qcow2),
+        ..Default::default()
+    };
+    finish_flattened(plan, image, disk, &stack, &progress, report, result)
 }
 
 /// An artifact whose layer blob is the disk itself (raw, qcow2, ..., possibly

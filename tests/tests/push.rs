@@ -50,6 +50,36 @@ fn blob_writes(reg: &Registry) -> usize {
         .count()
 }
 
+/// `skopeo inspect` of `repo_tag` in `reg` (config labels, Env, architecture).
+fn skopeo_inspect(reg: &Registry, repo_tag: &str) -> serde_json::Value {
+    let out = sh(Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
+        .arg(reg.image(repo_tag)));
+    serde_json::from_slice(&out.stdout).expect("inspect")
+}
+
+/// `skopeo copy` of `repo_tag` into an OCI layout under `dir`, then `umoci unpack`;
+/// returns the bundle's root filesystem.
+fn unpacked(reg: &Registry, repo_tag: &str, dir: &Path) -> std::path::PathBuf {
+    let layout = dir.join("layout");
+    sh(Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "user:pass",
+        ])
+        .arg(reg.image(repo_tag))
+        .arg(format!("oci:{}:unpacked", layout.display())));
+    let bundle = dir.join("bundle");
+    sh(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:unpacked", layout.display()))
+        .arg(&bundle));
+    bundle.join("rootfs")
+}
+
 #[test]
 fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
     let d = tmp();
@@ -77,10 +107,7 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
         "application/vnd.oci.image.layer.v1.tar"
     );
     assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
-    let inspect = sh(Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
-        .arg(reg.image("disks/fedora:41")));
-    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    let info = skopeo_inspect(&reg, "disks/fedora:41");
     assert_eq!(info["Labels"]["source-image-format"], "qcow2");
     assert_eq!(
         info["Labels"]["source-image-virtual-size"],
@@ -91,23 +118,8 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
 
     // skopeo copy + umoci unpack: disk/fedora.qcow2, owned by 107:107, mode 0644, the
     // pushed file's bytes.
-    let layout = d.path().join("layout");
-    sh(Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--src-creds",
-            "user:pass",
-        ])
-        .arg(reg.image("disks/fedora:41"))
-        .arg(format!("oci:{}:41", layout.display())));
-    let bundle = d.path().join("bundle");
-    sh(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:41", layout.display()))
-        .arg(&bundle));
-    let disk = bundle.join("rootfs/disk/fedora.qcow2");
+    let rootfs = unpacked(&reg, "disks/fedora:41", d.path());
+    let disk = rootfs.join("disk/fedora.qcow2");
     {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&disk).expect("unpacked disk");
@@ -636,33 +648,15 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
     assert_eq!(s["sourceSize"], qlen, "{s}");
     assert_eq!(s["virtualSize"], 64 << 20, "{s}");
     assert_eq!(spool_left(&spool), 0, "the spool is removed after the push");
-    let inspect = sh(Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
-        .arg(reg.image("disks/web:1")));
-    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    let info = skopeo_inspect(&reg, "disks/web:1");
     assert_eq!(info["Labels"]["source-image-format"], "qcow2");
     assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
     assert_eq!(
         info["Labels"]["source-image-virtual-size"],
         (64u64 << 20).to_string()
     );
-    let layout = d.path().join("layout");
-    sh(Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--src-creds",
-            "user:pass",
-        ])
-        .arg(reg.image("disks/web:1"))
-        .arg(format!("oci:{}:1", layout.display())));
-    let bundle = d.path().join("bundle");
-    sh(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:1", layout.display()))
-        .arg(&bundle));
-    assert_same_bytes(&bundle.join("rootfs/disk/fedora.qcow2"), &q);
+    let rootfs = unpacked(&reg, "disks/web:1", d.path());
+    assert_same_bytes(&rootfs.join("disk/fedora.qcow2"), &q);
 
     // Registry -> registry, converted to raw (zstd layer); the source's KUBEVIRT_IO_
     // env comes along and becomes a PVC label at import.
@@ -677,10 +671,7 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
         s["layerMediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
-    let inspect = sh(Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
-        .arg(reg.image("disks/raw:1")));
-    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    let info = skopeo_inspect(&reg, "disks/raw:1");
     assert!(
         info["Env"]
             .as_array()
@@ -822,10 +813,7 @@ fn the_upload_server_pushes_what_it_received_to_the_registry() {
         server.log()
     );
     // The labels describe the upload (a qcow2), the layer holds the raw volume.
-    let inspect = sh(Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--creds", "user:pass"])
-        .arg(&dest));
-    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect");
+    let info = skopeo_inspect(&reg, "dvcr/uploaded:1");
     assert_eq!(info["Labels"]["source-image-format"], "qcow2", "{info}");
     assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
     let m = reg.raw_manifest("dvcr/uploaded:1");

@@ -97,18 +97,14 @@ impl DiskFinder {
         let mut f = Some(f);
         let mut found: Option<(String, T)> = None;
         let below = self.walk(reader, |file| -> Result<(), E> {
-            match (&found, f.take()) {
-            (None, Some(f)) => {
-                tracing::info!(path = %format!("/{}", file.name), size = file.size, "found the disk");
-                let path = file.name.clone();
-                found = Some((path, f(file)?));
-                Ok(())
+            if let Some((first, _)) = &found {
+                return Err(DiskError::Several(format!("/{first}, /{}", file.name)).into());
             }
-            (Some((first, _)), _) => {
-                Err(DiskError::Several(format!("/{first}, /{}", file.name)).into())
-            }
-            (None, None) => unreachable!("f is only taken when found is set"),
-            }
+            let f = f.take().expect("taken only when found is set");
+            let (path, size) = (file.name.clone(), file.size);
+            tracing::info!(path = %format!("/{path}"), size, "found the disk");
+            found = Some((path, f(file)?));
+            Ok(())
         })?;
         if found.is_none() {
             self.hide(below);

@@ -63,6 +63,8 @@ struct Packing {
     refs: Vec<u16>,
     /// The guest cluster being assembled and its bytes (zeros where nothing came).
     open: Option<(u64, Vec<u8>)>,
+    /// The last stored cluster's buffer, reused for the next one.
+    spare: Vec<u8>,
     /// The next free byte for compressed data and the end of the cluster it lies in.
     tail: u64,
     tail_end: u64,
@@ -100,6 +102,7 @@ impl Qcow2Target {
         self.packing = Some(Packing {
             refs: vec![1], // the header
             open: None,
+            spare: Vec::new(),
             tail: 0,
             tail_end: 0,
             deflate: flate2::Compress::new_with_window_bits(
@@ -172,11 +175,13 @@ impl Qcow2Target {
     /// A guest cluster's bytes as stored so far (it returned after others: writes in
     /// random order), its old copy released.
     fn load(&mut self, gc: u64, entry: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; CS as usize];
+        let p = self.packing.as_mut().expect("compressed mode");
+        let mut buf = std::mem::take(&mut p.spare);
+        buf.clear();
+        buf.resize(CS as usize, 0);
         if entry == 0 {
             return Ok(buf);
         }
-        let p = self.packing.as_mut().expect("compressed mode");
         if entry & COMPRESSED != 0 {
             let off = entry & COFFSET_MASK;
             let sectors = (entry >> CSECTORS_SHIFT) & CSECTORS_MASK;
@@ -192,7 +197,8 @@ impl Qcow2Target {
             let mut d = flate2::Decompress::new_with_window_bits(false, 12);
             d.decompress(&raw[..got], &mut buf, flate2::FlushDecompress::Finish)
                 .map_err(io::Error::other)?;
-            for c in off / CS..=(off + len - 1).min(off + got as u64 - 1) / CS {
+            // (the sector-rounded end lies in the cluster of the last byte written)
+            for c in off / CS..=(off + len - 1) / CS {
                 p.refs[c as usize] = p.refs[c as usize].saturating_sub(1);
             }
         } else {
@@ -210,7 +216,8 @@ impl Qcow2Target {
         let Some((gc, buf)) = self.packing.as_mut().and_then(|p| p.open.take()) else {
             return Ok(());
         };
-        if buf.iter().all(|&b| b == 0) {
+        if buf.chunks(super::SECTOR).all(super::is_zero) {
+            self.put_spare(buf);
             return Ok(());
         }
         // The table first: its cluster must not land inside the compressed run.
@@ -227,20 +234,19 @@ impl Qcow2Target {
             p.stored += 1;
             let off = self.alloc();
             self.inner.write_at(off, &buf)?;
+            self.put_spare(buf);
             return self.set_entry(gc, off | COPIED);
         }
         p.compressed += 1;
         if p.tail + len > p.tail_end {
-            if p.tail_end != 0 && p.tail_end == self.next * CS {
-                // The run continues into the next cluster.
-                self.alloc();
-                let p = self.packing.as_mut().expect("compressed mode");
-                *p.refs.last_mut().expect("allocated") = 0;
+            // The run continues into the next cluster when that is the next one free.
+            let continues = p.tail_end != 0 && p.tail_end == self.next * CS;
+            let c = self.alloc();
+            let p = self.packing.as_mut().expect("compressed mode");
+            *p.refs.last_mut().expect("allocated") = 0;
+            if continues {
                 p.tail_end += CS;
             } else {
-                let c = self.alloc();
-                let p = self.packing.as_mut().expect("compressed mode");
-                *p.refs.last_mut().expect("allocated") = 0;
                 (p.tail, p.tail_end) = (c, c + CS);
             }
         }
@@ -256,7 +262,14 @@ impl Qcow2Target {
         if let Some(p) = &mut self.packing {
             p.out = data;
         }
+        self.put_spare(buf);
         self.set_entry(gc, COMPRESSED | (sectors << CSECTORS_SHIFT) | off)
+    }
+
+    fn put_spare(&mut self, buf: Vec<u8>) {
+        if let Some(p) = &mut self.packing {
+            p.spare = buf;
+        }
     }
 
     /// The cache slot holding the L2 table for `l1_index`, loading or creating it.

@@ -166,38 +166,74 @@ pub fn produce<W: Write>(
     spec: &LayerSpec,
     out: W,
 ) -> io::Result<(W, Produced)> {
-    let blob = Hashing::new(out);
-    match spec.zstd {
-        None => {
-            let mut blob = blob;
-            write_payload(source, len, spec, &mut blob)?;
-            let (out, digest, size) = blob.finish();
-            Ok((
-                out,
-                Produced {
-                    diff_id: digest.clone(),
-                    digest,
-                    size,
-                },
-            ))
-        }
-        Some((level, threads)) => {
-            let mut enc = zstd::stream::Encoder::new(blob, level)?;
-            if threads > 0 {
-                enc.multithread(threads)?;
+    let mut blob = BlobWriter::new(out, spec.zstd)?;
+    write_payload(source, len, spec, &mut blob)?;
+    blob.finish()
+}
+
+/// A layer blob as its payload is written into it: plain, or through zstd, hashed on
+/// both sides (the blob's digest and size, the payload's diff id).
+pub enum BlobWriter<W: Write> {
+    Plain(Hashing<W>),
+    Zstd(Hashing<zstd::stream::Encoder<'static, Hashing<W>>>),
+}
+
+impl<W: Write> BlobWriter<W> {
+    /// `zstd`: (level, worker threads; 0 compresses on the caller's thread).
+    pub fn new(out: W, zstd: Option<(i32, u32)>) -> io::Result<Self> {
+        Ok(match zstd {
+            None => BlobWriter::Plain(Hashing::new(out)),
+            Some((level, threads)) => {
+                let mut enc = zstd::stream::Encoder::new(Hashing::new(out), level)?;
+                if threads > 0 {
+                    enc.multithread(threads)?;
+                }
+                BlobWriter::Zstd(Hashing::new(enc))
             }
-            let mut diff = Hashing::new(enc);
-            write_payload(source, len, spec, &mut diff)?;
-            let (enc, diff_id, _) = diff.finish();
-            let (out, digest, size) = enc.finish()?.finish();
-            Ok((
-                out,
-                Produced {
-                    digest,
-                    size,
-                    diff_id,
-                },
-            ))
+        })
+    }
+
+    /// Ends the blob: the writer it went to and what was made.
+    pub fn finish(self) -> io::Result<(W, Produced)> {
+        Ok(match self {
+            BlobWriter::Plain(h) => {
+                let (out, digest, size) = h.finish();
+                (
+                    out,
+                    Produced {
+                        diff_id: digest.clone(),
+                        digest,
+                        size,
+                    },
+                )
+            }
+            BlobWriter::Zstd(h) => {
+                let (enc, diff_id, _) = h.finish();
+                let (out, digest, size) = enc.finish()?.finish();
+                (
+                    out,
+                    Produced {
+                        digest,
+                        size,
+                        diff_id,
+                    },
+                )
+            }
+        })
+    }
+}
+
+impl<W: Write> Write for BlobWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            BlobWriter::Plain(w) => w.write(buf),
+            BlobWriter::Zstd(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            BlobWriter::Plain(w) => w.flush(),
+            BlobWriter::Zstd(w) => w.flush(),
         }
     }
 }

@@ -152,7 +152,7 @@ pub async fn push_with(
     let given = args.source.to_string_lossy().to_string();
     let local_as_stored = spool::is_path(&given) && args.convert == "keep";
     // A raw artifact for a registry goes up as it is imported, when the source allows.
-    if let (Some(d), false, true) = (&dest, local_as_stored, streamed::applies(args)) {
+    if let (Some(d), true) = (&dest, streamed::applies(args)) {
         if let Some(s) = streamed::push(args, d).await? {
             return Ok(s);
         }

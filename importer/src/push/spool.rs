@@ -30,6 +30,17 @@ pub struct Origin {
     pub source_size: u64,
 }
 
+impl From<&ferrydisk_common::cdi::termination::ImportInfo> for Origin {
+    /// What an import (or an upload) reported finding.
+    fn from(i: &ferrydisk_common::cdi::termination::ImportInfo) -> Self {
+        Origin {
+            format: i.source_image_format.clone(),
+            virtual_size: i.source_image_virtual_size,
+            source_size: i.source_image_size,
+        }
+    }
+}
+
 pub struct Spooled {
     /// Removed, with the disk, when this drops.
     _dir: tempfile::TempDir,
@@ -153,15 +164,10 @@ pub async fn import_into(
             .unwrap_or_default();
         (msg, Vec::new())
     };
-    let info = msg.import_info.unwrap_or_default();
     Ok(Spooled {
         disk: data.join("disk.img"),
         _dir: dir,
-        origin: Origin {
-            format: info.source_image_format,
-            virtual_size: info.source_image_virtual_size,
-            source_size: info.source_image_size,
-        },
+        origin: Origin::from(&msg.import_info.unwrap_or_default()),
         env,
     })
 }

@@ -11,7 +11,7 @@
 //! digest is not known until the last byte), so a blob the registry has is sent again
 //! (the registry then keeps one copy).
 
-use super::layer::{Hashing, LayerSpec, Layout, Produced};
+use super::layer::{BlobWriter, LayerSpec, Layout, Produced};
 use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
 use crate::cli::PushArgs;
 use bytes::Bytes;
@@ -21,19 +21,14 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Whether this push can stream: a raw artifact to a registry from anything but a
-/// local file kept as stored (which streams from the file already).
+/// Whether this push can stream (to a registry): a raw artifact. A local file kept
+/// as stored is never converted to raw, and streams from the file already.
 pub(super) fn applies(args: &PushArgs) -> bool {
     args.layout == Layout::Artifact && args.convert == "raw"
 }
 
-enum Blob {
-    Plain(Hashing<Chunks>),
-    Zstd(Hashing<zstd::stream::Encoder<'static, Hashing<Chunks>>>),
-}
-
 struct UploadOut {
-    blob: Option<Blob>,
+    blob: Option<BlobWriter<Chunks>>,
     digest: Option<tokio::sync::oneshot::Sender<Option<String>>>,
     produced: Arc<Mutex<Option<Produced>>>,
 }
@@ -41,8 +36,7 @@ struct UploadOut {
 impl Write for UploadOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.blob {
-            Some(Blob::Plain(w)) => w.write(buf),
-            Some(Blob::Zstd(w)) => w.write(buf),
+            Some(w) => w.write(buf),
             None => Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the upload is closed",
@@ -56,30 +50,11 @@ impl Write for UploadOut {
 
 impl StreamOut for UploadOut {
     fn close(mut self: Box<Self>) -> io::Result<()> {
-        let (mut out, p) = match self.blob.take() {
-            Some(Blob::Plain(h)) => {
-                let (out, digest, size) = h.finish();
-                let p = Produced {
-                    diff_id: digest.clone(),
-                    digest,
-                    size,
-                };
-                (out, p)
-            }
-            Some(Blob::Zstd(h)) => {
-                let (enc, diff_id, _) = h.finish();
-                let (out, digest, size) = enc.finish()?.finish();
-                (
-                    out,
-                    Produced {
-                        digest,
-                        size,
-                        diff_id,
-                    },
-                )
-            }
-            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed twice")),
-        };
+        let blob = self
+            .blob
+            .take()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "closed twice"))?;
+        let (mut out, p) = blob.finish()?;
         out.send()?;
         drop(out);
         if let Some(d) = self.digest.take() {
@@ -111,17 +86,7 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
         piece: chunk.unwrap_or(PIECE),
         tx,
     };
-    let blob = match spec.zstd {
-        None => Blob::Plain(Hashing::new(chunks)),
-        Some((level, threads)) => {
-            let mut enc = zstd::stream::Encoder::new(Hashing::new(chunks), level)
-                .map_err(|e| format!("zstd: {e}"))?;
-            if threads > 0 {
-                enc.multithread(threads).map_err(|e| format!("zstd: {e}"))?;
-            }
-            Blob::Zstd(Hashing::new(enc))
-        }
-    };
+    let blob = BlobWriter::new(chunks, spec.zstd).map_err(|e| format!("zstd: {e}"))?;
     let produced = Arc::new(Mutex::new(None));
     let out = UploadOut {
         blob: Some(blob),

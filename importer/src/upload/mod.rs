@@ -264,11 +264,7 @@ async fn push_upload(
     let origin = msg
         .import_info
         .as_ref()
-        .map(|i| crate::push::spool::Origin {
-            format: i.source_image_format.clone(),
-            virtual_size: i.source_image_virtual_size,
-            source_size: i.source_image_size,
-        });
+        .map(crate::push::spool::Origin::from);
     tracing::info!(%dest, disk = %disk.display(), "pushing the uploaded disk");
     let summary = crate::push::push_with(&args, origin)
         .await
