@@ -37,7 +37,7 @@ pub fn create(
                 .open(path)
                 .map_err(|e| fail(kind_of(&e), e.to_string()))?;
             let mut offload = block::Zeroing::Allocate; // preallocation: allocate
-            block::zero_range(&f, &mut offload, 0, t.size())
+            block::zero_range(&f, &mut offload, t.logical_block(), 0, t.size())
                 .map_err(|e| fail(kind_of(&e), format!("zeroing {}: {e}", path.display())))?;
             f.sync_all().map_err(|e| fail(kind_of(&e), e.to_string()))?;
             Ok(Some(done(true)))

@@ -300,6 +300,12 @@ pub struct VolumeArgs {
     /// convert -c` writes them (a qcow2 source kept as it came is not recompressed).
     #[arg(long = "qcow2-compress", env = "FERRYDISK_QCOW2_COMPRESS")]
     pub qcow2_compress: bool,
+    /// A block volume known to read as zeros already (a freshly provisioned thin volume
+    /// or a device discarded beforehand): zero runs are skipped instead of deallocated
+    /// or zeroed. Holes show whatever the device held if this is not true. Ignored with
+    /// `PREALLOCATION=true`.
+    #[arg(long = "target-zeroed", env = "FERRYDISK_TARGET_ZEROED")]
+    pub target_zeroed: bool,
 }
 
 /// `importer upload-server`: CDI's cdi-uploadserver env contract (section 4).

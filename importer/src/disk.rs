@@ -68,6 +68,8 @@ pub struct DiskPlan {
     pub qcow2_out: bool,
     /// qcow2 output with compressed clusters.
     pub qcow2_compress: bool,
+    /// A block destination already reads as zeros: skip zero runs (`--target-zeroed`).
+    pub target_zeroed: bool,
     /// `importer inspect`: the whole pipeline runs into a writer that keeps nothing, and
     /// what it found is left here instead of on a disk.
     pub inspect: Option<Arc<Inspected>>,
@@ -132,6 +134,7 @@ impl DiskPlan {
             inspect: None,
             stream: None,
             qcow2_compress: qcow2_out && v.qcow2_compress,
+            target_zeroed: v.target_zeroed,
             qcow2_out,
             preallocate,
             requested,
@@ -245,7 +248,8 @@ fn open_disk(
         }
         Destination::Block(path) => {
             let t = BlockTarget::open(path, plan.direct, plan.preallocate)
-                .map_err(|e| io_fail(format!("opening {}", path.display()), e))?;
+                .map_err(|e| io_fail(format!("opening {}", path.display()), e))?
+                .assume_zeroed(plan.target_zeroed);
             opts.limit = t.size();
             (Box::new(t), None)
         }

@@ -140,9 +140,25 @@ pub struct Loop {
 
 impl Loop {
     pub fn new(backing: &Path, size: usize) -> Option<Self> {
+        Self::with_sector(backing, size, 512)
+    }
+
+    /// A loop device with `sector`-byte logical blocks (4096: a 4Kn device), doing direct
+    /// I/O to its backing file as a real device would not cache.
+    pub fn with_sector(backing: &Path, size: usize, sector: u32) -> Option<Self> {
         std::fs::write(backing, vec![0xffu8; size]).expect("backing");
+        Self::attach(backing, sector)
+    }
+
+    /// A loop device over an existing file.
+    pub fn attach(backing: &Path, sector: u32) -> Option<Self> {
         let out = Command::new("losetup")
-            .args(["-f", "--show"])
+            .args(["-f", "--show", "--sector-size", &sector.to_string()])
+            .args(if sector == 512 {
+                &[][..]
+            } else {
+                &["--direct-io=on"][..]
+            })
             .arg(backing)
             .output()
             .ok()?;

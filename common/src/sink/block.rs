@@ -47,6 +47,12 @@ pub struct BlockTarget {
     zero_offload: Zeroing,
     /// The end of the furthest write, zeroed back on abort.
     written_end: u64,
+    /// The device's logical block size (512, or 4096 on a 4Kn device): the alignment
+    /// `fallocate` and O_DIRECT need.
+    block: u64,
+    /// The caller vouches that the device already reads as zeros (a fresh thin volume):
+    /// zero runs are skipped, neither deallocated nor zeroed.
+    skip_zeros: bool,
 }
 
 impl BlockTarget {
@@ -55,12 +61,19 @@ impl BlockTarget {
         // lseek(SEEK_END) on a block device returns its size: no ioctl needed.
         let size = file.seek(SeekFrom::End(0))?;
         file.seek(SeekFrom::Start(0))?;
-        let direct = if try_direct {
-            OpenOptions::new()
+        let block = logical_block(&file);
+        let direct = if try_direct && block <= super::SECTOR as u64 {
+            match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
                 .open(path)
-                .ok()
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::info!(device = %path.display(), error = %e, "O_DIRECT not available on this device; using buffered writes");
+                    None
+                }
+            }
         } else {
             None
         };
@@ -72,6 +85,8 @@ impl BlockTarget {
             pending_zero: None,
             zero_offload: Zeroing::for_preallocation(preallocate),
             written_end: 0,
+            block,
+            skip_zeros: false,
         })
     }
 
@@ -83,25 +98,70 @@ impl BlockTarget {
         let Some((start, end)) = self.pending_zero.take() else {
             return Ok(());
         };
-        zero_range(&self.file, &mut self.zero_offload, start, end - start)
+        zero_range(
+            &self.file,
+            &mut self.zero_offload,
+            self.block,
+            start,
+            end - start,
+        )
+    }
+
+    /// Trust that the device reads as zeros: zero runs cost nothing (`--target-zeroed`).
+    /// Ignored with preallocation, which must leave the device allocated.
+    pub fn assume_zeroed(mut self, yes: bool) -> Self {
+        self.skip_zeros = yes && self.zero_offload != Zeroing::Allocate;
+        if self.skip_zeros {
+            tracing::info!(device = %self.path.display(), "the device is taken to read as zeros already (--target-zeroed): zero runs are not written");
+        }
+        self
+    }
+
+    /// The device's logical block size.
+    pub fn logical_block(&self) -> u64 {
+        self.block
     }
 }
 
-/// Zeroes `[offset, offset+len)` of a device; also used for blank preallocated disks.
-/// `mode` steps down (Unmap -> Allocate -> Write) when the device refuses a way, once,
-/// with a log line.
-pub fn zero_range(file: &File, mode: &mut Zeroing, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
+/// The logical block size of a device (`BLKSSZGET`): 4096 on a 4Kn device, 512 on most;
+/// 512 when the ioctl fails (a regular file in a unit test).
+pub fn logical_block(file: &File) -> u64 {
+    match rustix::fs::ioctl_blksszget(file) {
+        Ok(n) if n >= 512 && n.is_power_of_two() => u64::from(n),
+        _ => 512,
+    }
+}
+
+/// Zeroes `[offset, offset+len)` of a device whose logical block is `block` bytes; also
+/// used for blank preallocated disks. The block-aligned middle is offloaded: `mode` steps
+/// down (Unmap -> Allocate -> Write) when the device refuses a way, once, with a log
+/// line. An unaligned head or tail (the image's last partial block on a 4Kn device) is
+/// written as zeros, through the page cache, which does the read-modify-write.
+pub fn zero_range(
+    file: &File,
+    mode: &mut Zeroing,
+    block: u64,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let end = offset.saturating_add(len);
+    let start = offset.next_multiple_of(block).min(end);
+    let stop = (end / block * block).max(start);
+    write_zeros(file, offset, start)?;
+    offload_zero(file, mode, start, stop)?;
+    write_zeros(file, stop, end)
+}
+
+fn offload_zero(file: &File, mode: &mut Zeroing, start: u64, end: u64) -> io::Result<()> {
+    if start >= end {
         return Ok(());
     }
-    // Both need logical-block alignment; everything we pass is 4 KiB aligned except
-    // possibly the image's tail, which goes through the write path below.
-    let aligned = offset.is_multiple_of(512) && len.is_multiple_of(512);
-    if aligned && *mode == Zeroing::Unmap {
+    let len = end - start;
+    if *mode == Zeroing::Unmap {
         match fallocate(
             file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
+            start,
             len,
         ) {
             Ok(()) => return Ok(()),
@@ -111,11 +171,11 @@ pub fn zero_range(file: &File, mode: &mut Zeroing, offset: u64, len: u64) -> io:
             }
         }
     }
-    if aligned && *mode == Zeroing::Allocate {
+    if *mode == Zeroing::Allocate {
         match fallocate(
             file,
             FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-            offset,
+            start,
             len,
         ) {
             Ok(()) => return Ok(()),
@@ -125,9 +185,12 @@ pub fn zero_range(file: &File, mode: &mut Zeroing, offset: u64, len: u64) -> io:
             }
         }
     }
+    write_zeros(file, start, end)
+}
+
+fn write_zeros(file: &File, start: u64, end: u64) -> io::Result<()> {
     static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-    let mut off = offset;
-    let end = offset + len;
+    let mut off = start;
     while off < end {
         let n = ((end - off) as usize).min(ZEROS.len());
         file.write_all_at(&ZEROS[..n], off)?;
@@ -153,6 +216,9 @@ impl Target for BlockTarget {
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.skip_zeros {
+            return Ok(());
+        }
         match self.pending_zero {
             Some((s, e)) if e == offset => self.pending_zero = Some((s, offset + len)),
             _ => {
@@ -197,7 +263,7 @@ impl Target for BlockTarget {
         let end = self.written_end.min(self.size);
         if end > 0 {
             tracing::info!(device = %self.path.display(), bytes = end, "zeroing what the failed import wrote");
-            if let Err(e) = zero_range(&self.file, &mut self.zero_offload, 0, end) {
+            if let Err(e) = zero_range(&self.file, &mut self.zero_offload, self.block, 0, end) {
                 tracing::warn!(device = %self.path.display(), error = %e, "could not zero the device after a failure");
             }
         }
@@ -209,8 +275,17 @@ impl Target for BlockTarget {
         // are never seen at all, so clear the image's range up front (offloaded to the
         // device where it supports write-zeroes).
         tracing::info!(device = %self.path.display(), bytes = len, "zeroing the image range before a random-order conversion");
+        if self.skip_zeros {
+            return Ok(());
+        }
         self.written_end = self.written_end.max(len.min(self.size));
-        zero_range(&self.file, &mut self.zero_offload, 0, len.min(self.size))
+        zero_range(
+            &self.file,
+            &mut self.zero_offload,
+            self.block,
+            0,
+            len.min(self.size),
+        )
     }
 
     fn path(&self) -> &Path {
