@@ -9,8 +9,9 @@
 //!   can, which allocates on a thin volume; first when preallocation was asked for;
 //! - writing zeros.
 
+use super::flush::{self, Flusher};
 use super::{FinishInfo, Target};
-use rustix::fs::{fadvise, fallocate, fdatasync, Advice, FallocateFlags};
+use rustix::fs::{fadvise, fallocate, Advice, FallocateFlags};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -53,6 +54,8 @@ pub struct BlockTarget {
     /// The caller vouches that the device already reads as zeros (a fresh thin volume):
     /// zero runs are skipped, neither deallocated nor zeroed.
     skip_zeros: bool,
+    /// Write-behind for checkpoints (buffered writes only), started at the first one.
+    flusher: Option<Flusher>,
 }
 
 impl BlockTarget {
@@ -87,6 +90,7 @@ impl BlockTarget {
             written_end: 0,
             block,
             skip_zeros: false,
+            flusher: None,
         })
     }
 
@@ -232,19 +236,14 @@ impl Target for BlockTarget {
     fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
         self.flush_zero()?;
         if self.direct.is_none() {
-            fdatasync(&self.file)?;
-            let _ = fadvise(
-                &self.file,
-                0,
-                std::num::NonZeroU64::new(upto),
-                Advice::DontNeed,
-            );
+            flush::checkpoint(&mut self.flusher, &self.file, upto)?;
         }
         Ok(())
     }
 
     fn finish(&mut self, _final_len: u64) -> io::Result<FinishInfo> {
         self.flush_zero()?;
+        flush::settle(&mut self.flusher)?;
         self.file.sync_all()?;
         if let Some(d) = &self.direct {
             d.sync_all()?;
@@ -260,6 +259,7 @@ impl Target for BlockTarget {
         // A device cannot be emptied like a file: zero what this import wrote, so a
         // failed (or checksum-refused) import leaves no disk content behind.
         self.pending_zero = None;
+        self.flusher = None;
         let end = self.written_end.min(self.size);
         if end > 0 {
             tracing::info!(device = %self.path.display(), bytes = end, "zeroing what the failed import wrote");

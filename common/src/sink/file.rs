@@ -2,8 +2,9 @@
 //! every byte we do not write is a hole that reads as zero: a rerun after `kill -9`
 //! starts from an empty file, never appends, and zero runs cost nothing.
 
+use super::flush::{self, Flusher};
 use super::{FinishInfo, Target};
-use rustix::fs::{fadvise, fallocate, fdatasync, Advice, FallocateFlags};
+use rustix::fs::{fadvise, fallocate, Advice, FallocateFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -16,6 +17,8 @@ pub struct FileTarget {
     /// the filesystem allows it (tmpfs, for one, does not).
     direct: Option<File>,
     preallocate: bool,
+    /// Write-behind for checkpoints (buffered writes only), started at the first one.
+    flusher: Option<Flusher>,
 }
 
 impl FileTarget {
@@ -52,6 +55,7 @@ impl FileTarget {
             file,
             direct,
             preallocate,
+            flusher: None,
         })
     }
 }
@@ -70,20 +74,13 @@ impl Target for FileTarget {
 
     fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
         if self.direct.is_none() {
-            fdatasync(&self.file)?;
-            // Written pages are clean now; dropping them keeps the pod's page cache (and
-            // its memory cgroup charge) flat however large the image is.
-            let _ = fadvise(
-                &self.file,
-                0,
-                std::num::NonZeroU64::new(upto),
-                Advice::DontNeed,
-            );
+            flush::checkpoint(&mut self.flusher, &self.file, upto)?;
         }
         Ok(())
     }
 
     fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo> {
+        flush::settle(&mut self.flusher)?;
         if self.file.metadata()?.len() != final_len {
             self.file.set_len(final_len)?;
         }
@@ -105,6 +102,7 @@ impl Target for FileTarget {
     }
 
     fn abort(&mut self) {
+        self.flusher = None;
         // A half-written disk must not look like a disk: empty it (and free its space).
         let _ = self.file.set_len(0);
         let _ = self.file.sync_all();

@@ -8,6 +8,7 @@ pub mod aligned;
 pub mod block;
 pub mod discard;
 pub mod file;
+mod flush;
 pub mod qcow2;
 pub mod sparse;
 pub mod stream;
