@@ -23,14 +23,7 @@ fn zero_runs_on_a_thin_block_volume_are_deallocated() {
         "192M",
         &[(1 << 20, 4 << 20, 0xab), (150 << 20, 4 << 20, 0x42)],
     );
-    let q = d.path().join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().expect("utf8"),
-        q.to_str().expect("utf8"),
-    ]);
+    let q = qcow2_of(&raw, &d.path().join("disk.qcow2"));
     let reference = qemu_reference(&raw, d.path());
     let want = std::fs::read(&reference).expect("ref");
     for (src, name) in [(&raw, "raw"), (&q, "qcow2")] {
@@ -94,14 +87,7 @@ fn a_4kn_block_volume_takes_o_direct_and_an_unaligned_tail() {
     let mk = |name: &str, writes: &[(u64, u64, u8)]| {
         let raw = d.path().join(format!("{name}.raw"));
         raw_fixture(&raw, &size.to_string(), writes);
-        let q = d.path().join(format!("{name}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "qcow2",
-            raw.to_str().expect("utf8"),
-            q.to_str().expect("utf8"),
-        ]);
+        let q = qcow2_of(&raw, &d.path().join(format!("{name}.qcow2")));
         (raw, q)
     };
     // One ends in a zero run over the partial block, one in data across it.
@@ -229,14 +215,7 @@ fn a_2gib_image_with_200mib_of_data_leaves_at_most_250mib_allocated() {
         .map(|i| (i * (200 << 20) + (3 << 20), 20 << 20, 0x11 + i as u8))
         .collect();
     raw_fixture(&raw, "2G", &writes);
-    let q = d.path().join("disk.qcow2");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "qcow2",
-        raw.to_str().expect("utf8"),
-        q.to_str().expect("utf8"),
-    ]);
+    let q = qcow2_of(&raw, &d.path().join("disk.qcow2"));
     let backing = d.path().join("backing");
     let st = std::process::Command::new("fallocate")
         .args(["-l", "2G"])

@@ -274,10 +274,10 @@ impl Target for BlockTarget {
         // Zero runs are only seen for bytes we write; with random-order writes the gaps
         // are never seen at all, so clear the image's range up front (offloaded to the
         // device where it supports write-zeroes).
-        tracing::info!(device = %self.path.display(), bytes = len, "zeroing the image range before a random-order conversion");
         if self.skip_zeros {
             return Ok(());
         }
+        tracing::info!(device = %self.path.display(), bytes = len, "zeroing the image range before a random-order conversion");
         self.written_end = self.written_end.max(len.min(self.size));
         zero_range(
             &self.file,
