@@ -208,15 +208,36 @@ pub struct DropProxy {
 
 impl DropProxy {
     pub fn start(dir: &Path, port: u16, after: u64, drops: u32, hold: bool) -> Self {
-        Self::spawn(dir, port, after, drops, hold, false)
+        Self::spawn(dir, port, after, drops, hold, false, &[])
     }
 
     /// Cuts the client's bytes towards `port` instead: an upload broken mid-body.
     pub fn start_upward(dir: &Path, port: u16, after: u64, drops: u32) -> Self {
-        Self::spawn(dir, port, after, drops, false, true)
+        Self::spawn(dir, port, after, drops, false, true, &[])
     }
 
-    fn spawn(dir: &Path, port: u16, after: u64, drops: u32, hold: bool, up: bool) -> Self {
+    /// The client's bytes towards `port` stall for `secs` after `after` bytes, on the
+    /// first `stalls` connections (open and silent, then they carry on).
+    pub fn stall_upward(dir: &Path, port: u16, after: u64, stalls: u32, secs: f64) -> Self {
+        let secs = secs.to_string();
+        Self::spawn(dir, port, after, stalls, false, true, &["--stall", &secs])
+    }
+
+    /// The client's bytes towards `port` are paced to `bytes_per_s`: a slow link.
+    pub fn slow_upward(dir: &Path, port: u16, bytes_per_s: u64) -> Self {
+        let rate = bytes_per_s.to_string();
+        Self::spawn(dir, port, u64::MAX >> 1, 0, false, true, &["--rate", &rate])
+    }
+
+    fn spawn(
+        dir: &Path,
+        port: u16,
+        after: u64,
+        drops: u32,
+        hold: bool,
+        up: bool,
+        extra: &[&str],
+    ) -> Self {
         let cut = dir.join("cut");
         let release = dir.join("release");
         let to = port.to_string();
@@ -230,17 +251,14 @@ impl DropProxy {
             "--drops".as_ref(),
             drops.as_ref(),
         ];
+        args.extend(["--cut-file".as_ref(), cut.as_os_str()]);
         if hold {
-            args.extend([
-                "--cut-file".as_ref(),
-                cut.as_os_str(),
-                "--hold-file".as_ref(),
-                release.as_os_str(),
-            ]);
+            args.extend(["--hold-file".as_ref(), release.as_os_str()]);
         }
         if up {
             args.push("--up".as_ref());
         }
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
         let (child, port) = spawn_support("dropproxy.py", &args);
         DropProxy {
             child,

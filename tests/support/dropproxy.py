@@ -4,9 +4,15 @@ than --after bytes back to the client: a network that breaks mid-download.
 Prints "PORT <n>" once listening.
 
 usage: dropproxy.py --to PORT --after BYTES --drops N [--cut-file F --hold-file G] [--up]
+                    [--stall SECONDS] [--rate BYTES_PER_SECOND]
 
 With --up, the bytes counted and cut are the client's towards PORT instead (an upload
 that breaks mid-body).
+
+With --stall, those connections are not cut but go silent for SECONDS after --after
+bytes (open, nothing sent either way in that direction), then carry on: a link that
+stalls. With --rate, the counted direction is paced to BYTES_PER_SECOND throughout: a
+slow link.
 
 With --cut-file, F is created at the first cut; with --hold-file, connections made
 after a cut wait until G exists: a test changes the source in between, deterministically.
@@ -22,19 +28,42 @@ p.add_argument("--drops", type=int, required=True)
 p.add_argument("--cut-file")
 p.add_argument("--hold-file")
 p.add_argument("--up", action="store_true")
+p.add_argument("--stall", type=float)
+p.add_argument("--rate", type=float)
 a = p.parse_args()
 cut_seen = threading.Event()
 lock = threading.Lock()
 left = [a.drops]
 
 
-def pipe(src, dst, limit):
+def pipe(src, dst, limit, counted=False):
+    import time
+
     sent = 0
+    start = time.monotonic()
     try:
         while True:
-            data = src.recv(65536)
+            data = src.recv(16384 if counted and a.rate else 65536)
             if not data:
                 break
+            if counted and a.rate:
+                ahead = (sent + len(data)) / a.rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            if limit is not None and sent + len(data) > limit and a.stall:
+                with lock:
+                    stall = left[0] > 0
+                    if stall:
+                        left[0] -= 1
+                if stall:
+                    dst.sendall(data[: limit - sent])
+                    cut_seen.set()
+                    if a.cut_file:
+                        open(a.cut_file, "w").close()
+                    time.sleep(a.stall)
+                    data = data[limit - sent :]
+                    sent = limit
+                limit = None
             if limit is not None and sent + len(data) > limit:
                 with lock:
                     cut = left[0] > 0
@@ -75,8 +104,8 @@ def serve(c):
             time.sleep(0.05)
     u = socket.create_connection(("127.0.0.1", a.to))
     up, down = (a.after, None) if a.up else (None, a.after)
-    threading.Thread(target=pipe, args=(c, u, up), daemon=True).start()
-    pipe(u, c, down)
+    threading.Thread(target=pipe, args=(c, u, up, a.up), daemon=True).start()
+    pipe(u, c, down, not a.up)
 
 
 while True:

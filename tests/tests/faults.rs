@@ -2,10 +2,13 @@
 //! run again, must leave exactly `qemu-img convert`'s bytes (10 trials, file and block
 //! destinations); and one upload proxy carrying 400 uploads must not grow; a volume
 //! that fills up mid-import (ENOSPC) is a terminal error naming it; an upload cut
-//! between proxy and server fails and the next one is correct.
+//! between proxy and server fails and the next one is correct; slow links and a short
+//! stall on the upload path complete, a long stall fails at the body idle timeout.
 
 use ferrydisk_tests::token::{mint, Claims};
-use ferrydisk_tests::upload::{curl, proxy, upload_server, Mode, Pki};
+use ferrydisk_tests::upload::{
+    curl, proxy, proxy_with, upload_server, upload_server_with, Mode, Pki,
+};
 use ferrydisk_tests::*;
 use std::path::Path;
 use std::process::Command;
@@ -262,4 +265,175 @@ fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
         server.log()
     );
     assert_same_bytes(&run.join("data/disk.img"), &reference);
+}
+
+/// A body idle timeout short enough for a test; a slow but moving link stays under it.
+const IDLE: (&str, &str) = ("FERRYDISK_BODY_IDLE_TIMEOUT", "2");
+
+/// `curl -T` through `proxy_port` until it is not answered 503 (the server putting a
+/// failed upload away); returns the last status and body.
+fn upload_until_taken(
+    pki: &Pki,
+    auth: &str,
+    file: &str,
+    url: &str,
+    extra: &[&str],
+) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut args = vec!["-H", auth, "-T", file];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let (code, body) = curl(pki, &args);
+        if code != 503 || Instant::now() > deadline {
+            return (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn slow_links_and_a_short_stall_on_the_upload_path_complete_with_the_right_bytes() {
+    use ferrydisk_tests::objstore::DropProxy;
+    let d = tmp();
+    let raw = dense_fixture_named(d.path(), "dense.raw", 9);
+    let reference = qemu_reference(&raw, d.path());
+    let pki = Pki::default();
+    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
+    let auth = format!("Authorization: Bearer {token}");
+    let file = raw.to_str().expect("utf8");
+    // 1. A slow client (curl paced to 6 MB/s) and a slow link between proxy and server
+    //    (paced to 8 MB/s): 25 MiB take about 4 s, longer than the 2 s idle timeout,
+    //    which counts only silence.
+    // 2. The link between proxy and server goes silent for 1 s, 8 MiB in, then carries
+    //    on: shorter than the idle timeout, so the upload completes.
+    for (i, case) in ["slow", "short stall"].iter().enumerate() {
+        let run = d.path().join(format!("run{i}"));
+        let mut server = upload_server_with(&pki, &run, &[IDLE]);
+        let link = match *case {
+            "slow" => DropProxy::slow_upward(d.path(), server.port, 8_000_000),
+            _ => DropProxy::stall_upward(d.path(), server.port, 8 << 20, 1, 1.0),
+        };
+        let p = proxy_with(
+            &pki,
+            &run,
+            link.port,
+            Mode::Standalone,
+            "client",
+            &[IDLE],
+            &[],
+        );
+        let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
+        let started = Instant::now();
+        let extra: &[&str] = if *case == "slow" {
+            &["--limit-rate", "6M"]
+        } else {
+            &[]
+        };
+        let (code, body) = upload_until_taken(&pki, &auth, file, &url, extra);
+        let took = started.elapsed();
+        assert_eq!(code, 200, "{case}: {body}\n{}\n{}", p.log(), server.log());
+        if *case == "slow" {
+            assert!(
+                took > Duration::from_secs(3),
+                "{case}: the link was not slow ({took:?})"
+            );
+        } else {
+            link.wait_cut(Duration::from_secs(1));
+        }
+        assert_eq!(
+            server.wait(Duration::from_secs(20)),
+            Some(0),
+            "{case}: {}",
+            server.log()
+        );
+        assert_same_bytes(&run.join("data/disk.img"), &reference);
+    }
+}
+
+#[test]
+fn a_stalled_upload_fails_at_the_idle_timeout_and_the_next_one_is_correct() {
+    use ferrydisk_tests::objstore::DropProxy;
+    let d = tmp();
+    let raw = dense_fixture_named(d.path(), "dense.raw", 11);
+    let reference = qemu_reference(&raw, d.path());
+    let pki = Pki::default();
+    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
+    let auth = format!("Authorization: Bearer {token}");
+    let file = raw.to_str().expect("utf8");
+    // The first connection goes silent 8 MiB into the body for 60 s (a client or link
+    // gone without a FIN): 1. between proxy and server, so the server's idle timeout
+    // fires; 2. between client and proxy, so the proxy's fires and fails the upstream
+    // body. Either way the stalled upload fails in seconds, not 60 s or never (CDI has
+    // no body timeout), the server takes the next upload, and that one is correct.
+    for (i, case) in ["proxy to server", "client to proxy"].iter().enumerate() {
+        let run = d.path().join(format!("run{i}"));
+        let mut server = upload_server_with(&pki, &run, &[IDLE]);
+        let (link, p, url_port) = if i == 0 {
+            let link = DropProxy::stall_upward(d.path(), server.port, 8 << 20, 1, 60.0);
+            let p = proxy_with(
+                &pki,
+                &run,
+                link.port,
+                Mode::Standalone,
+                "client",
+                &[IDLE],
+                &[],
+            );
+            let port = p.port;
+            (link, p, port)
+        } else {
+            let p = proxy_with(
+                &pki,
+                &run,
+                server.port,
+                Mode::Standalone,
+                "client",
+                &[IDLE],
+                &[],
+            );
+            let link = DropProxy::stall_upward(d.path(), p.port, 8 << 20, 1, 60.0);
+            let port = link.port;
+            (link, p, port)
+        };
+        let stalled_url = format!("https://127.0.0.1:{url_port}/v1beta1/upload");
+        let started = Instant::now();
+        let (code, body) = curl(
+            &pki,
+            &["-H", &auth, "-T", file, "--max-time", "40", &stalled_url],
+        );
+        let took = started.elapsed();
+        link.wait_cut(Duration::from_secs(1));
+        assert_ne!(
+            code, 200,
+            "{case}: a stalled upload is not a success: {body}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "{case}: the stall was waited out ({took:?})"
+        );
+        assert_eq!(
+            server.wait(Duration::from_millis(500)),
+            None,
+            "{case}: the server waits for another upload"
+        );
+        let log = format!("{}\n{}", p.log(), server.log());
+        assert!(
+            log.contains("stalled"),
+            "{case}: nothing says the upload stalled:\n{log}"
+        );
+        let term = std::fs::read_to_string(run.join("termination-log")).unwrap_or_default();
+        assert!(!term.contains("Upload Complete"), "{term}");
+        // The next upload, straight through the proxy.
+        let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
+        let (code, body) = upload_until_taken(&pki, &auth, file, &url, &[]);
+        assert_eq!(code, 200, "{case}: {body}\n{}", server.log());
+        assert_eq!(
+            server.wait(Duration::from_secs(20)),
+            Some(0),
+            "{case}: {}",
+            server.log()
+        );
+        assert_same_bytes(&run.join("data/disk.img"), &reference);
+    }
 }

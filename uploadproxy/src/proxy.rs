@@ -7,8 +7,7 @@ use crate::upstream;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use ferrydisk_common::serve::linger;
-use http_body_util::BodyExt;
+use ferrydisk_common::serve::{linger, listen};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -200,9 +199,21 @@ fn feed(
     counter: Arc<AtomicU64>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, axum::Error>>(8);
+    let idle = listen::body_idle_timeout();
     tokio::spawn(async move {
         let mut body = body;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match listen::next_frame(&mut body, idle).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(stalled) => {
+                    // The upstream's body fails, so the upload server puts the upload
+                    // away instead of waiting for the rest.
+                    tracing::warn!(error = %stalled, "upload body stalled; failing it");
+                    let _ = tx.send(Err(axum::Error::new(stalled))).await;
+                    return;
+                }
+            };
             let item = match frame {
                 Ok(f) => match f.into_data() {
                     Ok(b) => Ok(b),

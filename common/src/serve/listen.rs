@@ -23,6 +23,33 @@ pub fn header_timeout() -> Duration {
     from_env("FERRYDISK_HEADER_TIMEOUT", 30)
 }
 
+/// How long an upload's body may go without a byte before the upload is failed as
+/// stalled (a client gone without a FIN, a link that stopped): 300 s,
+/// `FERRYDISK_BODY_IDLE_TIMEOUT` seconds overrides it. CDI has none (its proxy's
+/// request timeout is 24 h), so one stalled client holds its upload server busy.
+pub fn body_idle_timeout() -> Duration {
+    from_env("FERRYDISK_BODY_IDLE_TIMEOUT", 300)
+}
+
+/// A body that sent nothing for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing for {} s (stalled)", .0.as_secs())]
+pub struct Stalled(pub Duration);
+
+/// The next frame of a client's body, or [`Stalled`] when none comes within `idle`.
+pub async fn next_frame<B>(
+    body: &mut B,
+    idle: Duration,
+) -> Result<Option<Result<hyper::body::Frame<B::Data>, B::Error>>, Stalled>
+where
+    B: hyper::body::Body + Unpin,
+{
+    use http_body_util::BodyExt;
+    tokio::time::timeout(idle, body.frame())
+        .await
+        .map_err(|_| Stalled(idle))
+}
+
 fn from_env(name: &str, default_s: u64) -> Duration {
     let s = std::env::var(name)
         .ok()

@@ -9,11 +9,10 @@ use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::checksum::{Checksum, ChecksumError};
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::serve::{conn, linger, tls};
+use ferrydisk_common::serve::{conn, linger, listen, tls};
 use ferrydisk_common::stream::ChunkSender;
 use ferrydisk_common::ErrorKind;
-use futures_util::StreamExt;
-use http_body_util::{BodyExt, BodyStream, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
@@ -345,8 +344,18 @@ enum Pumped {
 }
 
 async fn pump_raw(mut body: Incoming, tx: &ChunkSender, progress: &Progress) -> Pumped {
+    let idle = listen::body_idle_timeout();
     let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match listen::next_frame(&mut body, idle).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(stalled) => {
+                return Pumped::ClientFailed(format!(
+                    "upload body stopped after {n} bytes: {stalled}"
+                ))
+            }
+        };
         match frame {
             Ok(f) => {
                 if let Ok(data) = f.into_data() {
@@ -373,10 +382,19 @@ async fn pump_form(
     tx: &ChunkSender,
     progress: &Progress,
 ) -> Pumped {
-    let stream = BodyStream::new(body).filter_map(|f| async move {
-        match f {
-            Ok(frame) => frame.into_data().ok().map(Ok),
-            Err(e) => Some(Err(e)),
+    let idle = listen::body_idle_timeout();
+    let stream = futures_util::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        loop {
+            match listen::next_frame(&mut body, idle).await {
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => return Some((Ok(d), Some(body))),
+                    Err(_) => continue, // trailers
+                },
+                Ok(Some(Err(e))) => return Some((Err(std::io::Error::other(e)), None)),
+                Ok(None) => return None,
+                Err(stalled) => return Some((Err(std::io::Error::other(stalled)), None)),
+            }
         }
     });
     let mut form = multer::Multipart::new(stream, boundary);
