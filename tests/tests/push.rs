@@ -827,7 +827,7 @@ fn the_upload_server_pushes_what_it_received_to_the_registry() {
 }
 
 #[test]
-fn a_raw_artifact_streams_from_http_without_a_spool_and_falls_back_when_out_of_order() {
+fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() {
     let d = tmp();
     let raw = default_fixture(d.path());
     let reference = qemu_reference(&raw, d.path());
@@ -858,46 +858,89 @@ fn a_raw_artifact_streams_from_http_without_a_spool_and_falls_back_when_out_of_o
     let spool = d.path().join("spool");
     std::fs::create_dir_all(&spool).expect("mkdir");
     let spool_arg = spool.to_str().expect("utf8");
-    let args = [
-        "--layout",
-        "artifact",
-        "--convert",
-        "raw",
-        "--zstd",
-        "--disk-name",
-        "rootdisk",
-        "--spool-dir",
-        spool_arg,
+    // (source, layout, expected bytes, streams, why not). A containerDisk's tar header
+    // needs the disk's size first: a qcow2 announces it, a raw.xz does not.
+    let cases = [
+        ("disk.raw.xz", "artifact", &reference, true, ""),
+        ("ordered.qcow2", "artifact", &reference, true, ""),
+        (
+            "backwards.qcow2",
+            "artifact",
+            &backwards_ref,
+            false,
+            "not in guest order",
+        ),
+        ("ordered.qcow2", "containerdisk", &reference, true, ""),
+        (
+            "disk.raw.xz",
+            "containerdisk",
+            &reference,
+            false,
+            "known only at its end",
+        ),
+        (
+            "backwards.qcow2",
+            "containerdisk",
+            &backwards_ref,
+            false,
+            "not in guest order",
+        ),
     ];
-    for (file, want, streams) in [
-        ("disk.raw.xz", &reference, true),
-        ("ordered.qcow2", &reference, true),
-        ("backwards.qcow2", &backwards_ref, false),
-    ] {
-        let repo = format!("vms/{}:1", file.replace('.', "-"));
+    for (file, layout, want, streams, why) in cases {
+        // (this umoci cannot unpack zstd layers, so the containerDisks are plain tar)
+        let mut args = vec![
+            "--layout",
+            layout,
+            "--convert",
+            "raw",
+            "--disk-name",
+            "rootdisk",
+            "--spool-dir",
+            spool_arg,
+        ];
+        if layout == "artifact" {
+            args.push("--zstd");
+        }
+        let repo = format!("vms/{}-{layout}:1", file.replace('.', "-"));
         let out = push(&reg, Path::new(&http.url(file)), &repo, &args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{file}: {err}");
+        assert!(out.status.success(), "{file} {layout}: {err}");
         let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
-        assert_eq!(
-            s["layerMediaType"], "application/vnd.kubevirt.disk.raw+zstd",
-            "{file}"
-        );
-        assert_eq!(s["virtualSize"], 64 << 20, "{file}");
+        let media = if layout == "artifact" {
+            "application/vnd.kubevirt.disk.raw+zstd"
+        } else {
+            "application/vnd.oci.image.layer.v1.tar"
+        };
+        assert_eq!(s["layerMediaType"], media, "{file} {layout}");
+        assert_eq!(s["virtualSize"], 64 << 20, "{file} {layout}");
         assert_eq!(
             err.contains("pushed as streamed"),
             streams,
-            "{file}: streamed or not: {err}"
+            "{file} {layout}: streamed or not: {err}"
         );
         if !streams {
-            assert!(err.contains("not in guest order"), "{file}: {err}");
-            assert!(err.contains("spooling the import"), "{file}: {err}");
+            assert!(err.contains(why), "{file} {layout}: {err}");
+            assert!(
+                err.contains("spooling the import"),
+                "{file} {layout}: {err}"
+            );
         }
-        assert_eq!(spool_left(&spool), 0, "{file}: no spool left");
+        assert_eq!(spool_left(&spool), 0, "{file} {layout}: no spool left");
         let m = reg.raw_manifest(&repo);
         assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
-        let run = d.path().join(format!("import-{file}"));
+        let run = d.path().join(format!("import-{file}-{layout}"));
         reg.importer(&run, &repo).run().assert_success();
         assert_same_bytes(&run.join("data/disk.img"), want);
+        if layout == "containerdisk" {
+            // What other tools see: a tar whose disk/rootdisk is the raw disk.
+            let dir = d.path().join(format!("unpack-{file}"));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let rootfs = unpacked(&reg, &repo, &dir);
+            let disk = rootfs.join("disk/rootdisk");
+            assert_same_bytes(&disk, want);
+            let meta = std::fs::metadata(&disk).expect("meta");
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((meta.uid(), meta.gid()), (107, 107), "{file}");
+        }
     }
 }

@@ -15,6 +15,13 @@ use std::sync::Arc;
 
 /// Where the stream goes; `close` ends it once the last byte is written.
 pub trait StreamOut: Write + Send {
+    /// Called once, before the first byte, with the disk's final length when it is
+    /// known by then (a format's virtual size, announced by `prepare_random`; a raw
+    /// stream's length is known only at the end). An error stops the stream, and the
+    /// caller spools instead (a tar entry needs its size in its header).
+    fn begin(&mut self, _len: Option<u64>) -> io::Result<()> {
+        Ok(())
+    }
     fn close(self: Box<Self>) -> io::Result<()>;
 }
 
@@ -28,8 +35,12 @@ pub struct OutOfOrder {
 pub struct StreamTarget {
     out: Option<Box<dyn StreamOut>>,
     sent: u64,
+    /// The length `prepare_random` announced, if it came before the first byte.
+    len: Option<u64>,
+    begun: bool,
     shown: PathBuf,
-    /// Set when a write went backwards.
+    /// Set when the disk cannot be streamed: a write went backwards, or the stream
+    /// refused to begin without a length.
     out_of_order: Arc<AtomicBool>,
 }
 
@@ -39,6 +50,8 @@ impl StreamTarget {
         StreamTarget {
             out: Some(out),
             sent: 0,
+            len: None,
+            begun: false,
             shown: PathBuf::from(shown),
             out_of_order,
         }
@@ -58,6 +71,20 @@ impl StreamTarget {
         })
     }
 
+    /// Tells the stream its length, once, before the first byte.
+    fn begin(&mut self) -> io::Result<()> {
+        if self.begun {
+            return Ok(());
+        }
+        self.begun = true;
+        let len = self.len;
+        let r = self.out()?.begin(len);
+        if r.is_err() {
+            self.out_of_order.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Zeros up to `to`.
     fn pad(&mut self, to: u64) -> io::Result<()> {
         static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
@@ -75,6 +102,7 @@ impl Target for StreamTarget {
         if offset < self.sent {
             return Err(self.backwards(offset));
         }
+        self.begin()?;
         self.pad(offset)?;
         self.out()?.write_all(buf)?;
         self.sent += buf.len() as u64;
@@ -94,6 +122,12 @@ impl Target for StreamTarget {
     }
 
     fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo> {
+        if let Some(len) = self.len.filter(|&l| l != final_len) {
+            return Err(io::Error::other(format!(
+                "the disk was announced as {len} bytes and ended at {final_len}"
+            )));
+        }
+        self.begin()?;
         self.pad(final_len)?;
         match self.out.take() {
             Some(out) => out.close()?,
@@ -112,8 +146,12 @@ impl Target for StreamTarget {
         self.out = None;
     }
 
-    fn prepare_random(&mut self, _len: u64) -> io::Result<()> {
-        // Tolerated until a write actually goes backwards.
+    fn prepare_random(&mut self, len: u64) -> io::Result<()> {
+        // Random order is tolerated until a write actually goes backwards; the length
+        // counts only if no byte went out yet.
+        if !self.begun {
+            self.len = Some(len);
+        }
         Ok(())
     }
 
@@ -168,10 +206,51 @@ mod tests {
         assert!(got[8202..].iter().all(|&b| b == 0));
         assert!(closed.load(Ordering::Relaxed));
 
-        let mut t = StreamTarget::new(Box::new(Collect(data, closed)), "<test>", ooo.clone());
+        let mut t = StreamTarget::new(
+            Box::new(Collect(data.clone(), closed.clone())),
+            "<test>",
+            ooo.clone(),
+        );
         t.write_at(65536, &[1; 4096]).expect("write");
         let e = t.write_at(0, &[1; 4096]).expect_err("backwards");
         assert!(e.to_string().contains("not in guest order"), "{e}");
         assert!(ooo.load(Ordering::Relaxed));
+    }
+
+    /// Refuses to begin without a length, as a tar entry must.
+    struct NeedsLen(Arc<Mutex<Option<u64>>>);
+    impl Write for NeedsLen {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl StreamOut for NeedsLen {
+        fn begin(&mut self, len: Option<u64>) -> io::Result<()> {
+            *self.0.lock().expect("lock") = len;
+            len.map(|_| ()).ok_or_else(|| io::Error::other("no length"))
+        }
+        fn close(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_stream_begins_with_the_announced_length_or_not_at_all() {
+        let seen = Arc::new(Mutex::new(None));
+        let ooo = Arc::new(AtomicBool::new(false));
+        let mut t = StreamTarget::new(Box::new(NeedsLen(seen.clone())), "<t>", ooo.clone());
+        t.prepare_random(1 << 20).expect("announce");
+        t.write_at(0, &[1; 512]).expect("write");
+        assert_eq!(*seen.lock().expect("lock"), Some(1 << 20));
+        let e = t.finish(2 << 20).expect_err("a different end");
+        assert!(e.to_string().contains("announced as 1048576"), "{e}");
+        assert!(!ooo.load(Ordering::Relaxed));
+
+        let mut t = StreamTarget::new(Box::new(NeedsLen(seen)), "<t>", ooo.clone());
+        t.write_at(0, &[1; 512]).expect_err("no length");
+        assert!(ooo.load(Ordering::Relaxed), "the caller spools instead");
     }
 }

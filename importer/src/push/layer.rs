@@ -147,16 +147,28 @@ fn write_payload(
     match spec.layout {
         Layout::Artifact => copy_exact(source, len, w),
         Layout::ContainerDisk => {
-            w.write_all(tar_header("disk/", 0, true)?.as_bytes())?;
-            let name = format!("disk/{}", spec.disk_name);
-            w.write_all(tar_header(&name, len, false)?.as_bytes())?;
+            w.write_all(&tar_prefix(&spec.disk_name, len)?)?;
             copy_exact(source, len, w)?;
-            let pad = (512 - len % 512) % 512;
-            // The entry's padding, then the two zero blocks that end an archive.
-            w.write_all(&[0u8; 512][..pad as usize])?;
-            w.write_all(&[0u8; 1024])
+            w.write_all(&tar_suffix(len))
         }
     }
+}
+
+/// What comes before a containerDisk's `len` disk bytes: the `disk/` entry and the
+/// header of `disk/<name>`.
+pub fn tar_prefix(disk_name: &str, len: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(tar_header("disk/", 0, true)?.as_bytes());
+    let name = format!("disk/{disk_name}");
+    out.extend_from_slice(tar_header(&name, len, false)?.as_bytes());
+    Ok(out)
+}
+
+/// What comes after them: the entry's padding, then the two zero blocks that end an
+/// archive.
+pub fn tar_suffix(len: u64) -> Vec<u8> {
+    let pad = ((512 - len % 512) % 512) as usize;
+    vec![0u8; pad + 1024]
 }
 
 /// One pass: the layer made from `len` bytes of `source`, written to `out`.

@@ -168,25 +168,11 @@ pub async fn push_with(
         };
         Some(spool::import(args, output).await?)
     };
-    let mut args = args.clone();
+    let args = &with_source_env(args, spooled.as_ref().map_or(&[][..], |s| &s.env[..]));
     let path = match &spooled {
-        Some(s) => {
-            // The source's KUBEVIRT_IO_ entries, unless --env sets the same key.
-            for e in &s.env {
-                let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
-                if !args
-                    .env
-                    .iter()
-                    .any(|x| x.split_once('=').is_some_and(|(k, _)| k == key))
-                {
-                    args.env.push(e.clone());
-                }
-            }
-            s.disk.clone()
-        }
+        Some(s) => s.disk.clone(),
         None => args.source.clone(),
     };
-    let args = &args;
     let shown = given;
     let mut file = File::open(&path).map_err(|e| format!("opening {shown}: {e}"))?;
     let len = source_len(&mut file).map_err(|e| format!("sizing {shown}: {e}"))?;
@@ -230,6 +216,23 @@ pub async fn push_with(
             .map_err(|e| format!("save task: {e}"))?
         }
     }
+}
+
+/// `args` with the source's `KUBEVIRT_IO_` Env entries added, unless `--env` sets the
+/// same key.
+fn with_source_env(args: &PushArgs, source_env: &[String]) -> PushArgs {
+    let mut args = args.clone();
+    for e in source_env {
+        let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+        if !args
+            .env
+            .iter()
+            .any(|x| x.split_once('=').is_some_and(|(k, _)| k == key))
+        {
+            args.env.push(e.clone());
+        }
+    }
+    args
 }
 
 async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summary, String> {

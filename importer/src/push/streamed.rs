@@ -1,11 +1,16 @@
-//! Pushing while importing, with no spool: an OCI artifact whose layer is the raw disk
-//! (`--layout artifact --convert raw`, KubeVirt's `application/vnd.kubevirt.disk.raw`,
-//! `+zstd` with `--zstd`) goes up as the import decodes it. The import writes into a
-//! [`StreamTarget`]: the disk in guest order, holes as zeros, through zstd and the
-//! digest into the registry's upload, whose length and digest are known only at the
-//! end. Raw sources (also compressed) are in guest order; a converted format usually
-//! is, and when it is not (a write going back), the upload is dropped and the push
-//! spools instead, saying so.
+//! Pushing while importing, with no spool: a disk converted to raw
+//! (`--convert raw`) goes up as the import decodes it, as an OCI artifact's blob
+//! (KubeVirt's `application/vnd.kubevirt.disk.raw`, `+zstd` with `--zstd`) or as a
+//! containerDisk's tar layer. The import writes into a [`StreamTarget`]: the disk in
+//! guest order, holes as zeros, through zstd and the digest into the registry's
+//! upload, whose length and digest are known only at the end. Raw sources (also
+//! compressed) are in guest order; a converted format usually is, and when it is not
+//! (a write going back), the upload is dropped and the push spools instead, saying so.
+//!
+//! A containerDisk's tar entry needs the disk's size in its header, before the first
+//! byte: a format announces its virtual size before its data (qcow2, vmdk, vhd, vhdx,
+//! vdi), so those stream; a raw source's length is known only at its end, so a raw
+//! source pushed as a containerDisk spools.
 //!
 //! What this gives up against a spooled push: the `HEAD` check before the upload (the
 //! digest is not known until the last byte), so a blob the registry has is sent again
@@ -21,16 +26,22 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Whether this push can stream (to a registry): a raw artifact. A local file kept
-/// as stored is never converted to raw, and streams from the file already.
+/// Whether this push can stream (to a registry): a disk converted to raw. A local
+/// file kept as stored is never converted, and streams from the file already.
 pub(super) fn applies(args: &PushArgs) -> bool {
-    args.layout == Layout::Artifact && args.convert == "raw"
+    args.convert == "raw"
 }
+
+/// Why a containerDisk stream did not begin: the disk's length was not known before
+/// its first byte.
+const NO_LENGTH: &str = "a containerDisk's tar header needs the disk's size before its data";
 
 struct UploadOut {
     blob: Option<BlobWriter<Chunks>>,
     digest: Option<tokio::sync::oneshot::Sender<Option<String>>>,
     produced: Arc<Mutex<Option<Produced>>>,
+    /// A containerDisk: the disk's name, and its length once the stream began.
+    tar: Option<(String, Option<u64>)>,
 }
 
 impl Write for UploadOut {
@@ -49,7 +60,21 @@ impl Write for UploadOut {
 }
 
 impl StreamOut for UploadOut {
+    fn begin(&mut self, len: Option<u64>) -> io::Result<()> {
+        let Some((name, begun)) = &mut self.tar else {
+            return Ok(());
+        };
+        let len = len.ok_or_else(|| io::Error::other(NO_LENGTH))?;
+        *begun = Some(len);
+        let prefix = super::layer::tar_prefix(name, len)?;
+        self.write_all(&prefix)
+    }
+
     fn close(mut self: Box<Self>) -> io::Result<()> {
+        if let Some((_, len)) = self.tar {
+            let len = len.ok_or_else(|| io::Error::other(NO_LENGTH))?;
+            self.write_all(&super::layer::tar_suffix(len))?;
+        }
         let blob = self
             .blob
             .take()
@@ -72,7 +97,7 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
         .map_err(|e| format!("--max-size {:?}: {e}", args.max_size))?;
     let reg = connect(args, dest).await?;
     let spec = LayerSpec {
-        layout: Layout::Artifact,
+        layout: args.layout,
         disk_name: args.disk_name.clone(),
         zstd: args
             .zstd
@@ -92,6 +117,7 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
         blob: Some(blob),
         digest: Some(dtx),
         produced: produced.clone(),
+        tar: (spec.layout == Layout::ContainerDisk).then(|| (spec.disk_name.clone(), None)),
     };
     let backwards = Arc::new(AtomicBool::new(false));
     let shown = format!("the upload to {}/{}", dest.host, dest.repo);
@@ -103,6 +129,10 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
     );
     let spooled = match imported {
         Ok(s) => s,
+        Err(e) if e.contains(NO_LENGTH) => {
+            tracing::info!("the source is raw, whose length is known only at its end, and {NO_LENGTH}: the upload is dropped and the push spools instead");
+            return Ok(None);
+        }
         Err(e) if backwards.load(Ordering::Relaxed) || e.contains(crate::disk::STREAM_RESTART) => {
             tracing::info!("the source's data is not in guest order: the upload is dropped and the push spools instead");
             return Ok(None);
@@ -133,6 +163,7 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
         media,
         origin: spooled.origin.clone(),
     };
+    let args = &super::with_source_env(args, &spooled.env);
     let manifest_digest = put_image(args, dest, &reg, &src, &pre).await?;
     let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
     tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, "pushed as streamed");
