@@ -943,4 +943,18 @@ fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() 
             assert_eq!((meta.uid(), meta.gid()), (107, 107), "{file}");
         }
     }
+    // A local raw file is already raw: `--convert raw` pushes it from the file, as
+    // `keep` would, with no spool and no second import.
+    let out = push(
+        &reg,
+        &raw,
+        "vms/local-raw:1",
+        &["--convert", "raw", "--spool-dir", spool_arg],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("spooling the import"), "{err}");
+    let run = d.path().join("import-local-raw");
+    reg.importer(&run, "vms/local-raw:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
 }

@@ -150,9 +150,11 @@ pub async fn push_with(
     };
     layer::check_disk_name(&args.disk_name)?;
     let given = args.source.to_string_lossy().to_string();
-    let local_as_stored = spool::is_path(&given) && args.convert == "keep";
-    // A raw artifact for a registry goes up as it is imported, when the source allows.
-    if let (Some(d), true) = (&dest, streamed::applies(args)) {
+    // A local raw file converted to raw is already what it would become.
+    let local_as_stored = spool::is_path(&given)
+        && (args.convert == "keep" || (args.convert == "raw" && is_plain_raw(&args.source)));
+    // A raw disk for a registry goes up as it is imported, when the source allows.
+    if let (Some(d), true) = (&dest, streamed::applies(args) && !local_as_stored) {
         if let Some(s) = streamed::push(args, d).await? {
             return Ok(s);
         }
@@ -216,6 +218,26 @@ pub async fn push_with(
             .map_err(|e| format!("save task: {e}"))?
         }
     }
+}
+
+/// Whether a local file or device holds a raw disk as it is (not a format, not
+/// compressed), by the importer's own sniffing.
+fn is_plain_raw(path: &std::path::Path) -> bool {
+    use ferrydisk_common::sniff::{sniff, SNIFF_LEN};
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let mut head = vec![0u8; SNIFF_LEN.max(512)];
+    let mut got = 0;
+    while got < head.len() {
+        match std::os::unix::fs::FileExt::read_at(&f, &mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    sniff(&head[..got]) == Format::Raw
 }
 
 /// `args` with the source's `KUBEVIRT_IO_` Env entries added, unless `--env` sets the
