@@ -7,6 +7,9 @@
 //! sources hand their bytes in through [`stream::ChannelReader`], which applies
 //! back-pressure to the network.
 
+// Linked for its "std" feature only (runtime CPU detection in flate2's zlib-rs).
+use zlib_rs as _;
+
 pub mod cdi;
 pub mod checksum;
 pub mod decode;
