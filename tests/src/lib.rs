@@ -12,6 +12,7 @@ pub mod objstore;
 pub mod registry;
 pub mod runner;
 pub mod token;
+pub mod tokenserver;
 pub mod upload;
 
 pub use bins::*;

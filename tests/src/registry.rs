@@ -2,6 +2,7 @@
 //! built with buildah (private storage per test) or written by tests/support/mkimage.py
 //! and pushed with skopeo.
 
+use super::tokenserver::{Grant, TokenServer};
 use super::upload::Pki;
 use super::{free_port, root, sh};
 use std::path::{Path, PathBuf};
@@ -18,12 +19,28 @@ pub struct Registry {
     pub creds: Option<(String, String)>,
     /// The registry's output: its access log, one line per request.
     pub log: PathBuf,
+    /// With token authentication: the token server.
+    pub token: Option<TokenServer>,
     _dir: tempfile::TempDir,
     _pki: Option<Pki>,
 }
 
 impl Registry {
     pub fn start(tls: bool, creds: Option<(&str, &str)>) -> Self {
+        Self::start_with(tls, creds, None)
+    }
+
+    /// A registry with Docker's token authentication: `grants` say who may do what;
+    /// `creds` (one of them) is what the helpers (skopeo, the importer) log in with.
+    pub fn start_token(tls: bool, grants: &'static [Grant], creds: (&str, &str)) -> Self {
+        Self::start_with(tls, Some(creds), Some(grants))
+    }
+
+    fn start_with(
+        tls: bool,
+        creds: Option<(&str, &str)>,
+        grants: Option<&'static [Grant]>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let d = dir.path();
         let storage = d.join("storage");
@@ -48,7 +65,10 @@ impl Registry {
             ));
             ca_dir = Some(ca);
         }
-        if let Some((u, p)) = creds {
+        let token = grants.map(|g| TokenServer::start(d, g));
+        if let Some(t) = &token {
+            cfg.push_str(&t.registry_config());
+        } else if let Some((u, p)) = creds {
             let out = sh(Command::new("htpasswd").args(["-Bbn", u, p]));
             std::fs::write(d.join("htpasswd"), out.stdout).expect("htpasswd");
             cfg.push_str(&format!(
@@ -78,6 +98,7 @@ impl Registry {
             ca_dir,
             creds: creds.map(|(u, p)| (u.into(), p.into())),
             log,
+            token,
             _dir: dir,
             _pki: pki,
         }

@@ -11,11 +11,21 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn push(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> Output {
+    push_as(("user", "pass"), reg, source, repo_tag, extra)
+}
+
+fn push_as(
+    (user, pass): (&str, &str),
+    reg: &Registry,
+    source: &Path,
+    repo_tag: &str,
+    extra: &[&str],
+) -> Output {
     let mut c = Command::new(bin("importer"));
     c.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("IMPORTER_ACCESS_KEY_ID", "user")
-        .env("IMPORTER_SECRET_KEY", "pass")
+        .env("IMPORTER_ACCESS_KEY_ID", user)
+        .env("IMPORTER_SECRET_KEY", pass)
         .arg("push")
         .arg("--source")
         .arg(source)
@@ -957,4 +967,95 @@ fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() 
     let run = d.path().join("import-local-raw");
     reg.importer(&run, "vms/local-raw:1").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
+}
+
+/// Who may do what on the token registry: `user` pushes under `vms/` and may only pull
+/// `base/`; `admin` may do anything.
+const TOKEN_GRANTS: &[ferrydisk_tests::tokenserver::Grant] = &[
+    ("user", "pass", "vms/", &["pull", "push"]),
+    ("user", "pass", "base/", &["pull"]),
+    ("admin", "apass", "", &["pull", "push"]),
+];
+
+#[test]
+fn a_token_registry_takes_pushes_and_mounts_with_the_scopes_it_asks_for() {
+    // Docker's token authentication (Docker Hub, Quay, Harbor): the real docker-registry
+    // checks RS256 tokens from a token server on 127.0.0.1 (tests/src/tokenserver.rs).
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let q = qcow2_of(&raw, &d.path().join("disk.qcow2"));
+    let reg = Registry::start_token(true, TOKEN_GRANTS, ("user", "pass"));
+    let ok = |o: &Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("summary")
+    };
+    // The base image, pushed by admin.
+    ok(&push_as(("admin", "apass"), &reg, &q, "base/disk:1", &[]));
+    // Layer data goes up in PATCHes (the small config blob in one PUT).
+    let patches = || {
+        std::fs::read_to_string(&reg.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"PATCH /v2/"))
+            .count()
+    };
+    let seeded = patches();
+    // user pushes the same disk under vms/, mounting its layer from base/ (which needs
+    // a token for base/disk:pull as well as vms/disk:pull,push): nothing is uploaded.
+    let s = ok(&push(
+        &reg,
+        &q,
+        "vms/disk:1",
+        &["--mount-from", "base/disk"],
+    ));
+    assert_eq!(s["layerMounted"], true, "{s}");
+    assert_eq!(s["layerUploaded"], false, "{s}");
+    assert_eq!(patches(), seeded, "no layer data sent for a mount");
+    let asked = reg.token.as_ref().expect("token server").asked();
+    assert!(
+        asked.iter().any(|a| a == "user repository:base/disk:pull"),
+        "the token for the mount names the source repository: {asked:?}"
+    );
+    // Our importer and skopeo read it back with user's token.
+    let run = d.path().join("import");
+    let o = reg.importer(&run, "vms/disk:1").run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    assert_eq!(
+        reg.raw_manifest("vms/disk:1")["layers"][0]["digest"],
+        s["layerDigest"]
+    );
+    // A mount from a repository user cannot read is not an error: the layer goes up.
+    let s = ok(&push(
+        &reg,
+        &q,
+        "vms/copy:1",
+        &["--mount-from", "secret/disk", "--zstd"],
+    ));
+    assert_eq!(
+        (s["layerMounted"].clone(), s["layerUploaded"].clone()),
+        (false.into(), true.into()),
+        "{s}"
+    );
+    // Pushing where user may only pull, or with a wrong password: one line, exit 1.
+    for (creds, repo) in [
+        (("user", "pass"), "base/other:1"),
+        (("user", "nope"), "vms/x:1"),
+    ] {
+        let o = push_as(creds, &reg, &q, repo, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{repo}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("push failed"))
+            .unwrap_or("");
+        assert!(
+            line.contains("401")
+                || line.contains("403")
+                || line.contains("denied")
+                || line.contains("unauthorized"),
+            "{repo}: {err}"
+        );
+    }
 }

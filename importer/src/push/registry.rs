@@ -165,10 +165,20 @@ impl Registry {
                 .ok_or_else(|| {
                     PushError::Auth(format!("bearer challenge without a realm: {challenge}"))
                 })?;
-            let scope = format!("repository:{}:pull,push", self.repo);
+            // Our repository's scope, and whatever else the challenge names (a mount
+            // also needs `repository:<from>:pull`), each as its own `scope`, as docker
+            // asks for them.
+            let mut scopes = vec![format!("repository:{}:pull,push", self.repo)];
+            for (_, v) in p.iter().filter(|(k, _)| k == "scope") {
+                for sc in v.split(' ').filter(|s| !s.is_empty()) {
+                    if !scopes.iter().any(|x| x == sc) {
+                        scopes.push(sc.to_string());
+                    }
+                }
+            }
             let mut query: Vec<(String, String)> =
                 p.into_iter().filter(|(k, _)| k == "service").collect();
-            query.push(("scope".into(), scope));
+            query.extend(scopes.into_iter().map(|sc| ("scope".to_string(), sc)));
             let mut req = self.http.get(&realm).query(&query);
             if let Some(b) = &basic {
                 req = req.header(AUTHORIZATION, b);
@@ -228,7 +238,8 @@ impl Registry {
     /// Cross-repository mount: asks the registry to link blob `digest` from repository
     /// `from` into this one. True when it did (201). A 202 means it started an upload
     /// instead (the blob is not there, or the credentials cannot read `from`): that
-    /// session is cancelled and the caller uploads.
+    /// session is cancelled and the caller uploads. A token registry that will not give
+    /// us `from` answers 401 or 403: not mounted either.
     pub async fn mount(&self, digest: &str, from: &str) -> Result<bool, PushError> {
         let url = self.url(&format!("blobs/uploads/?mount={digest}&from={from}"));
         let what = format!("mounting blob {digest} from {from}");
@@ -245,6 +256,14 @@ impl Registry {
                         })
                         .await;
                 }
+                Ok(false)
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                tracing::info!(
+                    from,
+                    status = resp.status().as_u16(),
+                    "no access to the mount's source repository"
+                );
                 Ok(false)
             }
             _ => expect(resp, &[], &what).await.map(|_| false),
