@@ -641,6 +641,9 @@ async fn upload_layer(
     let made = producer.await.expect("layer task");
     match (uploaded, made) {
         (Ok(_), Ok(p)) => Ok(p),
+        // A failed upload stops the producer ("the upload stopped", a broken pipe):
+        // the upload's own error says why (a registry's 401, say).
+        (Err(u), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(u),
         // The producer's own error says what went wrong on the source side.
         (_, Err(e)) => Err(PushError::Protocol(format!("reading the source: {e}"))),
         (Err(e), Ok(_)) => Err(e),
