@@ -6,6 +6,7 @@
 //! the actions a policy allows on the scopes asked for, and records every scope asked.
 
 use super::sh;
+use base64::Engine;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -48,13 +49,7 @@ impl TokenServer {
             .args(["x509", "-outform", "DER", "-in"])
             .arg(&cert))
         .stdout;
-        let b64 = String::from_utf8(
-            sh(Command::new("openssl")
-                .args(["base64", "-A", "-in"])
-                .arg(write_tmp(dir, "token.der", &der)))
-            .stdout,
-        )
-        .expect("base64");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
         let pem = std::fs::read(&key).expect("key");
         let signing = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).expect("RSA key");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -63,7 +58,7 @@ impl TokenServer {
         let log = asked.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (signing, x5c, log) = (signing.clone(), b64.trim().to_string(), log.clone());
+                let (signing, x5c, log) = (signing.clone(), b64.clone(), log.clone());
                 std::thread::spawn(move || serve(conn, &signing, &x5c, grants, &log));
             }
         });
@@ -88,47 +83,13 @@ impl TokenServer {
     }
 }
 
-fn write_tmp(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, data).expect("write");
-    p
-}
-
+/// `user:password` from a Basic Authorization header.
 fn decode_basic(v: &str) -> Option<(String, String)> {
-    let b64 = v.strip_prefix("Basic ")?.trim();
-    let mut c = Command::new("openssl");
-    c.args(["base64", "-d", "-A"]);
-    let out = c
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .ok()
-        .and_then(|mut ch| {
-            ch.stdin.take()?.write_all(b64.as_bytes()).ok()?;
-            ch.wait_with_output().ok()
-        })?;
-    let s = String::from_utf8(out.stdout).ok()?;
-    let (u, p) = s.split_once(':')?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let (u, p) = std::str::from_utf8(&raw).ok()?.split_once(':')?;
     Some((u.to_string(), p.to_string()))
-}
-
-fn unescape(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn serve(
@@ -168,12 +129,12 @@ fn serve(
     };
     let query = target.split_once('?').map_or("", |(_, q)| q);
     let mut access = Vec::new();
-    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         if k != "scope" {
             continue;
         }
         // Several scopes may come in one parameter, space-separated.
-        for scope in unescape(v).split(' ').filter(|s| !s.is_empty()) {
+        for scope in v.split(' ').filter(|s| !s.is_empty()) {
             log.lock()
                 .expect("lock")
                 .push(format!("{} {scope}", user.as_deref().unwrap_or("-")));

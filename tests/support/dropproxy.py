@@ -50,31 +50,23 @@ def pipe(src, dst, limit, counted=False):
                 ahead = (sent + len(data)) / a.rate - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
-            if limit is not None and sent + len(data) > limit and a.stall:
+            if limit is not None and sent + len(data) > limit:
+                # This connection's turn to break, if any are left: send up to the
+                # limit, then cut it or go silent for --stall seconds.
                 with lock:
-                    stall = left[0] > 0
-                    if stall:
+                    hit = left[0] > 0
+                    if hit:
                         left[0] -= 1
-                if stall:
+                if hit:
                     dst.sendall(data[: limit - sent])
                     cut_seen.set()
                     if a.cut_file:
                         open(a.cut_file, "w").close()
+                    if not a.stall:
+                        break
                     time.sleep(a.stall)
                     data = data[limit - sent :]
                     sent = limit
-                limit = None
-            if limit is not None and sent + len(data) > limit:
-                with lock:
-                    cut = left[0] > 0
-                    if cut:
-                        left[0] -= 1
-                if cut:
-                    dst.sendall(data[: limit - sent])
-                    cut_seen.set()
-                    if a.cut_file:
-                        open(a.cut_file, "w").close()
-                    break
                 limit = None
             dst.sendall(data)
             sent += len(data)

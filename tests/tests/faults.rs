@@ -224,21 +224,16 @@ fn enospc_mid_import_is_a_terminal_error_naming_the_destination() {
 #[test]
 fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
     use ferrydisk_tests::objstore::DropProxy;
-    let d = tmp();
-    let raw = dense_fixture_named(d.path(), "dense.raw", 5);
-    let reference = qemu_reference(&raw, d.path());
-    let pki = Pki::default();
-    let run = d.path().join("run");
-    let mut server = upload_server(&pki, &run);
+    let u = UploadFixture::new(5);
+    let (pki, auth, file) = (&u.pki, u.auth.as_str(), u.file.as_str());
+    let run = u.dir().join("run");
+    let mut server = upload_server(pki, &run);
     // The first connection from the proxy to the server is cut 8 MiB into its bytes
     // (TLS records, mid-body); the next ones pass.
-    let cut = DropProxy::start_upward(d.path(), server.port, 8 << 20, 1);
-    let p = proxy(&pki, &run, cut.port, Mode::Standalone, "client");
+    let cut = DropProxy::start_upward(u.dir(), server.port, 8 << 20, 1);
+    let p = proxy(pki, &run, cut.port, Mode::Standalone, "client");
     let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
-    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
-    let auth = format!("Authorization: Bearer {token}");
-    let file = raw.to_str().expect("utf8");
-    let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
+    let (code, body) = curl(pki, &["-H", auth, "-T", file, &url]);
     assert_ne!(code, 200, "a cut upload is not a success: {body}");
     assert_eq!(
         server.wait(Duration::from_millis(500)),
@@ -249,14 +244,7 @@ fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
     assert!(!term.contains("Upload Complete"), "{term}");
     // The same upload again, through the same proxy: complete and byte-equal. Until
     // the server has put the cut upload away it answers 503, which a client retries.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (code, body) = loop {
-        let (code, body) = curl(&pki, &["-H", &auth, "-T", file, &url]);
-        if code != 503 || Instant::now() > deadline {
-            break (code, body);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (code, body) = upload_until_taken(pki, auth, file, &url, &[]);
     assert_eq!(code, 200, "{body}\n{}", server.log());
     assert_eq!(
         server.wait(Duration::from_secs(20)),
@@ -264,13 +252,44 @@ fn an_upload_cut_between_proxy_and_server_fails_and_the_next_one_is_correct() {
         "{}",
         server.log()
     );
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    assert_same_bytes(&run.join("data/disk.img"), &u.reference);
+}
+
+/// A 25 MiB dense disk to upload, its `qemu-img convert` reference, the PKI and an
+/// upload token's header.
+struct UploadFixture {
+    d: tempfile::TempDir,
+    file: String,
+    reference: std::path::PathBuf,
+    pki: Pki,
+    auth: String,
+}
+
+impl UploadFixture {
+    fn new(seed: u64) -> Self {
+        let d = tmp();
+        let raw = dense_fixture_named(d.path(), "dense.raw", seed);
+        let reference = qemu_reference(&raw, d.path());
+        let pki = Pki::default();
+        let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
+        UploadFixture {
+            file: raw.to_str().expect("utf8").to_string(),
+            reference,
+            auth: format!("Authorization: Bearer {token}"),
+            pki,
+            d,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.d.path()
+    }
 }
 
 /// A body idle timeout short enough for a test; a slow but moving link stays under it.
 const IDLE: (&str, &str) = ("FERRYDISK_BODY_IDLE_TIMEOUT", "2");
 
-/// `curl -T` through `proxy_port` until it is not answered 503 (the server putting a
+/// `curl -T file url` until it is not answered 503 (the server putting a
 /// failed upload away); returns the last status and body.
 fn upload_until_taken(
     pki: &Pki,
@@ -292,37 +311,30 @@ fn upload_until_taken(
     }
 }
 
+/// A standalone proxy to `port` with the test's body idle timeout.
+fn idle_proxy(pki: &Pki, run: &Path, port: u16) -> ferrydisk_tests::upload::Proc {
+    proxy_with(pki, run, port, Mode::Standalone, "client", &[IDLE], &[])
+}
+
 #[test]
 fn slow_links_and_a_short_stall_on_the_upload_path_complete_with_the_right_bytes() {
     use ferrydisk_tests::objstore::DropProxy;
-    let d = tmp();
-    let raw = dense_fixture_named(d.path(), "dense.raw", 9);
-    let reference = qemu_reference(&raw, d.path());
-    let pki = Pki::default();
-    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
-    let auth = format!("Authorization: Bearer {token}");
-    let file = raw.to_str().expect("utf8");
+    let u = UploadFixture::new(9);
+    let (pki, auth, file) = (&u.pki, u.auth.as_str(), u.file.as_str());
     // 1. A slow client (curl paced to 6 MB/s) and a slow link between proxy and server
     //    (paced to 8 MB/s): 25 MiB take about 4 s, longer than the 2 s idle timeout,
     //    which counts only silence.
     // 2. The link between proxy and server goes silent for 1 s, 8 MiB in, then carries
     //    on: shorter than the idle timeout, so the upload completes.
     for (i, case) in ["slow", "short stall"].iter().enumerate() {
-        let run = d.path().join(format!("run{i}"));
-        let mut server = upload_server_with(&pki, &run, &[IDLE]);
+        let run = u.dir().join(format!("run{i}"));
+        let mut server = upload_server_with(pki, &run, &[IDLE]);
+        // Each link proxy in a directory of its own, so its cut file is its own.
         let link = match *case {
-            "slow" => DropProxy::slow_upward(d.path(), server.port, 8_000_000),
-            _ => DropProxy::stall_upward(d.path(), server.port, 8 << 20, 1, 1.0),
+            "slow" => DropProxy::slow_upward(&run, server.port, 8_000_000),
+            _ => DropProxy::stall_upward(&run, server.port, 8 << 20, 1, 1.0),
         };
-        let p = proxy_with(
-            &pki,
-            &run,
-            link.port,
-            Mode::Standalone,
-            "client",
-            &[IDLE],
-            &[],
-        );
+        let p = idle_proxy(pki, &run, link.port);
         let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
         let started = Instant::now();
         let extra: &[&str] = if *case == "slow" {
@@ -330,7 +342,7 @@ fn slow_links_and_a_short_stall_on_the_upload_path_complete_with_the_right_bytes
         } else {
             &[]
         };
-        let (code, body) = upload_until_taken(&pki, &auth, file, &url, extra);
+        let (code, body) = upload_until_taken(pki, auth, file, &url, extra);
         let took = started.elapsed();
         assert_eq!(code, 200, "{case}: {body}\n{}\n{}", p.log(), server.log());
         if *case == "slow" {
@@ -347,60 +359,39 @@ fn slow_links_and_a_short_stall_on_the_upload_path_complete_with_the_right_bytes
             "{case}: {}",
             server.log()
         );
-        assert_same_bytes(&run.join("data/disk.img"), &reference);
+        assert_same_bytes(&run.join("data/disk.img"), &u.reference);
     }
 }
 
 #[test]
 fn a_stalled_upload_fails_at_the_idle_timeout_and_the_next_one_is_correct() {
     use ferrydisk_tests::objstore::DropProxy;
-    let d = tmp();
-    let raw = dense_fixture_named(d.path(), "dense.raw", 11);
-    let reference = qemu_reference(&raw, d.path());
-    let pki = Pki::default();
-    let token = mint(&pki.key("api.key"), &Claims::upload("default", "disk"));
-    let auth = format!("Authorization: Bearer {token}");
-    let file = raw.to_str().expect("utf8");
+    let u = UploadFixture::new(11);
+    let (pki, auth, file) = (&u.pki, u.auth.as_str(), u.file.as_str());
     // The first connection goes silent 8 MiB into the body for 60 s (a client or link
     // gone without a FIN): 1. between proxy and server, so the server's idle timeout
     // fires; 2. between client and proxy, so the proxy's fires and fails the upstream
     // body. Either way the stalled upload fails in seconds, not 60 s or never (CDI has
     // no body timeout), the server takes the next upload, and that one is correct.
     for (i, case) in ["proxy to server", "client to proxy"].iter().enumerate() {
-        let run = d.path().join(format!("run{i}"));
-        let mut server = upload_server_with(&pki, &run, &[IDLE]);
+        let run = u.dir().join(format!("run{i}"));
+        let mut server = upload_server_with(pki, &run, &[IDLE]);
         let (link, p, url_port) = if i == 0 {
-            let link = DropProxy::stall_upward(d.path(), server.port, 8 << 20, 1, 60.0);
-            let p = proxy_with(
-                &pki,
-                &run,
-                link.port,
-                Mode::Standalone,
-                "client",
-                &[IDLE],
-                &[],
-            );
+            let link = DropProxy::stall_upward(&run, server.port, 8 << 20, 1, 60.0);
+            let p = idle_proxy(pki, &run, link.port);
             let port = p.port;
             (link, p, port)
         } else {
-            let p = proxy_with(
-                &pki,
-                &run,
-                server.port,
-                Mode::Standalone,
-                "client",
-                &[IDLE],
-                &[],
-            );
-            let link = DropProxy::stall_upward(d.path(), p.port, 8 << 20, 1, 60.0);
+            let p = idle_proxy(pki, &run, server.port);
+            let link = DropProxy::stall_upward(&run, p.port, 8 << 20, 1, 60.0);
             let port = link.port;
             (link, p, port)
         };
         let stalled_url = format!("https://127.0.0.1:{url_port}/v1beta1/upload");
         let started = Instant::now();
         let (code, body) = curl(
-            &pki,
-            &["-H", &auth, "-T", file, "--max-time", "40", &stalled_url],
+            pki,
+            &["-H", auth, "-T", file, "--max-time", "40", &stalled_url],
         );
         let took = started.elapsed();
         link.wait_cut(Duration::from_secs(1));
@@ -426,7 +417,7 @@ fn a_stalled_upload_fails_at_the_idle_timeout_and_the_next_one_is_correct() {
         assert!(!term.contains("Upload Complete"), "{term}");
         // The next upload, straight through the proxy.
         let url = format!("https://127.0.0.1:{}/v1beta1/upload", p.port);
-        let (code, body) = upload_until_taken(&pki, &auth, file, &url, &[]);
+        let (code, body) = upload_until_taken(pki, auth, file, &url, &[]);
         assert_eq!(code, 200, "{case}: {body}\n{}", server.log());
         assert_eq!(
             server.wait(Duration::from_secs(20)),
@@ -434,6 +425,6 @@ fn a_stalled_upload_fails_at_the_idle_timeout_and_the_next_one_is_correct() {
             "{case}: {}",
             server.log()
         );
-        assert_same_bytes(&run.join("data/disk.img"), &reference);
+        assert_same_bytes(&run.join("data/disk.img"), &u.reference);
     }
 }

@@ -38,7 +38,17 @@ fn push_as(
 }
 
 fn pushed(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> serde_json::Value {
-    let out = push(reg, source, repo_tag, extra);
+    pushed_as(("user", "pass"), reg, source, repo_tag, extra)
+}
+
+fn pushed_as(
+    creds: (&str, &str),
+    reg: &Registry,
+    source: &Path,
+    repo_tag: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let out = push_as(creds, reg, source, repo_tag, extra);
     assert!(
         out.status.success(),
         "push failed: {}",
@@ -57,6 +67,16 @@ fn blob_writes(reg: &Registry) -> usize {
             (l.contains("\"PATCH /v2/") && l.contains("/blobs/uploads/"))
                 || (l.contains("\"PUT /v2/") && l.contains("/blobs/uploads/"))
         })
+        .count()
+}
+
+/// PATCH requests in the registry's access log: the layer data sent (a small config
+/// blob goes up in one PUT).
+fn patches(reg: &Registry) -> usize {
+    std::fs::read_to_string(&reg.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"PATCH /v2/"))
         .count()
 }
 
@@ -562,13 +582,6 @@ fn multi_arch_index_env_labels_and_cross_repository_mount() {
     }
     // Mounted into another repository: the layer is not sent again (the two small
     // configs are: PUTs without a PATCH).
-    let patches = |reg: &Registry| {
-        std::fs::read_to_string(&reg.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"PATCH /v2/"))
-            .count()
-    };
     let before = patches(&reg);
     let m = pushed(
         &reg,
@@ -986,32 +999,15 @@ fn a_token_registry_takes_pushes_and_mounts_with_the_scopes_it_asks_for() {
     let reference = qemu_reference(&raw, d.path());
     let q = qcow2_of(&raw, &d.path().join("disk.qcow2"));
     let reg = Registry::start_token(true, TOKEN_GRANTS, ("user", "pass"));
-    let ok = |o: &Output| {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("summary")
-    };
     // The base image, pushed by admin.
-    ok(&push_as(("admin", "apass"), &reg, &q, "base/disk:1", &[]));
-    // Layer data goes up in PATCHes (the small config blob in one PUT).
-    let patches = || {
-        std::fs::read_to_string(&reg.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"PATCH /v2/"))
-            .count()
-    };
-    let seeded = patches();
+    pushed_as(("admin", "apass"), &reg, &q, "base/disk:1", &[]);
+    let seeded = patches(&reg);
     // user pushes the same disk under vms/, mounting its layer from base/ (which needs
     // a token for base/disk:pull as well as vms/disk:pull,push): nothing is uploaded.
-    let s = ok(&push(
-        &reg,
-        &q,
-        "vms/disk:1",
-        &["--mount-from", "base/disk"],
-    ));
+    let s = pushed(&reg, &q, "vms/disk:1", &["--mount-from", "base/disk"]);
     assert_eq!(s["layerMounted"], true, "{s}");
     assert_eq!(s["layerUploaded"], false, "{s}");
-    assert_eq!(patches(), seeded, "no layer data sent for a mount");
+    assert_eq!(patches(&reg), seeded, "no layer data sent for a mount");
     let asked = reg.token.as_ref().expect("token server").asked();
     assert!(
         asked.iter().any(|a| a == "user repository:base/disk:pull"),
@@ -1027,12 +1023,12 @@ fn a_token_registry_takes_pushes_and_mounts_with_the_scopes_it_asks_for() {
         s["layerDigest"]
     );
     // A mount from a repository user cannot read is not an error: the layer goes up.
-    let s = ok(&push(
+    let s = pushed(
         &reg,
         &q,
         "vms/copy:1",
         &["--mount-from", "secret/disk", "--zstd"],
-    ));
+    );
     assert_eq!(
         (s["layerMounted"].clone(), s["layerUploaded"].clone()),
         (false.into(), true.into()),

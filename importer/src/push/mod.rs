@@ -224,20 +224,10 @@ pub async fn push_with(
 /// compressed), by the importer's own sniffing.
 fn is_plain_raw(path: &std::path::Path) -> bool {
     use ferrydisk_common::sniff::{sniff, SNIFF_LEN};
-    let Ok(f) = File::open(path) else {
-        return false;
-    };
-    let mut head = vec![0u8; SNIFF_LEN.max(512)];
-    let mut got = 0;
-    while got < head.len() {
-        match std::os::unix::fs::FileExt::read_at(&f, &mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-    sniff(&head[..got]) == Format::Raw
+    let mut head = [0u8; SNIFF_LEN];
+    File::open(path)
+        .and_then(|mut f| ferrydisk_common::stream::read_full(&mut f, &mut head))
+        .is_ok_and(|got| sniff(&head[..got]) == Format::Raw)
 }
 
 /// `args` with the source's `KUBEVIRT_IO_` Env entries added, unless `--env` sets the
