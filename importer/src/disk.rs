@@ -140,7 +140,7 @@ impl DiskPlan {
             requested,
             overhead: parse_overhead(&v.filesystem_overhead),
             checksum,
-            direct: v.cache_mode == "TRYNONE",
+            direct: v.direct(),
             dest,
             // Only a mounted scratch volume counts (CDI: a missing one means "required").
             scratch: v.scratch.is_dir().then(|| v.scratch.clone()),

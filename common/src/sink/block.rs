@@ -56,6 +56,9 @@ pub struct BlockTarget {
     skip_zeros: bool,
     /// Write-behind for checkpoints (buffered writes only), started at the first one.
     flusher: Option<Flusher>,
+    /// Bytes that went through the page cache since the last checkpoint (everything
+    /// without O_DIRECT; with it, unaligned writes and zeros written as zeros).
+    buffered: u64,
 }
 
 impl BlockTarget {
@@ -91,6 +94,7 @@ impl BlockTarget {
             block,
             skip_zeros: false,
             flusher: None,
+            buffered: 0,
         })
     }
 
@@ -102,6 +106,12 @@ impl BlockTarget {
         let Some((start, end)) = self.pending_zero.take() else {
             return Ok(());
         };
+        if self.zero_offload == Zeroing::Write
+            || !start.is_multiple_of(self.block)
+            || !end.is_multiple_of(self.block)
+        {
+            self.buffered += end - start;
+        }
         zero_range(
             &self.file,
             &mut self.zero_offload,
@@ -215,7 +225,10 @@ impl Target for BlockTarget {
         self.written_end = self.written_end.max(end.unwrap_or(0));
         match &self.direct {
             Some(d) if super::direct_aligned(offset, buf) => d.write_all_at(buf, offset),
-            _ => self.file.write_all_at(buf, offset),
+            _ => {
+                self.buffered += buf.len() as u64;
+                self.file.write_all_at(buf, offset)
+            }
         }
     }
 
@@ -235,7 +248,7 @@ impl Target for BlockTarget {
 
     fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
         self.flush_zero()?;
-        if self.direct.is_none() {
+        if std::mem::take(&mut self.buffered) > 0 {
             flush::checkpoint(&mut self.flusher, &self.file, upto)?;
         }
         Ok(())

@@ -13,9 +13,12 @@ use std::path::{Path, PathBuf};
 pub struct FileTarget {
     path: PathBuf,
     file: File,
-    /// A second handle with O_DIRECT for aligned writes when `CACHE_MODE=TRYNONE` and
-    /// the filesystem allows it (tmpfs, for one, does not).
+    /// A second handle with O_DIRECT for aligned writes, when asked for (the default,
+    /// or `CACHE_MODE=TRYNONE`) and the filesystem allows it (tmpfs, for one, does not).
     direct: Option<File>,
+    /// Bytes written through the page cache since the last checkpoint (all of them
+    /// without O_DIRECT; with it, the unaligned writes: an image's tail, qcow2 headers).
+    buffered: u64,
     preallocate: bool,
     /// Write-behind for checkpoints (buffered writes only), started at the first one.
     flusher: Option<Flusher>,
@@ -54,6 +57,7 @@ impl FileTarget {
             path: path.to_path_buf(),
             file,
             direct,
+            buffered: 0,
             preallocate,
             flusher: None,
         })
@@ -64,7 +68,10 @@ impl Target for FileTarget {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         match &self.direct {
             Some(d) if super::direct_aligned(offset, buf) => d.write_all_at(buf, offset),
-            _ => self.file.write_all_at(buf, offset),
+            _ => {
+                self.buffered += buf.len() as u64;
+                self.file.write_all_at(buf, offset)
+            }
         }
     }
 
@@ -73,7 +80,7 @@ impl Target for FileTarget {
     }
 
     fn checkpoint(&mut self, upto: u64) -> io::Result<()> {
-        if self.direct.is_none() {
+        if std::mem::take(&mut self.buffered) > 0 {
             flush::checkpoint(&mut self.flusher, &self.file, upto)?;
         }
         Ok(())
