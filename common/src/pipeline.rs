@@ -3,7 +3,7 @@
 
 use crate::cdi::space::{check_fits, TooLarge};
 use crate::decode::containerdisk::{DiskError, DiskFinder};
-use crate::decode::{self, tar::TarError, PeekReader};
+use crate::decode::{self, gzip::Integrity, tar::TarError, PeekReader};
 use crate::error::{find_in_chain, io_kind, ErrorKind, SourceError};
 use crate::format::contract::StreamOptions;
 use crate::format::{self, qcow2, vhd, FormatError, ImageInfo};
@@ -115,6 +115,9 @@ pub struct Options {
     /// Write a qcow2 image as qcow2 (validated by a full conversion that writes
     /// nothing) instead of converting it to raw. Only for file destinations.
     pub keep_qcow2: bool,
+    /// What vouches for the source's bytes: a digest checked at its end lets gzip skip
+    /// its CRC pass (see [`crate::decode::gzip`]).
+    pub integrity: Integrity,
 }
 
 impl Options {
@@ -162,7 +165,7 @@ fn disk_layer(
                 check_fits(size, opts.limit)?;
             }
         }
-        let mut d = decode::decompressor(format, &mut peek)
+        let mut d = decode::decompressor(format, &mut peek, opts.integrity)
             .map_err(|e| read_error(e, Some(format)))?
             .ok_or(PipelineError::Unsupported(format))?;
         return disk_layer(&mut d, writer, opts, None, report);
@@ -330,7 +333,7 @@ pub fn write_disk_from_layer(
     writer: &mut SparseWriter,
     opts: &Options,
 ) -> Result<Option<Report>, PipelineError> {
-    with_layer_tar(layer, |reader| {
+    with_layer_tar(layer, opts.integrity, |reader| {
         finder.scan_layer(reader, |f| {
             check_fits(f.size, opts.limit)?;
             let mut report = Report {
@@ -347,23 +350,25 @@ pub fn write_disk_from_layer(
 /// [`DiskFinder::scan_files`]); the layer is read to its end.
 pub fn disk_files_in_layer(
     layer: &mut dyn Read,
+    integrity: Integrity,
     finder: &mut DiskFinder,
     f: impl FnMut(crate::decode::tar::TarFile<'_>) -> Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
-    with_layer_tar(layer, |reader| finder.scan_files(reader, f))
+    with_layer_tar(layer, integrity, |reader| finder.scan_files(reader, f))
 }
 
 /// A containerDisk layer's tar stream (under gzip or zstd, or plain) through `body`,
 /// then the rest of the layer read to its end.
 fn with_layer_tar<T>(
     layer: &mut dyn Read,
+    integrity: Integrity,
     body: impl FnOnce(&mut dyn Read) -> Result<T, PipelineError>,
 ) -> Result<T, PipelineError> {
     let mut peek = PeekReader::new(layer, SNIFF_LEN).map_err(|e| read_error(e, None))?;
     let format = sniff(peek.head());
     let out = {
         let mut reader: Box<dyn Read + '_> = if format.is_compression() {
-            decode::decompressor(format, &mut peek)
+            decode::decompressor(format, &mut peek, integrity)
                 .map_err(|e| read_error(e, Some(format)))?
                 .ok_or(PipelineError::Unsupported(format))?
         } else {
@@ -400,7 +405,7 @@ fn archive_layer(
     let format = sniff(peek.head());
     push_layer(report, format)?;
     if format.is_compression() {
-        let mut d = decode::decompressor(format, &mut peek)
+        let mut d = decode::decompressor(format, &mut peek, opts.integrity)
             .map_err(|e| read_error(e, Some(format)))?
             .ok_or(PipelineError::Unsupported(format))?;
         return archive_layer(&mut d, dir, opts, report);
@@ -461,6 +466,7 @@ mod tests {
             scratch: None,
             source_file: None,
             keep_qcow2: false,
+            integrity: Integrity::Crc,
         };
         let r = write_disk(&mut &input[..], &mut w, &opts);
         match &r {

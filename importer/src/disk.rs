@@ -10,6 +10,7 @@ use ferrydisk_common::cdi::space::{parse_overhead, parse_quantity};
 use ferrydisk_common::cdi::termination::{ImportInfo, TerminationMessage};
 use ferrydisk_common::checksum::{Checksum, HashingReader, Sha256Tap};
 use ferrydisk_common::decode::containerdisk::{DiskError, DiskFinder};
+use ferrydisk_common::decode::gzip::Integrity;
 use ferrydisk_common::decode::tar::Staging;
 use ferrydisk_common::error::chain_line;
 use ferrydisk_common::pipeline::{self, PipelineError, Report};
@@ -198,6 +199,12 @@ fn pipeline_options(
         scratch: plan.scratch.clone(),
         source_file: None,
         keep_qcow2: plan.qcow2_out,
+        // A checksum the user gave covers the source's bytes as a layer digest does.
+        integrity: if plan.checksum.is_empty() {
+            Integrity::Crc
+        } else {
+            Integrity::Digest
+        },
     }
 }
 
@@ -325,13 +332,15 @@ fn checksum_failure(e: ferrydisk_common::checksum::ChecksumError) -> Failure {
 /// The blocking half of a stream import or upload: pipeline, drain, checksum, finish.
 /// Nothing is fsynced and reported before the whole source has been read and verified.
 /// `file` is the same source as a local file, which lets formats read data that precedes
-/// its tables again instead of holding it.
+/// its tables again instead of holding it. `digested`: the source checks a digest over
+/// every byte at its end (an artifact's blob).
 pub fn write_stream(
     plan: &DiskPlan,
     source: impl Read,
     content_length: Option<u64>,
     progress: Arc<Progress>,
     file: Option<Arc<std::fs::File>>,
+    digested: bool,
 ) -> Result<TerminationMessage, Failure> {
     let source: Box<dyn Read> = match &plan.inspect {
         Some(found) => {
@@ -382,6 +391,9 @@ pub fn write_stream(
     }
     let mut disk = open_disk(plan, progress, content_length)?;
     disk.opts.source_file = file;
+    if digested {
+        disk.opts.integrity = Integrity::Digest;
+    }
     let result = pipeline::write_disk(&mut src, &mut disk.writer, &disk.opts)
         .map_err(process_failure)
         .and_then(|r| {
@@ -467,6 +479,7 @@ pub fn write_image(
             fetched += image.layer_size(idx);
             progress.set_source_total(Some(fetched));
             let mut layer = open_layer(image, idx, &progress)?;
+            disk.opts.integrity = layer_integrity(image, idx);
             let found = match pipeline::write_disk_from_layer(
                 &mut layer,
                 &mut finder,
@@ -640,7 +653,7 @@ fn write_chain(
     let mut files: Vec<ChainFile> = Vec::new();
     for idx in (0..n).rev() {
         let mut layer = open_layer(image, idx, &progress)?;
-        pipeline::disk_files_in_layer(&mut layer, &mut finder, |f| {
+        pipeline::disk_files_in_layer(&mut layer, layer_integrity(image, idx), &mut finder, |f| {
             if files.len() == MAX_CHAIN_FILES {
                 return Err(PipelineError::Disk(DiskError::Several(format!(
                     "more than {MAX_CHAIN_FILES} files"
@@ -750,7 +763,8 @@ fn write_chain(
             let mut layer = open_layer(image, f.layer, &progress)?;
             let mut done = false;
             let mut finder = DiskFinder::default();
-            pipeline::disk_files_in_layer(&mut layer, &mut finder, |t| {
+            let integrity = layer_integrity(image, f.layer);
+            pipeline::disk_files_in_layer(&mut layer, integrity, &mut finder, |t| {
                 if done || t.name != f.path {
                     return Ok(());
                 }
@@ -794,6 +808,15 @@ fn open_layer<'a>(
             kind: ferrydisk_common::error::io_kind(&e).unwrap_or(ErrorKind::Io),
             message: format!("opening layer {idx} of {}: {e}", image.describe()),
         })
+}
+
+/// What vouches for layer `idx`'s bytes: its digest, checked when the layer reader
+/// reaches its end, where the image records one (a docker-archive may not).
+fn layer_integrity(image: &dyn ContainerImage, idx: usize) -> Integrity {
+    match image.layer_info(idx).digest {
+        Some(_) => Integrity::Digest,
+        None => Integrity::Crc,
+    }
 }
 
 /// virter's layer media type: a gzip'd bare qcow2 whose backing file is the layer below
@@ -844,10 +867,13 @@ fn write_layered(
             let mut layer = open_layer(image, idx, &progress)?;
             let hasher = Arc::new(Mutex::new(sha2::Sha256::default()));
             {
-                let gz =
-                    ferrydisk_common::decode::compression::decompressor(Format::Gzip, &mut layer)
-                        .map_err(|e| process_failure(PipelineError::Read(e)))?
-                        .expect("gzip is supported");
+                let gz = ferrydisk_common::decode::compression::decompressor(
+                    Format::Gzip,
+                    &mut layer,
+                    layer_integrity(image, idx),
+                )
+                .map_err(|e| process_failure(PipelineError::Read(e)))?
+                .expect("gzip is supported");
                 let mut counted = counted(Sha256Tap::new(gz, hasher.clone()), &progress);
                 flatten_one(&mut counted, &mut disk, &stack).map_err(|e| Failure::Process {
                     kind: e.kind(),
@@ -919,7 +945,8 @@ fn write_blob(
     let layer = open_layer(image, idx, &progress)?;
     // The same blocking half as an HTTP body: pipeline, drain (the layer reader checks
     // the digest at its end), checksum, finish or abort.
-    write_stream(plan, layer, Some(size), progress, None)
+    let digested = layer_integrity(image, idx) == Integrity::Digest;
+    write_stream(plan, layer, Some(size), progress, None, digested)
 }
 
 /// Reads whatever follows the image in the source (tar padding, trailing bytes), so a

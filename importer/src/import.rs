@@ -191,7 +191,8 @@ async fn download(
         let content_length = download.content_length;
         let reader = download.reader;
         let (d, p) = (disk.clone(), progress.clone());
-        let result = blocking(move || write_stream(&d, reader, content_length, p, None)).await;
+        let result =
+            blocking(move || write_stream(&d, reader, content_length, p, None, false)).await;
         match result {
             // The destination was emptied when the attempt failed; a new one rewrites it.
             Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < max_restarts => {
@@ -306,7 +307,17 @@ async fn import_file(
     tracing::info!(source = "file", path = %path.display(), dest = %plan.disk.dest.path().display(), "starting import");
     let counter = progress.clone();
     let reader = CountingReader::new(file, move |n| counter.add_source(n));
-    blocking(move || write_stream(&plan.disk, reader, len, progress, Some(Arc::new(again)))).await
+    blocking(move || {
+        write_stream(
+            &plan.disk,
+            reader,
+            len,
+            progress,
+            Some(Arc::new(again)),
+            false,
+        )
+    })
+    .await
 }
 
 async fn import_registry(

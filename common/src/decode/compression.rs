@@ -3,16 +3,19 @@
 //! for is bounded by the format (xz 1.5 GiB dictionary at most, zstd 2 GiB window), and
 //! refusing valid streams is a worse failure than using it (CDI's xz reader does).
 
+use super::gzip::{GzipReader, Integrity};
 use crate::sniff::Format;
 use std::io::{self, Read};
 
 /// Wraps `r` in the decoder for `format`; `None` if `format` is not a compression.
+/// `integrity` says whether a digest already covers `r` (gzip then skips its CRC).
 pub fn decompressor<'a, R: Read + 'a>(
     format: Format,
     r: R,
+    integrity: Integrity,
 ) -> io::Result<Option<Box<dyn Read + 'a>>> {
     Ok(Some(match format {
-        Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        Format::Gzip => Box::new(GzipReader::new(r, integrity)),
         Format::Xz => Box::new(super::xz::XzReader::new(io::BufReader::with_capacity(
             1 << 20,
             r,
@@ -39,7 +42,7 @@ mod tests {
     use std::io::Write;
 
     fn roundtrip(format: Format, compressed: &[u8], expect: &[u8]) {
-        let mut d = decompressor(format, compressed)
+        let mut d = decompressor(format, compressed, Integrity::Crc)
             .expect("init")
             .expect("is compression");
         let mut out = Vec::new();
@@ -93,7 +96,7 @@ mod tests {
         let mid = gz.len() / 2;
         gz[mid] ^= 0xff;
         gz.truncate(gz.len() - 4);
-        let mut d = decompressor(Format::Gzip, &gz[..])
+        let mut d = decompressor(Format::Gzip, &gz[..], Integrity::Crc)
             .expect("init")
             .expect("some");
         assert!(d.read_to_end(&mut Vec::new()).is_err());

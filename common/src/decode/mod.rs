@@ -4,6 +4,7 @@
 
 pub mod compression;
 pub mod containerdisk;
+pub mod gzip;
 pub mod peek;
 pub mod tar;
 pub mod xz;

@@ -66,7 +66,7 @@ pub fn write(
                 tracing::info!("the clone source volume is empty");
                 TerminationMessage::default()
             } else {
-                disk::write_stream(plan, peek, None, progress, None)?
+                disk::write_stream(plan, peek, None, progress, None, false)?
             };
             m.preallocation_applied = Some(true);
             m

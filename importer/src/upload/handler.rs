@@ -213,7 +213,9 @@ async fn handle(
     let work = tokio::spawn(
         crate::disk::blocking(move || match clone {
             Some(kind) => super::clone::write(&plan, kind, reader, work_progress),
-            None => crate::disk::write_stream(&plan, reader, content_length, work_progress, None),
+            None => {
+                crate::disk::write_stream(&plan, reader, content_length, work_progress, None, false)
+            }
         })
         .in_current_span(),
     );
