@@ -79,7 +79,7 @@ fn parse_dest(dest: &str) -> Result<Dest, String> {
     let rest = dest
         .strip_prefix("docker://")
         .ok_or_else(|| format!("--dest {dest:?} must be docker://host[:port]/repo[:tag]"))?;
-    let r: oci_client::Reference = rest.parse().map_err(|e| format!("--dest {dest:?}: {e}"))?;
+    let r = crate::sources::reference::parse(rest).map_err(|e| format!("--dest {dest:?}: {e}"))?;
     if r.digest().is_some() {
         return Err(format!("--dest {dest:?}: a push needs a tag, not a digest"));
     }

@@ -7,6 +7,7 @@ pub mod image;
 pub mod local_image;
 pub mod node;
 pub mod redact;
+pub mod reference;
 pub mod registry;
 pub mod resume;
 pub mod s3;

@@ -104,8 +104,7 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Reference, RegistryError> {
     let Some(rest) = endpoint.strip_prefix("docker://") else {
         return Err(RegistryError::Name(redact::url(endpoint)));
     };
-    rest.parse::<Reference>()
-        .map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
+    super::reference::parse(rest).map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
 }
 
 /// Extra roots for registries: the CA files CDI mounts (`IMPORTER_CERT_DIR`, the proxy
