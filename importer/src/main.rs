@@ -43,6 +43,7 @@ fn main() {
         Command::Push(a) => a.verbosity,
         Command::Inspect(a) => a.import.volume.verbosity,
     };
+    process::keep_freed_memory();
     process::init_logging(verbosity);
     let termination_log = match &cli.command {
         Command::Import(a) => Some(a.volume.termination_log.clone()),

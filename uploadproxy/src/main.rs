@@ -133,6 +133,7 @@ fn main() {
     let args = Args::parse_from(ferrydisk_common::cdi::klog::strip_output_flags(
         std::env::args_os().collect(),
     ));
+    process::keep_freed_memory();
     process::init_logging(args.verbosity);
     // No termination-log flag here: the container's default path, if writable.
     ferrydisk_common::cdi::termination::install_panic_hook(
