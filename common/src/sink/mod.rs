@@ -9,7 +9,9 @@ pub mod block;
 pub mod discard;
 pub mod file;
 mod flush;
+pub mod measure;
 pub mod qcow2;
+pub mod qcow2_stream;
 pub mod sparse;
 pub mod stream;
 

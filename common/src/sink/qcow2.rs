@@ -23,15 +23,30 @@ use std::os::unix::fs::FileExt;
 
 /// Cluster size of the images we write: qemu-img's default (64 KiB).
 pub const CLUSTER_BITS: u32 = 16;
-const CS: u64 = 1 << CLUSTER_BITS;
+pub(crate) const CS: u64 = 1 << CLUSTER_BITS;
 /// L2 entries per table (8 bytes each): one table maps 512 MiB.
-const L2_ENTRIES: u64 = CS / 8;
+pub(crate) const L2_ENTRIES: u64 = CS / 8;
 /// L2 tables kept in memory (1 MiB).
 pub const CACHED_L2: usize = 16;
 /// "Refcount is exactly one": qemu-img check reports entries without it as errors.
-const COPIED: u64 = 1 << 63;
+pub(crate) const COPIED: u64 = 1 << 63;
 /// Refcount entries per block at 16 bits each.
-const REFCOUNTS_PER_BLOCK: u64 = CS / 2;
+pub(crate) const REFCOUNTS_PER_BLOCK: u64 = CS / 2;
+
+/// The refcount blocks and refcount table clusters an image of `clusters` other clusters
+/// needs: they cover every cluster, themselves included, so both grow until they do.
+pub(crate) fn refcount_clusters(clusters: u64) -> (u64, u64) {
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let total = clusters + blocks + table;
+        let b = total.div_ceil(REFCOUNTS_PER_BLOCK);
+        let t = (b * 8).div_ceil(CS).max(1);
+        if (b, t) == (blocks, table) {
+            return (blocks, table);
+        }
+        (blocks, table) = (b, t);
+    }
+}
 
 struct CachedL2 {
     l1_index: u64,
@@ -362,18 +377,7 @@ impl Qcow2Target {
         let l1_clusters = (l1_size * 8).div_ceil(CS).max(1);
         let l1_offset = self.next * CS;
         self.next += l1_clusters;
-        // Refcount blocks and the table that lists them cover every cluster, themselves
-        // included: grow both until they do.
-        let (mut blocks, mut table) = (0u64, 0u64);
-        loop {
-            let total = self.next + blocks + table;
-            let b = total.div_ceil(REFCOUNTS_PER_BLOCK);
-            let t = (b * 8).div_ceil(CS).max(1);
-            if (b, t) == (blocks, table) {
-                break;
-            }
-            (blocks, table) = (b, t);
-        }
+        let (blocks, table) = refcount_clusters(self.next);
         let table_offset = self.next * CS;
         let first_block = self.next + table;
         let total = first_block + blocks;
@@ -536,7 +540,7 @@ impl Target for Qcow2Target {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::format::contract::StreamOptions;
     use crate::sink::sparse::{SparseWriter, WriterOptions};
@@ -549,7 +553,7 @@ mod tests {
     }
 
     /// Converts the qcow2 at `path` back to raw with our own reader.
-    fn read_back(path: &std::path::Path) -> Vec<u8> {
+    pub(crate) fn read_back(path: &std::path::Path) -> Vec<u8> {
         let dir = tempfile::tempdir().expect("tmp");
         let raw = dir.path().join("raw");
         let mut w = SparseWriter::spawn(

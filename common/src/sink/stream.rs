@@ -22,6 +22,17 @@ pub trait StreamOut: Write + Send {
     fn begin(&mut self, _len: Option<u64>) -> io::Result<()> {
         Ok(())
     }
+    /// `n` zero bytes: a hole of the disk, which a layout that does not store zeros
+    /// (qcow2) skips instead of receiving.
+    fn write_zeros(&mut self, mut n: u64) -> io::Result<()> {
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            self.write_all(&ZEROS[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
     fn close(self: Box<Self>) -> io::Result<()>;
 }
 
@@ -38,6 +49,8 @@ pub struct StreamTarget {
     /// The length `prepare_random` announced, if it came before the first byte.
     len: Option<u64>,
     begun: bool,
+    /// `len` came from [`StreamTarget::with_len`], not from the format.
+    fixed_len: bool,
     shown: PathBuf,
     /// Set when the disk cannot be streamed: a write went backwards, or the stream
     /// refused to begin without a length.
@@ -52,6 +65,7 @@ impl StreamTarget {
             sent: 0,
             len: None,
             begun: false,
+            fixed_len: false,
             shown: PathBuf::from(shown),
             out_of_order,
         }
@@ -87,13 +101,20 @@ impl StreamTarget {
 
     /// Zeros up to `to`.
     fn pad(&mut self, to: u64) -> io::Result<()> {
-        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-        while self.sent < to {
-            let n = (to - self.sent).min(ZEROS.len() as u64) as usize;
-            self.out()?.write_all(&ZEROS[..n])?;
-            self.sent += n as u64;
+        if self.sent < to {
+            let n = to - self.sent;
+            self.out()?.write_zeros(n)?;
+            self.sent = to;
         }
         Ok(())
+    }
+
+    /// The disk's length is known before the import (a measuring pass found it): it is
+    /// what the stream begins with, whatever the format announces.
+    pub fn with_len(mut self, len: u64) -> Self {
+        self.len = Some(len);
+        self.fixed_len = true;
+        self
     }
 }
 
@@ -149,7 +170,7 @@ impl Target for StreamTarget {
     fn prepare_random(&mut self, len: u64) -> io::Result<()> {
         // Random order is tolerated until a write actually goes backwards; the length
         // counts only if no byte went out yet.
-        if !self.begun {
+        if !self.begun && !self.fixed_len {
             self.len = Some(len);
         }
         Ok(())

@@ -153,10 +153,34 @@ pub async fn push_with(
     // A local raw file converted to raw is already what it would become.
     let local_as_stored = spool::is_path(&given)
         && (args.convert == "keep" || (args.convert == "raw" && is_plain_raw(&args.source)));
-    // A raw disk for a registry goes up as it is imported, when the source allows.
-    if let (Some(d), true) = (&dest, streamed::applies(args) && !local_as_stored) {
-        if let Some(s) = streamed::push(args, d).await? {
-            return Ok(s);
+    // Into a registry, anything but a local file as stored goes up as it is imported:
+    // in one pass when the layout is known before the data (raw), else in two (the
+    // first measures). Data out of guest order, or --spool-dir, spools instead.
+    if let (Some(d), false) = (&dest, local_as_stored) {
+        use streamed::Streamed;
+        let mut spool = args.spool_dir.is_some();
+        if streamed::applies(args) {
+            match streamed::push(args, d, None).await? {
+                Streamed::Pushed(s) => return Ok(*s),
+                Streamed::OutOfOrder => spool = true,
+                Streamed::NoLength => {}
+            }
+        }
+        if !spool {
+            let output = if args.convert == "raw" {
+                "raw"
+            } else {
+                "qcow2"
+            };
+            match streamed::measure(args, output).await? {
+                Some(m) => match streamed::push(args, d, Some((output, m))).await? {
+                    Streamed::Pushed(s) => return Ok(*s),
+                    Streamed::OutOfOrder | Streamed::NoLength => {}
+                },
+                None => tracing::info!(
+                    "the source's data is not in guest order: the push spools instead"
+                ),
+            }
         }
     }
     // Anything but a local file as stored is imported into the spool first.

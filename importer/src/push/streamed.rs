@@ -1,16 +1,25 @@
-//! Pushing while importing, with no spool: a disk converted to raw
-//! (`--convert raw`) goes up as the import decodes it, as an OCI artifact's blob
-//! (KubeVirt's `application/vnd.kubevirt.disk.raw`, `+zstd` with `--zstd`) or as a
-//! containerDisk's tar layer. The import writes into a [`StreamTarget`]: the disk in
-//! guest order, holes as zeros, through zstd and the digest into the registry's
-//! upload, whose length and digest are known only at the end. Raw sources (also
-//! compressed) are in guest order; a converted format usually is, and when it is not
-//! (a write going back), the upload is dropped and the push spools instead, saying so.
+//! Pushing while importing, with no spool. The import writes into a
+//! [`StreamTarget`]: the disk in guest order, holes as zeros, through zstd and the
+//! digest into the registry's upload, whose length and digest are known only at the
+//! end.
 //!
-//! A containerDisk's tar entry needs the disk's size in its header, before the first
-//! byte: a format announces its virtual size before its data (qcow2, vmdk, vhd, vhdx,
-//! vdi), so those stream; a raw source's length is known only at its end, so a raw
-//! source pushed as a containerDisk spools.
+//! One pass, when the layout is known before the data: a disk converted to raw
+//! (`--convert raw`) as an OCI artifact's blob (KubeVirt's
+//! `application/vnd.kubevirt.disk.raw`, `+zstd` with `--zstd`), or as a containerDisk's
+//! tar layer when the format announces its virtual size before its data (qcow2, vmdk,
+//! vhd, vhdx, vdi); the tar header needs the size before the first byte.
+//!
+//! Two passes, when it is not ([`measure`], then [`push`] with what it found): a raw
+//! source (raw.xz, raw.gz: its length is known only at its end) as a containerDisk, a
+//! qcow2 kept as it came from a compressed or remote source, and a disk converted to
+//! qcow2 (the header, tables and refcounts come before the data they describe, and
+//! depend on which clusters hold data: [`Qcow2Stream`]). The first pass runs the whole
+//! import into a target that keeps only the length and a bitmap of clusters with data
+//! (2 MiB per TiB); the second streams. The source is read twice, nothing is spooled.
+//!
+//! Data that is not in guest order (a qcow2 whose clusters were allocated in another
+//! order) cannot be streamed: the upload is dropped and the push spools instead, saying
+//! so; `--spool-dir` also makes the push spool rather than read the source twice.
 //!
 //! What this gives up against a spooled push: the `HEAD` check before the upload (the
 //! digest is not known until the last byte), so a blob the registry has is sent again
@@ -20,16 +29,55 @@ use super::layer::{BlobWriter, LayerSpec, Layout, Produced};
 use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
 use crate::cli::PushArgs;
 use bytes::Bytes;
+use ferrydisk_common::sink::measure::{MeasureTarget, Measured};
+use ferrydisk_common::sink::qcow2_stream::{self, Qcow2Stream};
 use ferrydisk_common::sink::stream::{StreamOut, StreamTarget};
 use ferrydisk_common::sniff::Format;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Whether this push can stream (to a registry): a disk converted to raw. A local
-/// file kept as stored is never converted, and streams from the file already.
+/// Whether this push can stream in one pass (to a registry): a disk converted to raw.
+/// A local file kept as stored is never converted, and streams from the file already.
 pub(super) fn applies(args: &PushArgs) -> bool {
     args.convert == "raw"
+}
+
+/// How a streamed push ended.
+pub(super) enum Streamed {
+    Pushed(Box<Summary>),
+    /// A one-pass containerDisk whose length the source did not say before its data.
+    NoLength,
+    /// The data did not come in guest order: only a spool takes it.
+    OutOfOrder,
+}
+
+/// The first of two passes: the import, writing nothing, measures the disk `output`
+/// (`raw` or `qcow2`) would be. `None` when its data is not in guest order.
+pub(super) async fn measure(args: &PushArgs, output: &str) -> Result<Option<Measured>, String> {
+    let limit = max_size(args)?;
+    let found = std::sync::Arc::new(Mutex::new(None));
+    let target = MeasureTarget::new(found.clone(), "the measuring pass");
+    tracing::info!(output, "reading the source twice, with no spool: this pass measures the disk (a containerDisk's tar header needs its size, a qcow2 its tables, before the data); --spool-dir spools instead");
+    spool::import_into(args, output, Some((Box::new(target), limit))).await?;
+    let m = found
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or("the measuring pass ended without a result")?;
+    tracing::info!(
+        len = m.len,
+        clusters_with_data = m.clusters.total(),
+        in_order = m.in_order,
+        kept_as_is = m.verbatim,
+        "measured"
+    );
+    Ok(m.in_order.then_some(m))
+}
+
+fn max_size(args: &PushArgs) -> Result<u64, String> {
+    ferrydisk_common::cdi::space::parse_quantity(&args.max_size)
+        .map_err(|e| format!("--max-size {:?}: {e}", args.max_size))
 }
 
 /// Why a containerDisk stream did not begin: the disk's length was not known before
@@ -90,11 +138,14 @@ impl StreamOut for UploadOut {
     }
 }
 
-/// Streams the push; `Ok(None)` when the source turned out not to be in guest order
-/// (the caller spools instead).
-pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>, String> {
-    let limit = ferrydisk_common::cdi::space::parse_quantity(&args.max_size)
-        .map_err(|e| format!("--max-size {:?}: {e}", args.max_size))?;
+/// Streams the push: in one pass (`measured` is `None`: raw output), or as the second
+/// of two, `measured` saying what the disk `output` is (`raw` or `qcow2`) will be.
+pub(super) async fn push(
+    args: &PushArgs,
+    dest: &Dest,
+    measured: Option<(&str, Measured)>,
+) -> Result<Streamed, String> {
+    let limit = max_size(args)?;
     let reg = connect(args, dest).await?;
     let spec = LayerSpec {
         layout: args.layout,
@@ -121,21 +172,42 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
     };
     let backwards = Arc::new(AtomicBool::new(false));
     let shown = format!("the upload to {}/{}", dest.host, dest.repo);
-    let target = StreamTarget::new(Box::new(out), &shown, backwards.clone());
+    // What goes out: the disk as it is imported (raw, or a qcow2 kept as it came), or
+    // qcow2 laid out from the measured clusters.
+    let (output, format, out): (&str, Format, Box<dyn StreamOut>) = match &measured {
+        None => ("raw", Format::Raw, Box::new(out)),
+        Some(("qcow2", m)) if !m.verbatim => {
+            let layout = qcow2_stream::Layout::new(m.len, &m.clusters)
+                .map_err(|e| format!("laying out the qcow2: {e}"))?;
+            tracing::info!(
+                virtual_size = m.len,
+                qcow2_size = layout.len(),
+                "streaming qcow2: header and tables first, then the data clusters in guest order"
+            );
+            let q = Qcow2Stream::new(Box::new(out), layout, m.clusters.clone());
+            ("qcow2", Format::Qcow2, Box::new(q))
+        }
+        Some(("qcow2", _)) => ("qcow2", Format::Qcow2, Box::new(out)),
+        Some((o, _)) => (*o, Format::Raw, Box::new(out)),
+    };
+    let mut target = StreamTarget::new(out, &shown, backwards.clone());
+    if let Some((_, m)) = &measured {
+        target = target.with_len(m.len);
+    }
     tracing::info!(dest = %shown, max_size = limit, "pushing as the import decodes: no spool");
     let (uploaded, imported) = tokio::join!(
         reg.upload(rx, drx, None, chunk.is_some()),
-        spool::import_into(args, "raw", Some((Box::new(target), limit)))
+        spool::import_into(args, output, Some((Box::new(target), limit)))
     );
     let spooled = match imported {
         Ok(s) => s,
         Err(e) if e.contains(NO_LENGTH) => {
-            tracing::info!("the source is raw, whose length is known only at its end, and {NO_LENGTH}: the upload is dropped and the push spools instead");
-            return Ok(None);
+            tracing::info!("the source is raw, whose length is known only at its end, and {NO_LENGTH}: the upload is dropped");
+            return Ok(Streamed::NoLength);
         }
         Err(e) if backwards.load(Ordering::Relaxed) || e.contains(crate::disk::STREAM_RESTART) => {
             tracing::info!("the source's data is not in guest order: the upload is dropped and the push spools instead");
-            return Ok(None);
+            return Ok(Streamed::OutOfOrder);
         }
         // A failed upload stops the import ("the upload stopped"); its own error says why.
         Err(e) => {
@@ -151,13 +223,13 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .ok_or("the stream ended without its digest")?;
-    let media = super::media_type(&spec, Format::Raw)?;
+    let media = super::media_type(&spec, format)?;
     let src = Source {
         // Nothing local: the disk went up as it was decoded.
         file: Arc::new(tempfile::tempfile().map_err(|e| format!("temp file: {e}"))?),
         len: 0,
         shown: args.source.display().to_string(),
-        format: Format::Raw,
+        format,
         virtual_size: spooled.origin.virtual_size,
         spec,
         media,
@@ -167,5 +239,11 @@ pub(super) async fn push(args: &PushArgs, dest: &Dest) -> Result<Option<Summary>
     let manifest_digest = put_image(args, dest, &reg, &src, &pre).await?;
     let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
     tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, "pushed as streamed");
-    Ok(Some(summary(reference, manifest_digest, pre, true, &src)))
+    Ok(Streamed::Pushed(Box::new(summary(
+        reference,
+        manifest_digest,
+        pre,
+        true,
+        &src,
+    ))))
 }
