@@ -110,6 +110,38 @@ fn unpacked(reg: &Registry, repo_tag: &str, dir: &Path) -> std::path::PathBuf {
     bundle.join("rootfs")
 }
 
+/// CDI's real importer (`../shared/cdi-peer`, via `pod-run`) imports a 64 MiB
+/// containerDisk from the registry into `work`; returns the disk it wrote.
+fn cdi_import(reg: &Registry, repo_tag: &str, work: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(work).expect("mkdir");
+    let o = Command::new(pod_run())
+        .arg(work)
+        .arg(cdi_peer().join("cdi-importer"))
+        .arg("-v=1")
+        .env("POD_NET", "host")
+        .env("IMPORTER_SOURCE", "registry")
+        .env("IMPORTER_ENDPOINT", reg.image(repo_tag))
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .env("INSECURE_TLS", "true")
+        .env("IMPORTER_CONTENTTYPE", "kubevirt")
+        .env("IMPORTER_IMAGE_SIZE", "64Mi")
+        .env("FILESYSTEM_OVERHEAD", "0")
+        .env("PREALLOCATION", "false")
+        .env("OWNER_UID", "push-test")
+        .output()
+        .expect("pod-run");
+    let rc = std::fs::read_to_string(work.join("rc")).unwrap_or_default();
+    assert_eq!(
+        rc.trim(),
+        "0",
+        "CDI importer: {} {}",
+        std::fs::read_to_string(work.join("termination-log")).unwrap_or_default(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    work.join("data/disk.img")
+}
+
 #[test]
 fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
     let d = tmp();
@@ -167,33 +199,7 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
 
     // CDI's real importer takes the same containerDisk.
     let work = d.path().join("cdi");
-    std::fs::create_dir_all(&work).expect("mkdir");
-    let o = Command::new(pod_run())
-        .arg(&work)
-        .arg(cdi_peer().join("cdi-importer"))
-        .arg("-v=1")
-        .env("POD_NET", "host")
-        .env("IMPORTER_SOURCE", "registry")
-        .env("IMPORTER_ENDPOINT", reg.image("disks/fedora:41"))
-        .env("IMPORTER_ACCESS_KEY_ID", "user")
-        .env("IMPORTER_SECRET_KEY", "pass")
-        .env("INSECURE_TLS", "true")
-        .env("IMPORTER_CONTENTTYPE", "kubevirt")
-        .env("IMPORTER_IMAGE_SIZE", "64Mi")
-        .env("FILESYSTEM_OVERHEAD", "0")
-        .env("PREALLOCATION", "false")
-        .env("OWNER_UID", "push-test")
-        .output()
-        .expect("pod-run");
-    let rc = std::fs::read_to_string(work.join("rc")).unwrap_or_default();
-    assert_eq!(
-        rc.trim(),
-        "0",
-        "CDI importer: {} {}",
-        std::fs::read_to_string(work.join("termination-log")).unwrap_or_default(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert_same_bytes(&work.join("data/disk.img"), &reference);
+    assert_same_bytes(&cdi_import(&reg, "disks/fedora:41", &work), &reference);
 
     // A second push of the same disk sends no blob: the layer is found by HEAD, the
     // config too, and only the manifest is PUT again.
@@ -1054,4 +1060,150 @@ fn a_token_registry_takes_pushes_and_mounts_with_the_scopes_it_asks_for() {
             "{repo}: {err}"
         );
     }
+}
+
+#[test]
+fn every_payload_streams_in_two_passes_without_a_spool() {
+    // No --spool-dir: what one pass cannot stream (a raw source as a containerDisk, a
+    // qcow2 kept from a compressed source, any disk converted to qcow2) is read twice,
+    // the first pass measuring, the second streaming. Only data out of guest order
+    // spools.
+    let d = tmp();
+    let raw = default_fixture(d.path());
+    let reference = qemu_reference(&raw, d.path());
+    let www = d.path().join("www");
+    std::fs::create_dir_all(&www).expect("mkdir");
+    let xz = sh(Command::new("xz").args(["-T2", "-3", "-c"]).arg(&raw)).stdout;
+    std::fs::write(www.join("disk.raw.xz"), xz).expect("xz");
+    let q = qcow2_of(&raw, &www.join("disk.qcow2"));
+    sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
+    let vmdk = www.join("disk.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", path_str(&raw), path_str(&vmdk)]);
+    let backwards = www.join("backwards.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&backwards), "64M"]);
+    for cmd in ["write -q -P 0x5a 40M 1M", "write -q -P 0xa5 1M 1M"] {
+        sh(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(&backwards));
+    }
+    let backwards_ref = qemu_reference(&backwards, d.path());
+    let http = HttpServer::start(&www, &[]);
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let tmpdir = d.path().join("tmp");
+    std::fs::create_dir_all(&tmpdir).expect("mkdir");
+    let push_tmp = |source: &str, repo: &str, args: &[&str]| {
+        let mut c = Command::new(bin("importer"));
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TMPDIR", &tmpdir)
+            .env("IMPORTER_ACCESS_KEY_ID", "user")
+            .env("IMPORTER_SECRET_KEY", "pass")
+            .args([
+                "push",
+                "--source",
+                &http.url(source),
+                "--dest",
+                &reg.image(repo),
+            ])
+            .arg("--cert-dir")
+            .arg(reg.ca_dir.as_ref().expect("tls"))
+            .args(args);
+        let out = c.output().expect("push");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{source} -> {repo}: {err}");
+        assert_eq!(spool_left(&tmpdir), 0, "{source}: nothing left in TMPDIR");
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+        (s, err)
+    };
+    let two_passes = |err: &str, what: &str| {
+        assert!(err.contains("reading the source twice"), "{what}: {err}");
+        assert!(err.contains("pushed as streamed"), "{what}: {err}");
+        assert!(!err.contains("spooling the import"), "{what}: {err}");
+    };
+
+    // A qcow2 kept as it came, from a gzip'd HTTP source (its length is known only at
+    // the end): disk/disk.qcow2 holds the qcow2's own bytes.
+    let (s, err) = push_tmp(
+        "disk.qcow2.gz",
+        "two/kept:1",
+        &["--disk-name", "disk.qcow2"],
+    );
+    two_passes(&err, "kept qcow2");
+    assert_eq!(s["format"], "qcow2");
+    let rootfs = unpacked(&reg, "two/kept:1", &fresh_dir(&d.path().join("u1")));
+    assert_same_bytes(&rootfs.join("disk/disk.qcow2"), &q);
+
+    // A raw.xz as a raw containerDisk: the tar header needs the length the first pass
+    // found.
+    let (s, err) = push_tmp("disk.raw.xz", "two/raw:1", &["--convert", "raw"]);
+    two_passes(&err, "raw containerDisk");
+    assert_eq!(s["format"], "raw");
+    let rootfs = unpacked(&reg, "two/raw:1", &fresh_dir(&d.path().join("u2")));
+    assert_same_bytes(&rootfs.join("disk/disk.img"), &reference);
+
+    // A vmdk converted to qcow2 (keep's default for a remote source): laid out header
+    // first from the measured clusters. qemu-img checks it, CDI's importer (qemu-img
+    // convert) and ours import it.
+    let (s, err) = push_tmp("disk.vmdk", "two/vmdk:1", &["--disk-name", "disk.qcow2"]);
+    two_passes(&err, "vmdk as qcow2");
+    assert!(err.contains("header and tables first"), "{err}");
+    assert_eq!(s["format"], "qcow2");
+    let info = skopeo_inspect(&reg, "two/vmdk:1");
+    assert_eq!(info["Labels"]["source-image-format"], "vmdk");
+    let rootfs = unpacked(&reg, "two/vmdk:1", &fresh_dir(&d.path().join("u3")));
+    let disk = rootfs.join("disk/disk.qcow2");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&disk).expect("unpacked disk");
+        assert_eq!((meta.uid(), meta.gid()), (107, 107));
+    }
+    qemu_img(&["check", "-f", "qcow2", path_str(&disk)]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        path_str(&disk),
+        path_str(&reference),
+    ]);
+    assert_same_bytes(
+        &cdi_import(&reg, "two/vmdk:1", &d.path().join("cdi")),
+        &reference,
+    );
+    let run = d.path().join("import-vmdk");
+    reg.importer(&run, "two/vmdk:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // The same as a zstd qcow2 artifact from the raw.xz.
+    let (s, err) = push_tmp(
+        "disk.raw.xz",
+        "two/artifact:1",
+        &["--layout", "artifact", "--convert", "qcow2", "--zstd"],
+    );
+    two_passes(&err, "qcow2 artifact");
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.kubevirt.disk.qcow2+zstd"
+    );
+    let run = d.path().join("import-artifact");
+    reg.importer(&run, "two/artifact:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+
+    // Data out of guest order as raw: only a spool takes it, and says so.
+    let (_, err) = push_tmp("backwards.qcow2", "two/backwards:1", &["--convert", "raw"]);
+    assert!(err.contains("not in guest order"), "{err}");
+    assert!(err.contains("spooling the import"), "{err}");
+    let run = d.path().join("import-backwards");
+    reg.importer(&run, "two/backwards:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &backwards_ref);
+}
+
+fn fresh_dir(p: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(p).expect("mkdir");
+    p.to_path_buf()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf8")
 }
