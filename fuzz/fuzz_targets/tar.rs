@@ -29,5 +29,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let outside: Vec<_> = std::fs::read_dir(dir.path())
         .map(|r| r.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert_eq!(outside, vec![std::ffi::OsString::from("root")], "wrote outside the destination");
+    assert_eq!(
+        outside,
+        vec![std::ffi::OsString::from("root")],
+        "wrote outside the destination"
+    );
 });
