@@ -1132,6 +1132,18 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
     assert_eq!(s["format"], "qcow2");
     let rootfs = unpacked(&reg, "two/kept:1", &fresh_dir(&d.path().join("u1")));
     assert_same_bytes(&rootfs.join("disk/disk.qcow2"), &q);
+    // Another disk under the same tag: the digest pass finds a layer the registry does
+    // not have, and the import runs again into the upload.
+    let (s, err) = push_tmp(
+        "backwards.qcow2",
+        "two/kept:1",
+        &["--disk-name", "disk.qcow2"],
+    );
+    assert!(err.contains("does not have this layer"), "{err}");
+    assert_eq!(s["layerUploaded"], true);
+    let run = d.path().join("import-retagged");
+    reg.importer(&run, "two/kept:1").run().assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &backwards_ref);
 
     // A raw.xz as a raw containerDisk: the tar header needs the length the first pass
     // found.
@@ -1174,6 +1186,15 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
     let run = d.path().join("import-vmdk");
     reg.importer(&run, "two/vmdk:1").run().assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
+    // The same push again: the tag exists, so the layer's digest is computed first and
+    // the registry, which has it, gets no blob data.
+    let before = blob_writes(&reg);
+    let (again, err) = push_tmp("disk.vmdk", "two/vmdk:1", &["--disk-name", "disk.qcow2"]);
+    assert!(err.contains("computing the layer's digest first"), "{err}");
+    assert_eq!(again["layerUploaded"], false, "{again}");
+    assert_eq!(again["layerDigest"], s["layerDigest"]);
+    assert_eq!(again["manifestDigest"], s["manifestDigest"]);
+    assert_eq!(blob_writes(&reg), before, "a repeated push wrote blob data");
 
     // The same as a zstd qcow2 artifact from the raw.xz.
     let (s, err) = push_tmp(

@@ -163,7 +163,7 @@ pub async fn push_with(
             match streamed::push(args, d, None).await? {
                 Streamed::Pushed(s) => return Ok(*s),
                 Streamed::OutOfOrder => spool = true,
-                Streamed::NoLength => {}
+                Streamed::NoLength | Streamed::NotThere => {}
             }
         }
         if !spool {
@@ -175,7 +175,7 @@ pub async fn push_with(
             match streamed::measure(args, output).await? {
                 Some(m) => match streamed::push(args, d, Some((output, m))).await? {
                     Streamed::Pushed(s) => return Ok(*s),
-                    Streamed::OutOfOrder | Streamed::NoLength => {}
+                    Streamed::OutOfOrder | Streamed::NoLength | Streamed::NotThere => {}
                 },
                 None => tracing::info!(
                     "the source's data is not in guest order: the push spools instead"

@@ -4,7 +4,7 @@
 //! `WWW-Authenticate` challenge: Basic, or a Bearer token from the realm it names.
 
 use bytes::Bytes;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use std::sync::Mutex;
 
@@ -222,6 +222,29 @@ impl Registry {
         base.join(loc)
             .map(String::from)
             .map_err(|e| PushError::Protocol(format!("bad upload Location {loc:?}: {e}")))
+    }
+
+    /// Whether `reference` (a tag) names a manifest in this repository.
+    pub async fn manifest_exists(&self, reference: &str) -> Result<bool, PushError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let what = format!("checking tag {reference}");
+        let accept = [
+            super::OCI_MANIFEST,
+            super::OCI_INDEX,
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        ]
+        .join(", ");
+        let resp = self
+            .send(&what, || {
+                self.http.head(&url).header(ACCEPT, accept.as_str())
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => expect(resp, &[], &what).await.map(|_| false),
+        }
     }
 
     pub async fn blob_exists(&self, digest: &str) -> Result<bool, PushError> {

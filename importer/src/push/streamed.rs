@@ -50,6 +50,8 @@ pub(super) enum Streamed {
     NoLength,
     /// The data did not come in guest order: only a spool takes it.
     OutOfOrder,
+    /// A digest-only pass found a layer the registry does not have.
+    NotThere,
 }
 
 /// The first of two passes: the import, writing nothing, measures the disk `output`
@@ -140,13 +142,45 @@ impl StreamOut for UploadOut {
 
 /// Streams the push: in one pass (`measured` is `None`: raw output), or as the second
 /// of two, `measured` saying what the disk `output` is (`raw` or `qcow2`) will be.
+///
+/// When the tag exists already (a push repeated), the layer is first produced only to
+/// learn its digest: if the registry has that blob, nothing is uploaded; if not, the
+/// import runs once more into the upload.
 pub(super) async fn push(
     args: &PushArgs,
     dest: &Dest,
     measured: Option<(&str, Measured)>,
 ) -> Result<Streamed, String> {
-    let limit = max_size(args)?;
     let reg = connect(args, dest).await?;
+    let measured = measured.as_ref().map(|(o, m)| (*o, m));
+    if reg
+        .manifest_exists(&dest.tag)
+        .await
+        .map_err(|e| super::chain(&e))?
+    {
+        tracing::info!(tag = %dest.tag, "the tag exists: computing the layer's digest first, so that a layer the registry has is not sent again");
+        match once(args, dest, &reg, measured, true).await? {
+            Streamed::NotThere => {
+                tracing::info!(
+                    "the registry does not have this layer: importing again into the upload"
+                )
+            }
+            done => return Ok(done),
+        }
+    }
+    once(args, dest, &reg, measured, false).await
+}
+
+/// One import into the upload, or with `digest_only` into nothing but the digest (and
+/// then the image is tagged only if the registry has the layer).
+async fn once(
+    args: &PushArgs,
+    dest: &Dest,
+    reg: &super::registry::Registry,
+    measured: Option<(&str, &Measured)>,
+    digest_only: bool,
+) -> Result<Streamed, String> {
+    let limit = max_size(args)?;
     let spec = LayerSpec {
         layout: args.layout,
         disk_name: args.disk_name.clone(),
@@ -174,7 +208,7 @@ pub(super) async fn push(
     let shown = format!("the upload to {}/{}", dest.host, dest.repo);
     // What goes out: the disk as it is imported (raw, or a qcow2 kept as it came), or
     // qcow2 laid out from the measured clusters.
-    let (output, format, out): (&str, Format, Box<dyn StreamOut>) = match &measured {
+    let (output, format, out): (&str, Format, Box<dyn StreamOut>) = match measured {
         None => ("raw", Format::Raw, Box::new(out)),
         Some(("qcow2", m)) if !m.verbatim => {
             let layout = qcow2_stream::Layout::new(m.len, &m.clusters)
@@ -188,15 +222,25 @@ pub(super) async fn push(
             ("qcow2", Format::Qcow2, Box::new(q))
         }
         Some(("qcow2", _)) => ("qcow2", Format::Qcow2, Box::new(out)),
-        Some((o, _)) => (*o, Format::Raw, Box::new(out)),
+        Some((o, _)) => (o, Format::Raw, Box::new(out)),
     };
     let mut target = StreamTarget::new(out, &shown, backwards.clone());
-    if let Some((_, m)) = &measured {
+    if let Some((_, m)) = measured {
         target = target.with_len(m.len);
     }
     tracing::info!(dest = %shown, max_size = limit, "pushing as the import decodes: no spool");
+    let upload = async {
+        if digest_only {
+            let mut rx = rx;
+            while rx.recv().await.is_some() {}
+            drop(drx);
+            Ok(())
+        } else {
+            reg.upload(rx, drx, None, chunk.is_some()).await
+        }
+    };
     let (uploaded, imported) = tokio::join!(
-        reg.upload(rx, drx, None, chunk.is_some()),
+        upload,
         spool::import_into(args, output, Some((Box::new(target), limit)))
     );
     let spooled = match imported {
@@ -223,6 +267,16 @@ pub(super) async fn push(
         .unwrap_or_else(|e| e.into_inner())
         .take()
         .ok_or("the stream ended without its digest")?;
+    if digest_only {
+        if !reg
+            .blob_exists(&pre.digest)
+            .await
+            .map_err(|e| super::chain(&e))?
+        {
+            return Ok(Streamed::NotThere);
+        }
+        tracing::info!(digest = %pre.digest, "the registry has this layer; not uploading it");
+    }
     let media = super::media_type(&spec, format)?;
     let src = Source {
         // Nothing local: the disk went up as it was decoded.
@@ -236,14 +290,14 @@ pub(super) async fn push(
         origin: spooled.origin.clone(),
     };
     let args = &super::with_source_env(args, &spooled.env);
-    let manifest_digest = put_image(args, dest, &reg, &src, &pre).await?;
+    let manifest_digest = put_image(args, dest, reg, &src, &pre).await?;
     let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
-    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, "pushed as streamed");
+    tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, uploaded = !digest_only, "pushed as streamed");
     Ok(Streamed::Pushed(Box::new(summary(
         reference,
         manifest_digest,
         pre,
-        true,
+        !digest_only,
         &src,
     ))))
 }
