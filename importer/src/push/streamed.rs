@@ -21,9 +21,10 @@
 //! order) cannot be streamed: the upload is dropped and the push spools instead, saying
 //! so; `--spool-dir` also makes the push spool rather than read the source twice.
 //!
-//! What this gives up against a spooled push: the `HEAD` check before the upload (the
-//! digest is not known until the last byte), so a blob the registry has is sent again
-//! (the registry then keeps one copy).
+//! The digest is known only at the last byte, so a `HEAD` cannot come before the
+//! upload. When the tag exists (a push repeated), a digest-only pass runs first and
+//! the upload only if the registry lacks that blob; a push to a new tag uploads the
+//! blob even if the registry has it under another name (the registry keeps one copy).
 
 use super::layer::{BlobWriter, LayerSpec, Layout, Produced};
 use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
