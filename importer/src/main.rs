@@ -59,15 +59,24 @@ fn main() {
     // reqwest takes the process default instead of bringing a second crypto library).
     ferrydisk_common::serve::tls::install_default_provider();
     // Decoding and writing run on blocking threads; the workers only move bytes between
-    // sockets and channels. An import has one source connection at a time, and one
-    // worker for it measured better under a pod's CPU quota than two (registry import,
-    // 0.75 CPU, four batches of 8 alternating runs: CPU medians 0.58-0.62 -> 0.56-0.60 s,
-    // wall medians 0.88-0.95 -> 0.81-0.87 s): a second worker mostly woke up to find
-    // nothing to steal, and every wake-up is CPU the quota charges. The servers (upload,
-    // clone, serve-disk) and a push, which runs an upload and an import side by side,
-    // keep two.
+    // sockets and channels. An import, and an upload server, have one data connection at
+    // a time (hyper polls the upload handler inside the connection's task), and one
+    // worker for it measured better than two: a second worker mostly woke up to find
+    // nothing to steal (a task that used up its cooperative budget yields and wakes a
+    // parked worker through an eventfd: 9.5% of an upload server's samples), and every
+    // wake-up is CPU a pod's quota charges.
+    // * Registry import under 0.75 CPU, four batches of 8 alternating runs: CPU medians
+    //   0.58-0.62 -> 0.56-0.60 s, wall medians 0.88-0.95 -> 0.81-0.87 s.
+    // * 4 GiB raw uploaded straight to the server, four alternating runs: 3.11-3.40 ->
+    //   2.58-3.15 s, server CPU 2.84-3.10 -> 2.47-2.85 s; through the proxy 4.03-4.12 ->
+    //   3.81-4.08 s.
+    // Clone sources, serve-disk and a push (an upload and an import side by side, and
+    // the client's connection task) keep two.
     let workers = match cli.command {
-        Command::Import(_) | Command::Inspect(_) | Command::SourceUpdatePoller(_) => 1,
+        Command::Import(_)
+        | Command::UploadServer(_)
+        | Command::Inspect(_)
+        | Command::SourceUpdatePoller(_) => 1,
         _ => 2,
     };
     let runtime = process::runtime(Some(workers));
