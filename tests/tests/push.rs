@@ -7,7 +7,7 @@
 use ferrydisk_tests::clone::{cdi_peer, pod_run};
 use ferrydisk_tests::registry::Registry;
 use ferrydisk_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn push(reg: &Registry, source: &Path, repo_tag: &str, extra: &[&str]) -> Output {
@@ -855,33 +855,33 @@ fn the_upload_server_pushes_what_it_received_to_the_registry() {
     assert_same_bytes(&out.join("data/disk.img"), &reference);
 }
 
-#[test]
-fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() {
-    let d = tmp();
-    let raw = default_fixture(d.path());
-    let reference = qemu_reference(&raw, d.path());
-    let www = d.path().join("www");
+/// The disks the streaming tests serve over HTTP, in `<d>/www`: the default fixture as
+/// `disk.raw.xz` (multi-block), and `backwards.qcow2`, whose clusters were allocated in
+/// reverse guest order. Returns (raw fixture, its reference bytes, www, backwards.qcow2's
+/// reference bytes).
+fn http_disks(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let raw = default_fixture(d);
+    let reference = qemu_reference(&raw, d);
+    let www = d.join("www");
     std::fs::create_dir_all(&www).expect("mkdir");
     let xz = sh(Command::new("xz").args(["-T2", "-3", "-c"]).arg(&raw)).stdout;
     std::fs::write(www.join("disk.raw.xz"), xz).expect("xz");
-    qcow2_of(&raw, &www.join("ordered.qcow2"));
-    // Clusters allocated in reverse guest order: the qcow2 holds its data backwards.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        www.join("backwards.qcow2").to_str().expect("utf8"),
-        "64M",
-    ]);
-    let io = |cmd: &str| {
+    let backwards = www.join("backwards.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&backwards), "64M"]);
+    for cmd in ["write -q -P 0x5a 40M 1M", "write -q -P 0xa5 1M 1M"] {
         sh(Command::new("qemu-io")
             .args(["-f", "qcow2", "-c", cmd])
-            .arg(www.join("backwards.qcow2")));
-    };
-    io("write -q -P 0x5a 40M 1M");
-    io("write -q -P 0xa5 1M 1M");
-    let backwards_ref = qemu_reference(&www.join("backwards.qcow2"), d.path());
+            .arg(&backwards));
+    }
+    let backwards_ref = qemu_reference(&backwards, d);
+    (raw, reference, www, backwards_ref)
+}
+
+#[test]
+fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() {
+    let d = tmp();
+    let (raw, reference, www, backwards_ref) = http_disks(d.path());
+    qcow2_of(&raw, &www.join("ordered.qcow2"));
     let http = HttpServer::start(&www, &[]);
     let reg = Registry::start(true, Some(("user", "pass")));
     let spool = d.path().join("spool");
@@ -1069,24 +1069,11 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
     // the first pass measuring, the second streaming. Only data out of guest order
     // spools.
     let d = tmp();
-    let raw = default_fixture(d.path());
-    let reference = qemu_reference(&raw, d.path());
-    let www = d.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let xz = sh(Command::new("xz").args(["-T2", "-3", "-c"]).arg(&raw)).stdout;
-    std::fs::write(www.join("disk.raw.xz"), xz).expect("xz");
+    let (raw, reference, www, backwards_ref) = http_disks(d.path());
     let q = qcow2_of(&raw, &www.join("disk.qcow2"));
     sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
     let vmdk = www.join("disk.vmdk");
     qemu_img(&["convert", "-O", "vmdk", path_str(&raw), path_str(&vmdk)]);
-    let backwards = www.join("backwards.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", path_str(&backwards), "64M"]);
-    for cmd in ["write -q -P 0x5a 40M 1M", "write -q -P 0xa5 1M 1M"] {
-        sh(Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", cmd])
-            .arg(&backwards));
-    }
-    let backwards_ref = qemu_reference(&backwards, d.path());
     let http = HttpServer::start(&www, &[]);
     let reg = Registry::start(true, Some(("user", "pass")));
     let tmpdir = d.path().join("tmp");
