@@ -80,6 +80,12 @@ fn patches(reg: &Registry) -> usize {
         .count()
 }
 
+/// Imports `repo_tag` with our importer into `dir` and checks the disk is `want`.
+fn imports_equal(reg: &Registry, repo_tag: &str, dir: &Path, want: &Path) {
+    reg.importer(dir, repo_tag).run().assert_success();
+    assert_same_bytes(&dir.join("data/disk.img"), want);
+}
+
 /// `skopeo inspect` of `repo_tag` in `reg` (config labels, Env, architecture).
 fn skopeo_inspect(reg: &Registry, repo_tag: &str) -> serde_json::Value {
     let out = sh(Command::new("skopeo")
@@ -193,9 +199,7 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
     assert_same_bytes(&disk, &q);
 
     // Our registry import converts it to exactly qemu-img's raw.
-    let run = d.path().join("ours");
-    reg.importer(&run, "disks/fedora:41").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(&reg, "disks/fedora:41", &d.path().join("ours"), &reference);
 
     // CDI's real importer takes the same containerDisk.
     let work = d.path().join("cdi");
@@ -349,9 +353,7 @@ fn chunked_upload_sends_one_patch_per_chunk_and_imports_byte_equal() {
         layer.div_ceil(5 << 20),
         "{layer} bytes in 5 MiB chunks"
     );
-    let run = d.path().join("ours");
-    reg.importer(&run, "disks/chunked:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(&reg, "disks/chunked:1", &d.path().join("ours"), &reference);
 }
 
 #[test]
@@ -384,9 +386,7 @@ fn a_block_volume_pushes_as_a_zstd_containerdisk() {
         s["layerMediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
-    let run = d.path().join("ours");
-    reg.importer(&run, "volumes/pvc:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(&reg, "volumes/pvc:1", &d.path().join("ours"), &reference);
 }
 
 /// `importer push` to a local destination (issue #14 item 4: minivirt's save, pcocc's
@@ -486,9 +486,12 @@ fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
         ])
         .arg(&oci_archive)
         .arg(reg.image("disks/saved:41")));
-    let run = d.path().join("from-registry");
-    reg.importer(&run, "disks/saved:41").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "disks/saved:41",
+        &d.path().join("from-registry"),
+        &reference,
+    );
 
     // A raw volume as a zstd artifact in a layout.
     let art = format!("oci:{}:art", layout.display());
@@ -756,9 +759,12 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
     ]);
     let m = reg.raw_manifest("vms/vmdk:1");
     assert_eq!(m["annotations"]["source-image-format"], "vmdk", "{m}");
-    let run = d.path().join("import-vmdk");
-    reg.importer(&run, "vms/vmdk:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "vms/vmdk:1",
+        &d.path().join("import-vmdk"),
+        &reference,
+    );
 
     // A truncated source fails in one line, tags nothing and leaves no spool.
     let out = push(
@@ -850,9 +856,12 @@ fn the_upload_server_pushes_what_it_received_to_the_registry() {
         m["layers"][0]["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
-    let out = d.path().join("import");
-    reg.importer(&out, "dvcr/uploaded:1").run().assert_success();
-    assert_same_bytes(&out.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "dvcr/uploaded:1",
+        &d.path().join("import"),
+        &reference,
+    );
 }
 
 /// The disks the streaming tests serve over HTTP, in `<d>/www`: the default fixture as
@@ -957,9 +966,12 @@ fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() 
         assert_eq!(spool_left(&spool), 0, "{file} {layout}: no spool left");
         let m = reg.raw_manifest(&repo);
         assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
-        let run = d.path().join(format!("import-{file}-{layout}"));
-        reg.importer(&run, &repo).run().assert_success();
-        assert_same_bytes(&run.join("data/disk.img"), want);
+        imports_equal(
+            &reg,
+            &repo,
+            &d.path().join(format!("import-{file}-{layout}")),
+            want,
+        );
         if layout == "containerdisk" {
             // What other tools see: a tar whose disk/rootdisk is the raw disk.
             let dir = d.path().join(format!("unpack-{file}"));
@@ -983,9 +995,12 @@ fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("spooling the import"), "{err}");
-    let run = d.path().join("import-local-raw");
-    reg.importer(&run, "vms/local-raw:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "vms/local-raw:1",
+        &d.path().join("import-local-raw"),
+        &reference,
+    );
 }
 
 /// Who may do what on the token registry: `user` pushes under `vms/` and may only pull
@@ -1128,9 +1143,12 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
     );
     assert!(err.contains("does not have this layer"), "{err}");
     assert_eq!(s["layerUploaded"], true);
-    let run = d.path().join("import-retagged");
-    reg.importer(&run, "two/kept:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &backwards_ref);
+    imports_equal(
+        &reg,
+        "two/kept:1",
+        &d.path().join("import-retagged"),
+        &backwards_ref,
+    );
 
     // A raw.xz as a raw containerDisk: the tar header needs the length the first pass
     // found.
@@ -1170,9 +1188,12 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
         &cdi_import(&reg, "two/vmdk:1", &d.path().join("cdi")),
         &reference,
     );
-    let run = d.path().join("import-vmdk");
-    reg.importer(&run, "two/vmdk:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "two/vmdk:1",
+        &d.path().join("import-vmdk"),
+        &reference,
+    );
     // The same push again: the tag exists, so the layer's digest is computed first and
     // the registry, which has it, gets no blob data.
     let before = blob_writes(&reg);
@@ -1194,17 +1215,23 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
         s["layerMediaType"],
         "application/vnd.kubevirt.disk.qcow2+zstd"
     );
-    let run = d.path().join("import-artifact");
-    reg.importer(&run, "two/artifact:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    imports_equal(
+        &reg,
+        "two/artifact:1",
+        &d.path().join("import-artifact"),
+        &reference,
+    );
 
     // Data out of guest order as raw: only a spool takes it, and says so.
     let (_, err) = push_tmp("backwards.qcow2", "two/backwards:1", &["--convert", "raw"]);
     assert!(err.contains("not in guest order"), "{err}");
     assert!(err.contains("spooling the import"), "{err}");
-    let run = d.path().join("import-backwards");
-    reg.importer(&run, "two/backwards:1").run().assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &backwards_ref);
+    imports_equal(
+        &reg,
+        "two/backwards:1",
+        &d.path().join("import-backwards"),
+        &backwards_ref,
+    );
 }
 
 fn fresh_dir(p: &Path) -> std::path::PathBuf {
