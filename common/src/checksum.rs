@@ -9,6 +9,20 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
+/// The digest of `data` in the algorithm `like` names (`sha256:...` or `sha512:...`),
+/// to compare with `like`; `None` for another algorithm.
+pub fn digest_of(like: &str, data: &[u8]) -> Option<String> {
+    use sha2::Digest;
+    match like.split_once(':')?.0 {
+        "sha256" => Some(sha256_digest(data)),
+        "sha512" => Some(format!(
+            "sha512:{}",
+            hex::encode(sha2::Sha512::digest(data))
+        )),
+        _ => None,
+    }
+}
+
 /// Hashes everything read through it into a SHA-256 the caller keeps a handle on: a
 /// report's digest of a stream whose reader is handed away (`importer inspect`).
 pub struct Sha256Tap<R> {
@@ -48,6 +62,8 @@ pub enum ChecksumError {
         "invalid Content-Digest {0:?}: expected sha-256=:base64: or sha-512=:base64: (RFC 9530)"
     )]
     InvalidContentDigest(String),
+    #[error("two different {0} digests were given; give at most one per algorithm")]
+    Conflicting(String),
     #[error("checksum mismatch: expected {algorithm}:{expected}, got {algorithm}:{actual}")]
     Mismatch {
         algorithm: String,
@@ -60,6 +76,17 @@ pub enum ChecksumError {
 pub struct Checksum {
     algorithm: String,
     expected: String,
+}
+
+/// A value quoted back in an error: at most 160 characters of it, so an oversized
+/// header is not echoed whole into a response or a log line.
+fn clip(s: &str) -> String {
+    const SHOWN: usize = 160;
+    if s.chars().count() <= SHOWN {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(SHOWN).collect();
+    format!("{head}... ({} bytes)", s.len())
 }
 
 /// The digest length in hex digits of each algorithm we verify.
@@ -75,7 +102,7 @@ fn hex_len(alg: &str) -> Option<usize> {
 
 impl Checksum {
     pub fn parse(s: &str) -> Result<Self, ChecksumError> {
-        let invalid = || ChecksumError::Invalid(s.to_string());
+        let invalid = || ChecksumError::Invalid(clip(s));
         let (alg, hex_digest) = s.trim().split_once(':').ok_or_else(invalid)?;
         let alg = alg.trim().to_ascii_lowercase();
         let len = hex_len(&alg).ok_or_else(invalid)?;
@@ -94,9 +121,21 @@ impl Checksum {
     pub fn parse_list(s: &str) -> Result<Vec<Self>, ChecksumError> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let c = Checksum::parse(part).map_err(|_| ChecksumError::Invalid(s.to_string()))?;
-            if !out.contains(&c) {
-                out.push(c);
+            out.push(Checksum::parse(part).map_err(|_| ChecksumError::Invalid(clip(s)))?);
+        }
+        Checksum::one_per_algorithm(out)
+    }
+
+    /// At most one digest per algorithm (so at most four hashers run, whatever a client
+    /// sends): repeats of the same digest are dropped, two different digests of one
+    /// algorithm are refused.
+    pub fn one_per_algorithm(list: Vec<Self>) -> Result<Vec<Self>, ChecksumError> {
+        let mut out: Vec<Self> = Vec::new();
+        for c in list {
+            match out.iter().find(|o| o.algorithm == c.algorithm) {
+                Some(o) if *o == c => {}
+                Some(_) => return Err(ChecksumError::Conflicting(c.algorithm)),
+                None => out.push(c),
             }
         }
         Ok(out)
@@ -108,7 +147,7 @@ impl Checksum {
     /// client asked for a verification that would otherwise silently not happen.
     pub fn parse_content_digest(s: &str) -> Result<Vec<Self>, ChecksumError> {
         use base64::Engine;
-        let invalid = || ChecksumError::InvalidContentDigest(s.to_string());
+        let invalid = || ChecksumError::InvalidContentDigest(clip(s));
         let mut out = Vec::new();
         for member in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = member.split_once('=').ok_or_else(invalid)?;

@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod decode;
 pub mod error;
 pub mod format;
+pub mod origin;
 pub mod pipeline;
 pub mod progress;
 pub mod resume;
@@ -23,5 +24,7 @@ pub mod serve;
 pub mod sink;
 pub mod sniff;
 pub mod stream;
+#[cfg(feature = "server")]
+pub mod tls_failure;
 
 pub use error::ErrorKind;

@@ -88,8 +88,8 @@ pub struct ImportArgs {
     pub internal_panic_test: bool,
 
     // ---- what to import ----
-    /// Source type: http, registry, none (blank disk); s3, gcs, imageio, vddk are CDI
-    /// sources ferrydisk does not implement.
+    /// Source type: http, registry, s3, gcs, none (blank disk). CDI's imageio and vddk
+    /// sources are refused with a one-line error (not implemented).
     #[arg(long, env = "IMPORTER_SOURCE", default_value = "http")]
     pub source: String,
     /// URL of the image (http(s)://..., or file:///path with --allow-local-files).
@@ -160,7 +160,9 @@ pub struct ImportArgs {
     /// IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY are not set.
     #[arg(long = "auth-file", env = "REGISTRY_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
-    /// Extra request header `Name: value`; repeatable. IMPORTER_EXTRA_HEADER_* env vars are added too.
+    /// Extra request header `Name: value`; repeatable. IMPORTER_EXTRA_HEADER_* env vars are
+    /// added too. Like credentials, they go only to the endpoint's own scheme, host and
+    /// port: a redirect to another origin is followed without them.
     #[arg(long = "extra-header", value_name = "HEADER")]
     pub extra_headers: Vec<String>,
     /// Directory of secret extra headers (each file is one `Name: value` line).
@@ -190,7 +192,8 @@ pub struct ImportArgs {
         default_missing_value = "true"
     )]
     pub refuse_internal_redirects: bool,
-    /// Give up on a transfer that delivers no byte for this many seconds (CDI: 600).
+    /// Give up on a request that gets no answer, or a transfer that delivers no byte, for
+    /// this many seconds (CDI: 600); token endpoints included.
     #[arg(long = "idle-timeout", value_name = "SECONDS", default_value_t = 600)]
     pub idle_timeout: u64,
 
@@ -234,10 +237,12 @@ pub struct ImportArgs {
     #[arg(long = "layer-digest", env = "FERRYDISK_LAYER_DIGEST")]
     pub layer_digest: Option<String>,
 
-    // ---- accepted for contract compatibility; used by sources ferrydisk does not implement ----
     /// Architecture to select from an image index (registry source).
     #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
     pub registry_arch: Option<String>,
+
+    // ---- accepted for contract compatibility; used by CDI sources ferrydisk does not
+    // implement (imageio, vddk) ----
     #[arg(long, env = "IMPORTER_DISK_ID", hide = true)]
     pub disk_id: Option<String>,
     #[arg(long, env = "IMPORTER_UUID", hide = true)]
@@ -581,6 +586,15 @@ pub struct PushArgs {
     /// Skip TLS verification, and fall back to plain HTTP (Go ParseBool syntax).
     #[arg(long = "insecure-tls", env = "INSECURE_TLS", default_value = "false")]
     pub insecure_tls: String,
+    /// Seconds the registry may take to answer a request, or to take more of an upload
+    /// while data is waiting, before the push fails.
+    #[arg(
+        long = "idle-timeout",
+        env = "FERRYDISK_PUSH_IDLE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 300
+    )]
+    pub idle_timeout: u64,
 }
 
 impl PushArgs {

@@ -98,31 +98,38 @@ fn ca_dirs(a: &ImportArgs) -> Vec<PathBuf> {
     dirs
 }
 
-/// The HTTP client every URL source uses: CA dirs, proxies, extra headers, TLS policy.
+/// The HTTP client every URL source uses: CA dirs, proxies, TLS policy.
 fn http_client(
     a: &ImportArgs,
     source_name: &str,
     localhost_names: Vec<String>,
 ) -> Result<reqwest::Client, Failure> {
-    let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
-    headers.extend(a.extra_headers.iter().cloned());
     let dirs = ca_dirs(a);
     client::build(&client::ClientOptions {
         ca_dirs: dirs.iter().map(PathBuf::as_path).collect(),
         insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
-        headers,
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
         https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
-        refuse_internal_redirects: a.refuse_internal_redirects,
         localhost_names,
     })
     .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))
 }
 
-/// The download settings every URL source shares; object stores override a few.
-fn http_options(a: &ImportArgs, auth: http::Auth, progress: Arc<Progress>) -> http::HttpOptions {
-    http::HttpOptions {
+/// The download settings every URL source shares; object stores override a few. The
+/// extra headers (env and secret files) travel with the credentials: only to the URL's
+/// own origin.
+fn http_options(
+    a: &ImportArgs,
+    source_name: &str,
+    auth: http::Auth,
+    progress: Arc<Progress>,
+) -> Result<http::HttpOptions, Failure> {
+    let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
+    headers.extend(a.extra_headers.iter().cloned());
+    let secret_headers = client::parse_headers(&headers)
+        .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))?;
+    Ok(http::HttpOptions {
         auth,
         if_match: false,
         what: None,
@@ -130,7 +137,9 @@ fn http_options(a: &ImportArgs, auth: http::Auth, progress: Arc<Progress>) -> ht
         retries: a.retries,
         idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
         progress,
-    }
+        secret_headers,
+        refuse_internal_redirects: a.refuse_internal_redirects,
+    })
 }
 
 fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failure {
@@ -162,7 +171,7 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         _ => http::Auth::None,
     };
     tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.disk.dest.path().display(), "starting import");
-    let opts = http_options(a, auth, progress.clone());
+    let opts = http_options(a, "http", auth, progress.clone())?;
     let node_pull = a.pull_method == "node";
     let mut msg = download(plan.disk, &client, &endpoint, opts, "http", MAX_RESTARTS).await?;
     if node_pull {
@@ -238,7 +247,7 @@ async fn import_s3(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMes
     let opts = http::HttpOptions {
         if_match: true,
         what: Some(format!("download of s3 object {}", object.shown())),
-        ..http_options(a, auth, progress)
+        ..http_options(a, "s3", auth, progress)?
     };
     download(plan.disk, &client, object.url.as_str(), opts, "s3", 0).await
 }
@@ -256,8 +265,12 @@ async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMe
         .filter(|p| !p.as_os_str().is_empty())
     {
         Some(path) => {
-            let sa = gcs::ServiceAccount::load(path, client.clone())
-                .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
+            let sa = gcs::ServiceAccount::load(
+                path,
+                client.clone(),
+                Duration::from_secs(a.idle_timeout.max(1)),
+            )
+            .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
             tracing::info!(account = %sa.email(), "using the GCS service-account key");
             http::Auth::Per(Arc::new(sa))
         }
@@ -271,7 +284,7 @@ async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMe
             redact::url(url.as_str())
         )),
         credentials_hint: " (check the service-account key in GOOGLE_APPLICATION_CREDENTIALS, or that the object is public)",
-        ..http_options(a, auth, progress)
+        ..http_options(a, "gcs", auth, progress)?
     };
     download(plan.disk, &client, url.as_str(), opts, "gcs", 0).await
 }

@@ -10,6 +10,7 @@ mod failure;
 mod import;
 mod inspect;
 mod metrics;
+mod net;
 mod poller;
 mod push;
 mod report;

@@ -15,6 +15,13 @@ pub const ERR_INVALID_FILE: i32 = 2;
 pub const ERR_INVALID_PATH: i32 = 3;
 pub const ERR_BAD_TERM_FILE: i32 = 4;
 
+/// The size qemu-img (and so CDI) reports: qemu's block layer counts whole 512-byte
+/// sectors, so a raw file of 10 MiB + 1000 bytes is 10,486,784 bytes to it. The clone
+/// controller sizes the target volume from this number.
+pub fn qemu_size(size: u64) -> u64 {
+    size.div_ceil(512).saturating_mul(512)
+}
+
 pub fn run(args: SizeArgs) -> i32 {
     if args.image_path.is_empty() {
         tracing::error!("One or more mandatory parameters are missing");
@@ -54,7 +61,8 @@ pub fn run(args: SizeArgs) -> i32 {
             return ERR_INVALID_FILE;
         }
     };
-    tracing::info!(path = %path.display(), format = %probed.format.name(), virtual_size = probed.virtual_size, "image size");
+    let size = qemu_size(probed.virtual_size);
+    tracing::info!(path = %path.display(), format = %probed.format.name(), virtual_size = size, "image size");
     // CDI writes the bare number (one line, mode 0600).
     let written = std::fs::OpenOptions::new()
         .write(true)
@@ -62,13 +70,22 @@ pub fn run(args: SizeArgs) -> i32 {
         .truncate(true)
         .mode(0o600)
         .open(&args.termination_log)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, probed.virtual_size.to_string().as_bytes())
-        });
+        .and_then(|mut f| std::io::Write::write_all(&mut f, size.to_string().as_bytes()));
     if let Err(e) = written {
         tracing::error!(path = %args.termination_log.display(), error = %e, "Unable to write to termination file");
         return ERR_BAD_TERM_FILE;
     }
     tracing::info!("Size-detection binary has completed");
     0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_round_up_to_whole_sectors_as_qemu_img() {
+        assert_eq!(super::qemu_size(10_486_760), 10_486_784);
+        assert_eq!(super::qemu_size(10 << 20), 10 << 20);
+        assert_eq!(super::qemu_size(0), 0);
+        assert_eq!(super::qemu_size(1), 512);
+    }
 }

@@ -11,6 +11,8 @@ built from qemu-img/qemu-io output, patched where qemu cannot produce the layout
   vmdk-huge-grains.vmdk      a header claiming 64 MiB grains
   vhd-512b-blocks.vhd        dynamic vhd, 128 MiB in 512-byte blocks stored in reverse order
   vmdk-1-sector-grains.vmdk  monolithicSparse, 64 MiB in 1-sector grains, reverse order
+  qcow2-junk-first.qcow2     1 GiB of unreferenced 512-byte clusters before the L1 table
+                             (held, then spooled to scratch: issue 27's index of runs)
   pax-header.tar             a 256 MiB PAX record before a small disk
   gnu-longname.tar           a 256 MiB GNU long name before a small disk
 Files ending in .gz are the same through gzip -1 (unknown length to the importer).
@@ -55,6 +57,41 @@ with open(p("qcow2-far-l2.qcow2"), "r+b") as f:
 
 run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", p("qcow2-prealloc-full.qcow2"), "96M")
 run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x22 8M 8M", p("qcow2-prealloc-full.qcow2"), stdout=subprocess.DEVNULL)
+
+
+def junk_first(src, dst, junk):
+    """`src` (a qcow2 of 512-byte clusters) with `junk` bytes of clusters nothing
+    references inserted after its header: every offset past the header moves by `junk`."""
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    cs = 1 << struct.unpack(">I", data[20:24])[0]
+    l1_size, l1_off, rt_off, rt_clusters = struct.unpack(">IQQI", data[36:60])
+    mask = 0x00FFFFFFFFFFFE00
+
+    def shift_table(off, n):
+        for i in range(n):
+            e = struct.unpack(">Q", data[off + 8 * i:off + 8 * i + 8])[0]
+            if e & mask:
+                data[off + 8 * i:off + 8 * i + 8] = struct.pack(">Q", e + junk)
+
+    for i in range(l1_size):
+        e = struct.unpack(">Q", data[l1_off + 8 * i:l1_off + 8 * i + 8])[0]
+        if e & mask:
+            shift_table(e & mask, cs // 8)
+    shift_table(l1_off, l1_size)
+    shift_table(rt_off, rt_clusters * cs // 8)
+    struct.pack_into(">Q", data, 40, l1_off + junk)
+    struct.pack_into(">Q", data, 48, rt_off + junk)
+    with open(dst, "wb") as f:
+        f.write(data[:cs])
+        f.seek(cs + junk)
+        f.write(data[cs:])
+
+
+run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p("small-512.qcow2"), "4M")
+run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x33 64K 1M", p("small-512.qcow2"), stdout=subprocess.DEVNULL)
+junk_first(p("small-512.qcow2"), p("qcow2-junk-first.qcow2"), 1 << 30)
+os.remove(p("small-512.qcow2"))
 
 
 def stream_optimized(path, grain_sectors, capacity_sectors, fill):
@@ -178,6 +215,7 @@ def big_header_tar(path, kind, n):
 big_header_tar(p("pax-header.tar"), "pax", 256 << 20)
 big_header_tar(p("gnu-longname.tar"), "gnu", 256 << 20)
 
-for name in ["qcow2-tables-first.qcow2", "qcow2-far-l2.qcow2", "pax-header.tar", "gnu-longname.tar"]:
+for name in ["qcow2-tables-first.qcow2", "qcow2-far-l2.qcow2", "qcow2-junk-first.qcow2",
+             "pax-header.tar", "gnu-longname.tar"]:
     with open(p(name), "rb") as src, open(p(name + ".gz"), "wb") as out:
         run("gzip", "-1", "-c", stdin=src, stdout=out)

@@ -136,6 +136,11 @@ fn hostile_images_stay_under_64_mib_in_a_128_mib_cgroup() {
         ("qcow2-far-l2.qcow2", Err("is still referenced")),
         ("qcow2-far-l2.qcow2.gz", Err("is still referenced")),
         ("qcow2-prealloc-full.qcow2", Ok("qemu")),
+        // Issue 27 (6): 1 GiB of unreferenced 512-byte clusters before the L1 table,
+        // spooled to the scratch volume: 208-211 MiB peak when the spool indexed every
+        // cluster, one entry now.
+        ("qcow2-junk-first.qcow2", Ok("qemu")),
+        ("qcow2-junk-first.qcow2.gz", Ok("qemu")),
         ("vmdk-8m-grains.vmdk", Ok("pattern")),
         ("vmdk-huge-grains.vmdk", Err("more than 8388608 bytes")),
         ("vhd-512b-blocks.vhd", Ok("qemu")),

@@ -84,6 +84,23 @@ fn sizes_agree_with_qemu_img_info() {
     }
 }
 
+/// Issue 27 (7): a raw file that is not a whole number of sectors. qemu-img (and so
+/// CDI) counts whole 512-byte sectors: 10 MiB + 1000 bytes is 10,486,784 to it, and the
+/// clone controller sizes the target volume from this number.
+#[test]
+fn a_raw_file_of_partial_sectors_is_sized_as_qemu_img() {
+    let d = tmp();
+    let det = detector(d.path());
+    let term = d.path().join("termination-log");
+    let raw = d.path().join("odd.raw");
+    std::fs::write(&raw, vec![7u8; (10 << 20) + 1000]).expect("write");
+    let want = qemu_virtual_size(&raw);
+    assert_eq!(want, 10_486_784, "qemu-img's own figure");
+    let (code, msg) = detect(&det, raw.to_str().expect("utf8"), &term);
+    assert_eq!(code, 0, "{msg}");
+    assert_eq!(msg, want.to_string());
+}
+
 #[test]
 fn cdi_exit_codes() {
     let d = tmp();

@@ -336,7 +336,17 @@ async fn forward(
                     })
             }
             Err(e) => {
-                let m = ferrydisk_common::error::chain_line(&e);
+                // A refused certificate says why (unknown authority: the upload
+                // server's CA bundle is not the one its certificate was issued by).
+                let m = ferrydisk_common::tls_failure::diagnose(&e)
+                    .map(|t| {
+                        format!(
+                            "TLS: {}; check the proxy's upload-server CA bundle",
+                            t.cause
+                        )
+                    })
+                    .unwrap_or_else(|| ferrydisk_common::error::chain_line(&e));
+                tracing::warn!(error = %m, "the upload server could not be reached");
                 text(
                     StatusCode::BAD_GATEWAY,
                     format!("error in upload-proxy: {m}"),

@@ -47,9 +47,9 @@ impl StreamOptions {
     /// Where data read ahead of its tables is kept under these options: the image file
     /// itself when it is one (read back in `unit` byte pieces), else memory then scratch.
     pub fn held(&self, what: &'static str, unit: u64) -> Held {
-        let held = Held::new(what, self.hold_memory, self.scratch.clone());
+        let held = Held::new(what, self.hold_memory, self.scratch.clone(), unit);
         match &self.source_file {
-            Some(f) => held.reread_from(f, unit),
+            Some(f) => held.reread_from(f),
             None => held,
         }
     }

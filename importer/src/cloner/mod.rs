@@ -125,7 +125,8 @@ pub async fn run(args: ClonerArgs) -> i32 {
         }
     };
     let status = response.status();
-    let text = response.text().await.unwrap_or_default();
+    // The target's answer is a line of text; read bounded, as every remote body.
+    let text = crate::net::body::error_text(response).await;
     // A refusal stops the body early: the target's answer is the error, not the pipe.
     if !status.is_success() {
         tracing::error!(status = status.as_u16(), response = %text, "the clone target refused the stream");

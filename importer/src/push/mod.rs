@@ -11,17 +11,16 @@
 //! decides.
 
 pub mod layer;
-pub mod registry;
 pub mod save;
 pub mod spool;
 mod streamed;
 
 use crate::cli::PushArgs;
+use crate::net::registry::{Access, ApiError as PushError, Connect, Registry};
 use bytes::Bytes;
 use ferrydisk_common::format::probe;
 use ferrydisk_common::sniff::Format;
 use layer::{LayerSpec, Layout, Produced};
-use registry::{PushError, Registry};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -30,8 +29,7 @@ use std::sync::Arc;
 /// Bytes per piece handed from the producer to a streamed upload.
 const PIECE: usize = 1 << 20;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub use crate::net::registry::{OCI_INDEX, OCI_MANIFEST};
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
@@ -294,7 +292,11 @@ async fn push_registry(args: &PushArgs, dest: &Dest, src: Source) -> Result<Summ
         .map_err(|e| format!("reading {shown}: {e}"))?
     };
     let mut mounted = false;
-    let uploaded = if reg.blob_exists(&pre.digest).await.map_err(|e| chain(&e))? {
+    let uploaded = if reg
+        .blob_exists(&pre.digest, pre.size)
+        .await
+        .map_err(|e| chain(&e))?
+    {
         tracing::info!(digest = %pre.digest, "the registry has this layer; not uploading it");
         false
     } else if let Some(from) = args.mount_from.as_deref().filter(|f| !f.is_empty()) {
@@ -323,11 +325,9 @@ async fn connect(args: &PushArgs, dest: &Dest) -> Result<Registry, String> {
     let http = crate::sources::client::build(&crate::sources::client::ClientOptions {
         ca_dirs: args.cert_dir.iter().map(|p| p.as_path()).collect(),
         insecure: args.insecure(),
-        headers: Vec::new(),
         http_proxy: None,
         https_proxy: None,
         no_proxy: None,
-        refuse_internal_redirects: false,
         localhost_names: Vec::new(),
     })
     .map_err(|e| e.to_string())?;
@@ -337,9 +337,17 @@ async fn connect(args: &PushArgs, dest: &Dest) -> Result<Registry, String> {
         args.auth_file.as_deref(),
         &dest.host,
     );
-    Registry::connect(http, &dest.host, &dest.repo, creds, args.insecure())
-        .await
-        .map_err(|e| format!("{}: {}", dest.host, chain(&e)))
+    Registry::connect(Connect {
+        http,
+        host: dest.host.clone(),
+        repo: dest.repo.clone(),
+        creds,
+        insecure: args.insecure(),
+        access: Access::PullPush,
+        idle: std::time::Duration::from_secs(args.idle_timeout.max(1)),
+    })
+    .await
+    .map_err(|e| format!("{}: {}", dest.host, chain(&e)))
 }
 
 /// Once the layer is in: the configs, the manifests (and index), the tag last. Returns

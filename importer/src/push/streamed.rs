@@ -177,7 +177,7 @@ pub(super) async fn push(
 async fn once(
     args: &PushArgs,
     dest: &Dest,
-    reg: &super::registry::Registry,
+    reg: &crate::net::registry::Registry,
     measured: Option<(&str, &Measured)>,
     digest_only: bool,
 ) -> Result<Streamed, String> {
@@ -270,7 +270,7 @@ async fn once(
         .ok_or("the stream ended without its digest")?;
     if digest_only {
         if !reg
-            .blob_exists(&pre.digest)
+            .blob_exists(&pre.digest, pre.size)
             .await
             .map_err(|e| super::chain(&e))?
         {

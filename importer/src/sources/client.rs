@@ -1,5 +1,7 @@
 //! The HTTP client every network source shares: rustls with the built-in roots plus
-//! the CA files CDI mounts, CDI's insecure switch, proxies, extra headers.
+//! the CA files CDI mounts, CDI's insecure switch, proxies. It follows no redirect
+//! itself: `net::follow` does, keeping credentials and the user's secret extra headers
+//! (applied per request, never as client defaults) on their own origin.
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use std::path::{Path, PathBuf};
@@ -25,33 +27,13 @@ pub enum ClientError {
 pub struct ClientOptions<'a> {
     pub ca_dirs: Vec<&'a Path>,
     pub insecure: bool,
-    pub headers: Vec<String>,
     pub http_proxy: Option<String>,
     pub https_proxy: Option<String>,
     pub no_proxy: Option<String>,
-    /// Refuse redirects to link-local, loopback and unspecified addresses.
-    pub refuse_internal_redirects: bool,
     /// Names under `.localhost` to resolve to the loopback addresses ourselves, as RFC
     /// 6761 (6.3) asks of applications and curl does; glibc sends them to DNS. A
     /// virtual-hosted S3 bucket on a local endpoint (`disks.localhost:9000`) needs it.
     pub localhost_names: Vec<String>,
-}
-
-/// Redirects CDI's client follows, at most 10; a loop or an internal target is an error
-/// the source reports as terminal ([`is_redirect_refusal`]).
-fn redirect_policy(refuse_internal: bool) -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= 10 {
-            return attempt.error("more than 10 redirects (a redirect loop?)");
-        }
-        if refuse_internal && is_internal(attempt.url()) {
-            let host = attempt.url().host_str().unwrap_or("").to_string();
-            return attempt.error(format!(
-                "redirect to internal address {host} refused (--refuse-internal-redirects)"
-            ));
-        }
-        attempt.follow()
-    })
 }
 
 /// Link-local (cloud metadata at 169.254.169.254), loopback, unspecified; `localhost`.
@@ -82,11 +64,6 @@ fn internal_ip(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// Whether a request failed on the redirect policy: retrying cannot help.
-pub fn is_redirect_refusal(e: &reqwest::Error) -> bool {
-    e.is_redirect()
-}
-
 pub const USER_AGENT: &str = concat!("ferrydisk-importer/", env!("CARGO_PKG_VERSION"));
 
 pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
@@ -95,7 +72,7 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
         .user_agent(USER_AGENT)
         .connect_timeout(std::time::Duration::from_secs(30))
         .tcp_keepalive(std::time::Duration::from_secs(30))
-        .redirect(redirect_policy(opts.refuse_internal_redirects))
+        .redirect(reqwest::redirect::Policy::none())
         .danger_accept_invalid_certs(opts.insecure)
         .no_proxy();
     for name in &opts.localhost_names {
@@ -160,7 +137,6 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
                 .no_proxy(no_proxy),
         );
     }
-    b = b.default_headers(parse_headers(&opts.headers)?);
     b.build().map_err(|e| ClientError::Build(e.to_string()))
 }
 

@@ -91,11 +91,15 @@ pub struct ServiceAccount {
     key: ring::signature::RsaKeyPair,
     token_uri: String,
     client: Client,
+    /// The longest wait for the token endpoint's answer, and between its body's reads.
+    idle: Duration,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
 }
 
 impl ServiceAccount {
-    pub fn load(path: &Path, client: Client) -> Result<Self, GcsError> {
+    /// `client` follows no redirect (every source client is built so), so the signed
+    /// assertion goes to `token_uri` and nowhere else.
+    pub fn load(path: &Path, client: Client, idle: Duration) -> Result<Self, GcsError> {
         let err = |message: String| GcsError::Key {
             path: path.display().to_string(),
             message,
@@ -120,6 +124,7 @@ impl ServiceAccount {
             key: pair,
             token_uri: key.token_uri,
             client,
+            idle,
             token: tokio::sync::Mutex::new(None),
         })
     }
@@ -173,21 +178,28 @@ impl ServiceAccount {
             .unwrap_or(0);
         let assertion = self.assertion(now)?;
         let shown = redact::url(&self.token_uri);
-        let resp = self
+        let send = self
             .client
             .post(&self.token_uri)
             .form(&[
                 ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
                 ("assertion", assertion.as_str()),
             ])
-            .send()
-            .await
-            .map_err(|e| {
+            .send();
+        let resp = match tokio::time::timeout(self.idle, send).await {
+            Ok(r) => r.map_err(|e| {
                 format!(
                     "token request to {shown} failed: {}",
-                    ferrydisk_common::error::chain_line(&e)
+                    crate::net::describe(&e).1
                 )
-            })?;
+            })?,
+            Err(_) => {
+                return Err(format!(
+                    "token request to {shown}: no answer within {} s (idle timeout)",
+                    self.idle.as_secs()
+                ))
+            }
+        };
         let status = resp.status();
         #[derive(serde::Deserialize)]
         struct Token {
@@ -195,17 +207,26 @@ impl ServiceAccount {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        if status.is_redirection() {
+            return Err(format!(
+                "token request to {shown} answered {status}: a token endpoint is not followed to another URL (the signed assertion goes only to token_uri)"
+            ));
+        }
         if !status.is_success() {
-            let text: String = String::from_utf8_lossy(&body[..body.len().min(300)])
-                .chars()
-                .filter(|c| !c.is_control())
-                .collect();
+            let text = crate::net::body::error_text(resp).await;
             return Err(format!(
                 "token request to {shown} for {} answered {status}: {text}",
                 self.email
             ));
         }
+        let body = crate::net::body::read(
+            resp,
+            crate::net::body::Bound::AtMost(crate::net::body::TOKEN_MAX),
+            self.idle,
+            &format!("the token response from {shown}"),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let token: Token = serde_json::from_slice(&body)
             .map_err(|e| format!("token response from {shown}: {e}"))?;
         let life = Duration::from_secs(token.expires_in.unwrap_or(3600).clamp(60, 86_400));

@@ -23,7 +23,12 @@ pub enum HttpError {
     #[error("invalid URL {0:?}")]
     BadUrl(String),
     #[error("HTTP request to {url} failed: {message}")]
-    Request { url: String, message: String },
+    Request {
+        url: String,
+        message: String,
+        /// Network, or Config for a certificate the pod will never accept.
+        kind: ErrorKind,
+    },
     /// A redirect loop or a refused redirect target: terminal, retrying cannot help.
     #[error(transparent)]
     Redirect(Box<HttpError>),
@@ -42,7 +47,7 @@ impl HttpError {
         match self {
             HttpError::BadUrl(_) => ErrorKind::Config,
             HttpError::Redirect(_) => ErrorKind::SourceRefused,
-            HttpError::Request { .. } => ErrorKind::Network,
+            HttpError::Request { kind, .. } => *kind,
             HttpError::Status { status, .. }
                 if status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS =>
             {
@@ -85,6 +90,11 @@ pub struct HttpOptions {
     pub retries: u32,
     pub idle_timeout: Duration,
     pub progress: Arc<Progress>,
+    /// The user's extra headers (`IMPORTER_EXTRA_HEADER_*`, `/extraheaders`): secrets,
+    /// sent only to the URL's own origin, as the credentials are.
+    pub secret_headers: reqwest::header::HeaderMap,
+    /// Refuse redirects to link-local, loopback and unspecified addresses.
+    pub refuse_internal_redirects: bool,
 }
 
 /// An open download: its length if the server said, and the reader its bytes arrive on.
@@ -135,18 +145,23 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
                 return Err(HttpError::Request {
                     url: shown.clone(),
                     message: m,
+                    kind: ErrorKind::Network,
                 })
             }
-            Err(Failed::Http(e)) => {
-                let refused = super::client::is_redirect_refusal(&e);
+            Err(Failed::Redirect(m)) => {
+                return Err(HttpError::Redirect(Box::new(HttpError::Request {
+                    url: shown.clone(),
+                    message: m,
+                    kind: ErrorKind::SourceRefused,
+                })))
+            }
+            Err(Failed::Http(kind, message)) => {
                 let e = HttpError::Request {
                     url: shown.clone(),
-                    message: error_text(&e),
+                    message,
+                    kind,
                 };
-                if refused {
-                    return Err(HttpError::Redirect(Box::new(e)));
-                }
-                if attempt >= opts.retries {
+                if kind != ErrorKind::Network || attempt >= opts.retries {
                     return Err(e);
                 }
                 tracing::warn!(url = %shown, error = %e, attempt, "request failed, retrying");
@@ -204,9 +219,36 @@ fn body_of(resp: Response) -> Body {
 
 /// Why a request gave no response.
 enum Failed {
-    Http(reqwest::Error),
+    /// The request failed (its kind: a TLS refusal is terminal) or timed out.
+    Http(ErrorKind, String),
+    /// A redirect loop, a refused redirect target, a bad Location: terminal.
+    Redirect(String),
     /// The credentials could not be computed (a token endpoint refused the key).
     Auth(String),
+}
+
+/// What only the URL's own origin gets: the source's credentials and the user's
+/// secret extra headers.
+struct SourceCredentials<'a> {
+    auth: &'a Auth,
+    headers: &'a reqwest::header::HeaderMap,
+}
+
+impl crate::net::follow::Credentials for SourceCredentials<'_> {
+    fn apply<'a>(
+        &'a self,
+        req: RequestBuilder,
+        url: &'a reqwest::Url,
+    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, String>> {
+        Box::pin(async move {
+            let req = req.headers(self.headers.clone());
+            match self.auth {
+                Auth::None => Ok(req),
+                Auth::Basic(user, pass) => Ok(req.basic_auth(user, Some(pass))),
+                Auth::Per(a) => a.authorize(req, url).await,
+            }
+        })
+    }
 }
 
 async fn get(
@@ -215,22 +257,44 @@ async fn get(
     opts: &HttpOptions,
     range: Option<(u64, &Validators)>,
 ) -> Result<Response, Failed> {
-    let mut req = client.get(url.clone());
+    use crate::net::follow::{self, FollowError};
+    let mut public = reqwest::header::HeaderMap::new();
     if let Some((from, v)) = range {
-        req = req.header(RANGE, format!("bytes={from}-"));
+        let mut put = |name, value: String| {
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(&value) {
+                public.insert(name, v);
+            }
+        };
+        put(RANGE, format!("bytes={from}-"));
         if let Some(ir) = v.if_range() {
-            req = req.header(IF_RANGE, ir);
+            put(IF_RANGE, ir.to_string());
         }
         if let (true, Some(etag)) = (opts.if_match, &v.etag) {
-            req = req.header(IF_MATCH, etag);
+            put(IF_MATCH, etag.clone());
         }
     }
-    req = match &opts.auth {
-        Auth::None => req,
-        Auth::Basic(user, pass) => req.basic_auth(user, Some(pass)),
-        Auth::Per(a) => a.authorize(req, url).await.map_err(Failed::Auth)?,
+    let creds = SourceCredentials {
+        auth: &opts.auth,
+        headers: &opts.secret_headers,
     };
-    req.send().await.map_err(Failed::Http)
+    let policy = follow::Policy {
+        refuse_internal: opts.refuse_internal_redirects,
+        idle: opts.idle_timeout,
+    };
+    follow::send(client, reqwest::Method::GET, url, &public, &creds, policy)
+        .await
+        .map_err(|e| match e {
+            FollowError::Http(e) => {
+                let (kind, message) = crate::net::describe(&e);
+                Failed::Http(kind, message)
+            }
+            FollowError::Timeout(secs) => Failed::Http(
+                ErrorKind::Network,
+                format!("no response within {secs} s (idle timeout)"),
+            ),
+            FollowError::Redirect(m) => Failed::Redirect(m),
+            FollowError::Credentials(m) => Failed::Auth(m),
+        })
 }
 
 /// The code and message of an object store's XML error body (S3, GCS XML API), read
@@ -327,10 +391,9 @@ impl Resumable for HttpSource {
         let resp = get(&self.client, &self.url, &self.opts, range)
             .await
             .map_err(|e| match e {
-                Failed::Http(e) if super::client::is_redirect_refusal(&e) => {
-                    Reopen::Fatal(ErrorKind::SourceRefused, error_text(&e))
-                }
-                Failed::Http(e) => Reopen::Retry(error_text(&e)),
+                Failed::Redirect(m) => Reopen::Fatal(ErrorKind::SourceRefused, m),
+                Failed::Http(ErrorKind::Network, m) => Reopen::Retry(m),
+                Failed::Http(kind, m) => Reopen::Fatal(kind, m),
                 Failed::Auth(m) => Reopen::Retry(m),
             })?;
         let status = resp.status();

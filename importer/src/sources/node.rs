@@ -12,8 +12,16 @@ use std::time::Duration;
 pub async fn labels(client: &reqwest::Client, endpoint: &str) -> Option<BTreeMap<String, String>> {
     let mut url = reqwest::Url::parse(endpoint).ok()?;
     url.set_path("/info");
-    let info: serde_json::Value = match client.get(url).send().await {
-        Ok(r) => serde_json::from_slice(&r.bytes().await.ok()?).ok()?,
+    let idle = Duration::from_secs(30);
+    let info: serde_json::Value = match client.get(url).timeout(idle).send().await {
+        Ok(r) => {
+            let bound = crate::net::body::Bound::AtMost(crate::net::body::TOKEN_MAX);
+            let body = crate::net::body::read(r, bound, idle, "the disk server's /info")
+                .await
+                .map_err(|e| tracing::warn!(error = %e, "could not read the image environment"))
+                .ok()?;
+            serde_json::from_slice(&body).ok()?
+        }
         Err(e) => {
             tracing::warn!(error = %e, "could not read the image environment from the disk server");
             return None;

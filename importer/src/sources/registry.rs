@@ -1,21 +1,20 @@
 //! `IMPORTER_SOURCE=registry`: a containerDisk from an OCI/Docker registry, streamed
 //! layer by layer (top first) straight into the disk pipeline. No scratch, no copy of
-//! the image anywhere.
+//! the image anywhere. The requests are `net::registry`'s (bounded manifests and
+//! configs, credentials only to the registry's origin, timeouts); oci-client lends its
+//! manifest types and reference parser only.
 
 use super::redact;
 use super::resume::{self as pump, Body, Labels, Opened, Policy, Reopen, Resumable};
+use crate::net::registry::{self as api, Access, ApiError, Connect, Registry};
 use ferrydisk_common::checksum::DigestReader;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::{self, ChannelReader};
 use ferrydisk_common::ErrorKind;
 use futures_util::StreamExt;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +23,14 @@ use std::time::Duration;
 /// A config blob is a few KiB; anything this large is not an image config.
 const MAX_CONFIG: i64 = 4 << 20;
 
+/// How the registry named by the reference is reached (Docker Hub's API host).
+fn api_host(reference: &Reference) -> String {
+    match reference.resolve_registry() {
+        "index.docker.io" | "docker.io" => "registry-1.docker.io".to_string(),
+        h => h.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("Invalid image name {0:?}: expected docker://registry/repository[:tag|@digest]")]
@@ -31,6 +38,10 @@ pub enum RegistryError {
     /// The source (an oci-client, I/O or JSON error) is kept for the error chain.
     #[error("failed to pull image: {0}")]
     Pull(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A request failed; its kind says whether retrying can help (a refused manifest,
+    /// an unknown certificate authority cannot).
+    #[error("failed to pull image: {0}")]
+    Api(#[from] ApiError),
     #[error("Error validating architecture: {0}")]
     Platform(String),
     #[error("bootc image detected: bootable container images are not VM disks (label {0})")]
@@ -43,6 +54,13 @@ impl RegistryError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             RegistryError::Pull(_) => ErrorKind::Network,
+            RegistryError::Api(e) => match e.kind() {
+                // A registry answering 401/404 is what CDI retries too (the pod restarts).
+                ErrorKind::SourceRefused if matches!(e, ApiError::Status { .. }) => {
+                    ErrorKind::Network
+                }
+                k => k,
+            },
             RegistryError::Name(_) => ErrorKind::Config,
             _ => ErrorKind::SourceRefused,
         }
@@ -67,8 +85,7 @@ pub struct RegistryOptions {
 /// A resolved single-platform image.
 pub struct Image {
     rt: tokio::runtime::Handle,
-    client: Arc<Client>,
-    reference: Reference,
+    reg: Arc<Registry>,
     pub manifest: OciImageManifest,
     pub env: Vec<String>,
     pub artifact_type: Option<String>,
@@ -107,47 +124,52 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Reference, RegistryError> {
     super::reference::parse(rest).map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
 }
 
-/// Extra roots for registries: the CA files CDI mounts (`IMPORTER_CERT_DIR`, the proxy
-/// CA dir). Mozilla's roots are compiled in through reqwest's webpki-roots feature, so a
-/// FROM-scratch image needs no CA bundle.
-fn roots(opts: &RegistryOptions) -> Vec<Certificate> {
-    opts.ca_dirs
-        .iter()
-        .flat_map(|d| super::client::pem_files(d))
-        .filter_map(|p| std::fs::read(p).ok())
-        .map(|data| Certificate {
-            encoding: CertificateEncoding::Pem,
-            data,
-        })
-        .collect()
-}
-
-fn client(opts: &RegistryOptions, protocol: ClientProtocol) -> Client {
-    Client::new(ClientConfig {
-        protocol,
-        accept_invalid_certificates: opts.insecure,
-        extra_root_certificates: roots(opts),
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(30)),
-        read_timeout: Some(opts.idle_timeout),
-        user_agent: super::client::USER_AGENT,
-        https_proxy: opts.https_proxy.clone(),
-        http_proxy: opts.http_proxy.clone(),
+/// The registry client for `reference`: the CA files CDI mounts (`IMPORTER_CERT_DIR`,
+/// the proxy CA dir) on top of the compiled-in Mozilla roots, so a FROM-scratch image
+/// needs no CA bundle; CDI's insecure switch and its fallback to plain HTTP.
+async fn connect(opts: &RegistryOptions, reference: &Reference) -> Result<Registry, RegistryError> {
+    let http = super::client::build(&super::client::ClientOptions {
+        ca_dirs: opts.ca_dirs.iter().map(PathBuf::as_path).collect(),
+        insecure: opts.insecure,
+        http_proxy: opts.http_proxy.clone().filter(|s| !s.is_empty()),
+        https_proxy: opts.https_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: opts.no_proxy.clone(),
-        ..Default::default()
+        localhost_names: Vec::new(),
     })
+    .map_err(pull_err)?;
+    let host = api_host(reference);
+    Ok(Registry::connect(Connect {
+        http,
+        creds: credentials(
+            opts.username.as_deref(),
+            opts.password.as_deref(),
+            opts.auth_file.as_deref(),
+            reference.resolve_registry(),
+        ),
+        host,
+        repo: reference.repository().to_string(),
+        insecure: opts.insecure,
+        access: Access::Pull,
+        idle: opts.idle_timeout,
+    })
+    .await?)
 }
 
-/// Credentials: IMPORTER_ACCESS_KEY_ID/IMPORTER_SECRET_KEY (both set, as CDI requires),
-/// else the registry's entry in a docker/containers auth file, else anonymous.
-fn auth_for(opts: &RegistryOptions, registry: &str) -> RegistryAuth {
-    credentials(
-        opts.username.as_deref(),
-        opts.password.as_deref(),
-        opts.auth_file.as_deref(),
-        registry,
-    )
-    .map_or(RegistryAuth::Anonymous, |(u, p)| RegistryAuth::Basic(u, p))
+/// A manifest or index by tag or digest, parsed; and its digest (of the bytes served).
+async fn pull_manifest(
+    reg: &Registry,
+    reference: &str,
+) -> Result<(OciManifest, String), RegistryError> {
+    let raw = reg.manifest(reference, api::MANIFEST_KINDS).await?;
+    let digest = ferrydisk_common::checksum::sha256_digest(&raw);
+    let m = serde_json::from_slice(&raw)
+        .map_err(|e| RegistryError::Config(format!("manifest {reference}: {e}")))?;
+    Ok((m, digest))
+}
+
+/// The tag or digest a reference names.
+fn tag_or_digest(r: &Reference) -> String {
+    r.digest().or(r.tag()).unwrap_or("latest").to_string()
 }
 
 /// A username and password (both non-empty), else the registry's auth-file entry.
@@ -288,27 +310,13 @@ pub fn check_config(
 pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, RegistryError> {
     let reference = parse_endpoint(endpoint)?;
     let shown = format!("docker://{}", reference.whole());
-    let auth = auth_for(opts, reference.resolve_registry());
-    let mut client = client(opts, ClientProtocol::Https);
-    let first = client.pull_manifest(&reference, &auth).await;
-    let (manifest, top_digest) = match first {
-        Ok(m) => m,
-        // CDI (containers/image) falls back to plain HTTP for insecure registries.
-        Err(e) if opts.insecure => {
-            tracing::info!(image = %shown, error = %e, "HTTPS failed for an insecure registry; trying plain HTTP");
-            client = self::client(opts, ClientProtocol::Http);
-            client
-                .pull_manifest(&reference, &auth)
-                .await
-                .map_err(pull_err)?
-        }
-        Err(e) => return Err(pull_err(e)),
-    };
+    let reg = connect(opts, &reference).await?;
+    let (manifest, top_digest) = pull_manifest(&reg, &tag_or_digest(&reference)).await?;
     let requested = opts.arch.clone();
     let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
     let mut platforms = Vec::new();
-    let (manifest, reference) = match manifest {
-        OciManifest::Image(m) => (m, reference),
+    let manifest = match manifest {
+        OciManifest::Image(m) => m,
         OciManifest::ImageIndex(index) => {
             let entries: Vec<PlatformEntry> = index
                 .manifests
@@ -331,17 +339,8 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
                 .collect();
             let entry = select_platform(&entries, &want)?;
             tracing::info!(image = %shown, platform = %format!("linux/{want}"), digest = %entry.digest, "selected platform from image index");
-            let by_digest = Reference::with_digest(
-                reference.registry().to_string(),
-                reference.repository().to_string(),
-                entry.digest.clone(),
-            );
-            match client
-                .pull_manifest(&by_digest, &auth)
-                .await
-                .map_err(pull_err)?
-            {
-                (OciManifest::Image(m), _) => (m, by_digest),
+            match pull_manifest(&reg, &entry.digest).await? {
+                (OciManifest::Image(m), _) => m,
                 (OciManifest::ImageIndex(_), _) => return Err(pull_err("nested image index")),
             }
         }
@@ -350,7 +349,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
         (!super::image::is_image_config(&manifest.config.media_type))
             .then(|| manifest.config.media_type.clone())
     });
-    let config = pull_config(&client, &reference, &manifest.config).await?;
+    let config = pull_config(&reg, &manifest.config).await?;
     // An artifact's config is no image config (often `{}`): no platform, no Env.
     let env = match &artifact_type {
         None => check_config(&config, requested.as_deref())?,
@@ -378,8 +377,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
         platforms,
         config_labels,
         rt: tokio::runtime::Handle::current(),
-        client: Arc::new(client),
-        reference,
+        reg: Arc::new(reg),
         manifest,
         env,
         artifact_type,
@@ -396,34 +394,18 @@ pub async fn manifest_digest(
     endpoint: &str,
     opts: &RegistryOptions,
 ) -> Result<String, RegistryError> {
-    const ACCEPT: &[&str] = &[
-        oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
-        oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        oci_client::manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-        oci_client::manifest::IMAGE_MANIFEST_MEDIA_TYPE,
-    ];
     let reference = parse_endpoint(endpoint)?;
-    let auth = auth_for(opts, reference.resolve_registry());
-    let first = client(opts, ClientProtocol::Https)
-        .pull_manifest_raw(&reference, &auth, ACCEPT)
-        .await;
-    let (raw, _) = match first {
-        Ok(m) => m,
-        Err(e) if opts.insecure => {
-            tracing::info!(error = %e, "HTTPS failed for an insecure registry; trying plain HTTP");
-            client(opts, ClientProtocol::Http)
-                .pull_manifest_raw(&reference, &auth, ACCEPT)
-                .await
-                .map_err(pull_err)?
-        }
-        Err(e) => return Err(pull_err(e)),
-    };
+    let reg = connect(opts, &reference).await?;
+    let raw = reg
+        .manifest(&tag_or_digest(&reference), api::MANIFEST_KINDS)
+        .await?;
     Ok(ferrydisk_common::checksum::sha256_digest(&raw))
 }
 
+/// The config blob: at most 4 MiB, exactly its descriptor's size (nothing past it is
+/// read), its digest checked.
 async fn pull_config(
-    client: &Client,
-    reference: &Reference,
+    reg: &Registry,
     desc: &OciDescriptor,
 ) -> Result<serde_json::Value, RegistryError> {
     if desc.size > MAX_CONFIG || desc.size < 0 {
@@ -432,15 +414,7 @@ async fn pull_config(
             desc.size
         )));
     }
-    let mut buf = Vec::with_capacity(desc.size as usize);
-    client
-        .pull_blob(reference, desc, &mut buf)
-        .await
-        .map_err(pull_err)?;
-    let mut verified = DigestReader::new(&buf[..], &desc.digest)
-        .map_err(|e| RegistryError::Config(e.to_string()))?;
-    std::io::copy(&mut verified, &mut std::io::sink())
-        .map_err(|e| RegistryError::Config(e.to_string()))?;
+    let buf = reg.small_blob(&desc.digest, desc.size as u64).await?;
     serde_json::from_slice(&buf).map_err(|e| RegistryError::Config(e.to_string()))
 }
 
@@ -519,9 +493,8 @@ impl Image {
             interrupted: "layer download interrupted, resuming",
         };
         let source = LayerSource {
-            client: self.client.clone(),
-            reference: self.reference.clone(),
-            desc,
+            reg: self.reg.clone(),
+            digest: desc.digest,
         };
         self.rt.spawn(pump::run(source, None, policy, labels, tx));
         Ok(verified)
@@ -531,24 +504,42 @@ impl Image {
 /// A blob, reopened at an offset with a Range request; blobs are content-addressed, so
 /// no validator is needed (the digest check covers the splice).
 struct LayerSource {
-    client: Arc<Client>,
-    reference: Reference,
-    desc: OciDescriptor,
+    reg: Arc<Registry>,
+    digest: String,
 }
 
 impl Resumable for LayerSource {
     async fn reopen(&mut self, offset: u64) -> Result<Opened, Reopen> {
         let resp = self
-            .client
-            .pull_blob_stream_partial(&self.reference, &self.desc, offset, None)
+            .reg
+            .blob_from(&self.digest, offset)
             .await
-            .map_err(|e| Reopen::Retry(e.to_string()))?;
-        let (stream, skip) = match resp {
-            BlobResponse::Partial(s) => (s.stream, 0),
-            // No range support: the blob starts over; the pump skips what it has.
-            BlobResponse::Full(s) => (s.stream, offset),
-        };
-        let body: Body = Box::pin(stream.map(|r| r.map_err(|e| e.to_string())));
+            .map_err(|e| match e.kind() {
+                ErrorKind::Network => Reopen::Retry(e.to_string()),
+                k => Reopen::Fatal(k, e.to_string()),
+            })?;
+        let partial = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+        if partial {
+            let starts = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if starts != Some(offset) {
+                return Err(Reopen::Retry(format!(
+                    "blob {}: asked for bytes from {offset}, the registry answered another range",
+                    self.digest
+                )));
+            }
+        }
+        // No range support: the blob starts over; the pump skips what it has.
+        let skip = if partial { 0 } else { offset };
+        let body: Body = Box::pin(
+            resp.bytes_stream()
+                .map(|r| r.map_err(|e| crate::net::describe(&e).1)),
+        );
         Ok(Opened { body, skip })
     }
 }

@@ -462,8 +462,7 @@ fn expected_checksums(req: &Request<Incoming>) -> Result<Vec<Checksum>, Checksum
     for v in header("content-digest")? {
         out.extend(Checksum::parse_content_digest(v)?);
     }
-    out.dedup();
-    Ok(out)
+    Checksum::one_per_algorithm(out)
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ mod tests {
     use super::*;
 
     fn held(mem: u64) -> Held {
-        Held::new("test", mem, None)
+        Held::new("test", mem, None, CHUNK)
     }
 
     fn data() -> Vec<u8> {
@@ -328,7 +328,7 @@ mod tests {
         let mut rd = HostReader::new(
             &mut src,
             Format::Vmdk,
-            Held::new("test", 100_000, Some(dir.path().into())),
+            Held::new("test", 100_000, Some(dir.path().into()), CHUNK),
         );
         rd.read_at(500_000, &mut b).expect("spooled");
         rd.stop_retaining().expect("stop");
