@@ -222,3 +222,35 @@ fn digests_are_capped_at_one_per_algorithm() {
     let (code, body) = upload(&pki, &p, &raw, "", &[format!("X-Checksum: {same}")]);
     assert_eq!(code, 200, "{body}\n{}", server.log());
 }
+
+/// Issue 27 (8): the proxy's upstream presents a certificate the proxy's CA bundle does
+/// not trust: the client is told so at once (unknown authority, the CA bundle to check)
+/// instead of "not ready: timed out" after the readiness wait.
+#[test]
+fn an_upstream_certificate_from_another_ca_is_named() {
+    let d = tmp();
+    let pki = Pki::default();
+    let other = Pki::default();
+    let raw = fixture(d.path());
+    let run = tmp();
+    let server = upload_server(&pki, run.path());
+    let p = ferrydisk_tests::upload::proxy_with_ca(
+        &pki,
+        run.path(),
+        server.port,
+        &other.path("ca.crt"),
+        &[],
+    );
+    let started = Instant::now();
+    let (code, body) = upload(&pki, &p, &raw, "", &[]);
+    assert!(code == 502 || code == 503, "{code} {body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered at once, not after the readiness wait"
+    );
+    assert!(
+        body.contains("x509: certificate signed by unknown authority")
+            && body.contains("CA bundle"),
+        "{body}"
+    );
+}

@@ -406,13 +406,21 @@ async fn wait_ready(app: &App, t: &UploadTarget) -> Result<(String, Option<Strin
                     upstream::base_url(&app.cfg.upstream_template, &t.namespace, &t.pvc)
                 );
                 if let Ok(c) = app.client() {
-                    if c.get(&url)
-                        .timeout(Duration::from_secs(2))
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                    {
-                        return Ok((t.pvc.clone(), None));
+                    match c.get(&url).timeout(Duration::from_secs(2)).send().await {
+                        Ok(r) if r.status().is_success() => return Ok((t.pvc.clone(), None)),
+                        Ok(_) => {}
+                        // A certificate the proxy will never accept does not get better
+                        // by waiting: say so at once.
+                        Err(e) => {
+                            if let Some(tls) = ferrydisk_common::tls_failure::diagnose(&e)
+                                .filter(|f| f.kind == ferrydisk_common::ErrorKind::Config)
+                            {
+                                return Err(format!(
+                                    "upload server for PVC {}/{}: TLS: {}; check the proxy's upload-server CA bundle",
+                                    t.namespace, t.pvc, tls.cause
+                                ));
+                            }
+                        }
                     }
                 }
             }
