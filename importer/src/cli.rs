@@ -236,7 +236,26 @@ pub struct ImportArgs {
     /// an artifact's only non-tar layer, else the containerDisk's `disk/` file.
     #[arg(long = "layer-digest", env = "FERRYDISK_LAYER_DIGEST")]
     pub layer_digest: Option<String>,
+    /// Selects the disk layer of a KubeVirt VM artifact by its annotations, all of which
+    /// must match (CDI's VEP 395 `matchAnnotations`), e.g. `io.kubevirt.disk.name=rootdisk`;
+    /// repeatable. The env var takes `KEY=VALUE[,KEY=VALUE...]`.
+    #[arg(
+        long = "layer-annotation",
+        env = "FERRYDISK_LAYER_ANNOTATIONS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ','
+    )]
+    pub layer_annotations: Vec<String>,
 
+    /// containers-registries.conf(5) file with registry mirrors for pulls (air-gapped
+    /// clusters): mirrors tried in order, then the registry; `blocked` refused. Default:
+    /// /etc/containers/registries.conf when it exists.
+    #[arg(
+        long = "registries-conf",
+        env = "CONTAINERS_REGISTRIES_CONF",
+        value_name = "FILE"
+    )]
+    pub registries_conf: Option<PathBuf>,
     /// Architecture to select from an image index (registry source).
     #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
     pub registry_arch: Option<String>,
@@ -260,6 +279,14 @@ pub struct ImportArgs {
 }
 
 impl ImportArgs {
+    /// The artifact layer selector: `--layer-digest` and `--layer-annotation`s.
+    pub fn layer_selector(&self) -> Result<crate::sources::image::LayerSelector, String> {
+        crate::sources::image::LayerSelector::parse(
+            self.layer_digest.as_deref(),
+            &self.layer_annotations,
+        )
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         match self.metrics_addr.as_str() {
             "" | "none" | "off" => None,
@@ -540,6 +567,19 @@ pub struct PushArgs {
         default_value = "disk.img"
     )]
     pub disk_name: String,
+    /// The VM volume an artifact's disk belongs to (`io.kubevirt.disk.name`, the layer
+    /// title `<name>.raw.zst`); a DNS-1123 label.
+    #[arg(
+        long = "volume-name",
+        env = "FERRYDISK_PUSH_VOLUME_NAME",
+        default_value = "rootdisk"
+    )]
+    pub volume_name: String,
+    /// The VirtualMachine (JSON) an artifact's config carries, its cluster-specific
+    /// fields removed and DataVolume volumes turned into PVC volumes; without it, a
+    /// minimal VM booting the one disk.
+    #[arg(long = "vm", value_name = "FILE")]
+    pub vm: Option<PathBuf>,
     /// Compress the layer with zstd (multi-threaded on the cores available).
     #[arg(long, env = "FERRYDISK_PUSH_ZSTD")]
     pub zstd: bool,

@@ -457,17 +457,16 @@ pub fn write_raw(
 pub fn write_image(
     plan: &DiskPlan,
     image: &dyn ContainerImage,
-    layer_digest: Option<&str>,
+    layer: &crate::sources::image::LayerSelector,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     if is_virter(image) {
         return write_layered(plan, image, progress);
     }
-    let blob =
-        crate::sources::image::disk_blob(image, layer_digest).map_err(|m| Failure::Process {
-            kind: ErrorKind::Config,
-            message: m,
-        })?;
+    let blob = crate::sources::image::disk_blob(image, layer).map_err(|m| Failure::Process {
+        kind: ErrorKind::Config,
+        message: m,
+    })?;
     if let Some(idx) = blob {
         return write_blob(plan, image, idx, progress);
     }

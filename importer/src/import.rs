@@ -343,9 +343,9 @@ async fn import_registry(
         ));
     }
     tracing::info!(source = "registry", endpoint = %plan.args.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
+    let layer = plan.args.layer_selector().map_err(Failure::Config)?;
     let image = open_image(&plan.args).await?;
-    let digest = plan.args.layer_digest.clone();
-    blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), progress)).await
+    blocking(move || write_image(&plan.disk, image.as_ref(), &layer, progress)).await
 }
 
 /// The image `a.endpoint` names: a local layout or archive, else a registry's manifest
@@ -363,6 +363,7 @@ pub async fn open_image(a: &ImportArgs) -> Result<Box<dyn ContainerImage>, Failu
         https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
         http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: a.no_proxy.clone(),
+        registries_conf: a.registries_conf.clone(),
     };
     let fail = |e: registry::RegistryError| Failure::Process {
         kind: e.kind(),

@@ -75,10 +75,9 @@ async fn inspect(args: InspectArgs) -> Result<(Value, bool), Failure> {
     let (msg, image) = if source == "registry" {
         let image = import::open_image(&plan.args).await?;
         let described = describe_image(image.as_ref());
-        let digest = plan.args.layer_digest.clone();
+        let layer = plan.args.layer_selector().map_err(Failure::Config)?;
         let p = progress.clone();
-        let msg =
-            blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), p)).await?;
+        let msg = blocking(move || write_image(&plan.disk, image.as_ref(), &layer, p)).await?;
         (msg, Some(described))
     } else {
         let msg = import::run(plan, progress.clone())

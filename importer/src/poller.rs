@@ -8,6 +8,7 @@
 
 use crate::cli::PollerArgs;
 use crate::sources::registry::{self, RegistryOptions};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// CDI's annotations (`pkg/controller/dataimportcron-controller.go`).
@@ -87,6 +88,7 @@ pub async fn run(args: PollerArgs) -> i32 {
         https_proxy: env("https_proxy").or_else(|| env("HTTPS_PROXY")),
         http_proxy: env("http_proxy").or_else(|| env("HTTP_PROXY")),
         no_proxy: env("no_proxy").or_else(|| env("NO_PROXY")),
+        registries_conf: env("CONTAINERS_REGISTRIES_CONF").map(PathBuf::from),
     };
     let digest = match registry::manifest_digest(&args.url, &opts).await {
         Ok(d) => d,

@@ -9,7 +9,9 @@ SPEC: {"index": bool, "images": [{"architecture": "amd64", "env": ["K=V"],
                     | {"path": "...", "symlink": "target"}], ...]}]}
 An OCI artifact instead (KubeVirt's VEP 256 export, CDI's VEP 395 import): an image with
   {"artifactType": "...", "blobs": [{"file": "/src", "mediaType": "...", "annotations": {}}]}
-gets the empty config (application/vnd.oci.empty.v1+json) and each file as a layer as is.
+gets the empty config (application/vnd.oci.empty.v1+json), or "config": {"mediaType", "data"},
+and each file as a layer as is. The index may carry "artifactType" and "annotations"; an
+empty TAG leaves index.json's entry without a ref name (as VMExport's export.oci.tar).
 """
 import gzip
 import hashlib
@@ -67,8 +69,9 @@ for img in spec["images"]:
             if b.get("annotations"):
                 d["annotations"] = b["annotations"]
             descs.append(d)
-        cdesc = put(b"{}")
-        cdesc["mediaType"] = "application/vnd.oci.empty.v1+json"
+        config = img.get("config", {"mediaType": "application/vnd.oci.empty.v1+json", "data": {}})
+        cdesc = put(json.dumps(config["data"]).encode() if config["data"] != {} else b"{}")
+        cdesc["mediaType"] = config["mediaType"]
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                     "artifactType": img["artifactType"], "config": cdesc, "layers": descs}
         mdesc = put(json.dumps(manifest).encode())
@@ -101,12 +104,16 @@ for img in spec["images"]:
 
 if spec.get("index"):
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    for k in ("artifactType", "annotations"):
+        if k in spec:
+            index[k] = spec[k]
     top = put(json.dumps(index).encode())
     top["mediaType"] = "application/vnd.oci.image.index.v1+json"
 else:
     top = dict(manifests[0])
     top.pop("platform", None)
-top["annotations"] = {"org.opencontainers.image.ref.name": tag}
+if tag:
+    top["annotations"] = {"org.opencontainers.image.ref.name": tag}
 with open(os.path.join(out, "index.json"), "w") as f:
     json.dump({"schemaVersion": 2, "manifests": [top]}, f)
 with open(os.path.join(out, "oci-layout"), "w") as f:

@@ -116,6 +116,40 @@ fn unpacked(reg: &Registry, repo_tag: &str, dir: &Path) -> std::path::PathBuf {
     bundle.join("rootfs")
 }
 
+/// The image manifest a tag names: itself, or an index's first entry (an artifact's
+/// index has one per architecture).
+fn image_manifest(reg: &Registry, repo_tag: &str) -> serde_json::Value {
+    let top = reg.raw_manifest(repo_tag);
+    match top["manifests"][0]["digest"].as_str() {
+        Some(d) => {
+            let repo = repo_tag.split(':').next().expect("repo");
+            reg.raw_manifest(&format!("{repo}@{d}"))
+        }
+        None => top,
+    }
+}
+
+/// Issue 29 (5): a tar layer a strict reader accepts, ending with the tar
+/// end-of-archive marker (two zero blocks), as containerd v2 and KubeVirt's ImageVolume
+/// need (Deckhouse marks such layers `erofs-compatible-layers`): Python's `tarfile` with
+/// errors raised reads every member, and the last 1024 bytes are zero.
+fn assert_strict_tar(blob: &Path, want: &[&str]) {
+    let o = sh(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sys, tarfile\n\
+         t = tarfile.open(sys.argv[1], mode='r:', errorlevel=2)\n\
+         names = [m.name for m in t.getmembers()]\n\
+         d = open(sys.argv[1], 'rb')\n\
+         d.seek(-1024, 2)\n\
+         assert d.read() == bytes(1024), 'no end-of-archive marker'\n\
+         print(','.join(names))",
+        )
+        .arg(blob));
+    let names = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(names, want.join(","), "{}", blob.display());
+}
+
 /// CDI's real importer (`../shared/cdi-peer`, via `pod-run`) imports a 64 MiB
 /// containerDisk from the registry into `work`; returns the disk it wrote.
 fn cdi_import(reg: &Registry, repo_tag: &str, work: &Path) -> std::path::PathBuf {
@@ -175,6 +209,10 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
         "application/vnd.oci.image.layer.v1.tar"
     );
     assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
+    assert_strict_tar(
+        &reg.blob_path(s["layerDigest"].as_str().expect("digest")),
+        &["disk", "disk/fedora.qcow2"],
+    );
     let info = skopeo_inspect(&reg, "disks/fedora:41");
     assert_eq!(info["Labels"]["source-image-format"], "qcow2");
     assert_eq!(
@@ -220,8 +258,11 @@ fn containerdisk_push_round_trips_through_skopeo_umoci_and_both_importers() {
     assert_eq!(blob_writes(&reg), before, "a second push wrote blob data");
 }
 
+/// Issue 29: `--layout artifact` writes KubeVirt's VM artifact exactly (kubevirt
+/// `pkg/storage/oci/oci.go`, VEP 256), checked field by field with `skopeo inspect
+/// --raw`; the disk imports back byte-equal by annotation and by digest.
 #[test]
-fn artifact_push_of_a_sparse_volume_imports_byte_equal() {
+fn artifact_push_is_kubevirts_vm_artifact_field_by_field() {
     let d = tmp();
     // A sparse raw volume: its holes are not read, and come back as zeros.
     let raw = default_fixture(d.path());
@@ -230,37 +271,105 @@ fn artifact_push_of_a_sparse_volume_imports_byte_equal() {
     let s = pushed(
         &reg,
         &raw,
-        "vms/exported:rootdisk",
-        &["--layout", "artifact", "--zstd", "--disk-name", "rootdisk"],
+        "vms/exported:1",
+        &["--layout", "artifact", "--volume-name", "rootdisk"],
     );
     assert_eq!(
         s["layerMediaType"],
         "application/vnd.kubevirt.disk.raw+zstd"
     );
-    let m = reg.raw_manifest("vms/exported:rootdisk");
+    // The index: artifactType as the manifest's, one linux manifest, only `created`.
+    let index = reg.raw_manifest("vms/exported:1");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(
+        index["artifactType"],
+        "application/vnd.kubevirt.virtualmachine.v1"
+    );
+    let annotations = index["annotations"].as_object().expect("annotations");
+    assert_eq!(annotations.len(), 1, "{index}");
+    let created = annotations["org.opencontainers.image.created"]
+        .as_str()
+        .expect("created");
+    assert!(created.len() == 20 && created.ends_with('Z'), "{created}");
+    let entries = index["manifests"].as_array().expect("manifests");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0]["platform"],
+        serde_json::json!({"architecture": "amd64", "os": "linux"})
+    );
+    // The manifest: no annotations, KubeVirt's artifactType and config media type.
+    let digest = entries[0]["digest"].as_str().expect("digest");
+    let m = reg.raw_manifest(&format!("vms/exported@{digest}"));
+    assert!(m.get("annotations").is_none(), "{m}");
+    assert_eq!(
+        m["artifactType"],
+        "application/vnd.kubevirt.virtualmachine.v1"
+    );
     assert_eq!(
         m["config"]["mediaType"],
-        "application/vnd.oci.empty.v1+json"
+        "application/vnd.kubevirt.virtualmachine.config.v1+json"
     );
-    let layer = &m["layers"][0];
-    assert_eq!(layer["mediaType"], "application/vnd.kubevirt.disk.raw+zstd");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(reg.blob_path(m["config"]["digest"].as_str().expect("config")))
+            .expect("config blob"),
+    )
+    .expect("config json");
+    assert_eq!(config["kind"], "VirtualMachine");
     assert_eq!(
-        layer["annotations"]["org.opencontainers.image.title"],
+        config["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
         "rootdisk"
     );
+    // One layer: the zstd'd raw disk itself, KubeVirt's annotations.
+    let layers = m["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 1);
+    let layer = &layers[0];
+    assert_eq!(layer["mediaType"], "application/vnd.kubevirt.disk.raw+zstd");
+    assert_eq!(layer["annotations"]["io.kubevirt.disk.name"], "rootdisk");
+    assert_eq!(layer["annotations"]["io.kubevirt.disk.size"], "64Mi");
     assert_eq!(
-        layer["annotations"]["io.ferrydisk.disk.virtual-size"],
-        (64u64 << 20).to_string()
+        layer["annotations"]["org.opencontainers.image.title"],
+        "rootdisk.raw.zst"
     );
-    // The blob is the zstd of the volume's bytes, far smaller than the 64 MiB volume.
     let blob = reg.blob_path(layer["digest"].as_str().expect("digest"));
     let stored = std::fs::metadata(&blob).expect("blob").len();
-    assert!(stored < 1 << 20, "{stored} bytes");
-    let run = d.path().join("ours");
-    reg.importer(&run, "vms/exported:rootdisk")
+    assert!(
+        stored < 1 << 20,
+        "{stored} bytes: the zstd of a sparse volume"
+    );
+    let plain = d.path().join("blob.raw");
+    sh(Command::new("zstd")
+        .args(["-q", "-d", "-o"])
+        .arg(&plain)
+        .arg(&blob));
+    assert_same_bytes(&plain, &reference);
+    // Imported back by annotation, and by digest.
+    let run = d.path().join("by-annotation");
+    reg.importer(&run, "vms/exported:1")
+        .env(
+            "FERRYDISK_LAYER_ANNOTATIONS",
+            "io.kubevirt.disk.name=rootdisk",
+        )
         .run()
         .assert_success();
     assert_same_bytes(&run.join("data/disk.img"), &reference);
+    let run = d.path().join("by-digest");
+    reg.importer(&run, "vms/exported:1")
+        .env(
+            "FERRYDISK_LAYER_DIGEST",
+            layer["digest"].as_str().expect("digest"),
+        )
+        .run()
+        .assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    let run = d.path().join("no-such-disk");
+    reg.importer(&run, "vms/exported:1")
+        .arg("--layer-annotation")
+        .arg("io.kubevirt.disk.name=datadisk")
+        .run()
+        .assert_failure("no layer matches io.kubevirt.disk.name=datadisk");
 }
 
 #[test]
@@ -287,8 +396,22 @@ fn bad_pushes_fail_in_one_line_and_tag_nothing() {
         assert!(out.stdout.is_empty(), "no summary on failure");
     };
     fails(
-        push(&reg, &vmdk, "d/x:1", &["--layout", "artifact"]),
-        "raw or qcow2 disk; this one is vmdk",
+        push(
+            &reg,
+            &vmdk,
+            "d/x:1",
+            &["--layout", "artifact", "--convert", "qcow2"],
+        ),
+        "raw+zstd only",
+    );
+    fails(
+        push(
+            &reg,
+            &raw,
+            "d/x:1",
+            &["--layout", "artifact", "--volume-name", "Root.img"],
+        ),
+        "DNS-1123",
     );
     fails(
         push(&reg, &d.path().join("missing"), "d/x:1", &[]),
@@ -722,8 +845,9 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
     );
     assert_same_bytes(&run.join("data/disk.img"), &reference);
 
-    // A local vmdk converted to a qcow2 artifact: the blob passes qemu-img check and
-    // compares equal to the original.
+    // A local vmdk pushed as an artifact: converted to raw on the way (no flag), its
+    // blob the zstd of qemu-img's bytes; the VM artifact keeps the source's format on
+    // the layer, under our own key.
     let vmdk = d.path().join("disk.vmdk");
     qemu_img(&[
         "convert",
@@ -736,29 +860,19 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
         &reg,
         &vmdk,
         "vms/vmdk:1",
-        &[
-            "--convert",
-            "qcow2",
-            "--layout",
-            "artifact",
-            "--spool-dir",
-            spool_arg,
-        ],
+        &["--layout", "artifact", "--spool-dir", spool_arg],
     );
-    assert_eq!(s["layerMediaType"], "application/vnd.kubevirt.disk.qcow2");
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.kubevirt.disk.raw+zstd"
+    );
     let blob = reg.blob_path(s["layerDigest"].as_str().expect("digest"));
-    qemu_img(&["check", "-f", "qcow2", blob.to_str().expect("utf8")]);
-    qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        blob.to_str().expect("utf8"),
-        reference.to_str().expect("utf8"),
-    ]);
-    let m = reg.raw_manifest("vms/vmdk:1");
-    assert_eq!(m["annotations"]["source-image-format"], "vmdk", "{m}");
+    let plain = d.path().join("vmdk-blob.raw");
+    sh(Command::new("zstd")
+        .args(["-q", "-d", "-o"])
+        .arg(&plain)
+        .arg(&blob));
+    assert_same_bytes(&plain, &reference);
     imports_equal(
         &reg,
         "vms/vmdk:1",
@@ -964,8 +1078,14 @@ fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() 
             );
         }
         assert_eq!(spool_left(&spool), 0, "{file} {layout}: no spool left");
-        let m = reg.raw_manifest(&repo);
+        let m = image_manifest(&reg, &repo);
         assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
+        if layout == "containerdisk" {
+            assert_strict_tar(
+                &reg.blob_path(s["layerDigest"].as_str().expect("digest")),
+                &["disk", "disk/rootdisk"],
+            );
+        }
         imports_equal(
             &reg,
             &repo,
@@ -1203,17 +1323,33 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
     assert_eq!(again["layerDigest"], s["layerDigest"]);
     assert_eq!(again["manifestDigest"], s["manifestDigest"]);
     assert_eq!(blob_writes(&reg), before, "a repeated push wrote blob data");
+    // The same disk under a new tag (issue 29: dedup on any tag): the repository has
+    // tags, so the digest comes first here too and no layer data is sent.
+    let started = std::time::Instant::now();
+    let (other, err) = push_tmp("disk.vmdk", "two/vmdk:2", &["--disk-name", "disk.qcow2"]);
+    assert!(err.contains("computing the layer's digest first"), "{err}");
+    assert_eq!(other["layerUploaded"], false, "{other}");
+    assert_eq!(other["layerDigest"], s["layerDigest"]);
+    assert_eq!(
+        blob_writes(&reg),
+        before,
+        "a push to a new tag wrote blob data"
+    );
+    eprintln!(
+        "the same disk to a new tag: {:?}, no layer data",
+        started.elapsed()
+    );
 
-    // The same as a zstd qcow2 artifact from the raw.xz.
+    // The same as a zstd qcow2 containerDisk from the raw.xz.
     let (s, err) = push_tmp(
         "disk.raw.xz",
         "two/artifact:1",
-        &["--layout", "artifact", "--convert", "qcow2", "--zstd"],
+        &["--convert", "qcow2", "--zstd", "--disk-name", "disk.qcow2"],
     );
-    two_passes(&err, "qcow2 artifact");
+    two_passes(&err, "zstd qcow2 containerDisk");
     assert_eq!(
         s["layerMediaType"],
-        "application/vnd.kubevirt.disk.qcow2+zstd"
+        "application/vnd.oci.image.layer.v1.tar+zstd"
     );
     imports_equal(
         &reg,

@@ -342,8 +342,8 @@ impl Registry {
     /// A bearer token from the realm the challenge names, for our repository's scope and
     /// whatever else the challenge names (a mount also needs `repository:<from>:pull`).
     /// The user's credentials go to the realm (the registry named it as its token
-    /// service), but never over plain http from an https registry. The response is read
-    /// bounded (1 MiB) and no redirect is followed.
+    /// service; a plain-http realm of an https registry is logged). The response is
+    /// read bounded (1 MiB) and no redirect is followed.
     async fn token(&self, params: &str) -> Result<String, ApiError> {
         let what = "fetching a registry token";
         let p = origin::challenge_params(params);
@@ -370,13 +370,13 @@ impl Registry {
             p.into_iter().filter(|(k, _)| k == "service").collect();
         query.extend(scopes.into_iter().map(|sc| ("scope".to_string(), sc)));
         let mut req = self.http.get(realm.clone()).query(&query);
-        let downgrade = origin::carry(&self.origin, &realm) == Carry::Downgrade;
-        match (&self.basic(), downgrade) {
-            (Some(b), false) => req = req.header(AUTHORIZATION, b),
-            (Some(_), true) => {
-                tracing::warn!(realm = %crate::sources::redact::url(realm.as_str()), "the token realm is plain http: asking for an anonymous token")
+        if let Some(b) = &self.basic() {
+            // As docker and containers/image do: the realm is the token service the
+            // registry (authenticated by its certificate) named for these credentials.
+            if origin::carry(&self.origin, &realm) == Carry::Downgrade {
+                tracing::warn!(realm = %crate::sources::redact::url(realm.as_str()), "the registry's token realm is plain http: the credentials cross the network unencrypted");
             }
-            (None, _) => {}
+            req = req.header(AUTHORIZATION, b);
         }
         let resp = match tokio::time::timeout(self.idle, req.send()).await {
             Ok(r) => r.map_err(|e| ApiError::http(what, &e))?,
@@ -496,6 +496,30 @@ impl Registry {
             StatusCode::OK => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
             _ => expect(resp, &[], &what).await.map(|_| false),
+        }
+    }
+
+    /// Whether this repository holds any tag (`GET /v2/<repo>/tags/list?n=1`, read
+    /// bounded): a push into it may find its layer there already.
+    pub async fn has_tags(&self) -> Result<bool, ApiError> {
+        let mut url = self.url("tags/list")?;
+        url.query_pairs_mut().append_pair("n", "1");
+        let what = "listing the repository's tags";
+        let resp = self.get(what, Method::GET, &url, HeaderMap::new()).await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let body = body::read(
+                    resp,
+                    Bound::AtMost(body::TOKEN_MAX),
+                    self.idle,
+                    "the tag list",
+                )
+                .await?;
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                Ok(v["tags"].as_array().is_some_and(|t| !t.is_empty()))
+            }
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => expect(resp, &[], what).await.map(|_| false),
         }
     }
 

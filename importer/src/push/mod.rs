@@ -10,6 +10,7 @@
 //! without uploading (reading the source once more, never storing it), then `HEAD`
 //! decides.
 
+pub mod kubevirt;
 pub mod layer;
 pub mod save;
 pub mod spool;
@@ -31,7 +32,6 @@ const PIECE: usize = 1 << 20;
 
 pub use crate::net::registry::{OCI_INDEX, OCI_MANIFEST};
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 /// What a push did, printed as one JSON line on stdout.
 #[derive(Debug, serde::Serialize)]
@@ -92,23 +92,56 @@ fn parse_dest(dest: &str) -> Result<Dest, String> {
     })
 }
 
-/// The layer's media type: KubeVirt's disk types for an artifact, OCI's tar types for a
-/// containerDisk.
+/// The layer's media type: KubeVirt's one disk type for an artifact (raw+zstd), OCI's
+/// tar types for a containerDisk.
 fn media_type(spec: &LayerSpec, format: Format) -> Result<String, String> {
     let z = if spec.zstd.is_some() { "+zstd" } else { "" };
     match spec.layout {
         Layout::ContainerDisk => Ok(format!("application/vnd.oci.image.layer.v1.tar{z}")),
-        Layout::Artifact => match format {
-            Format::Raw | Format::Qcow2 => Ok(format!(
-                "application/vnd.kubevirt.disk.{}{z}",
-                format.name()
-            )),
-            other => Err(format!(
-                "an artifact layer holds a raw or qcow2 disk; this one is {} (push it as a containerdisk, or convert it first)",
-                other.name()
-            )),
-        },
+        Layout::Artifact if format == Format::Raw && spec.zstd.is_some() => {
+            Ok(kubevirt::DISK_MEDIA_TYPE.to_string())
+        }
+        Layout::Artifact => Err(format!(
+            "a KubeVirt VM artifact holds raw disks compressed with zstd; this layer would be {}{z}",
+            format.name()
+        )),
     }
+}
+
+/// The settings a KubeVirt VM artifact needs: raw, zstd. Any source format is converted
+/// to raw on the way (no flag needed); asking for qcow2 is refused.
+fn to_spec(args: &PushArgs) -> Result<Option<PushArgs>, String> {
+    if args.layout != Layout::Artifact {
+        return Ok(None);
+    }
+    kubevirt::check_volume_name(&args.volume_name)?;
+    if let Some(path) = &args.vm {
+        let text = std::fs::read(path).map_err(|e| format!("--vm {}: {e}", path.display()))?;
+        let vm: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| format!("--vm {}: not JSON: {e}", path.display()))?;
+        if vm.get("kind").and_then(|k| k.as_str()) != Some("VirtualMachine") {
+            return Err(format!(
+                "--vm {}: not a VirtualMachine object (kind {:?})",
+                path.display(),
+                vm.get("kind")
+            ));
+        }
+    }
+    if args.convert == "qcow2" {
+        return Err(
+            "--layout artifact writes KubeVirt's VM artifact, whose disks are raw+zstd only: drop --convert qcow2"
+                .into(),
+        );
+    }
+    if args.convert == "raw" && args.zstd {
+        return Ok(None);
+    }
+    tracing::info!("a KubeVirt VM artifact's disk layer is raw+zstd: converting to raw and compressing with zstd");
+    Ok(Some(PushArgs {
+        convert: "raw".into(),
+        zstd: true,
+        ..args.clone()
+    }))
 }
 
 /// The source's length: a file's size, a block device's capacity.
@@ -141,6 +174,8 @@ pub async fn push_with(
     args: &PushArgs,
     given_origin: Option<spool::Origin>,
 ) -> Result<Summary, String> {
+    let spec_args = to_spec(args)?;
+    let args = spec_args.as_ref().unwrap_or(args);
     let dest = if save::Local::is_local(&args.dest) {
         None
     } else {
@@ -471,7 +506,11 @@ pub fn image_blobs(args: &PushArgs, src: &Source, pre: &Produced) -> Result<Imag
         blobs.configs.push((config_digest, config));
         blobs.manifests.push((digest, manifest));
     }
-    if platforms.len() > 1 {
+    if args.layout == Layout::Artifact {
+        let index = kubevirt::index(entries, &kubevirt::created_now());
+        let index = Bytes::from(serde_json::to_vec(&index).expect("json"));
+        blobs.index = Some((sha256_digest(&index), index));
+    } else if platforms.len() > 1 {
         let index = Bytes::from(
             serde_json::to_vec(&serde_json::json!({
                 "schemaVersion": 2,
@@ -574,7 +613,10 @@ pub fn config_blob(
             }
             (OCI_CONFIG, c)
         }
-        Layout::Artifact => (OCI_EMPTY, serde_json::json!({})),
+        Layout::Artifact => (
+            kubevirt::CONFIG_MEDIA_TYPE,
+            kubevirt::vm_config(args_vm(args).as_ref(), &args.volume_name),
+        ),
     };
     (
         media,
@@ -600,13 +642,13 @@ pub fn manifest_blob(
         "config": {"mediaType": config_media, "digest": config_digest, "size": config_size},
     });
     if args.layout == Layout::Artifact {
-        layer_desc["annotations"] = serde_json::json!({
-            "org.opencontainers.image.title": args.disk_name,
-            "io.ferrydisk.disk.format": src.format.name(),
-            "io.ferrydisk.disk.virtual-size": src.virtual_size.to_string(),
-        });
-        manifest["artifactType"] = serde_json::json!("application/vnd.kubevirt.disk.v1");
-        manifest["annotations"] = labels(&src.origin);
+        layer_desc["annotations"] = kubevirt::layer_annotations(
+            &args.volume_name,
+            src.virtual_size,
+            &src.origin.format,
+            src.origin.source_size,
+        );
+        manifest["artifactType"] = serde_json::json!(kubevirt::ARTIFACT_TYPE);
     }
     manifest["layers"] = serde_json::json!([layer_desc]);
     Bytes::from(serde_json::to_vec(&manifest).expect("json"))
@@ -615,6 +657,13 @@ pub fn manifest_blob(
 /// An error and its causes in one line (reqwest names the TLS failure only in a source).
 fn chain(e: &PushError) -> String {
     ferrydisk_common::error::chain_line(e)
+}
+
+/// The VM object `--vm` names, read once per manifest (a small local file).
+fn args_vm(args: &PushArgs) -> Option<serde_json::Value> {
+    let path = args.vm.as_ref()?;
+    let text = std::fs::read(path).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// Deckhouse's labels for an image in its registry.

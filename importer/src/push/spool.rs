@@ -151,11 +151,10 @@ pub async fn import_into(
             })
             .cloned()
             .collect();
-        let digest = plan.args.layer_digest.take();
-        let msg =
-            blocking(move || write_image(&plan.disk, image.as_ref(), digest.as_deref(), progress))
-                .await
-                .map_err(failed)?;
+        let layer = plan.args.layer_selector()?;
+        let msg = blocking(move || write_image(&plan.disk, image.as_ref(), &layer, progress))
+            .await
+            .map_err(failed)?;
         (msg, env)
     } else {
         let msg = import::run(plan, progress)

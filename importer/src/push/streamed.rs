@@ -22,9 +22,10 @@
 //! so; `--spool-dir` also makes the push spool rather than read the source twice.
 //!
 //! The digest is known only at the last byte, so a `HEAD` cannot come before the
-//! upload. When the tag exists (a push repeated), a digest-only pass runs first and
-//! the upload only if the registry lacks that blob; a push to a new tag uploads the
-//! blob even if the registry has it under another name (the registry keeps one copy).
+//! upload. When the repository holds any tag (a push repeated, or the same disk under
+//! a new tag), a digest-only pass runs first and the upload only if the registry lacks
+//! that blob: a second pass over the source is cheaper than sending the layer again.
+//! A push into an empty or new repository uploads at once.
 
 use super::layer::{BlobWriter, LayerSpec, Layout, Produced};
 use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
@@ -144,9 +145,9 @@ impl StreamOut for UploadOut {
 /// Streams the push: in one pass (`measured` is `None`: raw output), or as the second
 /// of two, `measured` saying what the disk `output` is (`raw` or `qcow2`) will be.
 ///
-/// When the tag exists already (a push repeated), the layer is first produced only to
-/// learn its digest: if the registry has that blob, nothing is uploaded; if not, the
-/// import runs once more into the upload.
+/// When the repository has tags already (a push repeated, or another tag of it), the
+/// layer is first produced only to learn its digest: if the registry has that blob,
+/// nothing is uploaded; if not, the import runs once more into the upload.
 pub(super) async fn push(
     args: &PushArgs,
     dest: &Dest,
@@ -154,12 +155,13 @@ pub(super) async fn push(
 ) -> Result<Streamed, String> {
     let reg = connect(args, dest).await?;
     let measured = measured.as_ref().map(|(o, m)| (*o, m));
-    if reg
+    let tag_exists = reg
         .manifest_exists(&dest.tag)
         .await
-        .map_err(|e| super::chain(&e))?
-    {
-        tracing::info!(tag = %dest.tag, "the tag exists: computing the layer's digest first, so that a layer the registry has is not sent again");
+        .map_err(|e| super::chain(&e))?;
+    let repo_has_tags = tag_exists || reg.has_tags().await.map_err(|e| super::chain(&e))?;
+    if repo_has_tags {
+        tracing::info!(tag = %dest.tag, tag_exists, "the repository has tags: computing the layer's digest first, so that a layer the registry has is not sent again");
         match once(args, dest, &reg, measured, true).await? {
             Streamed::NotThere => {
                 tracing::info!(

@@ -13,6 +13,64 @@ pub struct LayerInfo<'a> {
     pub digest: Option<&'a str>,
     /// `org.opencontainers.image.title` (what `oras push` names a file).
     pub title: Option<&'a str>,
+    /// The layer descriptor's annotations (KubeVirt's `io.kubevirt.disk.name`, ...).
+    pub annotations: Option<&'a std::collections::BTreeMap<String, String>>,
+}
+
+/// KubeVirt's annotation naming the volume a disk layer belongs to (VEP 256).
+pub const DISK_NAME: &str = "io.kubevirt.disk.name";
+
+/// Which layer of an artifact is the disk, as CDI's VEP 395 lets a DataVolume say: by
+/// digest, or by annotations that must all match (`matchAnnotations`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerSelector {
+    pub digest: Option<String>,
+    pub annotations: Vec<(String, String)>,
+}
+
+impl LayerSelector {
+    /// From `--layer-digest` and `--layer-annotation KEY=VALUE` (each also from env).
+    pub fn parse(digest: Option<&str>, annotations: &[String]) -> Result<Self, String> {
+        let annotations = annotations
+            .iter()
+            .map(|a| a.trim())
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| {
+                        format!("layer annotation {a:?}: expected KEY=VALUE (e.g. io.kubevirt.disk.name=rootdisk)")
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LayerSelector {
+            digest: digest
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(String::from),
+            annotations,
+        })
+    }
+
+    fn matches(&self, l: &LayerInfo<'_>) -> bool {
+        self.digest.as_deref().is_none_or(|d| l.digest == Some(d))
+            && self.annotations.iter().all(|(k, v)| {
+                l.annotations
+                    .and_then(|a| a.get(k))
+                    .is_some_and(|have| have == v)
+            })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.digest.is_none() && self.annotations.is_empty()
+    }
+
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.digest.iter().cloned().collect();
+        parts.extend(self.annotations.iter().map(|(k, v)| format!("{k}={v}")));
+        parts.join(", ")
+    }
 }
 
 pub trait ContainerImage: Send + Sync {
@@ -63,17 +121,26 @@ pub fn is_image_config(media_type: &str) -> bool {
 }
 
 /// The layer whose blob *is* the disk (no tar around it), or `None` for a containerDisk
-/// (the disk is a file in a tar layer). In order: the layer `want` names by digest
-/// (CDI's VEP 395); the one layer with KubeVirt's disk media type; the one non-tar layer
-/// of an artifact. Several candidates without `want` is an error listing them.
-pub fn disk_blob(image: &dyn ContainerImage, want: Option<&str>) -> Result<Option<usize>, String> {
+/// (the disk is a file in a tar layer). In order: the one layer `want` selects by digest
+/// and annotations (CDI's VEP 395); the one layer with KubeVirt's disk media type; the
+/// one non-tar layer of an artifact. Several candidates without a selector is an error
+/// listing them (by KubeVirt's disk names where the layers carry them).
+pub fn disk_blob(
+    image: &dyn ContainerImage,
+    want: &LayerSelector,
+) -> Result<Option<usize>, String> {
     let n = image.layer_count();
     let list = |idx: &[usize]| {
         idx.iter()
             .map(|&i| {
                 let l = image.layer_info(i);
+                let name = l
+                    .annotations
+                    .and_then(|a| a.get(DISK_NAME))
+                    .map(|n| format!(", {DISK_NAME}={n}"))
+                    .unwrap_or_default();
                 format!(
-                    "{} ({}{})",
+                    "{} ({}{}{name})",
                     l.digest.unwrap_or("?"),
                     l.media_type,
                     l.title.map(|t| format!(", {t}")).unwrap_or_default()
@@ -82,17 +149,26 @@ pub fn disk_blob(image: &dyn ContainerImage, want: Option<&str>) -> Result<Optio
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if let Some(d) = want.map(str::trim).filter(|d| !d.is_empty()) {
-        return (0..n)
-            .find(|&i| image.layer_info(i).digest == Some(d))
-            .map(Some)
-            .ok_or_else(|| {
-                format!(
-                    "no layer {d} in {}; it has {}",
-                    image.describe(),
-                    list(&(0..n).collect::<Vec<_>>())
-                )
-            });
+    if !want.is_empty() {
+        let found: Vec<usize> = (0..n)
+            .filter(|&i| want.matches(&image.layer_info(i)))
+            .collect();
+        return match found.as_slice() {
+            [one] => Ok(Some(*one)),
+            [] => Err(format!(
+                "no layer matches {} in {}; it has {}",
+                want.describe(),
+                image.describe(),
+                list(&(0..n).collect::<Vec<_>>())
+            )),
+            many => Err(format!(
+                "{} layers match {} in {}: {}; add a selector",
+                many.len(),
+                want.describe(),
+                image.describe(),
+                list(many)
+            )),
+        };
     }
     let kubevirt: Vec<usize> = (0..n)
         .filter(|&i| {
@@ -115,7 +191,7 @@ pub fn disk_blob(image: &dyn ContainerImage, want: Option<&str>) -> Result<Optio
         [] => Ok(None),
         [one] => Ok(Some(*one)),
         many => Err(format!(
-            "{} holds {} disk blobs: {}; choose one with FERRYDISK_LAYER_DIGEST",
+            "{} holds {} disk blobs: {}; choose one with FERRYDISK_LAYER_ANNOTATIONS (io.kubevirt.disk.name=NAME) or FERRYDISK_LAYER_DIGEST",
             image.describe(),
             many.len(),
             list(many)

@@ -104,6 +104,7 @@ struct Layer {
     size: u64,
     media_type: String,
     title: Option<String>,
+    annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub struct LocalImage {
@@ -258,6 +259,9 @@ fn oci_layout(
                     .pointer("/annotations/org.opencontainers.image.title")
                     .and_then(|v| v.as_str())
                     .map(String::from),
+                annotations: l
+                    .get("annotations")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok()),
             })
         })
         .collect::<Result<Vec<_>, RegistryError>>()?;
@@ -314,6 +318,7 @@ fn docker_archive(
             // `docker save` layers are tars, always.
             media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
             title: None,
+            annotations: None,
         });
     }
     Ok(LocalImage {
@@ -344,6 +349,7 @@ impl ContainerImage for LocalImage {
             media_type: &l.media_type,
             digest: l.digest.as_deref(),
             title: l.title.as_deref(),
+            annotations: l.annotations.as_ref(),
         }
     }
     fn artifact_type(&self) -> Option<&str> {

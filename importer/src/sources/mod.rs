@@ -5,6 +5,7 @@ pub mod gcs;
 pub mod http;
 pub mod image;
 pub mod local_image;
+pub mod mirrors;
 pub mod node;
 pub mod redact;
 pub mod reference;

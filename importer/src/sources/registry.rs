@@ -4,6 +4,7 @@
 //! configs, credentials only to the registry's origin, timeouts); oci-client lends its
 //! manifest types and reference parser only.
 
+use super::mirrors::{Endpoint, Mirrors};
 use super::redact;
 use super::resume::{self as pump, Body, Labels, Opened, Policy, Reopen, Resumable};
 use crate::net::registry::{self as api, Access, ApiError, Connect, Registry};
@@ -23,14 +24,6 @@ use std::time::Duration;
 /// A config blob is a few KiB; anything this large is not an image config.
 const MAX_CONFIG: i64 = 4 << 20;
 
-/// How the registry named by the reference is reached (Docker Hub's API host).
-fn api_host(reference: &Reference) -> String {
-    match reference.resolve_registry() {
-        "index.docker.io" | "docker.io" => "registry-1.docker.io".to_string(),
-        h => h.to_string(),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("Invalid image name {0:?}: expected docker://registry/repository[:tag|@digest]")]
@@ -48,6 +41,8 @@ pub enum RegistryError {
     Bootc(String),
     #[error("image config is invalid: {0}")]
     Config(String),
+    #[error("{0}")]
+    Mirrors(String),
 }
 
 impl RegistryError {
@@ -61,7 +56,7 @@ impl RegistryError {
                 }
                 k => k,
             },
-            RegistryError::Name(_) => ErrorKind::Config,
+            RegistryError::Name(_) | RegistryError::Mirrors(_) => ErrorKind::Config,
             _ => ErrorKind::SourceRefused,
         }
     }
@@ -80,6 +75,8 @@ pub struct RegistryOptions {
     pub https_proxy: Option<String>,
     pub http_proxy: Option<String>,
     pub no_proxy: Option<String>,
+    /// containers-registries.conf(5) with mirrors (`None`: the default file, if any).
+    pub registries_conf: Option<PathBuf>,
 }
 
 /// A resolved single-platform image.
@@ -124,35 +121,91 @@ pub fn parse_endpoint(endpoint: &str) -> Result<Reference, RegistryError> {
     super::reference::parse(rest).map_err(|e| RegistryError::Name(format!("{rest}: {e}")))
 }
 
-/// The registry client for `reference`: the CA files CDI mounts (`IMPORTER_CERT_DIR`,
-/// the proxy CA dir) on top of the compiled-in Mozilla roots, so a FROM-scratch image
-/// needs no CA bundle; CDI's insecure switch and its fallback to plain HTTP.
-async fn connect(opts: &RegistryOptions, reference: &Reference) -> Result<Registry, RegistryError> {
+/// The registry client for one endpoint (the reference's registry, or a mirror of
+/// it): the CA files CDI mounts (`IMPORTER_CERT_DIR`, the proxy CA dir) on top of the
+/// compiled-in Mozilla roots, so a FROM-scratch image needs no CA bundle; CDI's insecure
+/// switch and its fallback to plain HTTP. `IMPORTER_ACCESS_KEY_ID`/`SECRET_KEY` go
+/// only to the registry the user named; a mirror gets its auth-file entry, if any.
+async fn connect(opts: &RegistryOptions, ep: &Endpoint) -> Result<Registry, RegistryError> {
     let http = super::client::build(&super::client::ClientOptions {
         ca_dirs: opts.ca_dirs.iter().map(PathBuf::as_path).collect(),
-        insecure: opts.insecure,
+        insecure: ep.insecure,
         http_proxy: opts.http_proxy.clone().filter(|s| !s.is_empty()),
         https_proxy: opts.https_proxy.clone().filter(|s| !s.is_empty()),
         no_proxy: opts.no_proxy.clone(),
         localhost_names: Vec::new(),
     })
     .map_err(pull_err)?;
-    let host = api_host(reference);
+    let host = match ep.registry.as_str() {
+        "index.docker.io" | "docker.io" => "registry-1.docker.io".to_string(),
+        h => h.to_string(),
+    };
+    let (user, pass) = if ep.mirror {
+        (None, None)
+    } else {
+        (opts.username.as_deref(), opts.password.as_deref())
+    };
     Ok(Registry::connect(Connect {
         http,
-        creds: credentials(
-            opts.username.as_deref(),
-            opts.password.as_deref(),
-            opts.auth_file.as_deref(),
-            reference.resolve_registry(),
-        ),
+        creds: credentials(user, pass, opts.auth_file.as_deref(), &ep.registry),
         host,
-        repo: reference.repository().to_string(),
-        insecure: opts.insecure,
+        repo: ep.repository.clone(),
+        insecure: ep.insecure,
         access: Access::Pull,
         idle: opts.idle_timeout,
     })
     .await?)
+}
+
+/// Where `reference` is pulled from, in order (mirrors first, per registries.conf).
+fn endpoints(
+    opts: &RegistryOptions,
+    reference: &Reference,
+) -> Result<Vec<Endpoint>, RegistryError> {
+    let mirrors = Mirrors::load(opts.registries_conf.as_deref())
+        .map_err(|e| RegistryError::Mirrors(e.to_string()))?;
+    mirrors
+        .endpoints(
+            reference.registry(),
+            reference.repository(),
+            reference.digest().is_some(),
+            opts.insecure,
+        )
+        .map_err(|e| RegistryError::Mirrors(e.to_string()))
+}
+
+/// The first endpoint that serves the top manifest: its client, the manifest's bytes.
+/// A mirror that fails (unreachable, refusing, serving bytes that do not hash to a
+/// pinned digest) is logged and the next is tried.
+async fn first_serving(
+    opts: &RegistryOptions,
+    reference: &Reference,
+) -> Result<(Registry, bytes::Bytes), RegistryError> {
+    let eps = endpoints(opts, reference)?;
+    let wanted = tag_or_digest(reference);
+    let mut last = None;
+    for (i, ep) in eps.iter().enumerate() {
+        let tried = async {
+            let reg = connect(opts, ep).await?;
+            let raw = reg.manifest(&wanted, api::MANIFEST_KINDS).await?;
+            Ok::<_, RegistryError>((reg, raw))
+        }
+        .await;
+        match tried {
+            Ok(found) => {
+                if ep.mirror {
+                    tracing::info!(mirror = %format!("{}/{}", ep.registry, ep.repository), "pulling from a mirror (registries.conf)");
+                }
+                return Ok(found);
+            }
+            Err(e) if i + 1 < eps.len() => {
+                tracing::warn!(endpoint = %format!("{}/{}", ep.registry, ep.repository), mirror = ep.mirror, error = %e, "pull failed here; trying the next mirror or the registry itself");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| RegistryError::Mirrors("no endpoint to pull from".into())))
 }
 
 /// A manifest or index by tag or digest, parsed; and its digest (of the bytes served).
@@ -310,8 +363,10 @@ pub fn check_config(
 pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, RegistryError> {
     let reference = parse_endpoint(endpoint)?;
     let shown = format!("docker://{}", reference.whole());
-    let reg = connect(opts, &reference).await?;
-    let (manifest, top_digest) = pull_manifest(&reg, &tag_or_digest(&reference)).await?;
+    let (reg, raw) = first_serving(opts, &reference).await?;
+    let top_digest = ferrydisk_common::checksum::sha256_digest(&raw);
+    let manifest: OciManifest = serde_json::from_slice(&raw)
+        .map_err(|e| RegistryError::Config(format!("manifest of {shown}: {e}")))?;
     let requested = opts.arch.clone();
     let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
     let mut platforms = Vec::new();
@@ -395,10 +450,7 @@ pub async fn manifest_digest(
     opts: &RegistryOptions,
 ) -> Result<String, RegistryError> {
     let reference = parse_endpoint(endpoint)?;
-    let reg = connect(opts, &reference).await?;
-    let raw = reg
-        .manifest(&tag_or_digest(&reference), api::MANIFEST_KINDS)
-        .await?;
+    let (_, raw) = first_serving(opts, &reference).await?;
     Ok(ferrydisk_common::checksum::sha256_digest(&raw))
 }
 
@@ -450,6 +502,7 @@ impl super::image::ContainerImage for Image {
                 .as_ref()
                 .and_then(|a| a.get("org.opencontainers.image.title"))
                 .map(String::as_str),
+            annotations: l.annotations.as_ref(),
         }
     }
     fn artifact_type(&self) -> Option<&str> {
