@@ -530,8 +530,20 @@ pub struct PushArgs {
     /// The disk: a file (holes are not read) or a block device; or anything an import
     /// reads (`https://...`, `docker://...`, `oci:DIR`, `oci-archive:FILE`,
     /// `docker-archive:FILE`), imported into --spool-dir first.
-    #[arg(long, env = "FERRYDISK_PUSH_SOURCE")]
+    #[arg(
+        long,
+        env = "FERRYDISK_PUSH_SOURCE",
+        default_value = "",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
     pub source: PathBuf,
+    /// One disk of a whole VM artifact, `NAME=SOURCE` (the volume name, any --source
+    /// form); repeated, one layer each, in one manifest (with --vm for the VM object).
+    #[arg(long = "disk", value_name = "NAME=SOURCE")]
+    pub disks: Vec<String>,
+    /// Set by the VM push for each disk: the layer goes up, no manifest is written.
+    #[arg(skip)]
+    pub layer_only: bool,
     /// The payload: `keep` (a local file as stored; an imported source as qcow2, a
     /// qcow2 source's bytes unchanged), `raw` or `qcow2` (converted, via the spool).
     #[arg(long, env = "FERRYDISK_PUSH_CONVERT", default_value = "keep", value_parser = ["keep", "raw", "qcow2"])]
@@ -626,6 +638,10 @@ pub struct PushArgs {
     /// Skip TLS verification, and fall back to plain HTTP (Go ParseBool syntax).
     #[arg(long = "insecure-tls", env = "INSECURE_TLS", default_value = "false")]
     pub insecure_tls: String,
+    /// Resumptions of a cut blob upload in a row without progress before the push fails
+    /// (each asks the registry where the session stands and continues from there).
+    #[arg(long, env = "FERRYDISK_PUSH_RETRIES", default_value_t = 5)]
+    pub retries: u32,
     /// Seconds the registry may take to answer a request, or to take more of an upload
     /// while data is waiting, before the push fails.
     #[arg(

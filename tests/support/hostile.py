@@ -20,6 +20,9 @@ Misbehaviours (each a flag):
   --huge-error N         starting an upload answers 500 with N bytes
   --silent               every request but GET /v2/ is never answered
   --tls CERT KEY         serve HTTPS on both addresses
+  --resumable            keep what a cut PATCH delivered; GET on an upload answers its Range
+                         (what zot does; docker-registry 2.8 drops the session instead)
+  --relative-location    upload Locations are paths (a proxy in front stays in the path)
 Other endpoints: POST /token-redirect answers 307 to 127.0.0.2's /token; POST
 /token-silent never answers; GET .../redirect answers 302 to 127.0.0.2's /disk (which
 serves --disk).
@@ -48,6 +51,8 @@ p.add_argument("--huge-error", type=int, default=0)
 p.add_argument("--silent", action="store_true")
 p.add_argument("--tls", nargs=2)
 p.add_argument("--disk")
+p.add_argument("--resumable", action="store_true")
+p.add_argument("--relative-location", action="store_true")
 a = p.parse_args()
 
 lock = threading.Lock()
@@ -140,6 +145,8 @@ class H(BaseHTTPRequestHandler):
         self.answer(401, b"{}", {"WWW-Authenticate": value})
 
     def location(self, uid):
+        if a.relative_location:
+            return "/upload/%s" % uid
         host = "127.0.0.2:%d" % ports["2"] if a.foreign_location else "127.0.0.1:%d" % ports["1"]
         scheme = "http" if a.http_location else self.scheme()
         return "%s://%s/upload/%s" % (scheme, host, uid)
@@ -190,7 +197,7 @@ class H(BaseHTTPRequestHandler):
                 return garbage(a.huge_error, self.wfile.write)
             uid = "u%d" % len(uploads)
             with lock:
-                uploads[uid] = b""
+                uploads[uid] = bytearray()
             return self.answer(202, b"", {"Location": self.location(uid), "Range": "0-0"})
         if "/blobs/" in path:
             digest = parts[-1]
@@ -241,14 +248,56 @@ class H(BaseHTTPRequestHandler):
         self.answer(404, b"")
 
     def upload(self, uid):
+        with lock:
+            known = uid in uploads
+            have = len(uploads[uid]) if known else 0
+        if not known:
+            self.body()
+            return self.answer(404, b'{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN"}]}')
+        if self.command == "GET":
+            if not a.resumable:
+                return self.answer(404, b'{"errors":[{"code":"BLOB_UPLOAD_INVALID"}]}')
+            return self.answer(204, b"", {"Location": self.location(uid),
+                                          "Range": "0-%d" % max(have - 1, 0)})
+        if self.command == "PATCH":
+            cr = self.headers.get("Content-Range")
+            start = int(cr.split("-")[0]) if cr else have
+            if start != have:
+                self.body()
+                return self.answer(416, b'{"errors":[{"code":"BLOB_UPLOAD_INVALID"}]}')
+            n = self.headers.get("Content-Length")
+            got = 0
+            if n is None:
+                data = self.body()
+                with lock:
+                    uploads[uid] += data
+                got = len(data)
+            else:
+                n = int(n)
+                try:
+                    while got < n:
+                        chunk = self.rfile.read(min(1 << 20, n - got))
+                        if not chunk:
+                            break
+                        with lock:
+                            uploads[uid] += chunk
+                        got += len(chunk)
+                except (ConnectionResetError, OSError):
+                    pass
+            log({"at": self.here(), "patch": uid, "start": start, "received": got})
+            if n is not None and got < n:
+                if not a.resumable:
+                    with lock:
+                        uploads.pop(uid, None)
+                self.close_connection = True
+                return
+            with lock:
+                done = len(uploads[uid])
+            return self.answer(202, b"", {"Location": self.location(uid), "Range": "0-%d" % max(done - 1, 0)})
         data = self.body()
         with lock:
-            if uid not in uploads:
-                return self.answer(404, b"")
             uploads[uid] += data
-            done = uploads[uid]
-        if self.command == "PATCH":
-            return self.answer(202, b"", {"Location": self.location(uid), "Range": "0-%d" % max(len(done) - 1, 0)})
+            done = bytes(uploads[uid])
         if self.command == "PUT":
             q = dict(kv.split("=", 1) for kv in self.path.split("?", 1)[1].split("&") if "=" in kv)
             digest = q.get("digest", "").replace("%3A", ":")

@@ -1378,3 +1378,147 @@ fn fresh_dir(p: &Path) -> std::path::PathBuf {
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf8")
 }
+
+/// Issue 29: a whole VM as one KubeVirt artifact, two disks from two kinds of source (a
+/// qcow2 file, a raw.xz over HTTP), checked field by field against KubeVirt's layout
+/// with `skopeo inspect --raw`, and imported back disk by disk by annotation and by
+/// digest, byte-equal to `qemu-img convert`.
+#[test]
+fn a_two_disk_vm_artifact_is_kubevirts_layout_and_imports_disk_by_disk() {
+    let d = tmp();
+    let root_raw = default_fixture(d.path());
+    let root_ref = qemu_reference(&root_raw, d.path());
+    let root_q = qcow2_of(&root_raw, &d.path().join("root.qcow2"));
+    let data_raw = dense_fixture_named(d.path(), "data.raw", 31);
+    sh(Command::new("xz").args(["-T2", "-3", "-k"]).arg(&data_raw));
+    let http = HttpServer::start(d.path(), &[]);
+    let vm = d.path().join("vm.json");
+    std::fs::write(
+        &vm,
+        serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "vm1", "namespace": "default", "uid": "1234", "resourceVersion": "99"},
+            "spec": {"template": {"spec": {
+                "domain": {"devices": {"disks": [{"name": "rootdisk"}, {"name": "datadisk"}]}},
+                "volumes": [
+                    {"name": "rootdisk", "dataVolume": {"name": "vm1-root"}},
+                    {"name": "datadisk", "dataVolume": {"name": "vm1-data"}}]}}},
+            "status": {"ready": false},
+        })
+        .to_string(),
+    )
+    .expect("vm");
+    let reg = Registry::start(true, Some(("user", "pass")));
+    let out = Command::new(bin("importer"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("IMPORTER_ACCESS_KEY_ID", "user")
+        .env("IMPORTER_SECRET_KEY", "pass")
+        .arg("push")
+        .arg("--disk")
+        .arg(format!("rootdisk={}", root_q.display()))
+        .arg("--disk")
+        .arg(format!("datadisk={}", http.url("data.raw.xz")))
+        .arg("--vm")
+        .arg(&vm)
+        .arg("--dest")
+        .arg(reg.image("vms/vm1:v1"))
+        .arg("--cert-dir")
+        .arg(reg.ca_dir.as_ref().expect("tls"))
+        .output()
+        .expect("push");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
+    assert_eq!(s["disks"].as_array().map(Vec::len), Some(2), "{s}");
+
+    let index = reg.raw_manifest("vms/vm1:v1");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(
+        index["artifactType"],
+        "application/vnd.kubevirt.virtualmachine.v1"
+    );
+    let keys: Vec<&String> = index["annotations"]
+        .as_object()
+        .expect("annotations")
+        .keys()
+        .collect();
+    assert_eq!(keys, ["org.opencontainers.image.created"]);
+    assert_eq!(
+        index["manifests"][0]["platform"],
+        serde_json::json!({"architecture": "amd64", "os": "linux"})
+    );
+    let m = image_manifest(&reg, "vms/vm1:v1");
+    assert!(m.get("annotations").is_none(), "{m}");
+    assert_eq!(
+        m["artifactType"],
+        "application/vnd.kubevirt.virtualmachine.v1"
+    );
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.kubevirt.virtualmachine.config.v1+json"
+    );
+    // The config: the VM with its cluster fields gone and DataVolumes turned into PVCs.
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(reg.blob_path(m["config"]["digest"].as_str().expect("digest")))
+            .expect("config"),
+    )
+    .expect("json");
+    assert_eq!(config["metadata"], serde_json::json!({"name": "vm1"}));
+    assert!(config.get("status").is_none());
+    assert_eq!(
+        config["spec"]["template"]["spec"]["volumes"][1],
+        serde_json::json!({"name": "datadisk", "persistentVolumeClaim": {"claimName": "vm1-data"}})
+    );
+    let layers = m["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 2);
+    for (layer, (name, size)) in layers
+        .iter()
+        .zip([("rootdisk", "64Mi"), ("datadisk", "25Mi")])
+    {
+        assert_eq!(layer["mediaType"], "application/vnd.kubevirt.disk.raw+zstd");
+        assert_eq!(layer["annotations"]["io.kubevirt.disk.name"], name);
+        assert_eq!(layer["annotations"]["io.kubevirt.disk.size"], size);
+        assert_eq!(
+            layer["annotations"]["org.opencontainers.image.title"],
+            format!("{name}.raw.zst")
+        );
+    }
+    assert_eq!(
+        layers[0]["annotations"]["io.ferrydisk.disk.source-format"],
+        "qcow2"
+    );
+    assert_eq!(
+        layers[1]["annotations"]["io.ferrydisk.disk.source-format"],
+        "raw"
+    );
+
+    // Without a selector: refused with both names. By annotation, and by digest.
+    let run = d.path().join("none");
+    reg.importer(&run, "vms/vm1:v1")
+        .run()
+        .assert_failure("io.kubevirt.disk.name=datadisk");
+    for (name, want) in [("rootdisk", &root_ref), ("datadisk", &data_raw)] {
+        let run = d.path().join(format!("by-name-{name}"));
+        reg.importer(&run, "vms/vm1:v1")
+            .env(
+                "FERRYDISK_LAYER_ANNOTATIONS",
+                &format!("io.kubevirt.disk.name={name}"),
+            )
+            .run()
+            .assert_success();
+        assert_same_bytes(&run.join("data/disk.img"), want);
+    }
+    let run = d.path().join("by-digest");
+    reg.importer(&run, "vms/vm1:v1")
+        .env(
+            "FERRYDISK_LAYER_DIGEST",
+            layers[1]["digest"].as_str().expect("digest"),
+        )
+        .run()
+        .assert_success();
+    assert_same_bytes(&run.join("data/disk.img"), &data_raw);
+}

@@ -425,7 +425,7 @@ impl Registry {
             resp,
             Bound::AtMost(body::MANIFEST_MAX),
             self.idle,
-            &format!("the manifest {reference}"),
+            &format!("the manifest {reference:?}"),
         )
         .await?;
         if reference.contains(':') {
@@ -657,7 +657,7 @@ impl Registry {
     /// long PATCH is the faster of the two.
     pub async fn upload(
         &self,
-        mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
+        pieces: tokio::sync::mpsc::Receiver<Bytes>,
         digest: tokio::sync::oneshot::Receiver<Option<String>>,
         total: Option<u64>,
         chunked: bool,
@@ -667,29 +667,10 @@ impl Registry {
         let mut location = self.start_upload().await?;
         if chunked {
             let mut offset = 0u64;
-            while let Some(chunk) = pieces.recv().await {
-                if chunk.is_empty() {
-                    continue;
-                }
-                let end = offset + chunk.len() as u64 - 1;
-                let what = format!("uploading bytes {offset}-{end}");
-                let resp = self
-                    .send(&what, Method::PATCH, &location, |r| {
-                        r.header(CONTENT_TYPE, "application/octet-stream")
-                            .header("Content-Range", format!("{offset}-{end}"))
-                            .header(CONTENT_LENGTH, chunk.len())
-                            .body(chunk.clone())
-                    })
-                    .await?;
-                let resp = expect(resp, &[StatusCode::ACCEPTED], &what).await?;
-                let answered = location.clone();
-                location = self.location(&resp, &answered)?;
-                self.carry(&location)?;
-                log_progress(offset, end + 1, shown_total);
-                offset = end + 1;
-            }
+            self.patch_chunks(pieces, &mut location, &mut offset, shown_total)
+                .await?;
         } else {
-            location = self.stream_patch(pieces, &location, total).await?;
+            location = self.stream_patch(pieces, &location, 0, total).await?;
         }
         // The producer drops its sender on failure too: only a digest means it finished.
         let digest =
@@ -699,6 +680,127 @@ impl Registry {
         self.finish_upload(&location, &digest, Bytes::new()).await
     }
 
+    /// [`Registry::upload`] of a blob of known length that the caller can produce again
+    /// from any offset (`produce(skip)`: the pieces from byte `skip` on, and the digest
+    /// of the whole blob at its end). When the connection is cut mid-blob, the registry
+    /// is asked where the session stands (`GET` on the upload URL, its `Range`, as the
+    /// distribution spec defines) and the upload continues from there, with a PATCH
+    /// whose `Content-Range` starts at that offset; a registry that dropped the session
+    /// (docker-registry 2.8 answers 404 after a cut) gets a new one from byte 0, logged.
+    /// At most `retries` resumptions in a row without progress.
+    pub async fn upload_resumable(
+        &self,
+        mut produce: impl FnMut(
+            u64,
+        ) -> (
+            tokio::sync::mpsc::Receiver<Bytes>,
+            tokio::sync::oneshot::Receiver<Option<String>>,
+        ),
+        total: u64,
+        chunked: bool,
+        retries: u32,
+    ) -> Result<(), ApiError> {
+        let mut location = self.start_upload().await?;
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let (pieces, digest) = produce(offset);
+            let sent = if chunked {
+                self.patch_chunks(pieces, &mut location, &mut offset, total)
+                    .await
+                    .map(|()| location.clone())
+            } else {
+                self.stream_patch(pieces, &location, offset, Some(total))
+                    .await
+            };
+            let e = match sent {
+                Ok(next) => {
+                    let digest = digest.await.ok().flatten().ok_or_else(|| {
+                        ApiError::Protocol("the layer was not produced to the end".into())
+                    })?;
+                    return self.finish_upload(&next, &digest, Bytes::new()).await;
+                }
+                Err(e) if cut(&e) && failures < retries => e,
+                Err(e) => return Err(e),
+            };
+            failures += 1;
+            tokio::time::sleep(Duration::from_millis(250 << failures.min(5))).await;
+            let before = offset;
+            match self.upload_status(&location).await {
+                Ok((next, at)) => {
+                    tracing::warn!(error = %e, offset = at, "the upload was cut; resuming at the offset the registry reports");
+                    location = next;
+                    offset = at;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %e, status = %status, "the upload was cut and the registry dropped the session; starting a new upload session");
+                    location = self.start_upload().await?;
+                    offset = 0;
+                }
+            }
+            if offset > before {
+                failures = 0;
+            }
+        }
+    }
+
+    /// Where an upload session stands: `GET` on its URL answers 204 with `Range:
+    /// 0-<last byte>` and the URL to continue at. Returns that URL and the next offset.
+    async fn upload_status(&self, location: &Url) -> Result<(Url, u64), ApiError> {
+        let what = "asking where the upload stands";
+        let resp = self.send(what, Method::GET, location, |r| r).await?;
+        let resp = expect(resp, &[StatusCode::NO_CONTENT, StatusCode::OK], what).await?;
+        let next = resp
+            .headers()
+            .get("Range")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().trim_start_matches("bytes="))
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+            .map(|(a, b)| if a == 0 && b == 0 { 0 } else { b + 1 })
+            .unwrap_or(0);
+        let url = match resp.headers().get(LOCATION) {
+            Some(_) => self.location(&resp, location)?,
+            None => location.clone(),
+        };
+        self.carry(&url)?;
+        Ok((url, next))
+    }
+
+    /// One PATCH per piece from `offset`, each with its `Content-Range`; `location` and
+    /// `offset` follow what the registry acknowledged.
+    async fn patch_chunks(
+        &self,
+        mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
+        location: &mut Url,
+        offset: &mut u64,
+        total: u64,
+    ) -> Result<(), ApiError> {
+        while let Some(chunk) = pieces.recv().await {
+            if chunk.is_empty() {
+                continue;
+            }
+            let at = *offset;
+            let end = at + chunk.len() as u64 - 1;
+            let what = format!("uploading bytes {at}-{end}");
+            let resp = self
+                .send(&what, Method::PATCH, location, |r| {
+                    r.header(CONTENT_TYPE, "application/octet-stream")
+                        .header("Content-Range", format!("{at}-{end}"))
+                        .header(CONTENT_LENGTH, chunk.len())
+                        .body(chunk.clone())
+                })
+                .await?;
+            let resp = expect(resp, &[StatusCode::ACCEPTED], &what).await?;
+            let answered = location.clone();
+            *location = self.location(&resp, &answered)?;
+            self.carry(location)?;
+            log_progress(at, end + 1, total);
+            *offset = end + 1;
+        }
+        Ok(())
+    }
+
     /// One PATCH whose body is the pieces, watched: when the registry takes nothing for
     /// the idle timeout while a piece waits (or answers nothing once the body is sent),
     /// the upload fails instead of hanging. Time the producer takes is not counted.
@@ -706,6 +808,7 @@ impl Registry {
         &self,
         pieces: tokio::sync::mpsc::Receiver<Bytes>,
         location: &Url,
+        offset: u64,
         total: Option<u64>,
     ) -> Result<Url, ApiError> {
         let shown_total = total.unwrap_or(0);
@@ -716,8 +819,9 @@ impl Registry {
             producing: AtomicBool::new(false),
         });
         let w = watch.clone();
-        let stream =
-            futures_util::stream::unfold((pieces, 0u64, w), move |(mut rx, sent, w)| async move {
+        let stream = futures_util::stream::unfold(
+            (pieces, offset, w),
+            move |(mut rx, sent, w)| async move {
                 w.producing.store(true, Ordering::Relaxed);
                 let piece = rx.recv().await;
                 w.producing.store(false, Ordering::Relaxed);
@@ -726,7 +830,8 @@ impl Registry {
                 let after = sent + piece.len() as u64;
                 log_progress(sent, after, shown_total);
                 Some((Ok::<_, std::io::Error>(piece), (rx, after, w)))
-            });
+            },
+        );
         // A streaming body cannot be sent twice, so no challenge is answered here:
         // `connect` authenticated, and a 401 now is an error. The first pass measured
         // the layer: a known length spares the registry chunked transfer decoding.
@@ -741,7 +846,10 @@ impl Registry {
             }
         }
         if let Some(total) = total {
-            req = req.header(CONTENT_LENGTH, total);
+            req = req.header(CONTENT_LENGTH, total - offset);
+            if offset > 0 {
+                req = req.header("Content-Range", format!("{offset}-{}", total - 1));
+            }
         }
         let req = req.body(reqwest::Body::wrap_stream(stream));
         let idle = self.idle;
@@ -786,6 +894,17 @@ impl Registry {
             }
         }
         Ok(ours)
+    }
+}
+
+/// Whether a failed upload request was cut (the connection, a timeout, a registry
+/// restarting) rather than refused: then the session may be resumed.
+fn cut(e: &ApiError) -> bool {
+    match e {
+        ApiError::Http { kind, .. } => *kind == ErrorKind::Network,
+        ApiError::Timeout { .. } => true,
+        ApiError::Status { status, .. } => status.is_server_error(),
+        _ => false,
     }
 }
 

@@ -72,21 +72,30 @@ pub fn layer_annotations(volume: &str, size: u64, source_format: &str, source_si
 
 /// The VM object of the config: `vm` (a VirtualMachine as JSON) with what only makes
 /// sense in its cluster removed and its DataVolume volumes turned into PVC volumes, as
-/// KubeVirt's exporter does; or, without one, the smallest VM that boots `volume`.
-pub fn vm_config(vm: Option<&Value>, volume: &str) -> Value {
+/// KubeVirt's exporter does; or, without one, the smallest VM that boots `volumes`
+/// (the first is the boot disk).
+pub fn vm_config(vm: Option<&Value>, volumes: &[&str]) -> Value {
     let Some(vm) = vm else {
+        let disks: Vec<Value> = volumes
+            .iter()
+            .map(|v| json!({"name": v, "disk": {"bus": "virtio"}}))
+            .collect();
+        let vols: Vec<Value> = volumes
+            .iter()
+            .map(|v| json!({"name": v, "persistentVolumeClaim": {"claimName": v}}))
+            .collect();
         return json!({
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachine",
-            "metadata": {"name": volume},
+            "metadata": {"name": volumes.first().copied().unwrap_or("vm")},
             "spec": {
                 "runStrategy": "Halted",
                 "template": {"spec": {
                     "domain": {
-                        "devices": {"disks": [{"name": volume, "disk": {"bus": "virtio"}}]},
+                        "devices": {"disks": disks},
                         "resources": {"requests": {"memory": "1Gi"}},
                     },
-                    "volumes": [{"name": volume, "persistentVolumeClaim": {"claimName": volume}}],
+                    "volumes": vols,
                 }},
             },
         });
@@ -190,7 +199,7 @@ mod tests {
             ]}}},
             "status": {"ready": true},
         });
-        let c = vm_config(Some(&vm), "rootdisk");
+        let c = vm_config(Some(&vm), &["rootdisk"]);
         assert_eq!(c["metadata"], json!({"name": "vm1", "labels": {"a": "b"}}));
         assert!(c.get("status").is_none());
         assert!(c["spec"].get("dataVolumeTemplates").is_none());

@@ -15,6 +15,7 @@ pub mod layer;
 pub mod save;
 pub mod spool;
 mod streamed;
+mod vm;
 
 use crate::cli::PushArgs;
 use crate::net::registry::{Access, ApiError as PushError, Connect, Registry};
@@ -46,15 +47,27 @@ pub struct Summary {
     pub layer_uploaded: bool,
     /// True when the registry mounted the layer from `--mount-from`.
     pub layer_mounted: bool,
+    /// The payload's format (what the layer holds).
     pub format: String,
+    /// What the source was (an import's finding: `vmdk`, `qcow2`, ...).
+    pub source_format: String,
     pub virtual_size: u64,
     pub source_size: u64,
 }
 
 pub async fn run(args: PushArgs) -> i32 {
-    match push(&args).await {
+    let pushed = if args.disks.is_empty() {
+        push(&args)
+            .await
+            .map(|s| serde_json::to_string(&s).expect("json"))
+    } else {
+        vm::push(&args)
+            .await
+            .map(|s| serde_json::to_string(&s).expect("json"))
+    };
+    match pushed {
         Ok(s) => {
-            println!("{}", serde_json::to_string(&s).expect("json"));
+            println!("{s}");
             0
         }
         Err(e) => {
@@ -166,6 +179,11 @@ pub struct Source {
 }
 
 async fn push(args: &PushArgs) -> Result<Summary, String> {
+    if args.source.as_os_str().is_empty() {
+        return Err(
+            "--source is required (or --disk NAME=SOURCE, repeated, for a VM artifact)".into(),
+        );
+    }
     push_with(args, None).await
 }
 
@@ -394,6 +412,10 @@ async fn put_image(
     src: &Source,
     pre: &Produced,
 ) -> Result<String, String> {
+    if args.layer_only {
+        // One disk of a VM artifact: its manifest names every disk (`vm.rs`).
+        return Ok(String::new());
+    }
     let blobs = image_blobs(args, src, pre)?;
     for (_, config) in &blobs.configs {
         reg.put_small_blob(config.clone())
@@ -437,6 +459,7 @@ async fn upload_checked(
             &src.spec,
             pre.size,
             args.chunk_mib.map(|m| (m as usize) << 20),
+            args.retries,
         )
         .await
         .map_err(|e| chain(&e))?;
@@ -582,6 +605,7 @@ fn summary(
         layer_uploaded: uploaded,
         layer_mounted: false,
         format: src.format.name().to_string(),
+        source_format: src.origin.format.clone(),
         virtual_size: src.virtual_size,
         source_size: src.origin.source_size,
     }
@@ -615,7 +639,7 @@ pub fn config_blob(
         }
         Layout::Artifact => (
             kubevirt::CONFIG_MEDIA_TYPE,
-            kubevirt::vm_config(args_vm(args).as_ref(), &args.volume_name),
+            kubevirt::vm_config(args_vm(args).as_ref(), &[args.volume_name.as_str()]),
         ),
     };
     (
@@ -682,7 +706,9 @@ fn zstd_threads() -> u32 {
 }
 
 /// Pass two: the layer produced on a blocking thread into pieces (1 MiB, or the chunk
-/// size) that the upload session sends as they come.
+/// size) that the upload session sends as they come. A cut upload resumes where the
+/// registry says it stands: the layer is produced again from the file and the bytes
+/// the registry has are not sent again (`--retries` resumptions without progress).
 async fn upload_layer(
     reg: &Registry,
     file: Arc<File>,
@@ -690,34 +716,53 @@ async fn upload_layer(
     spec: &LayerSpec,
     layer_size: u64,
     chunk: Option<usize>,
+    retries: u32,
 ) -> Result<Produced, PushError> {
     let chunked = chunk.is_some();
     let piece = chunk.unwrap_or(PIECE);
-    // Chunked: one chunk being sent, one queued. Streamed: a few 1 MiB pieces queued.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunked { 1 } else { 4 });
-    let (dtx, drx) = tokio::sync::oneshot::channel();
-    let s = spec.clone();
-    let producer = tokio::task::spawn_blocking(move || {
-        let out = Chunks {
-            buf: Vec::new(),
-            piece,
-            tx,
-        };
-        let made = layer::produce(&mut SkipHoles::new(&file, len), len, &s, out)
-            .and_then(|(mut out, p)| out.send().map(|()| p));
-        let _ = dtx.send(made.as_ref().ok().map(|p| p.digest.clone()));
-        made
-    });
-    let uploaded = reg.upload(rx, drx, Some(layer_size), chunked).await;
-    let made = producer.await.expect("layer task");
+    let producers = std::sync::Mutex::new(Vec::new());
+    let produce = |skip: u64| {
+        // Chunked: one chunk being sent, one queued. Streamed: a few 1 MiB pieces queued.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunked { 1 } else { 4 });
+        let (dtx, drx) = tokio::sync::oneshot::channel();
+        let (s, file) = (spec.clone(), file.clone());
+        let producer = tokio::task::spawn_blocking(move || {
+            let out = Chunks {
+                buf: Vec::new(),
+                piece,
+                tx,
+                skip,
+            };
+            let made = layer::produce(&mut SkipHoles::new(&file, len), len, &s, out)
+                .and_then(|(mut out, p)| out.send().map(|()| p));
+            let _ = dtx.send(made.as_ref().ok().map(|p| p.digest.clone()));
+            made
+        });
+        if let Ok(mut p) = producers.lock() {
+            p.push(producer);
+        }
+        (rx, drx)
+    };
+    let uploaded = reg
+        .upload_resumable(produce, layer_size, chunked, retries)
+        .await;
+    // Only the last producer ran to the end; the others stopped when their upload did.
+    let last = producers.lock().ok().and_then(|mut p| p.pop());
+    let made = match last {
+        Some(h) => Some(h.await.expect("layer task")),
+        None => None,
+    };
     match (uploaded, made) {
-        (Ok(_), Ok(p)) => Ok(p),
+        (Ok(_), Some(Ok(p))) => Ok(p),
+        // The upload failed before any layer was asked for (the session was refused).
+        (Err(u), None) => Err(u),
+        (Ok(_), None) => Err(PushError::Protocol("no layer was produced".into())),
         // A failed upload stops the producer ("the upload stopped", a broken pipe):
         // the upload's own error says why (a registry's 401, say).
-        (Err(u), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(u),
+        (Err(u), Some(Err(e))) if e.kind() == io::ErrorKind::BrokenPipe => Err(u),
         // The producer's own error says what went wrong on the source side.
-        (_, Err(e)) => Err(PushError::Protocol(format!("reading the source: {e}"))),
-        (Err(e), Ok(_)) => Err(e),
+        (_, Some(Err(e))) => Err(PushError::Protocol(format!("reading the source: {e}"))),
+        (Err(e), Some(Ok(_))) => Err(e),
     }
 }
 
@@ -726,6 +771,9 @@ struct Chunks {
     buf: Vec<u8>,
     piece: usize,
     tx: tokio::sync::mpsc::Sender<Bytes>,
+    /// Bytes of the layer the registry has already (a resumed upload): produced and
+    /// hashed, not sent.
+    skip: u64,
 }
 
 impl Chunks {
@@ -743,6 +791,13 @@ impl Chunks {
 
 impl Write for Chunks {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.skip > 0 {
+            let n = data
+                .len()
+                .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+            self.skip -= n as u64;
+            return Ok(n);
+        }
         if self.buf.capacity() == 0 {
             self.buf.reserve_exact(self.piece);
         }

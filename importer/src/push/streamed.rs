@@ -198,6 +198,7 @@ async fn once(
         buf: Vec::new(),
         piece: chunk.unwrap_or(PIECE),
         tx,
+        skip: 0,
     };
     let blob = BlobWriter::new(chunks, spec.zstd).map_err(|e| format!("zstd: {e}"))?;
     let produced = Arc::new(Mutex::new(None));
