@@ -8,10 +8,16 @@ use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
-    name = "importer",
+    name = "ferrydisk",
     version,
     propagate_version = true,
-    about = "Streams VM disk images onto a file or block device (CDI importer compatible)"
+    about = "Streams VM disks from any source onto a volume or into a registry: KubeVirt CDI's data-plane roles in one binary",
+    long_about = "Streams VM disks from any source onto a volume or into a registry: KubeVirt CDI's \
+data-plane roles in one binary.\n\nStarted as `importer` with no subcommand (or under a CDI \
+name: cdi-importer, cdi-uploadserver, cdi-cloner, ...) it runs that CDI role from its \
+environment, as CDI's controller starts it. As `ferrydisk`, name the role: \
+`ferrydisk import|push|inspect|upload-server|...`; `ferrydisk ROLE --help` lists its \
+options and environment variables."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -20,32 +26,38 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Import a disk image (the default: what the CDI controller runs).
+    /// Import a disk onto a file or block device (CDI's importer; the default role).
     Import(Box<ImportArgs>),
-    /// The per-PVC upload server (CDI's cdi-uploadserver).
+    /// Take uploads and clone streams for one volume (CDI's cdi-uploadserver).
     UploadServer(Box<UploadArgs>),
-    /// Serve a containerDisk's /disk on loopback for pullMethod node (CDI's
-    /// cdi-containerimage-server; Go-style single-dash flags are accepted).
+    /// Serve a containerDisk's disk on loopback for pullMethod node (cdi-containerimage-server).
+    ///
+    /// Go-style single-dash flags are accepted, as CDI's controller passes them.
     ServeDisk(ServeArgs),
-    /// Print an image's virtual size to the termination message (CDI's
-    /// cdi-image-size-detection, run by the clone controller; Go-style flags accepted).
+    /// Print an image's virtual size to the termination message (cdi-image-size-detection).
+    ///
+    /// Run by the clone controller; Go-style single-dash flags are accepted.
     SizeDetection(SizeArgs),
-    /// Stream a volume to a clone target's upload server (CDI's cdi-cloner; Go-style
-    /// single-dash flags accepted).
+    /// Stream a volume to a clone target's upload server (CDI's cdi-cloner).
+    ///
+    /// Go-style single-dash flags are accepted.
     CloneSource(ClonerArgs),
     /// The cloner image's entrypoint (CDI's cloner_startup.sh): env VOLUME_MODE,
     /// MOUNT_POINT, PREALLOCATION, then clone-source.
     #[command(hide = true)]
     ClonerStartup,
-    /// Record a DataImportCron poll: the source image's digest as annotations (CDI's
-    /// cdi-source-update-poller; Go-style single-dash flags accepted).
+    /// Record a DataImportCron poll: the image's digest (cdi-source-update-poller).
+    ///
+    /// Go-style single-dash flags are accepted.
     SourceUpdatePoller(PollerArgs),
-    /// Push a disk file, volume or any import source to a registry (or a local layout
-    /// or archive) as a containerDisk or an OCI artifact, streamed (chunked upload,
-    /// digest on the fly).
+    /// Push a disk or a whole VM into a registry, a layout or an archive, streamed.
+    ///
+    /// As a containerDisk or as KubeVirt's VM artifact; from a file, a volume or any
+    /// import source; a layer the registry has is not sent again.
     Push(Box<PushArgs>),
-    /// Print what an import of SOURCE would find (layers, format, sizes, digests,
-    /// labels, platforms), as JSON or a table, writing nothing.
+    /// Show what an import would find (layers, format, sizes, digests), writing nothing.
+    ///
+    /// As JSON or a table.
     Inspect(Box<InspectArgs>),
 }
 
@@ -697,6 +709,18 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
     if let Some((_, sub)) = ARGV0.iter().find(|(name, _)| *name == argv0) {
         args.insert(1.min(args.len()), (*sub).into());
     }
+    // `ferrydisk` is for people at a terminal: a role is named, and alone it shows help.
+    if argv0 == "ferrydisk" {
+        if args.len() < 2 {
+            args.push("--help".into());
+        }
+        return match args.get(1).and_then(|a| a.to_str()) {
+            Some("serve-disk" | "size-detection" | "clone-source" | "source-update-poller") => {
+                go_flags(args)
+            }
+            _ => args,
+        };
+    }
     if matches!(
         args.get(1).and_then(|a| a.to_str()),
         Some("serve-disk" | "size-detection" | "clone-source" | "source-update-poller")
@@ -704,9 +728,11 @@ pub fn with_default_subcommand(mut args: Vec<std::ffi::OsString>) -> Vec<std::ff
         return go_flags(args);
     }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
-    // `importer --help` shows the import options (with their env names): that is the
-    // command people run; `importer help` lists the subcommands.
-    let is_top = SUBCOMMANDS.contains(&first) || matches!(first, "-V" | "--version");
+    // `importer --help` lists every role, one line each (`importer import --help` has
+    // the import options and their env names); anything else with no role named is an
+    // import, as CDI's controller runs it.
+    let is_top =
+        SUBCOMMANDS.contains(&first) || matches!(first, "-V" | "--version" | "-h" | "--help");
     if !is_top {
         args.insert(1.min(args.len()), "import".into());
     }

@@ -144,15 +144,17 @@ fn a_mirror_serving_another_manifest_for_a_digest_is_refused() {
         .stderr(Stdio::null())
         .spawn()
         .expect("hostile.py");
+    let mut out = BufReader::new(liar.stdout.take().expect("stdout"));
     let mut line = String::new();
-    BufReader::new(liar.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("port");
+    out.read_line(&mut line).expect("port");
     let port: u16 = line
         .trim()
         .trim_start_matches("PORT ")
         .parse()
         .expect("port");
+    // Its second line (the other address's port) is read too: a closed pipe would end it.
+    let mut second = String::new();
+    out.read_line(&mut second).expect("port2");
     let conf = d.path().join("registries.conf");
     std::fs::write(
         &conf,
