@@ -132,6 +132,16 @@ fn push_cmd(dir: &Path, dest: &str, extra: &[&str]) -> Command {
     c
 }
 
+/// A push of a small disk to `h` (plain HTTP: `--insecure-tls`), and its outcome.
+fn push_to(h: &Hostile, extra: &[&str]) -> Output {
+    let d = tmp();
+    let mut args = vec!["--insecure-tls", "true"];
+    args.extend_from_slice(extra);
+    push_cmd(d.path(), &format!("127.0.0.1:{}/disks/a:1", h.port), &args)
+        .output()
+        .expect("push")
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -140,14 +150,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn push_sends_no_credentials_to_an_upload_location_on_another_host() {
     let h = Hostile::start(&["--basic", "user:pass", "--foreign-location"]);
-    let d = tmp();
-    let o = push_cmd(
-        d.path(),
-        &format!("127.0.0.1:{}/disks/a:1", h.port),
-        &["--insecure-tls", "true"],
-    )
-    .output()
-    .expect("push");
+    let o = push_to(&h, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let foreign = h.at_other_host();
     assert!(
@@ -206,14 +209,7 @@ fn push_refuses_an_http_location_from_an_https_registry() {
 #[test]
 fn push_uploads_a_blob_whose_head_reports_another_length() {
     let h = Hostile::start(&["--head-lies"]);
-    let d = tmp();
-    let o = push_cmd(
-        d.path(),
-        &format!("127.0.0.1:{}/disks/a:1", h.port),
-        &["--insecure-tls", "true"],
-    )
-    .output()
-    .expect("push");
+    let o = push_to(&h, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)));
@@ -229,14 +225,7 @@ fn push_uploads_a_blob_whose_head_reports_another_length() {
 #[test]
 fn push_refuses_a_registry_that_reports_another_manifest_digest() {
     let h = Hostile::start(&["--digest-lies"]);
-    let d = tmp();
-    let o = push_cmd(
-        d.path(),
-        &format!("127.0.0.1:{}/disks/a:1", h.port),
-        &["--insecure-tls", "true"],
-    )
-    .output()
-    .expect("push");
+    let o = push_to(&h, &[]);
     assert!(
         !o.status.success(),
         "{}",

@@ -164,6 +164,13 @@ fn importer_image_as_cdi_uses_it(rootfs: &Path) {
     assert!(o.status.success(), "size detection: {o:?}");
     let term = std::fs::read_to_string(rootfs.join("dev/termination-log")).expect("termination");
     assert_eq!(term, (3u64 << 30).to_string());
+    // The same binary answers to `ferrydisk`, for a person in the image's shell.
+    let o = in_root(rootfs, &[], &["/usr/bin/ferrydisk", "--help"]);
+    assert!(o.status.success(), "ferrydisk --help: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("inspect"),
+        "{o:?}"
+    );
 }
 
 /// The cloner image (CDI's CLONER_IMAGE): its entrypoint clones a filesystem volume into

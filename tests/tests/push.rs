@@ -129,6 +129,46 @@ fn image_manifest(reg: &Registry, repo_tag: &str) -> serde_json::Value {
     }
 }
 
+/// Checks what a tag holds against KubeVirt's VM artifact (kubevirt
+/// `pkg/storage/oci/oci.go`) field by field: an index with the VM `artifactType`, one
+/// linux/amd64 manifest and only the `created` annotation (RFC 3339); a manifest with
+/// no annotations, the same `artifactType` and the VM config media type. Returns the
+/// manifest and its config (the VM object).
+fn kubevirt_vm_artifact(reg: &Registry, repo_tag: &str) -> (serde_json::Value, serde_json::Value) {
+    const VM: &str = "application/vnd.kubevirt.virtualmachine.v1";
+    let index = reg.raw_manifest(repo_tag);
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(index["artifactType"], VM);
+    let annotations = index["annotations"].as_object().expect("annotations");
+    assert_eq!(annotations.len(), 1, "{index}");
+    let created = annotations["org.opencontainers.image.created"]
+        .as_str()
+        .expect("created");
+    assert!(created.len() == 20 && created.ends_with('Z'), "{created}");
+    let entries = index["manifests"].as_array().expect("manifests");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0]["platform"],
+        serde_json::json!({"architecture": "amd64", "os": "linux"})
+    );
+    let m = image_manifest(reg, repo_tag);
+    assert!(m.get("annotations").is_none(), "{m}");
+    assert_eq!(m["artifactType"], VM);
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.kubevirt.virtualmachine.config.v1+json"
+    );
+    let config = serde_json::from_slice(
+        &std::fs::read(reg.blob_path(m["config"]["digest"].as_str().expect("config")))
+            .expect("config blob"),
+    )
+    .expect("config json");
+    (m, config)
+}
+
 /// Issue 29 (5): a tar layer a strict reader accepts, ending with the tar
 /// end-of-archive marker (two zero blocks), as containerd v2 and KubeVirt's ImageVolume
 /// need (Deckhouse marks such layers `erofs-compatible-layers`): Python's `tarfile` with
@@ -278,45 +318,7 @@ fn artifact_push_is_kubevirts_vm_artifact_field_by_field() {
         s["layerMediaType"],
         "application/vnd.kubevirt.disk.raw+zstd"
     );
-    // The index: artifactType as the manifest's, one linux manifest, only `created`.
-    let index = reg.raw_manifest("vms/exported:1");
-    assert_eq!(
-        index["mediaType"],
-        "application/vnd.oci.image.index.v1+json"
-    );
-    assert_eq!(
-        index["artifactType"],
-        "application/vnd.kubevirt.virtualmachine.v1"
-    );
-    let annotations = index["annotations"].as_object().expect("annotations");
-    assert_eq!(annotations.len(), 1, "{index}");
-    let created = annotations["org.opencontainers.image.created"]
-        .as_str()
-        .expect("created");
-    assert!(created.len() == 20 && created.ends_with('Z'), "{created}");
-    let entries = index["manifests"].as_array().expect("manifests");
-    assert_eq!(entries.len(), 1);
-    assert_eq!(
-        entries[0]["platform"],
-        serde_json::json!({"architecture": "amd64", "os": "linux"})
-    );
-    // The manifest: no annotations, KubeVirt's artifactType and config media type.
-    let digest = entries[0]["digest"].as_str().expect("digest");
-    let m = reg.raw_manifest(&format!("vms/exported@{digest}"));
-    assert!(m.get("annotations").is_none(), "{m}");
-    assert_eq!(
-        m["artifactType"],
-        "application/vnd.kubevirt.virtualmachine.v1"
-    );
-    assert_eq!(
-        m["config"]["mediaType"],
-        "application/vnd.kubevirt.virtualmachine.config.v1+json"
-    );
-    let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(reg.blob_path(m["config"]["digest"].as_str().expect("config")))
-            .expect("config blob"),
-    )
-    .expect("config json");
+    let (m, config) = kubevirt_vm_artifact(&reg, "vms/exported:1");
     assert_eq!(config["kind"], "VirtualMachine");
     assert_eq!(
         config["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
@@ -1432,41 +1434,8 @@ fn a_two_disk_vm_artifact_is_kubevirts_layout_and_imports_disk_by_disk() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
     assert_eq!(s["disks"].as_array().map(Vec::len), Some(2), "{s}");
 
-    let index = reg.raw_manifest("vms/vm1:v1");
-    assert_eq!(
-        index["mediaType"],
-        "application/vnd.oci.image.index.v1+json"
-    );
-    assert_eq!(
-        index["artifactType"],
-        "application/vnd.kubevirt.virtualmachine.v1"
-    );
-    let keys: Vec<&String> = index["annotations"]
-        .as_object()
-        .expect("annotations")
-        .keys()
-        .collect();
-    assert_eq!(keys, ["org.opencontainers.image.created"]);
-    assert_eq!(
-        index["manifests"][0]["platform"],
-        serde_json::json!({"architecture": "amd64", "os": "linux"})
-    );
-    let m = image_manifest(&reg, "vms/vm1:v1");
-    assert!(m.get("annotations").is_none(), "{m}");
-    assert_eq!(
-        m["artifactType"],
-        "application/vnd.kubevirt.virtualmachine.v1"
-    );
-    assert_eq!(
-        m["config"]["mediaType"],
-        "application/vnd.kubevirt.virtualmachine.config.v1+json"
-    );
     // The config: the VM with its cluster fields gone and DataVolumes turned into PVCs.
-    let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(reg.blob_path(m["config"]["digest"].as_str().expect("digest")))
-            .expect("config"),
-    )
-    .expect("json");
+    let (m, config) = kubevirt_vm_artifact(&reg, "vms/vm1:v1");
     assert_eq!(config["metadata"], serde_json::json!({"name": "vm1"}));
     assert!(config.get("status").is_none());
     assert_eq!(
