@@ -1,4 +1,4 @@
-//! `IMPORTER_SOURCE=none`: a blank disk (contract section 1.5 step 3): a destination
+//! `IMPORTER_SOURCE=none`: a blank disk (docs/cdi-contract.md section 1.5 step 3): a destination
 //! written with no source.
 
 use crate::destination::{fs_available, Destination, FileSpace};

@@ -1,4 +1,4 @@
-//! Where the image goes and how much of it fits (contract sections 1.4 and 1.7).
+//! Where the image goes and how much of it fits (docs/cdi-contract.md sections 1.4 and 1.7).
 
 use ferrydisk_common::cdi::space::usable_space;
 use ferrydisk_common::sink::is_block_device;

@@ -1,4 +1,4 @@
-//! `importer import`: the CDI importer's main flow (contract section 1.5): pick the
+//! `importer import`: the CDI importer's main flow (docs/cdi-contract.md section 1.5): pick the
 //! source, open it, hand it to the blocking write half in `disk.rs`.
 
 use crate::cli::{parse_go_bool, ImportArgs};

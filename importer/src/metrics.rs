@@ -1,5 +1,5 @@
 //! The progress metric over HTTPS with a fresh self-signed certificate, as CDI serves
-//! it (contract section 1.10): every path answers with the exposition.
+//! it (docs/cdi-contract.md section 1.10): every path answers with the exposition.
 
 use ferrydisk_common::progress::{metric_text, Progress, METRIC};
 use ferrydisk_common::serve::{conn, listen, tls};

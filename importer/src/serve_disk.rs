@@ -1,5 +1,5 @@
 //! `importer serve-disk` (also started as `cdi-containerimage-server`): CDI's
-//! containerimage-server for `pullMethod: node` (contract section 3). It runs inside the
+//! containerimage-server for `pullMethod: node` (docs/cdi-contract.md section 3). It runs inside the
 //! user's containerDisk container, so its own environment *is* the image's ENV, served at
 //! `/info` for labels; the one file in `/disk` is served on loopback with Range support.
 

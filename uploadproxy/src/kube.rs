@@ -85,7 +85,7 @@ pub const ANN_POD_PHASE: &str = "cdi.kubevirt.io/storage.pod.phase";
 pub const ANN_CONTENT_TYPE: &str = "cdi.kubevirt.io/storage.contentType";
 pub const ANN_PVC_PRIME: &str = "cdi.kubevirt.io/storage.populator.pvcPrime";
 
-/// What one look at the PVC says (contract section 5.4).
+/// What one look at the PVC says (docs/cdi-contract.md section 5.4).
 #[derive(Debug, PartialEq)]
 pub enum Readiness {
     /// Upload to this PVC (the name may be the populator's PVC'), with this content type.

@@ -1,4 +1,4 @@
-//! `uploadproxy`: CDI's cdi-uploadproxy (contract section 5). Checks the upload token,
+//! `uploadproxy`: CDI's cdi-uploadproxy (docs/cdi-contract.md section 5). Checks the upload token,
 //! waits for the PVC's upload server, and streams the body to it over mTLS.
 
 mod kube;

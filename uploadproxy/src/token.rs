@@ -1,4 +1,4 @@
-//! CDI's upload token (contract section 5.3): a PS256 JWT from cdi-apiserver, checked
+//! CDI's upload token (docs/cdi-contract.md section 5.3): a PS256 JWT from cdi-apiserver, checked
 //! with its public key. Malformed or missing: 400. Bad signature, wrong issuer, expired
 //! or not yet valid: 401. Wrong operation or resource: 400.
 

@@ -1,4 +1,4 @@
-//! Where an upload goes: the per-PVC upload server's Service (contract sections 4.1 and
+//! Where an upload goes: the per-PVC upload server's Service (docs/cdi-contract.md sections 4.1 and
 //! 5.4) and the path, rewritten for archive PVCs.
 
 /// `cdi-upload-<pvc>` as a Service name: dots to dashes; over 63 characters, the first

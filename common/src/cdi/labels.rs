@@ -1,4 +1,4 @@
-//! Image ENV -> PVC labels (contract section 1.9), exactly as CDI rewrites them.
+//! Image ENV -> PVC labels (docs/cdi-contract.md section 1.9), exactly as CDI rewrites them.
 
 use std::collections::BTreeMap;
 

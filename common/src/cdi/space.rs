@@ -1,4 +1,4 @@
-//! Kubernetes quantities and CDI's space arithmetic (contract section 1.7), exactly:
+//! Kubernetes quantities and CDI's space arithmetic (docs/cdi-contract.md section 1.7), exactly:
 //! a controller sizes PVCs with the same formulas, so rounding must agree to the byte.
 
 /// The one "does not fit the volume" error, in CDI's words ("A larger PVC is

@@ -1,4 +1,4 @@
-//! `/dev/termination-log`, as the CDI controller reads it (contract section 1.8): JSON
+//! `/dev/termination-log`, as the CDI controller reads it (docs/cdi-contract.md section 1.8): JSON
 //! on success and for the special exit-0 cases, one plain-text line on failure.
 
 use serde::Serialize;

@@ -1,4 +1,4 @@
-//! Node pull (`pullMethod: node`, contract section 3): the containerDisk runs as a
+//! Node pull (`pullMethod: node`, docs/cdi-contract.md section 3): the containerDisk runs as a
 //! container on the node and serves its disk on loopback; the importer waits for its
 //! ready file and reads the image environment for labels.
 
@@ -33,7 +33,7 @@ pub async fn labels(client: &reqwest::Client, endpoint: &str) -> Option<BTreeMap
 }
 
 /// Node pull: wait for the ready file, whose content names the disk file served at the
-/// endpoint's directory (contract section 3). CDI waits 60 s; we wait `--ready-timeout`.
+/// endpoint's directory (docs/cdi-contract.md section 3). CDI waits 60 s; we wait `--ready-timeout`.
 pub async fn endpoint(args: &ImportArgs) -> Result<String, Failure> {
     let Some(ready) = &args.ready_file else {
         return Ok(args.endpoint.clone());

@@ -26,7 +26,7 @@ struct Route {
     archive: bool,
 }
 
-/// The exact paths CDI's upload server serves (contract section 4.4).
+/// The exact paths CDI's upload server serves (docs/cdi-contract.md section 4.4).
 fn route(path: &str) -> Option<Route> {
     let rest = path
         .strip_prefix("/v1beta1/")

@@ -1,4 +1,4 @@
-//! `importer upload-server`: CDI's cdi-uploadserver (contract section 4), streaming.
+//! `importer upload-server`: CDI's cdi-uploadserver (docs/cdi-contract.md section 4), streaming.
 //! The body goes through the same pipeline as an import while it arrives, so a sync
 //! upload answers as soon as the last byte is durable.
 
