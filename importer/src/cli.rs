@@ -292,7 +292,10 @@ pub struct ImportArgs {
 
 impl ImportArgs {
     /// The artifact layer selector: `--layer-digest` and `--layer-annotation`s.
-    pub fn layer_selector(&self) -> Result<crate::sources::image::LayerSelector, String> {
+    pub fn layer_selector(
+        &self,
+    ) -> Result<crate::sources::image::LayerSelector, crate::sources::image::LayerSelectorError>
+    {
         crate::sources::image::LayerSelector::parse(
             self.layer_digest.as_deref(),
             &self.layer_annotations,
@@ -604,6 +607,9 @@ pub struct PushArgs {
     /// minimal VM booting the one disk.
     #[arg(long = "vm", value_name = "FILE")]
     pub vm: Option<PathBuf>,
+    /// The `--vm` object, loaded and checked once before anything is pushed.
+    #[arg(skip)]
+    pub vm_object: Option<serde_json::Value>,
     /// Compress the layer with zstd (multi-threaded on the cores available).
     #[arg(long, env = "FERRYDISK_PUSH_ZSTD")]
     pub zstd: bool,

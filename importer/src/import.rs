@@ -343,7 +343,10 @@ async fn import_registry(
         ));
     }
     tracing::info!(source = "registry", endpoint = %plan.args.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
-    let layer = plan.args.layer_selector().map_err(Failure::Config)?;
+    let layer = plan
+        .args
+        .layer_selector()
+        .map_err(|e| Failure::Config(e.to_string()))?;
     let image = open_image(&plan.args).await?;
     blocking(move || write_image(&plan.disk, image.as_ref(), &layer, progress)).await
 }

@@ -75,7 +75,10 @@ async fn inspect(args: InspectArgs) -> Result<(Value, bool), Failure> {
     let (msg, image) = if source == "registry" {
         let image = import::open_image(&plan.args).await?;
         let described = describe_image(image.as_ref());
-        let layer = plan.args.layer_selector().map_err(Failure::Config)?;
+        let layer = plan
+            .args
+            .layer_selector()
+            .map_err(|e| Failure::Config(e.to_string()))?;
         let p = progress.clone();
         let msg = blocking(move || write_image(&plan.disk, image.as_ref(), &layer, p)).await?;
         (msg, Some(described))

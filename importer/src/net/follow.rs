@@ -107,7 +107,7 @@ pub async fn send(
                 shown(url)
             )));
         }
-        if policy.refuse_internal && super::super::sources::client::is_internal(&target) {
+        if policy.refuse_internal && crate::sources::client::is_internal(&target) {
             return Err(FollowError::Redirect(format!(
                 "redirect to internal address {} refused (--refuse-internal-redirects)",
                 target.host_str().unwrap_or("")

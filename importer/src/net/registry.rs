@@ -258,20 +258,27 @@ impl Registry {
                     req = req.header(AUTHORIZATION, h);
                 }
             }
-            let resp = match tokio::time::timeout(self.idle, req.send()).await {
-                Ok(r) => r.map_err(|e| ApiError::http(what, &e))?,
-                Err(_) => {
-                    return Err(ApiError::Timeout {
-                        what: what.to_string(),
-                        secs: self.idle.as_secs(),
-                    })
-                }
-            };
+            let resp = self.timed(what, req).await?;
             if resp.status() != StatusCode::UNAUTHORIZED || answered || !carry {
                 return Ok(resp);
             }
             self.challenged(&resp).await?;
             answered = true;
+        }
+    }
+
+    /// Sends `req`, failing when no response comes within the idle timeout.
+    async fn timed(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
+        match tokio::time::timeout(self.idle, req.send()).await {
+            Ok(r) => r.map_err(|e| ApiError::http(what, &e)),
+            Err(_) => Err(ApiError::Timeout {
+                what: what.to_string(),
+                secs: self.idle.as_secs(),
+            }),
         }
     }
 
@@ -378,15 +385,7 @@ impl Registry {
             }
             req = req.header(AUTHORIZATION, b);
         }
-        let resp = match tokio::time::timeout(self.idle, req.send()).await {
-            Ok(r) => r.map_err(|e| ApiError::http(what, &e))?,
-            Err(_) => {
-                return Err(ApiError::Timeout {
-                    what: what.into(),
-                    secs: self.idle.as_secs(),
-                })
-            }
-        };
+        let resp = self.timed(what, req).await?;
         let resp = expect(resp, &[StatusCode::OK], what).await?;
         let text = body::read(
             resp,
@@ -610,10 +609,9 @@ impl Registry {
             .send(what, Method::POST, &url, |r| r.header(CONTENT_LENGTH, 0))
             .await?;
         let resp = expect(resp, &[StatusCode::ACCEPTED], what).await?;
-        let location = self.location(&resp, &url)?;
-        // Refuses a downgrade before any byte is sent there.
-        self.carry(&location)?;
-        Ok(location)
+        // (every request to it goes through `carry`, which refuses a downgrade before
+        // any byte is sent)
+        self.location(&resp, &url)
     }
 
     async fn finish_upload(
@@ -763,7 +761,6 @@ impl Registry {
             Some(_) => self.location(&resp, location)?,
             None => location.clone(),
         };
-        self.carry(&url)?;
         Ok((url, next))
     }
 
@@ -794,7 +791,6 @@ impl Registry {
             let resp = expect(resp, &[StatusCode::ACCEPTED], &what).await?;
             let answered = location.clone();
             *location = self.location(&resp, &answered)?;
-            self.carry(location)?;
             log_progress(at, end + 1, total);
             *offset = end + 1;
         }
@@ -858,9 +854,7 @@ impl Registry {
             () = watch.stalled(idle) => return Err(ApiError::Timeout { what: what.into(), secs: idle.as_secs() }),
         };
         let resp = expect(resp, &[StatusCode::ACCEPTED, StatusCode::NO_CONTENT], what).await?;
-        let next = self.location(&resp, location)?;
-        self.carry(&next)?;
-        Ok(next)
+        self.location(&resp, location)
     }
 
     /// PUTs a manifest under `reference` (a tag or its digest). Returns its digest: that

@@ -8,6 +8,24 @@
 //! name, its uncompressed size as a Kubernetes BinarySI quantity, and a file title.
 
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// What is wrong with a VM artifact push's settings, found before anything is sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("volume name {0:?} must be a DNS-1123 label (lower-case letters, digits and '-', at most 63)")]
+    VolumeName(String),
+    #[error("--layout artifact writes KubeVirt's VM artifact, whose disks are raw+zstd only: drop --convert qcow2")]
+    NotRaw,
+    #[error("--vm {}: {message}", path.display())]
+    Vm { path: PathBuf, message: String },
+    #[error("--disk {0:?}: expected NAME=SOURCE")]
+    DiskSpec(String),
+    #[error("--disk: volume {0:?} named twice")]
+    DiskTwice(String),
+    #[error("--source and --disk do not go together: name every disk with --disk NAME=SOURCE")]
+    SourceAndDisks,
+}
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.kubevirt.virtualmachine.v1";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kubevirt.virtualmachine.config.v1+json";
@@ -42,7 +60,7 @@ pub fn binary_si(bytes: u64) -> String {
 
 /// A volume name as a VM names it: a DNS-1123 label (lower-case alphanumerics and '-',
 /// at most 63, starting and ending alphanumeric).
-pub fn check_volume_name(name: &str) -> Result<(), String> {
+pub fn check_volume_name(name: &str) -> Result<(), ArtifactError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -53,10 +71,25 @@ pub fn check_volume_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "volume name {name:?} must be a DNS-1123 label (lower-case letters, digits and '-', at most 63)"
-        ))
+        Err(ArtifactError::VolumeName(name.to_string()))
     }
+}
+
+/// The VirtualMachine object `--vm` names, read once, before anything is pushed.
+pub fn load_vm(path: &Path) -> Result<Value, ArtifactError> {
+    let err = |message: String| ArtifactError::Vm {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let vm: Value = serde_json::from_slice(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+    if vm.get("kind").and_then(Value::as_str) != Some("VirtualMachine") {
+        return Err(err(format!(
+            "not a VirtualMachine object (kind {:?})",
+            vm.get("kind")
+        )));
+    }
+    Ok(vm)
 }
 
 /// The layer descriptor's annotations for disk `volume` of `size` raw bytes.

@@ -64,6 +64,7 @@ pub async fn run(args: PushArgs) -> i32 {
         vm::push(&args)
             .await
             .map(|s| serde_json::to_string(&s).expect("json"))
+            .map_err(|e| e.to_string())
     };
     match pushed {
         Ok(s) => {
@@ -123,36 +124,31 @@ fn media_type(spec: &LayerSpec, format: Format) -> Result<String, String> {
 
 /// The settings a KubeVirt VM artifact needs: raw, zstd. Any source format is converted
 /// to raw on the way (no flag needed); asking for qcow2 is refused.
-fn to_spec(args: &PushArgs) -> Result<Option<PushArgs>, String> {
+fn to_spec(args: &PushArgs) -> Result<Option<PushArgs>, kubevirt::ArtifactError> {
     if args.layout != Layout::Artifact {
         return Ok(None);
     }
     kubevirt::check_volume_name(&args.volume_name)?;
-    if let Some(path) = &args.vm {
-        let text = std::fs::read(path).map_err(|e| format!("--vm {}: {e}", path.display()))?;
-        let vm: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| format!("--vm {}: not JSON: {e}", path.display()))?;
-        if vm.get("kind").and_then(|k| k.as_str()) != Some("VirtualMachine") {
-            return Err(format!(
-                "--vm {}: not a VirtualMachine object (kind {:?})",
-                path.display(),
-                vm.get("kind")
-            ));
-        }
-    }
     if args.convert == "qcow2" {
-        return Err(
-            "--layout artifact writes KubeVirt's VM artifact, whose disks are raw+zstd only: drop --convert qcow2"
-                .into(),
-        );
+        return Err(kubevirt::ArtifactError::NotRaw);
     }
-    if args.convert == "raw" && args.zstd {
+    // `--vm` is read here, once; a VM push has loaded it already.
+    let load = args.vm_object.is_none() && args.vm.is_some();
+    let spec = args.convert == "raw" && args.zstd;
+    if spec && !load {
         return Ok(None);
     }
-    tracing::info!("a KubeVirt VM artifact's disk layer is raw+zstd: converting to raw and compressing with zstd");
+    if !spec {
+        tracing::info!("a KubeVirt VM artifact's disk layer is raw+zstd: converting to raw and compressing with zstd");
+    }
+    let vm_object = match (&args.vm, load) {
+        (Some(path), true) => Some(kubevirt::load_vm(path)?),
+        _ => args.vm_object.clone(),
+    };
     Ok(Some(PushArgs {
         convert: "raw".into(),
         zstd: true,
+        vm_object,
         ..args.clone()
     }))
 }
@@ -192,7 +188,7 @@ pub async fn push_with(
     args: &PushArgs,
     given_origin: Option<spool::Origin>,
 ) -> Result<Summary, String> {
-    let spec_args = to_spec(args)?;
+    let spec_args = to_spec(args).map_err(|e| e.to_string())?;
     let args = spec_args.as_ref().unwrap_or(args);
     let dest = if save::Local::is_local(&args.dest) {
         None
@@ -639,7 +635,7 @@ pub fn config_blob(
         }
         Layout::Artifact => (
             kubevirt::CONFIG_MEDIA_TYPE,
-            kubevirt::vm_config(args_vm(args).as_ref(), &[args.volume_name.as_str()]),
+            kubevirt::vm_config(args.vm_object.as_ref(), &[args.volume_name.as_str()]),
         ),
     };
     (
@@ -681,13 +677,6 @@ pub fn manifest_blob(
 /// An error and its causes in one line (reqwest names the TLS failure only in a source).
 fn chain(e: &PushError) -> String {
     ferrydisk_common::error::chain_line(e)
-}
-
-/// The VM object `--vm` names, read once per manifest (a small local file).
-fn args_vm(args: &PushArgs) -> Option<serde_json::Value> {
-    let path = args.vm.as_ref()?;
-    let text = std::fs::read(path).ok()?;
-    serde_json::from_slice(&text).ok()
 }
 
 /// Deckhouse's labels for an image in its registry.

@@ -151,7 +151,7 @@ pub async fn import_into(
             })
             .cloned()
             .collect();
-        let layer = plan.args.layer_selector()?;
+        let layer = plan.args.layer_selector().map_err(|e| e.to_string())?;
         let msg = blocking(move || write_image(&plan.disk, image.as_ref(), &layer, progress))
             .await
             .map_err(failed)?;

@@ -20,6 +20,11 @@ pub struct LayerInfo<'a> {
 /// KubeVirt's annotation naming the volume a disk layer belongs to (VEP 256).
 pub const DISK_NAME: &str = "io.kubevirt.disk.name";
 
+/// A layer selector that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("layer annotation {0:?}: expected KEY=VALUE (e.g. io.kubevirt.disk.name=rootdisk)")]
+pub struct LayerSelectorError(String);
+
 /// Which layer of an artifact is the disk, as CDI's VEP 395 lets a DataVolume say: by
 /// digest, or by annotations that must all match (`matchAnnotations`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,7 +35,7 @@ pub struct LayerSelector {
 
 impl LayerSelector {
     /// From `--layer-digest` and `--layer-annotation KEY=VALUE` (each also from env).
-    pub fn parse(digest: Option<&str>, annotations: &[String]) -> Result<Self, String> {
+    pub fn parse(digest: Option<&str>, annotations: &[String]) -> Result<Self, LayerSelectorError> {
         let annotations = annotations
             .iter()
             .map(|a| a.trim())
@@ -39,9 +44,7 @@ impl LayerSelector {
                 a.split_once('=')
                     .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
                     .filter(|(k, _)| !k.is_empty())
-                    .ok_or_else(|| {
-                        format!("layer annotation {a:?}: expected KEY=VALUE (e.g. io.kubevirt.disk.name=rootdisk)")
-                    })
+                    .ok_or_else(|| LayerSelectorError(a.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(LayerSelector {

@@ -19,6 +19,10 @@ pub enum MirrorError {
     File { path: PathBuf, message: String },
     #[error("registry {0} is blocked by registries.conf")]
     Blocked(String),
+    #[error("{0}")]
+    Syntax(#[from] basic_toml::Error),
+    #[error("a [[registry]] entry names neither a prefix nor a location")]
+    NoPrefix,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,11 +105,11 @@ impl Mirrors {
             return Err(err("larger than 1 MiB".into()));
         }
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        Self::parse(&text).map_err(err)
+        Self::parse(&text).map_err(|e| err(e.to_string()))
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let f: File = basic_toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, MirrorError> {
+        let f: File = basic_toml::from_str(text)?;
         let mut entries = f.registry;
         for e in &mut entries {
             if e.prefix.is_empty() {
@@ -115,7 +119,7 @@ impl Mirrors {
                 e.location = e.prefix.clone();
             }
             if e.prefix.is_empty() {
-                return Err("a [[registry]] entry names neither a prefix nor a location".into());
+                return Err(MirrorError::NoPrefix);
             }
         }
         Ok(Mirrors { entries })

@@ -208,16 +208,15 @@ async fn first_serving(
     Err(last.unwrap_or_else(|| RegistryError::Mirrors("no endpoint to pull from".into())))
 }
 
-/// A manifest or index by tag or digest, parsed; and its digest (of the bytes served).
-async fn pull_manifest(
-    reg: &Registry,
-    reference: &str,
-) -> Result<(OciManifest, String), RegistryError> {
+/// A manifest or index as served (`what` names it in the error).
+fn parse_manifest(raw: &[u8], what: &str) -> Result<OciManifest, RegistryError> {
+    serde_json::from_slice(raw).map_err(|e| RegistryError::Config(format!("manifest {what}: {e}")))
+}
+
+/// A manifest or index by tag or digest, parsed.
+async fn pull_manifest(reg: &Registry, reference: &str) -> Result<OciManifest, RegistryError> {
     let raw = reg.manifest(reference, api::MANIFEST_KINDS).await?;
-    let digest = ferrydisk_common::checksum::sha256_digest(&raw);
-    let m = serde_json::from_slice(&raw)
-        .map_err(|e| RegistryError::Config(format!("manifest {reference}: {e}")))?;
-    Ok((m, digest))
+    parse_manifest(&raw, reference)
 }
 
 /// The tag or digest a reference names.
@@ -365,8 +364,7 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
     let shown = format!("docker://{}", reference.whole());
     let (reg, raw) = first_serving(opts, &reference).await?;
     let top_digest = ferrydisk_common::checksum::sha256_digest(&raw);
-    let manifest: OciManifest = serde_json::from_slice(&raw)
-        .map_err(|e| RegistryError::Config(format!("manifest of {shown}: {e}")))?;
+    let manifest = parse_manifest(&raw, &format!("of {shown}"))?;
     let requested = opts.arch.clone();
     let want = requested.clone().unwrap_or_else(|| node_arch().to_string());
     let mut platforms = Vec::new();
@@ -395,8 +393,8 @@ pub async fn resolve(endpoint: &str, opts: &RegistryOptions) -> Result<Image, Re
             let entry = select_platform(&entries, &want)?;
             tracing::info!(image = %shown, platform = %format!("linux/{want}"), digest = %entry.digest, "selected platform from image index");
             match pull_manifest(&reg, &entry.digest).await? {
-                (OciManifest::Image(m), _) => m,
-                (OciManifest::ImageIndex(_), _) => return Err(pull_err("nested image index")),
+                OciManifest::Image(m) => m,
+                OciManifest::ImageIndex(_) => return Err(pull_err("nested image index")),
             }
         }
     };
