@@ -10,13 +10,17 @@ use std::process::Command;
 
 /// The most an image may weigh (uncompressed root filesystem), per issue #7.
 const MAX_IMAGE_BYTES: u64 = 20_000_000;
+/// The importer image also carries the node-pull server as its own 1.9 MB binary
+/// (issue #28), which every `pullMethod: node` pod copies instead of the 17.5 MB
+/// importer: the image grew by that much.
+const MAX_IMPORTER_IMAGE_BYTES: u64 = 22_000_000;
 
 /// A build context: the Containerfile and target/static with the binaries and busybox.
 fn context(bins: &Path, dir: &Path) -> PathBuf {
     let ctx = dir.join("ctx");
     let st = ctx.join("target/static");
     std::fs::create_dir_all(&st).expect("mkdir");
-    for b in ["importer", "uploadproxy"] {
+    for b in ["importer", "uploadproxy", "serve-disk"] {
         std::fs::copy(bins.join(b), st.join(b)).expect("copy binary");
     }
     std::fs::copy("/bin/busybox", st.join("busybox")).expect("busybox-static");
@@ -79,7 +83,12 @@ fn containerfile_targets_build_and_run_from_their_root_filesystems() {
         let rootfs = b.mount(&name);
         let size = du(&rootfs);
         sizes.push(format!("{target} {:.1} MB", size as f64 / 1e6));
-        assert!(size <= MAX_IMAGE_BYTES, "{target}: {size} bytes");
+        let max = if target == "importer" {
+            MAX_IMPORTER_IMAGE_BYTES
+        } else {
+            MAX_IMAGE_BYTES
+        };
+        assert!(size <= max, "{target}: {size} bytes");
         // The entrypoint runs as 107 in the image's root and knows who it is.
         let o = in_root(&rootfs, &[], &[entry, "-alsologtostderr", "--version"]);
         assert!(o.status.success(), "{target}: {o:?}");
@@ -110,12 +119,8 @@ fn importer_image_as_cdi_uses_it(rootfs: &Path) {
     let server = rootfs.join("shared/server");
     let meta = std::fs::symlink_metadata(&server).expect("copied");
     assert!(meta.file_type().is_file(), "a real file, not a link");
-    assert_eq!(
-        meta.len(),
-        std::fs::metadata(rootfs.join("usr/bin/ferrydisk-importer"))
-            .expect("bin")
-            .len()
-    );
+    // The small node-pull server, not the importer.
+    assert!(meta.len() < 2_000_000, "{} bytes", meta.len());
     // The copied server answers to its CDI flags.
     let o = in_root(rootfs, &[], &["/shared/server", "-help"]);
     let help = String::from_utf8_lossy(&o.stdout);

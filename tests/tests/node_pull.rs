@@ -33,10 +33,15 @@ fn unpacked_containerdisk(dir: &Path) -> (PathBuf, Vec<String>, PathBuf) {
     (bundle.join("rootfs"), env, raw)
 }
 
-/// CDI's init container: `cp /usr/bin/cdi-containerimage-server /shared/server`.
+/// CDI's init container: `cp /usr/bin/cdi-containerimage-server /shared/server` (the
+/// small serve-disk binary in our image).
 fn install_server(shared: &Path) -> PathBuf {
+    install(shared, "serve-disk")
+}
+
+fn install(shared: &Path, binary: &str) -> PathBuf {
     let server = shared.join("server");
-    std::fs::copy(bin("importer"), &server).expect("cp server");
+    std::fs::copy(bin(binary), &server).expect("cp server");
     server
 }
 
@@ -100,11 +105,16 @@ struct Pull {
 
 impl Pull {
     fn new() -> Self {
+        Pull::with("serve-disk")
+    }
+
+    /// With `binary` copied in as the server.
+    fn with(binary: &str) -> Self {
         let d = tmp();
         let (rootfs, env, raw) = unpacked_containerdisk(d.path());
         let shared = d.path().join("shared");
         std::fs::create_dir(&shared).expect("shared");
-        let server = install_server(&shared);
+        let server = install(&shared, binary);
         Pull {
             _d: d,
             rootfs,
@@ -119,6 +129,17 @@ impl Pull {
 
 #[test]
 fn node_pull_through_the_disk_server() {
+    node_pull_through(Pull::new());
+}
+
+/// An image whose controller copies the importer itself as the server still works: the
+/// importer answers to `server` as the disk server.
+#[test]
+fn the_importer_still_serves_the_disk_under_that_name() {
+    node_pull_through(Pull::with("importer"));
+}
+
+fn node_pull_through(pull: Pull) {
     let Pull {
         _d,
         rootfs,
@@ -127,7 +148,7 @@ fn node_pull_through_the_disk_server() {
         shared,
         server,
         port,
-    } = Pull::new();
+    } = pull;
     let mut srv = start_server(&server, &rootfs, &env, &shared, port);
     let run = tmp();
     let o = importer(run.path(), &shared, port).run();

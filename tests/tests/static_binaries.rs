@@ -23,14 +23,26 @@ fn empty_root(bins: &Path, dir: &Path) -> PathBuf {
     std::fs::copy(bins.join("importer"), r.join("importer")).expect("importer");
     std::fs::copy(bins.join("uploadproxy"), r.join("uploadproxy")).expect("uploadproxy");
     // CDI's init container copies the disk server to /shared/server.
-    std::fs::copy(bins.join("importer"), r.join("shared/server")).expect("server");
+    std::fs::copy(bins.join("serve-disk"), r.join("shared/server")).expect("server");
     r
 }
+
+/// The node-pull server is copied into every containerDisk pod (CDI's is 10 MB).
+const MAX_DISK_SERVER_BYTES: u64 = 2_000_000;
+/// The most memory it may hold while serving a disk.
+const MAX_DISK_SERVER_RSS_KIB: u64 = 4096;
 
 #[test]
 fn binaries_are_static() {
     let Some(bins) = static_dir() else { return };
-    for b in ["importer", "uploadproxy"] {
+    let server = std::fs::metadata(bins.join("serve-disk"))
+        .expect("serve-disk")
+        .len();
+    assert!(
+        server <= MAX_DISK_SERVER_BYTES,
+        "serve-disk is {server} bytes"
+    );
+    for b in ["importer", "uploadproxy", "serve-disk"] {
         let out = Command::new("ldd").arg(bins.join(b)).output().expect("ldd");
         let text = format!(
             "{}{}",
@@ -49,7 +61,7 @@ fn binaries_are_static() {
 }
 
 #[test]
-fn disk_server_and_registry_import_in_an_empty_root() {
+fn the_disk_server_serves_from_an_empty_root_in_little_memory() {
     let Some(bins) = static_dir() else { return };
     let d = tempfile::tempdir().expect("tmp");
     let root = empty_root(&bins, d.path());
@@ -90,12 +102,33 @@ fn disk_server_and_registry_import_in_an_empty_root() {
         .arg(&got)
         .arg(format!("http://127.0.0.1:{port}/disk.img")));
     assert_same_bytes(&got, &raw);
+    // chroot execs the server: its pid is the server's.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.id())).expect("status");
+    let hwm: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    eprintln!("serve-disk peak RSS serving an 8 MiB disk: {hwm} KiB");
+    assert!(
+        hwm <= MAX_DISK_SERVER_RSS_KIB,
+        "serve-disk peak RSS {hwm} KiB"
+    );
     std::fs::write(root.join("shared/done"), "").expect("done");
     assert_eq!(
         wait_exit(&mut srv, Duration::from_secs(10)),
         Some(0),
         "the done file stops the server"
     );
+}
+
+#[test]
+fn the_importer_and_the_proxy_run_in_an_empty_root() {
+    let Some(bins) = static_dir() else { return };
+    let d = tempfile::tempdir().expect("tmp");
+    let root = empty_root(&bins, d.path());
+    let raw = d.path().join("disk.raw");
+    raw_fixture(&raw, "8M", &[(4096, 100_000, 0x77)]);
 
     // The importer, resolving the registry's name from /etc/hosts alone.
     let reg = Registry::start(false, None);
