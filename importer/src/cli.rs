@@ -45,7 +45,7 @@ pub enum Command {
     /// The cloner image's entrypoint (CDI's cloner_startup.sh): env VOLUME_MODE,
     /// MOUNT_POINT, PREALLOCATION, then clone-source.
     #[command(hide = true)]
-    ClonerStartup,
+    ClonerStartup(StartupArgs),
     /// Record a DataImportCron poll: the image's digest (cdi-source-update-poller).
     ///
     /// Go-style single-dash flags are accepted.
@@ -144,6 +144,17 @@ pub struct ImportArgs {
     /// S3 region to sign for [default: the AWS host's, else AWS_REGION, else us-east-1].
     #[arg(long = "s3-region", env = "FERRYDISK_S3_REGION")]
     pub s3_region: Option<String>,
+    /// The region the AWS tools use, when --s3-region is not given.
+    #[arg(long = "aws-region", env = "AWS_REGION", hide = true)]
+    pub aws_region: Option<String>,
+    /// An STS session token signed with temporary keys (`x-amz-security-token`).
+    #[arg(
+        long = "aws-session-token",
+        env = "AWS_SESSION_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub aws_session_token: Option<String>,
     /// S3 addressing: `auto` (path-style for an explicit endpoint, as CDI; virtual-hosted
     /// for AWS), `path` or `virtual`.
     #[arg(
@@ -180,15 +191,9 @@ pub struct ImportArgs {
     /// Directory of secret extra headers (each file is one `Name: value` line).
     #[arg(long = "extra-headers-dir", default_value = "/extraheaders")]
     pub extra_headers_dir: PathBuf,
-    /// HTTP proxy URL (also HTTP_PROXY).
-    #[arg(long = "http-proxy", env = "http_proxy", hide_env_values = true)]
-    pub http_proxy: Option<String>,
-    /// HTTPS proxy URL (also HTTPS_PROXY).
-    #[arg(long = "https-proxy", env = "https_proxy", hide_env_values = true)]
-    pub https_proxy: Option<String>,
-    /// Hosts that bypass the proxy (also NO_PROXY).
-    #[arg(long = "no-proxy", env = "no_proxy")]
-    pub no_proxy: Option<String>,
+    /// The proxy settings (flags, or the usual environment variables).
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
     /// Resume attempts after a dropped connection before giving up.
     #[arg(long, default_value_t = 8)]
     pub retries: u32,
@@ -291,21 +296,76 @@ pub struct ImportArgs {
 }
 
 impl ImportArgs {
-    /// The artifact layer selector: `--layer-digest` and `--layer-annotation`s.
-    pub fn layer_selector(
-        &self,
-    ) -> Result<crate::sources::image::LayerSelector, crate::sources::image::LayerSelectorError>
-    {
-        crate::sources::image::LayerSelector::parse(
-            self.layer_digest.as_deref(),
-            &self.layer_annotations,
-        )
-    }
-
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         match self.metrics_addr.as_str() {
             "" | "none" | "off" => None,
             a => a.parse().ok(),
+        }
+    }
+}
+
+/// How the disk is written: raw, or a qcow2 file.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Raw,
+    Qcow2,
+}
+
+/// `--direct-io`: O_DIRECT where the destination allows it, or the page cache.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectIo {
+    Auto,
+    Off,
+}
+
+/// `importer inspect --output`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InspectOutput {
+    Json,
+    Table,
+}
+
+/// Proxies for outgoing requests: the flags, else the lower-case environment variables
+/// (CDI's), else the upper-case ones.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProxyArgs {
+    /// HTTP proxy URL (also http_proxy, HTTP_PROXY).
+    #[arg(long = "http-proxy", env = "http_proxy", hide_env_values = true)]
+    pub http_proxy: Option<String>,
+    /// HTTPS proxy URL (also https_proxy, HTTPS_PROXY).
+    #[arg(long = "https-proxy", env = "https_proxy", hide_env_values = true)]
+    pub https_proxy: Option<String>,
+    /// Hosts that bypass the proxy (also no_proxy, NO_PROXY).
+    #[arg(long = "no-proxy", env = "no_proxy")]
+    pub no_proxy: Option<String>,
+    #[arg(
+        long = "http-proxy-upper",
+        env = "HTTP_PROXY",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub http_proxy_upper: Option<String>,
+    #[arg(
+        long = "https-proxy-upper",
+        env = "HTTPS_PROXY",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub https_proxy_upper: Option<String>,
+    #[arg(long = "no-proxy-upper", env = "NO_PROXY", hide = true)]
+    pub no_proxy_upper: Option<String>,
+}
+
+impl ProxyArgs {
+    /// The proxies in effect, empty values meaning none.
+    pub fn proxies(&self) -> crate::sources::client::Proxies {
+        let pick = |a: &Option<String>, b: &Option<String>| {
+            a.clone().or_else(|| b.clone()).filter(|s| !s.is_empty())
+        };
+        crate::sources::client::Proxies {
+            http: pick(&self.http_proxy, &self.http_proxy_upper),
+            https: pick(&self.https_proxy, &self.https_proxy_upper),
+            no_proxy: pick(&self.no_proxy, &self.no_proxy_upper),
         }
     }
 }
@@ -330,8 +390,13 @@ pub struct VolumeArgs {
     /// With `CACHE_MODE` unset: `auto` writes aligned blocks with O_DIRECT where the
     /// destination allows it (no page cache charged to the pod, less CPU per byte);
     /// `off` writes through the page cache with write-behind checkpoints, as CDI does.
-    #[arg(long = "direct-io", env = "FERRYDISK_DIRECT_IO", default_value = "auto", value_parser = ["auto", "off"])]
-    pub direct_io: String,
+    #[arg(
+        long = "direct-io",
+        env = "FERRYDISK_DIRECT_IO",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub direct_io: DirectIo,
     /// The block volume whose existence selects block mode.
     #[arg(long = "block-device", default_value = "/dev/cdi-block-volume")]
     pub block_device: PathBuf,
@@ -347,8 +412,13 @@ pub struct VolumeArgs {
     /// `qcow2`: the disk is written as qcow2 instead of raw. A qcow2 image is kept as it
     /// came (after the same validation as a conversion); any other format goes through
     /// the streaming qcow2 writer. Only for a file destination.
-    #[arg(long = "output-format", env = "FERRYDISK_OUTPUT_FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
-    pub output_format: String,
+    #[arg(
+        long = "output-format",
+        env = "FERRYDISK_OUTPUT_FORMAT",
+        value_enum,
+        default_value = "raw"
+    )]
+    pub output_format: OutputFormat,
     /// With `--output-format qcow2`: data clusters deflate-compressed, as `qemu-img
     /// convert -c` writes them (a qcow2 source kept as it came is not recompressed).
     #[arg(long = "qcow2-compress", env = "FERRYDISK_QCOW2_COMPRESS")]
@@ -359,6 +429,9 @@ pub struct VolumeArgs {
     /// `PREALLOCATION=true`.
     #[arg(long = "target-zeroed", env = "FERRYDISK_TARGET_ZEROED")]
     pub target_zeroed: bool,
+    /// How long clients of the upload server and the metric endpoint may take.
+    #[command(flatten)]
+    pub timeouts: ferrydisk_common::serve::listen::TimeoutArgs,
 }
 
 impl VolumeArgs {
@@ -368,7 +441,7 @@ impl VolumeArgs {
     pub fn direct(&self) -> bool {
         match self.cache_mode.as_str() {
             "TRYNONE" => true,
-            "" => self.direct_io == "auto",
+            "" => self.direct_io == DirectIo::Auto,
             _ => false,
         }
     }
@@ -442,6 +515,10 @@ pub struct UploadArgs {
     /// the FERRYDISK_PUSH_* and credential environment (Deckhouse's uploader into DVCR).
     #[arg(long = "push-dest", env = "FERRYDISK_PUSH_DEST")]
     pub push_dest: Option<String>,
+    /// How `--push-dest` pushes (the volume goes up as it was written: `--convert` is
+    /// `keep` whatever it says).
+    #[command(flatten, next_help_heading = "Push after the upload (--push-dest)")]
+    pub push: PushOptions,
 }
 
 /// `importer serve-disk`: CDI's containerimage-server flags (section 3).
@@ -487,6 +564,52 @@ pub struct ClonerArgs {
     /// HTTPS address of the clone progress metric; `none` to disable.
     #[arg(long = "metrics-addr", default_value = "0.0.0.0:8443")]
     pub metrics_addr: String,
+    /// CDI's cloner environment, read here and nowhere else.
+    #[command(flatten)]
+    pub env: ClonerEnv,
+    /// How long clients of the metric endpoint may take.
+    #[command(flatten)]
+    pub timeouts: ferrydisk_common::serve::listen::TimeoutArgs,
+}
+
+/// The environment CDI's controller gives the clone source pod; a missing one fails
+/// the clone ("Error getting env var NAME"), as in CDI.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClonerEnv {
+    #[arg(long = "owner-uid", env = "OWNER_UID", hide = true)]
+    pub owner_uid: Option<String>,
+    #[arg(
+        long = "client-key",
+        env = "CLIENT_KEY",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub client_key: Option<String>,
+    #[arg(long = "client-cert", env = "CLIENT_CERT", hide = true)]
+    pub client_cert: Option<String>,
+    #[arg(long = "server-ca-cert", env = "SERVER_CA_CERT", hide = true)]
+    pub server_ca_cert: Option<String>,
+    #[arg(long = "upload-url", env = "UPLOAD_URL", hide = true)]
+    pub upload_url: Option<String>,
+    #[arg(long = "preallocation", env = "PREALLOCATION", hide = true)]
+    pub preallocation: Option<String>,
+}
+
+/// `cloner_startup.sh`'s environment, from the cloner pod's spec.
+#[derive(Args, Debug, Clone)]
+pub struct StartupArgs {
+    /// `block` or `filesystem`.
+    #[arg(long = "volume-mode", env = "VOLUME_MODE", default_value = "")]
+    pub volume_mode: String,
+    /// The source volume's mount point or device.
+    #[arg(long = "mount-point", env = "MOUNT_POINT", default_value = "")]
+    pub mount_point: String,
+    /// The cloner's environment, passed on to the clone.
+    #[command(flatten)]
+    pub env: ClonerEnv,
+    /// How long clients of the metric endpoint may take.
+    #[command(flatten)]
+    pub timeouts: ferrydisk_common::serve::listen::TimeoutArgs,
 }
 
 impl ClonerArgs {
@@ -520,6 +643,40 @@ pub struct PollerArgs {
     /// Registry CA certificates.
     #[arg(long = "certdir")]
     pub certdir: Option<PathBuf>,
+    /// Registry username.
+    #[arg(
+        long = "access-key-id",
+        env = "IMPORTER_ACCESS_KEY_ID",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub access_key_id: Option<String>,
+    /// Registry password.
+    #[arg(
+        long = "secret-key",
+        env = "IMPORTER_SECRET_KEY",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub secret_key: Option<String>,
+    /// Skip TLS verification (Go ParseBool syntax; invalid means false).
+    #[arg(
+        long = "insecure-tls",
+        env = "INSECURE_TLS",
+        default_value = "false",
+        hide = true
+    )]
+    pub insecure_tls: String,
+    /// Registry mirrors (containers-registries.conf(5)).
+    #[arg(
+        long = "registries-conf",
+        env = "CONTAINERS_REGISTRIES_CONF",
+        hide = true
+    )]
+    pub registries_conf: Option<PathBuf>,
+    /// The proxy settings (flags, or the usual environment variables).
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 /// `importer inspect SOURCE`: the import pipeline run into a writer that keeps nothing.
@@ -529,8 +686,8 @@ pub struct InspectArgs {
     /// `oci-archive:FILE`, `docker-archive:FILE`.
     pub image: String,
     /// `json` (one object on stdout) or `table`.
-    #[arg(long = "output", short = 'o', default_value = "json", value_parser = ["json", "table"])]
-    pub output: String,
+    #[arg(long = "output", short = 'o', value_enum, default_value = "json")]
+    pub output: InspectOutput,
     /// Credentials, CA directories, proxies, platform: as for an import.
     #[command(flatten)]
     pub import: ImportArgs,
@@ -556,13 +713,36 @@ pub struct PushArgs {
     /// form); repeated, one layer each, in one manifest (with --vm for the VM object).
     #[arg(long = "disk", value_name = "NAME=SOURCE")]
     pub disks: Vec<String>,
-    /// Set by the VM push for each disk: the layer goes up, no manifest is written.
-    #[arg(skip)]
-    pub layer_only: bool,
+    /// `docker://host[:port]/repo[:tag]`, or saved locally: `oci:DIR[:TAG]`,
+    /// `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:NAME:TAG]`.
+    #[arg(long, env = "FERRYDISK_PUSH_DEST")]
+    pub dest: String,
+    /// How the payload is made and sent (shared with `upload-server --push-dest`).
+    #[command(flatten)]
+    pub options: PushOptions,
+}
+
+/// `--convert`: the payload as stored, or converted.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Convert {
+    Keep,
+    Raw,
+    Qcow2,
+}
+
+/// The push settings other than what and where: the same for `push` and for the
+/// upload server's `--push-dest`.
+#[derive(Args, Debug, Clone)]
+pub struct PushOptions {
     /// The payload: `keep` (a local file as stored; an imported source as qcow2, a
     /// qcow2 source's bytes unchanged), `raw` or `qcow2` (converted, via the spool).
-    #[arg(long, env = "FERRYDISK_PUSH_CONVERT", default_value = "keep", value_parser = ["keep", "raw", "qcow2"])]
-    pub convert: String,
+    #[arg(
+        long,
+        env = "FERRYDISK_PUSH_CONVERT",
+        value_enum,
+        default_value = "keep"
+    )]
+    pub convert: Convert,
     /// Where an imported or converted source is spooled (default: the temp dir).
     #[arg(long = "spool-dir", env = "FERRYDISK_PUSH_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -574,10 +754,6 @@ pub struct PushArgs {
         default_value = "1Ti"
     )]
     pub max_size: String,
-    /// `docker://host[:port]/repo[:tag]`, or saved locally: `oci:DIR[:TAG]`,
-    /// `oci-archive:FILE[:TAG]`, `docker-archive:FILE[:NAME:TAG]`.
-    #[arg(long, env = "FERRYDISK_PUSH_DEST")]
-    pub dest: String,
     /// `containerdisk` (a tar layer holding disk/<name>) or `artifact` (the disk as the
     /// layer blob, KubeVirt's disk media type).
     #[arg(
@@ -607,9 +783,6 @@ pub struct PushArgs {
     /// minimal VM booting the one disk.
     #[arg(long = "vm", value_name = "FILE")]
     pub vm: Option<PathBuf>,
-    /// The `--vm` object, loaded and checked once before anything is pushed.
-    #[arg(skip)]
-    pub vm_object: Option<serde_json::Value>,
     /// Compress the layer with zstd (multi-threaded on the cores available).
     #[arg(long, env = "FERRYDISK_PUSH_ZSTD")]
     pub zstd: bool,
@@ -669,12 +842,27 @@ pub struct PushArgs {
         default_value_t = 300
     )]
     pub idle_timeout: u64,
-}
-
-impl PushArgs {
-    pub fn insecure(&self) -> bool {
-        parse_go_bool(&self.insecure_tls).unwrap_or(false)
-    }
+    /// A registry source's platform, picked from its index (default: this machine's).
+    #[arg(long = "source-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
+    pub source_arch: Option<String>,
+    /// containers-registries.conf(5) with mirrors for a registry source.
+    #[arg(
+        long = "registries-conf",
+        env = "CONTAINERS_REGISTRIES_CONF",
+        value_name = "FILE"
+    )]
+    pub registries_conf: Option<PathBuf>,
+    /// The proxy settings (flags, or the usual environment variables).
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// Seconds since 1970 for an artifact index's `created` annotation, so that a build
+    /// can be reproduced (default: now).
+    #[arg(
+        long = "created",
+        env = "SOURCE_DATE_EPOCH",
+        value_name = "EPOCH_SECONDS"
+    )]
+    pub created: Option<u64>,
 }
 
 /// `importer size-detection`: CDI's cdi-image-size-detection flags.

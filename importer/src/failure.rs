@@ -4,7 +4,7 @@
 
 use ferrydisk_common::ErrorKind;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Failure {
     /// The source could not be reached or refused us: `Unable to connect to <src> data source: ...`.
     Connect {
@@ -22,6 +22,9 @@ pub enum Failure {
     ReadyTimeout(String),
     /// A bad setting (PREALLOCATION, content type, size).
     Config(String),
+    /// A push streaming the disk as it is imported met a source that writes the disk
+    /// twice (a containerDisk's overlay chain): the push spools instead.
+    StreamTaken,
 }
 
 impl Failure {
@@ -31,7 +34,9 @@ impl Failure {
             | Failure::Process { kind, .. }
             | Failure::Blank { kind, .. } => *kind,
             Failure::ReadyTimeout(_) => ErrorKind::Network,
-            Failure::UnknownSource(_) | Failure::Config(_) => ErrorKind::Config,
+            Failure::UnknownSource(_) | Failure::Config(_) | Failure::StreamTaken => {
+                ErrorKind::Config
+            }
         }
     }
 
@@ -48,6 +53,7 @@ impl Failure {
             Failure::UnknownSource(s) => format!("Unknown data source: {s}"),
             Failure::ReadyTimeout(p) => format!("Timeout waiting for file {p}"),
             Failure::Config(m) => m.clone(),
+            Failure::StreamTaken => "a streamed push cannot start the disk over".into(),
         }
     }
 

@@ -1,9 +1,9 @@
 //! `importer import`: the CDI importer's main flow (docs/cdi-contract.md section 1.5): pick the
 //! source, open it, hand it to the blocking write half in `disk.rs`.
 
-use crate::cli::{parse_go_bool, ImportArgs};
+use crate::config::import::{ImportConfig, Net, SourceKind};
 use crate::destination::Destination;
-use crate::disk::{blocking, write_image, write_stream, DiskPlan, DiskRequest, Parsing};
+use crate::disk::{blocking, write_image, write_stream, DiskPlan};
 use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
 use crate::sources::{client, gcs, http, local_image, node, redact, registry, s3};
@@ -13,71 +13,40 @@ use ferrydisk_common::stream::CountingReader;
 use ferrydisk_common::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::Instrument;
-
-/// Settings parsed and checked before anything touches the network or the disk.
-pub struct Plan {
-    pub args: ImportArgs,
-    pub disk: DiskPlan,
-}
-
-impl Plan {
-    pub fn new(args: ImportArgs) -> Result<Self, Failure> {
-        let archive = match args.content_type.as_str() {
-            "" | "kubevirt" => false,
-            "archive" => true,
-            other => return Err(Failure::Config(format!("Unknown content type: {other}"))),
-        };
-        let disk = DiskPlan::new(
-            DiskRequest {
-                volume: &args.volume,
-                dest: args.dest.as_deref(),
-                archive,
-                preallocation: args.preallocation.as_deref(),
-                image_size: &args.image_size,
-                checksum: args.checksum.as_deref(),
-            },
-            Parsing::Strict,
-        )?;
-        Ok(Plan { args, disk })
-    }
-}
 
 /// Runs the import inside one span naming the source and the (redacted) endpoint;
 /// `Ok(None)` is a success that writes no termination message.
 pub async fn run(
-    plan: Plan,
+    plan: ImportConfig,
     progress: Arc<Progress>,
 ) -> Result<Option<TerminationMessage>, Failure> {
     let span = tracing::info_span!(
         "import",
-        source = %plan.args.source,
-        endpoint = %redact::url(&plan.args.endpoint),
+        source = plan.source.name(),
+        endpoint = %redact::url(&plan.endpoint),
     );
     run_in_span(plan, progress).instrument(span).await
 }
 
 async fn run_in_span(
-    plan: Plan,
+    plan: ImportConfig,
     progress: Arc<Progress>,
 ) -> Result<Option<TerminationMessage>, Failure> {
-    let source = plan.args.source.clone();
-    let done_file = plan.args.done_file.clone();
-    let msg = match source.as_str() {
-        "none" => return plan.disk.create_blank(),
-        "http" => import_http(plan, progress).await?,
-        "registry" => import_registry(plan, progress).await?,
-        "s3" => import_s3(plan, progress).await?,
-        "gcs" => import_gcs(plan, progress).await?,
-        "imageio" | "vddk" => {
+    let done_file = plan.node.done_file.clone();
+    let msg = match plan.source {
+        SourceKind::Blank => return plan.disk.create_blank(),
+        SourceKind::Http => import_http(plan, progress).await?,
+        SourceKind::Registry => import_registry(plan, progress).await?,
+        SourceKind::S3 => import_s3(plan, progress).await?,
+        SourceKind::Gcs => import_gcs(plan, progress).await?,
+        SourceKind::Unsupported(source) => {
             return Err(Failure::Connect {
-                source_name: source.clone(),
+                source_name: source.into(),
                 kind: ErrorKind::UnsupportedFormat,
                 message: format!("the {source} source is not supported by ferrydisk"),
             });
         }
-        other => return Err(Failure::UnknownSource(other.to_string())),
     };
     if let Some(done) = done_file {
         // CDI creates it O_EXCL and only logs a failure.
@@ -92,25 +61,16 @@ async fn run_in_span(
     Ok(Some(msg))
 }
 
-fn ca_dirs(a: &ImportArgs) -> Vec<PathBuf> {
-    let mut dirs = vec![a.proxy_cert_dir.clone()];
-    dirs.extend(a.cert_dir.clone());
-    dirs
-}
-
 /// The HTTP client every URL source uses: CA dirs, proxies, TLS policy.
 fn http_client(
-    a: &ImportArgs,
+    net: &Net,
     source_name: &str,
     localhost_names: Vec<String>,
 ) -> Result<reqwest::Client, Failure> {
-    let dirs = ca_dirs(a);
     client::build(&client::ClientOptions {
-        ca_dirs: dirs.iter().map(PathBuf::as_path).collect(),
-        insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
-        http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
-        https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
-        no_proxy: a.no_proxy.clone(),
+        ca_dirs: net.ca_dirs.iter().map(PathBuf::as_path).collect(),
+        insecure: net.insecure,
+        proxies: net.proxies.clone(),
         localhost_names,
     })
     .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))
@@ -120,25 +80,23 @@ fn http_client(
 /// extra headers (env and secret files) travel with the credentials: only to the URL's
 /// own origin.
 fn http_options(
-    a: &ImportArgs,
+    net: &Net,
     source_name: &str,
     auth: http::Auth,
     progress: Arc<Progress>,
 ) -> Result<http::HttpOptions, Failure> {
-    let mut headers = client::collect_extra_headers(std::env::vars(), &a.extra_headers_dir);
-    headers.extend(a.extra_headers.iter().cloned());
-    let secret_headers = client::parse_headers(&headers)
+    let secret_headers = client::parse_headers(&net.extra_headers)
         .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))?;
     Ok(http::HttpOptions {
         auth,
         if_match: false,
         what: None,
         credentials_hint: http::ACCESS_KEY_HINT,
-        retries: a.retries,
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+        retries: net.retries,
+        idle_timeout: net.idle_timeout,
         progress,
         secret_headers,
-        refuse_internal_redirects: a.refuse_internal_redirects,
+        refuse_internal_redirects: net.refuse_internal_redirects,
     })
 }
 
@@ -150,10 +108,13 @@ fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failure {
     }
 }
 
-async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
-    let endpoint = node::endpoint(&plan.args).await?;
+async fn import_http(
+    plan: ImportConfig,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let endpoint = node::endpoint(&plan.endpoint, &plan.node).await?;
     if let Some(path) = local_path(&endpoint) {
-        if !plan.args.allow_local_files {
+        if !plan.allow_local_files {
             return Err(connect_err(
                 "http",
                 ErrorKind::Config,
@@ -162,17 +123,15 @@ async fn import_http(plan: Plan, progress: Arc<Progress>) -> Result<TerminationM
         }
         return import_file(plan, &path, progress).await;
     }
-    let a = &plan.args;
-    let client = http_client(a, "http", Vec::new())?;
-    let auth = match (&a.access_key_id, &a.secret_key) {
-        (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => {
-            http::Auth::Basic(u.clone(), p.clone())
-        }
-        _ => http::Auth::None,
+    let net = &plan.net;
+    let client = http_client(net, "http", Vec::new())?;
+    let auth = match &net.credentials {
+        Some((u, p)) => http::Auth::Basic(u.clone(), p.clone()),
+        None => http::Auth::None,
     };
     tracing::info!(source = "http", endpoint = %redact::url(&endpoint), dest = %plan.disk.dest.path().display(), "starting import");
-    let opts = http_options(a, "http", auth, progress.clone())?;
-    let node_pull = a.pull_method == "node";
+    let opts = http_options(net, "http", auth, progress.clone())?;
+    let node_pull = plan.node.enabled;
     let mut msg = download(plan.disk, &client, &endpoint, opts, "http", MAX_RESTARTS).await?;
     if node_pull {
         msg.labels = node::labels(&client, &endpoint).await;
@@ -217,60 +176,52 @@ async fn download(
 /// `IMPORTER_SOURCE=s3`: the object's URL and a SigV4 signer (anonymous without keys),
 /// then the HTTP download with `If-Match` resumes. A replaced object is refused, not
 /// imported again: the DataVolume named the object it saw.
-async fn import_s3(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
-    let a = &plan.args;
-    let region = a
-        .s3_region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .filter(|r| !r.trim().is_empty());
-    let object = s3::Addressing::parse(&a.s3_addressing)
-        .and_then(|mode| s3::resolve(&a.endpoint, region.as_deref(), mode))
-        .map_err(|e| connect_err("s3", ErrorKind::Config, e.to_string()))?;
+async fn import_s3(
+    plan: ImportConfig,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let net = &plan.net;
+    let object = s3::resolve(
+        &plan.endpoint,
+        plan.s3.region.as_deref(),
+        plan.s3.addressing,
+    )
+    .map_err(|e| connect_err("s3", ErrorKind::Config, e.to_string()))?;
     let host = object.url.host_str().unwrap_or("").to_string();
-    let client = http_client(a, "s3", vec![host])?;
-    let auth = match (&a.access_key_id, &a.secret_key) {
-        (Some(k), Some(s)) if !k.is_empty() && !s.is_empty() => {
-            http::Auth::Per(Arc::new(s3::SigV4 {
-                access_key: k.clone(),
-                secret_key: s.clone(),
-                region: object.region.clone(),
-                session_token: std::env::var("AWS_SESSION_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty()),
-            }))
-        }
-        _ => http::Auth::None,
+    let client = http_client(net, "s3", vec![host])?;
+    let auth = match &net.credentials {
+        Some((k, s)) => http::Auth::Per(Arc::new(s3::SigV4 {
+            access_key: k.clone(),
+            secret_key: s.clone(),
+            region: object.region.clone(),
+            session_token: plan.s3.session_token.clone(),
+        })),
+        None => http::Auth::None,
     };
     let signed = !matches!(auth, http::Auth::None);
     tracing::info!(source = "s3", bucket = %object.bucket, key = %object.key, url = %object.url, region = %object.region, signed, dest = %plan.disk.dest.path().display(), "starting import");
     let opts = http::HttpOptions {
         if_match: true,
         what: Some(format!("download of s3 object {}", object.shown())),
-        ..http_options(a, "s3", auth, progress)?
+        ..http_options(net, "s3", auth, progress)?
     };
     download(plan.disk, &client, object.url.as_str(), opts, "s3", 0).await
 }
 
 /// `IMPORTER_SOURCE=gcs`: the object URL, a bearer token from the service-account key
 /// when one is mounted (anonymous otherwise), then the HTTP download with `If-Match`.
-async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMessage, Failure> {
-    let a = &plan.args;
-    let url = gcs::object_url(&a.endpoint)
+async fn import_gcs(
+    plan: ImportConfig,
+    progress: Arc<Progress>,
+) -> Result<TerminationMessage, Failure> {
+    let net = &plan.net;
+    let url = gcs::object_url(&plan.endpoint)
         .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
-    let client = http_client(a, "gcs", Vec::new())?;
-    let auth = match a
-        .google_credentials
-        .as_deref()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
+    let client = http_client(net, "gcs", Vec::new())?;
+    let auth = match plan.gcs_credentials.as_deref() {
         Some(path) => {
-            let sa = gcs::ServiceAccount::load(
-                path,
-                client.clone(),
-                Duration::from_secs(a.idle_timeout.max(1)),
-            )
-            .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
+            let sa = gcs::ServiceAccount::load(path, client.clone(), net.idle_timeout)
+                .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
             tracing::info!(account = %sa.email(), "using the GCS service-account key");
             http::Auth::Per(Arc::new(sa))
         }
@@ -284,7 +235,7 @@ async fn import_gcs(plan: Plan, progress: Arc<Progress>) -> Result<TerminationMe
             redact::url(url.as_str())
         )),
         credentials_hint: " (check the service-account key in GOOGLE_APPLICATION_CREDENTIALS, or that the object is public)",
-        ..http_options(a, "gcs", auth, progress)?
+        ..http_options(net, "gcs", auth, progress)?
     };
     download(plan.disk, &client, url.as_str(), opts, "gcs", 0).await
 }
@@ -302,7 +253,7 @@ fn local_path(endpoint: &str) -> Option<PathBuf> {
 /// A local file streams through the same pipeline, and is also handed to it as a file:
 /// formats whose data precedes its tables read it again instead of spooling.
 async fn import_file(
-    plan: Plan,
+    plan: ImportConfig,
     path: &Path,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
@@ -334,7 +285,7 @@ async fn import_file(
 }
 
 async fn import_registry(
-    plan: Plan,
+    plan: ImportConfig,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     if matches!(plan.disk.dest, Destination::Dir(_)) {
@@ -342,40 +293,29 @@ async fn import_registry(
             "registry imports require content type kubevirt".into(),
         ));
     }
-    tracing::info!(source = "registry", endpoint = %plan.args.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
-    let layer = plan
-        .args
-        .layer_selector()
-        .map_err(|e| Failure::Config(e.to_string()))?;
-    let image = open_image(&plan.args).await?;
-    blocking(move || write_image(&plan.disk, image.as_ref(), &layer, progress)).await
+    tracing::info!(source = "registry", endpoint = %plan.endpoint, dest = %plan.disk.dest.path().display(), "starting import");
+    let image = open_image(&plan).await?;
+    let layer = plan.registry.layer;
+    let disk = plan.disk;
+    blocking(move || write_image(&disk, image.as_ref(), &layer, progress)).await
 }
 
-/// The image `a.endpoint` names: a local layout or archive, else a registry's manifest
-/// and config (a platform chosen from an index).
-pub async fn open_image(a: &ImportArgs) -> Result<Box<dyn ContainerImage>, Failure> {
-    let opts = registry::RegistryOptions {
-        username: a.access_key_id.clone(),
-        password: a.secret_key.clone(),
-        auth_file: a.auth_file.clone(),
-        insecure: parse_go_bool(&a.insecure_tls).unwrap_or(false),
-        ca_dirs: ca_dirs(a),
-        arch: a.registry_arch.clone().filter(|s| !s.is_empty()),
-        retries: a.retries,
-        idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
-        https_proxy: a.https_proxy.clone().filter(|s| !s.is_empty()),
-        http_proxy: a.http_proxy.clone().filter(|s| !s.is_empty()),
-        no_proxy: a.no_proxy.clone(),
-        registries_conf: a.registries_conf.clone(),
-    };
+/// The image the endpoint names: a local layout or archive, else a registry's
+/// manifest and config (a platform chosen from an index).
+pub async fn open_image(plan: &ImportConfig) -> Result<Box<dyn ContainerImage>, Failure> {
+    let opts = plan.registry_options();
     let fail = |e: registry::RegistryError| Failure::Process {
         kind: e.kind(),
         message: e.to_string(),
     };
     Ok(
-        match local_image::open(&a.endpoint, opts.arch.as_deref()).map_err(fail)? {
+        match local_image::open(&plan.endpoint, opts.arch.as_deref()).map_err(fail)? {
             Some(local) => Box::new(local),
-            None => Box::new(registry::resolve(&a.endpoint, &opts).await.map_err(fail)?),
+            None => Box::new(
+                registry::resolve(&plan.endpoint, &opts)
+                    .await
+                    .map_err(fail)?,
+            ),
         },
     )
 }

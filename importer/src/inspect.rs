@@ -8,10 +8,11 @@
 //! labels CDI would put on the PVC. A source an import refuses is refused here, with
 //! the same one-line reason and exit 1.
 
-use crate::cli::InspectArgs;
-use crate::disk::{blocking, write_image, Inspected};
+use crate::cli::{InspectArgs, InspectOutput, OutputFormat};
+use crate::config::import::{ImportConfig, SourceKind};
+use crate::disk::{blocking, write_image, Inspected, Output};
 use crate::failure::Failure;
-use crate::import::{self, Plan};
+use crate::import;
 use crate::sources::image::ContainerImage;
 use crate::sources::redact;
 use ferrydisk_common::cdi::termination::TerminationMessage;
@@ -22,20 +23,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The import source type and endpoint SOURCE stands for.
-pub(crate) fn classify(source: &str) -> (&'static str, String) {
+pub(crate) fn classify(source: &str) -> (SourceKind, String) {
     const IMAGE_PREFIXES: [&str; 4] = ["docker://", "oci:", "oci-archive:", "docker-archive:"];
     if IMAGE_PREFIXES.iter().any(|p| source.starts_with(p)) {
-        return ("registry", source.to_string());
+        return (SourceKind::Registry, source.to_string());
     }
     if source.contains("://") {
-        return ("http", source.to_string());
+        return (SourceKind::Http, source.to_string());
     }
     // A plain path: a local file.
     let abs = std::path::absolute(source).unwrap_or_else(|_| source.into());
     let url = reqwest::Url::from_file_path(&abs)
         .map(|u| u.to_string())
         .unwrap_or_else(|_| format!("file://{}", abs.display()));
-    ("http", url)
+    (SourceKind::Http, url)
 }
 
 pub async fn run(args: InspectArgs) -> i32 {
@@ -58,29 +59,26 @@ pub async fn run(args: InspectArgs) -> i32 {
 }
 
 async fn inspect(args: InspectArgs) -> Result<(Value, bool), Failure> {
-    let table = args.output == "table";
+    let table = args.output == InspectOutput::Table;
     let (source, endpoint) = classify(&args.image);
     let mut a = args.import;
-    a.source = source.to_string();
+    a.source = source.name().to_string();
     a.endpoint = endpoint;
     // A user's own command: local files are what it is for.
     a.allow_local_files = true;
     a.content_type = "kubevirt".into();
-    a.volume.output_format = "raw".into();
+    a.volume.output_format = OutputFormat::Raw;
     let progress = Arc::new(Progress::default());
     let found = Arc::new(Inspected::default());
-    let mut plan = Plan::new(a)?;
-    plan.disk.inspect = Some(found.clone());
-    let shown = redact::url(&plan.args.endpoint);
-    let (msg, image) = if source == "registry" {
-        let image = import::open_image(&plan.args).await?;
+    let mut plan = ImportConfig::from_args(a)?;
+    plan.disk.output = Output::Discard(found.clone());
+    let shown = redact::url(&plan.endpoint);
+    let (msg, image) = if source == SourceKind::Registry {
+        let image = import::open_image(&plan).await?;
         let described = describe_image(image.as_ref());
-        let layer = plan
-            .args
-            .layer_selector()
-            .map_err(|e| Failure::Config(e.to_string()))?;
         let p = progress.clone();
-        let msg = blocking(move || write_image(&plan.disk, image.as_ref(), &layer, p)).await?;
+        let (disk, layer) = (plan.disk, plan.registry.layer);
+        let msg = blocking(move || write_image(&disk, image.as_ref(), &layer, p)).await?;
         (msg, Some(described))
     } else {
         let msg = import::run(plan, progress.clone())
@@ -211,12 +209,12 @@ mod tests {
 
     #[test]
     fn sources_are_classified_like_an_import_would_take_them() {
-        assert_eq!(classify("docker://r/x:1").0, "registry");
-        assert_eq!(classify("oci:/d:t").0, "registry");
-        assert_eq!(classify("oci-archive:/a.tar").0, "registry");
-        assert_eq!(classify("https://h/disk.qcow2").0, "http");
+        assert_eq!(classify("docker://r/x:1").0, SourceKind::Registry);
+        assert_eq!(classify("oci:/d:t").0, SourceKind::Registry);
+        assert_eq!(classify("oci-archive:/a.tar").0, SourceKind::Registry);
+        assert_eq!(classify("https://h/disk.qcow2").0, SourceKind::Http);
         let (s, e) = classify("/tmp/disk.img");
-        assert_eq!((s, e.as_str()), ("http", "file:///tmp/disk.img"));
+        assert_eq!((s, e.as_str()), (SourceKind::Http, "file:///tmp/disk.img"));
     }
 
     #[test]

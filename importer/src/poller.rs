@@ -8,7 +8,6 @@
 
 use crate::cli::PollerArgs;
 use crate::sources::registry::{self, RegistryOptions};
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// CDI's annotations (`pkg/controller/dataimportcron-controller.go`).
@@ -43,52 +42,68 @@ pub fn patch(now: &str, digest: &str, current: Option<&str>) -> serde_json::Valu
     serde_json::Value::Array(ops)
 }
 
-async fn kube_client(args: &PollerArgs) -> Result<kube::Client, String> {
+/// Why no client for the API server could be made.
+#[derive(Debug, thiserror::Error)]
+enum KubeConfigError {
+    #[error(transparent)]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error(transparent)]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("--server {server:?}: {source}")]
+    Server {
+        server: String,
+        source: http::uri::InvalidUri,
+    },
+    #[error(transparent)]
+    Client(#[from] kube::Error),
+}
+
+async fn kube_client(args: &PollerArgs) -> Result<kube::Client, KubeConfigError> {
+    let server = || {
+        args.server
+            .parse::<http::Uri>()
+            .map_err(|source| KubeConfigError::Server {
+                server: args.server.clone(),
+                source,
+            })
+    };
     let mut config = match args
         .kubeconfig
         .as_deref()
         .filter(|p| !p.as_os_str().is_empty())
     {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| e.to_string())?
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        None if !args.server.is_empty() => {
-            kube::Config::new(args.server.parse().map_err(|e| format!("{e}"))?)
-        }
-        None => kube::Config::incluster().map_err(|e| e.to_string())?,
+        None if !args.server.is_empty() => kube::Config::new(server()?),
+        None => kube::Config::incluster()?,
     };
     if !args.server.is_empty() {
-        config.cluster_url = args.server.parse().map_err(|e| format!("{e}"))?;
+        config.cluster_url = server()?;
     }
     // CDI clears the proxy for the API server.
     config.proxy_url = None;
     config.read_timeout = Some(Duration::from_secs(30));
-    kube::Client::try_from(config).map_err(|e| e.to_string())
+    Ok(kube::Client::try_from(config)?)
 }
 
 pub async fn run(args: PollerArgs) -> i32 {
     if args.url.is_empty() || args.ns.is_empty() || args.cron.is_empty() {
         return fatal("One or more mandatory parameters are missing".into());
     }
-    let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+    let nonempty = |s: &Option<String>| s.clone().filter(|v| !v.is_empty());
     let opts = RegistryOptions {
-        username: env("IMPORTER_ACCESS_KEY_ID"),
-        password: env("IMPORTER_SECRET_KEY"),
+        username: nonempty(&args.access_key_id),
+        password: nonempty(&args.secret_key),
         auth_file: None,
-        insecure: env("INSECURE_TLS")
-            .and_then(|v| crate::cli::parse_go_bool(&v))
-            .unwrap_or(false),
+        insecure: crate::cli::parse_go_bool(&args.insecure_tls).unwrap_or(false),
         ca_dirs: args.certdir.iter().cloned().collect(),
         arch: None,
         retries: 3,
         idle_timeout: Duration::from_secs(60),
-        https_proxy: env("https_proxy").or_else(|| env("HTTPS_PROXY")),
-        http_proxy: env("http_proxy").or_else(|| env("HTTP_PROXY")),
-        no_proxy: env("no_proxy").or_else(|| env("NO_PROXY")),
-        registries_conf: env("CONTAINERS_REGISTRIES_CONF").map(PathBuf::from),
+        proxies: args.proxy.proxies(),
+        registries_conf: args.registries_conf.clone(),
     };
     let digest = match registry::manifest_digest(&args.url, &opts).await {
         Ok(d) => d,

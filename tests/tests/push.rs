@@ -534,39 +534,78 @@ fn saved(source: &Path, dest: &str, extra: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("summary json")
 }
 
+/// A qcow2 of the default fixture, and where the saving tests save it.
+struct Saving {
+    d: tempfile::TempDir,
+    raw: PathBuf,
+    reference: PathBuf,
+    q: PathBuf,
+    layout: PathBuf,
+}
+
+const QCOW2_NAME: [&str; 2] = ["--disk-name", "fedora.qcow2"];
+
+impl Saving {
+    fn new() -> Self {
+        let d = tmp();
+        let raw = default_fixture(d.path());
+        let reference = qemu_reference(&raw, d.path());
+        let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
+        let layout = d.path().join("layout");
+        Saving {
+            d,
+            raw,
+            reference,
+            q,
+            layout,
+        }
+    }
+
+    fn oci(&self, tag: &str) -> String {
+        format!("oci:{}:{tag}", self.layout.display())
+    }
+
+    fn oci_archive(&self) -> String {
+        format!(
+            "oci-archive:{}:41",
+            self.d.path().join("image.tar").display()
+        )
+    }
+
+    fn docker_archive(&self) -> String {
+        format!(
+            "docker-archive:{}:disks/fedora:41",
+            self.d.path().join("docker.tar").display()
+        )
+    }
+
+    /// Our import of `src` is exactly `qemu-img convert -O raw` of the fixture.
+    fn imports_as_reference(&self, src: &str, want: &Path) {
+        let run = fresh_dir(&self.d.path().join(format!("run-{}", src.len())));
+        Importer::new(&run)
+            .env("IMPORTER_SOURCE", "registry")
+            .env("IMPORTER_ENDPOINT", src)
+            .arg("--metrics-addr")
+            .arg("none")
+            .run()
+            .assert_success();
+        assert_same_bytes(&run.join("data/disk.img"), want);
+    }
+}
+
 /// Saved as an OCI layout directory, an oci-archive and a docker-archive: `skopeo
-/// inspect` reads each (labels, the layer digest), `umoci unpack` gives `disk/<name>`
-/// owned by 107, our import of each is exactly `qemu-img convert -O raw`, `skopeo copy`
-/// takes the archive into a registry. A second tag in the same layout keeps the first
-/// and does not write the layer again; a zstd artifact saves and imports too.
+/// inspect` reads each (labels, the layer digest) and our import of each is exactly
+/// `qemu-img convert -O raw`.
 #[test]
-fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
-    let d = tmp();
-    let raw = default_fixture(d.path());
-    let reference = qemu_reference(&raw, d.path());
-    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
-    let qlen = std::fs::metadata(&q).expect("meta").len();
-    let layout = d.path().join("layout");
-    let oci = format!("oci:{}:41", layout.display());
-    let archive = d.path().join("image.tar");
-    let oci_archive = format!("oci-archive:{}:41", archive.display());
-    let docker = d.path().join("docker.tar");
-    let docker_archive = format!("docker-archive:{}:disks/fedora:41", docker.display());
-    let name = ["--disk-name", "fedora.qcow2"];
-    let first = saved(&q, &oci, &name);
+fn saves_to_oci_layouts_and_archives_that_skopeo_and_the_import_read() {
+    let w = Saving::new();
+    let qlen = std::fs::metadata(&w.q).expect("meta").len();
+    let first = saved(&w.q, &w.oci("41"), &QCOW2_NAME);
     assert_eq!(first["layerUploaded"], true);
-    let again = saved(&q, &format!("oci:{}:latest", layout.display()), &name);
-    assert_eq!(again["layerUploaded"], false, "the layout already had it");
-    assert_eq!(again["manifestDigest"], first["manifestDigest"]);
-    let s = saved(&q, &oci_archive, &name);
+    let s = saved(&w.q, &w.oci_archive(), &QCOW2_NAME);
     assert_eq!(s["manifestDigest"], first["manifestDigest"]);
-    saved(&q, &docker_archive, &name);
-    for src in [
-        &oci,
-        &format!("oci:{}:latest", layout.display()),
-        &oci_archive,
-        &docker_archive,
-    ] {
+    saved(&w.q, &w.docker_archive(), &QCOW2_NAME);
+    for src in [&w.oci("41"), &w.oci_archive(), &w.docker_archive()] {
         let info = sh(Command::new("skopeo").arg("inspect").arg(src));
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("inspect");
         assert_eq!(info["Labels"]["source-image-format"], "qcow2", "{src}");
@@ -576,30 +615,41 @@ fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
             "{src}"
         );
         assert_eq!(info["Layers"][0], first["layerDigest"], "{src}");
-        let run = d.path().join(format!("run-{}", src.len()));
-        Importer::new(&run)
-            .env("IMPORTER_SOURCE", "registry")
-            .env("IMPORTER_ENDPOINT", src)
-            .arg("--metrics-addr")
-            .arg("none")
-            .run()
-            .assert_success();
-        assert_same_bytes(&run.join("data/disk.img"), &reference);
+        w.imports_as_reference(src, &w.reference);
     }
-    // umoci reads the layout: the disk file, its owner and bytes.
-    let bundle = d.path().join("bundle");
+}
+
+#[test]
+fn a_second_tag_in_a_layout_keeps_the_first_and_writes_no_layer_again() {
+    let w = Saving::new();
+    let first = saved(&w.q, &w.oci("41"), &QCOW2_NAME);
+    let again = saved(&w.q, &w.oci("latest"), &QCOW2_NAME);
+    assert_eq!(again["layerUploaded"], false, "the layout already had it");
+    assert_eq!(again["manifestDigest"], first["manifestDigest"]);
+    w.imports_as_reference(&w.oci("41"), &w.reference);
+    w.imports_as_reference(&w.oci("latest"), &w.reference);
+}
+
+#[test]
+fn umoci_unpacks_a_saved_layout_to_the_disk_file_owned_by_107() {
+    let w = Saving::new();
+    saved(&w.q, &w.oci("41"), &QCOW2_NAME);
+    let bundle = w.d.path().join("bundle");
     sh(Command::new("umoci")
         .args(["unpack", "--image"])
-        .arg(format!("{}:41", layout.display()))
+        .arg(format!("{}:41", w.layout.display()))
         .arg(&bundle));
-    {
-        use std::os::unix::fs::MetadataExt;
-        let disk = bundle.join("rootfs/disk/fedora.qcow2");
-        let meta = std::fs::metadata(&disk).expect("unpacked disk");
-        assert_eq!((meta.uid(), meta.gid()), (107, 107));
-        assert_same_bytes(&disk, &q);
-    }
-    // The oci-archive goes into a registry with skopeo and imports from there.
+    use std::os::unix::fs::MetadataExt;
+    let disk = bundle.join("rootfs/disk/fedora.qcow2");
+    let meta = std::fs::metadata(&disk).expect("unpacked disk");
+    assert_eq!((meta.uid(), meta.gid()), (107, 107));
+    assert_same_bytes(&disk, &w.q);
+}
+
+#[test]
+fn skopeo_copies_a_saved_oci_archive_into_a_registry_that_imports_it() {
+    let w = Saving::new();
+    saved(&w.q, &w.oci_archive(), &QCOW2_NAME);
     let reg = Registry::start(true, Some(("user", "pass")));
     sh(Command::new("skopeo")
         .args([
@@ -609,69 +659,57 @@ fn saves_to_oci_layouts_and_archives_that_skopeo_umoci_and_the_import_read() {
             "--dest-creds",
             "user:pass",
         ])
-        .arg(&oci_archive)
+        .arg(w.oci_archive())
         .arg(reg.image("disks/saved:41")));
     imports_equal(
         &reg,
         "disks/saved:41",
-        &d.path().join("from-registry"),
-        &reference,
+        &w.d.path().join("from-registry"),
+        &w.reference,
     );
+}
 
-    // A raw volume as a zstd artifact in a layout.
-    let art = format!("oci:{}:art", layout.display());
+#[test]
+fn a_raw_volume_saves_as_a_zstd_artifact_in_a_layout() {
+    let w = Saving::new();
     let s = saved(
-        &raw,
-        &art,
+        &w.raw,
+        &w.oci("art"),
         &["--layout", "artifact", "--zstd", "--disk-name", "disk.raw"],
     );
     assert_eq!(
         s["layerMediaType"],
         "application/vnd.kubevirt.disk.raw+zstd"
     );
-    let run = d.path().join("artifact");
-    Importer::new(&run)
-        .env("IMPORTER_SOURCE", "registry")
-        .env("IMPORTER_ENDPOINT", &art)
-        .arg("--metrics-addr")
-        .arg("none")
-        .run()
-        .assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &raw);
+    w.imports_as_reference(&w.oci("art"), &w.raw);
+}
+
+#[test]
+fn a_docker_archive_refuses_a_zstd_layer_and_leaves_nothing() {
     // A docker-archive holds uncompressed tar layers only.
+    let w = Saving::new();
+    let z = w.d.path().join("z.tar");
     let out = Command::new(bin("importer"))
         .args(["push", "--zstd", "--source"])
-        .arg(&q)
+        .arg(&w.q)
         .arg("--dest")
-        .arg(format!(
-            "docker-archive:{}:x/y:1",
-            d.path().join("z.tar").display()
-        ))
+        .arg(format!("docker-archive:{}:x/y:1", z.display()))
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("docker-archive"));
-    assert!(!d.path().join("z.tar").exists(), "nothing left behind");
+    assert!(!z.exists(), "nothing left behind");
 }
 
+const MULTI_ARCH: [&str; 4] = ["--arch", "amd64,arm64/v8", "--env", CUSTOM_ENV];
+
 /// `--arch amd64,arm64/v8` pushes an image index whose platforms share the one layer,
-/// `--env` puts `KUBEVIRT_IO_` keys in the config (PVC labels at import), and
-/// `--mount-from` has the registry mount the layer into another repository instead of
-/// receiving it again (no PATCH in the access log). A layout saves the index too.
+/// and `--env` puts `KUBEVIRT_IO_` keys in the config (PVC labels at import).
 #[test]
-fn multi_arch_index_env_labels_and_cross_repository_mount() {
-    let d = tmp();
-    let raw = default_fixture(d.path());
-    let reference = qemu_reference(&raw, d.path());
-    let q = qcow2_of(&raw, &d.path().join("fedora.qcow2"));
+fn a_multi_arch_index_shares_one_layer_and_carries_env_labels() {
+    let w = Saving::new();
     let reg = Registry::start(true, Some(("user", "pass")));
-    let env = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small";
-    let s = pushed(
-        &reg,
-        &q,
-        "disks/multi:41",
-        &["--arch", "amd64,arm64/v8", "--env", env],
-    );
+    let s = pushed(&reg, &w.q, "disks/multi:41", &MULTI_ARCH);
     assert_eq!(s["layerUploaded"], true);
     let index = reg.raw_manifest("disks/multi:41");
     assert_eq!(
@@ -684,23 +722,20 @@ fn multi_arch_index_env_labels_and_cross_repository_mount() {
         .iter()
         .map(|m| {
             let p = &m["platform"];
+            let os_arch = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap_or(""),
+                p["architecture"].as_str().unwrap_or("")
+            );
             match p["variant"].as_str() {
-                Some(v) => format!(
-                    "{}/{}/{v}",
-                    p["os"].as_str().unwrap_or(""),
-                    p["architecture"].as_str().unwrap_or("")
-                ),
-                None => format!(
-                    "{}/{}",
-                    p["os"].as_str().unwrap_or(""),
-                    p["architecture"].as_str().unwrap_or("")
-                ),
+                Some(v) => format!("{os_arch}/{v}"),
+                None => os_arch,
             }
         })
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64/v8"]);
     for arch in ["amd64", "arm64"] {
-        let run = d.path().join(format!("import-{arch}"));
+        let run = w.d.path().join(format!("import-{arch}"));
         let o = reg
             .importer(&run, "disks/multi:41")
             .env("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", arch)
@@ -712,53 +747,50 @@ fn multi_arch_index_env_labels_and_cross_repository_mount() {
             "{arch}: {}",
             o.termination
         );
-        assert_same_bytes(&run.join("data/disk.img"), &reference);
+        assert_same_bytes(&run.join("data/disk.img"), &w.reference);
     }
-    // Mounted into another repository: the layer is not sent again (the two small
-    // configs are: PUTs without a PATCH).
+}
+
+/// `--mount-from` has the registry mount the layer into another repository instead of
+/// receiving it again (no PATCH in its access log, a `mount=` request instead).
+#[test]
+fn a_cross_repository_mount_sends_no_layer_data() {
+    let w = Saving::new();
+    let reg = Registry::start(true, Some(("user", "pass")));
+    pushed(&reg, &w.q, "disks/multi:41", &MULTI_ARCH);
+    // The two small configs are sent: PUTs without a PATCH.
     let before = patches(&reg);
-    let m = pushed(
-        &reg,
-        &q,
-        "other/fedora:41",
-        &[
-            "--arch",
-            "amd64,arm64/v8",
-            "--env",
-            env,
-            "--mount-from",
-            "disks/multi",
-        ],
-    );
+    let mut args = MULTI_ARCH.to_vec();
+    args.extend(["--mount-from", "disks/multi"]);
+    let m = pushed(&reg, &w.q, "other/fedora:41", &args);
     assert_eq!(m["layerMounted"], true, "{m}");
     assert_eq!(m["layerUploaded"], false, "{m}");
     assert_eq!(patches(&reg), before, "no layer data sent for a mount");
     let log = std::fs::read_to_string(&reg.log).unwrap_or_default();
     assert!(
         log.contains("mount=sha256"),
-        "the mount request is in the log"
+        "the registry's log has the mount request"
     );
-    let run = d.path().join("import-mounted");
+    let run = w.d.path().join("import-mounted");
     let o = reg.importer(&run, "other/fedora:41").run();
     assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
-    // The same index saved as a layout.
-    let layout = d.path().join("layout");
-    saved(
-        &q,
-        &format!("oci:{}:41", layout.display()),
-        &["--arch", "amd64,arm64/v8"],
-    );
-    let run = d.path().join("import-layout");
+    assert_same_bytes(&run.join("data/disk.img"), &w.reference);
+}
+
+#[test]
+fn a_multi_arch_index_saves_as_a_layout_the_import_picks_from() {
+    let w = Saving::new();
+    saved(&w.q, &w.oci("41"), &["--arch", "amd64,arm64/v8"]);
+    let run = w.d.path().join("import-layout");
     Importer::new(&run)
         .env("IMPORTER_SOURCE", "registry")
-        .env("IMPORTER_ENDPOINT", &format!("oci:{}:41", layout.display()))
+        .env("IMPORTER_ENDPOINT", &w.oci("41"))
         .env("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64")
         .arg("--metrics-addr")
         .arg("none")
         .run()
         .assert_success();
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    assert_same_bytes(&run.join("data/disk.img"), &w.reference);
 }
 
 /// Files left in a spool directory.
@@ -766,78 +798,122 @@ fn spool_left(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |r| r.count())
 }
 
-#[test]
-fn pushes_from_http_and_registry_sources_converting_on_the_way() {
-    let d = tmp();
-    let raw = default_fixture(d.path());
-    let reference = qemu_reference(&raw, d.path());
-    let www = d.path().join("www");
-    std::fs::create_dir_all(&www).expect("mkdir");
-    let q = qcow2_of(&raw, &www.join("fedora.qcow2"));
-    sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
-    let gz = std::fs::read(www.join("fedora.qcow2.gz")).expect("gz");
-    std::fs::write(www.join("cut.qcow2.gz"), &gz[..gz.len() / 2]).expect("cut");
-    let http = HttpServer::start(&www, &[]);
-    let reg = Registry::start(true, Some(("user", "pass")));
-    let spool = d.path().join("spool");
-    std::fs::create_dir_all(&spool).expect("mkdir");
-    let spool_arg = spool.to_str().expect("utf8");
-    let qlen = std::fs::metadata(&q).expect("meta").len();
-    let env = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small";
+/// The fixture as `fedora.qcow2` and `fedora.qcow2.gz` (and half of it,
+/// `cut.qcow2.gz`) over HTTP, the registry, and a spool directory that must be left
+/// empty.
+struct Sources {
+    d: tempfile::TempDir,
+    raw: PathBuf,
+    reference: PathBuf,
+    q: PathBuf,
+    http: HttpServer,
+    reg: Registry,
+    spool: PathBuf,
+}
 
-    // HTTP qcow2.gz -> containerDisk: the qcow2's own bytes under disk/, the labels
-    // describe the source.
-    let url = http.url("fedora.qcow2.gz");
-    let s = pushed(
-        &reg,
-        Path::new(&url),
-        "disks/web:1",
-        &[
-            "--disk-name",
-            "fedora.qcow2",
-            "--spool-dir",
-            spool_arg,
-            "--env",
-            env,
-        ],
-    );
+const CUSTOM_ENV: &str = "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small";
+
+impl Sources {
+    fn new() -> Self {
+        let d = tmp();
+        let raw = default_fixture(d.path());
+        let reference = qemu_reference(&raw, d.path());
+        let www = d.path().join("www");
+        std::fs::create_dir_all(&www).expect("mkdir");
+        let q = qcow2_of(&raw, &www.join("fedora.qcow2"));
+        sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
+        let gz = std::fs::read(www.join("fedora.qcow2.gz")).expect("gz");
+        std::fs::write(www.join("cut.qcow2.gz"), &gz[..gz.len() / 2]).expect("cut");
+        let http = HttpServer::start(&www, &[]);
+        let reg = Registry::start(true, Some(("user", "pass")));
+        let spool = d.path().join("spool");
+        std::fs::create_dir_all(&spool).expect("mkdir");
+        Sources {
+            d,
+            raw,
+            reference,
+            q,
+            http,
+            reg,
+            spool,
+        }
+    }
+
+    fn spool_arg(&self) -> &str {
+        self.spool.to_str().expect("utf8")
+    }
+
+    /// The qcow2.gz over HTTP into `repo` as a containerDisk holding `disk/fedora.qcow2`.
+    fn push_web(&self, repo: &str) -> serde_json::Value {
+        let url = self.http.url("fedora.qcow2.gz");
+        let s = pushed(
+            &self.reg,
+            Path::new(&url),
+            repo,
+            &[
+                "--disk-name",
+                "fedora.qcow2",
+                "--spool-dir",
+                self.spool_arg(),
+                "--env",
+                CUSTOM_ENV,
+            ],
+        );
+        assert_eq!(
+            spool_left(&self.spool),
+            0,
+            "the spool is removed after the push"
+        );
+        s
+    }
+}
+
+#[test]
+fn a_gzip_qcow2_over_http_becomes_a_containerdisk_holding_its_own_bytes() {
+    // The labels describe the source; disk/ holds the qcow2's own bytes.
+    let w = Sources::new();
+    let s = w.push_web("disks/web:1");
+    let qlen = std::fs::metadata(&w.q).expect("meta").len();
     assert_eq!(s["format"], "qcow2", "{s}");
     assert_eq!(s["sourceSize"], qlen, "{s}");
     assert_eq!(s["virtualSize"], 64 << 20, "{s}");
-    assert_eq!(spool_left(&spool), 0, "the spool is removed after the push");
-    let info = skopeo_inspect(&reg, "disks/web:1");
+    let info = skopeo_inspect(&w.reg, "disks/web:1");
     assert_eq!(info["Labels"]["source-image-format"], "qcow2");
     assert_eq!(info["Labels"]["source-image-size"], qlen.to_string());
     assert_eq!(
         info["Labels"]["source-image-virtual-size"],
         (64u64 << 20).to_string()
     );
-    let rootfs = unpacked(&reg, "disks/web:1", d.path());
-    assert_same_bytes(&rootfs.join("disk/fedora.qcow2"), &q);
+    let rootfs = unpacked(&w.reg, "disks/web:1", w.d.path());
+    assert_same_bytes(&rootfs.join("disk/fedora.qcow2"), &w.q);
+}
 
-    // Registry -> registry, converted to raw (zstd layer); the source's KUBEVIRT_IO_
-    // env comes along and becomes a PVC label at import.
+#[test]
+fn registry_to_registry_converts_to_raw_and_carries_the_kubevirt_env() {
+    // The source's KUBEVIRT_IO_ Env comes along and becomes a PVC label at import.
+    let w = Sources::new();
+    w.push_web("disks/web:1");
     let s = pushed(
-        &reg,
-        Path::new(&reg.image("disks/web:1")),
+        &w.reg,
+        Path::new(&w.reg.image("disks/web:1")),
         "disks/raw:1",
-        &["--convert", "raw", "--zstd", "--spool-dir", spool_arg],
+        &["--convert", "raw", "--zstd", "--spool-dir", w.spool_arg()],
     );
     assert_eq!(s["format"], "raw", "{s}");
     assert_eq!(
         s["layerMediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
-    let info = skopeo_inspect(&reg, "disks/raw:1");
+    let info = skopeo_inspect(&w.reg, "disks/raw:1");
     assert!(
         info["Env"]
             .as_array()
-            .is_some_and(|e| e.iter().any(|v| v == env)),
+            .is_some_and(|e| e.iter().any(|v| v == CUSTOM_ENV)),
         "{info}"
     );
     assert_eq!(info["Labels"]["source-image-format"], "qcow2");
-    let run = d.path().join("import-raw");
-    let o = reg.importer(&run, "disks/raw:1").run();
+    let run = w.d.path().join("import-raw");
+    let o = w.reg.importer(&run, "disks/raw:1").run();
     assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
     assert!(
         o.termination
@@ -845,49 +921,50 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
         "{}",
         o.termination
     );
-    assert_same_bytes(&run.join("data/disk.img"), &reference);
+    assert_same_bytes(&run.join("data/disk.img"), &w.reference);
+}
 
-    // A local vmdk pushed as an artifact: converted to raw on the way (no flag), its
-    // blob the zstd of qemu-img's bytes; the VM artifact keeps the source's format on
-    // the layer, under our own key.
-    let vmdk = d.path().join("disk.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        raw.to_str().expect("utf8"),
-        vmdk.to_str().expect("utf8"),
-    ]);
+#[test]
+fn a_local_vmdk_pushed_as_an_artifact_is_converted_to_raw_on_the_way() {
+    // No flag needed: a VM artifact's disk is raw+zstd; the blob is the zstd of
+    // qemu-img's bytes.
+    let w = Sources::new();
+    let vmdk = w.d.path().join("disk.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", path_str(&w.raw), path_str(&vmdk)]);
     let s = pushed(
-        &reg,
+        &w.reg,
         &vmdk,
         "vms/vmdk:1",
-        &["--layout", "artifact", "--spool-dir", spool_arg],
+        &["--layout", "artifact", "--spool-dir", w.spool_arg()],
     );
     assert_eq!(
         s["layerMediaType"],
         "application/vnd.kubevirt.disk.raw+zstd"
     );
-    let blob = reg.blob_path(s["layerDigest"].as_str().expect("digest"));
-    let plain = d.path().join("vmdk-blob.raw");
+    assert_eq!(s["sourceFormat"], "vmdk", "{s}");
+    let blob = w.reg.blob_path(s["layerDigest"].as_str().expect("digest"));
+    let plain = w.d.path().join("vmdk-blob.raw");
     sh(Command::new("zstd")
         .args(["-q", "-d", "-o"])
         .arg(&plain)
         .arg(&blob));
-    assert_same_bytes(&plain, &reference);
+    assert_same_bytes(&plain, &w.reference);
     imports_equal(
-        &reg,
+        &w.reg,
         "vms/vmdk:1",
-        &d.path().join("import-vmdk"),
-        &reference,
+        &w.d.path().join("import-vmdk"),
+        &w.reference,
     );
+}
 
-    // A truncated source fails in one line, tags nothing and leaves no spool.
+#[test]
+fn a_truncated_source_fails_in_one_line_tags_nothing_and_leaves_no_spool() {
+    let w = Sources::new();
     let out = push(
-        &reg,
-        Path::new(&http.url("cut.qcow2.gz")),
+        &w.reg,
+        Path::new(&w.http.url("cut.qcow2.gz")),
         "disks/cut:1",
-        &["--spool-dir", spool_arg],
+        &["--spool-dir", w.spool_arg()],
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -896,7 +973,7 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
             .any(|l| l.starts_with("push failed: reading http://") && l.contains("cut.qcow2.gz")),
         "{err}"
     );
-    assert_eq!(spool_left(&spool), 0, "a failed push leaves no spool");
+    assert_eq!(spool_left(&w.spool), 0, "a failed push leaves no spool");
     let o = Command::new("skopeo")
         .args([
             "inspect",
@@ -905,7 +982,7 @@ fn pushes_from_http_and_registry_sources_converting_on_the_way() {
             "--creds",
             "user:pass",
         ])
-        .arg(reg.image("disks/cut:1"))
+        .arg(w.reg.image("disks/cut:1"))
         .output()
         .expect("skopeo");
     assert!(
@@ -1002,129 +1079,6 @@ fn http_disks(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     (raw, reference, www, backwards_ref)
 }
 
-#[test]
-fn a_raw_disk_streams_from_http_without_a_spool_and_falls_back_when_it_cannot() {
-    let d = tmp();
-    let (raw, reference, www, backwards_ref) = http_disks(d.path());
-    qcow2_of(&raw, &www.join("ordered.qcow2"));
-    let http = HttpServer::start(&www, &[]);
-    let reg = Registry::start(true, Some(("user", "pass")));
-    let spool = d.path().join("spool");
-    std::fs::create_dir_all(&spool).expect("mkdir");
-    let spool_arg = spool.to_str().expect("utf8");
-    // (source, layout, expected bytes, streams, why not). A containerDisk's tar header
-    // needs the disk's size first: a qcow2 announces it, a raw.xz does not.
-    let cases = [
-        ("disk.raw.xz", "artifact", &reference, true, ""),
-        ("ordered.qcow2", "artifact", &reference, true, ""),
-        (
-            "backwards.qcow2",
-            "artifact",
-            &backwards_ref,
-            false,
-            "not in guest order",
-        ),
-        ("ordered.qcow2", "containerdisk", &reference, true, ""),
-        (
-            "disk.raw.xz",
-            "containerdisk",
-            &reference,
-            false,
-            "known only at its end",
-        ),
-        (
-            "backwards.qcow2",
-            "containerdisk",
-            &backwards_ref,
-            false,
-            "not in guest order",
-        ),
-    ];
-    for (file, layout, want, streams, why) in cases {
-        // (this umoci cannot unpack zstd layers, so the containerDisks are plain tar)
-        let mut args = vec![
-            "--layout",
-            layout,
-            "--convert",
-            "raw",
-            "--disk-name",
-            "rootdisk",
-            "--spool-dir",
-            spool_arg,
-        ];
-        if layout == "artifact" {
-            args.push("--zstd");
-        }
-        let repo = format!("vms/{}-{layout}:1", file.replace('.', "-"));
-        let out = push(&reg, Path::new(&http.url(file)), &repo, &args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{file} {layout}: {err}");
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
-        let media = if layout == "artifact" {
-            "application/vnd.kubevirt.disk.raw+zstd"
-        } else {
-            "application/vnd.oci.image.layer.v1.tar"
-        };
-        assert_eq!(s["layerMediaType"], media, "{file} {layout}");
-        assert_eq!(s["virtualSize"], 64 << 20, "{file} {layout}");
-        assert_eq!(
-            err.contains("pushed as streamed"),
-            streams,
-            "{file} {layout}: streamed or not: {err}"
-        );
-        if !streams {
-            assert!(err.contains(why), "{file} {layout}: {err}");
-            assert!(
-                err.contains("spooling the import"),
-                "{file} {layout}: {err}"
-            );
-        }
-        assert_eq!(spool_left(&spool), 0, "{file} {layout}: no spool left");
-        let m = image_manifest(&reg, &repo);
-        assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
-        if layout == "containerdisk" {
-            assert_strict_tar(
-                &reg.blob_path(s["layerDigest"].as_str().expect("digest")),
-                &["disk", "disk/rootdisk"],
-            );
-        }
-        imports_equal(
-            &reg,
-            &repo,
-            &d.path().join(format!("import-{file}-{layout}")),
-            want,
-        );
-        if layout == "containerdisk" {
-            // What other tools see: a tar whose disk/rootdisk is the raw disk.
-            let dir = d.path().join(format!("unpack-{file}"));
-            std::fs::create_dir_all(&dir).expect("mkdir");
-            let rootfs = unpacked(&reg, &repo, &dir);
-            let disk = rootfs.join("disk/rootdisk");
-            assert_same_bytes(&disk, want);
-            let meta = std::fs::metadata(&disk).expect("meta");
-            use std::os::unix::fs::MetadataExt;
-            assert_eq!((meta.uid(), meta.gid()), (107, 107), "{file}");
-        }
-    }
-    // A local raw file is already raw: `--convert raw` pushes it from the file, as
-    // `keep` would, with no spool and no second import.
-    let out = push(
-        &reg,
-        &raw,
-        "vms/local-raw:1",
-        &["--convert", "raw", "--spool-dir", spool_arg],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(!err.contains("spooling the import"), "{err}");
-    imports_equal(
-        &reg,
-        "vms/local-raw:1",
-        &d.path().join("import-local-raw"),
-        &reference,
-    );
-}
-
 /// Who may do what on the token registry: `user` pushes under `vms/` and may only pull
 /// `base/`; `admin` may do anything.
 const TOKEN_GRANTS: &[ferrydisk_tests::tokenserver::Grant] = &[
@@ -1199,103 +1153,282 @@ fn a_token_registry_takes_pushes_and_mounts_with_the_scopes_it_asks_for() {
     }
 }
 
-#[test]
-fn every_payload_streams_in_two_passes_without_a_spool() {
-    // No --spool-dir: what one pass cannot stream (a raw source as a containerDisk, a
-    // qcow2 kept from a compressed source, any disk converted to qcow2) is read twice,
-    // the first pass measuring, the second streaming. Only data out of guest order
-    // spools.
-    let d = tmp();
-    let (raw, reference, www, backwards_ref) = http_disks(d.path());
-    let q = qcow2_of(&raw, &www.join("disk.qcow2"));
-    sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
-    let vmdk = www.join("disk.vmdk");
-    qemu_img(&["convert", "-O", "vmdk", path_str(&raw), path_str(&vmdk)]);
-    let http = HttpServer::start(&www, &[]);
-    let reg = Registry::start(true, Some(("user", "pass")));
-    let tmpdir = d.path().join("tmp");
-    std::fs::create_dir_all(&tmpdir).expect("mkdir");
-    let push_tmp = |source: &str, repo: &str, args: &[&str]| {
+/// The streaming tests' world: the disks `http_disks` serves over HTTP, the real
+/// registry with TLS and htpasswd, and a private TMPDIR that must stay empty.
+struct Streaming {
+    d: tempfile::TempDir,
+    raw: PathBuf,
+    reference: PathBuf,
+    backwards_ref: PathBuf,
+    www: PathBuf,
+    tmpdir: PathBuf,
+    http: HttpServer,
+    reg: Registry,
+}
+
+impl Streaming {
+    fn new() -> Self {
+        let d = tmp();
+        let (raw, reference, www, backwards_ref) = http_disks(d.path());
+        let http = HttpServer::start(&www, &[]);
+        let reg = Registry::start(true, Some(("user", "pass")));
+        let tmpdir = d.path().join("tmp");
+        std::fs::create_dir_all(&tmpdir).expect("mkdir");
+        Streaming {
+            d,
+            raw,
+            reference,
+            backwards_ref,
+            www,
+            tmpdir,
+            http,
+            reg,
+        }
+    }
+
+    /// The fixture as qcow2 in the order qemu-img writes it, served as `name`.
+    fn serve_qcow2(&self, name: &str) -> PathBuf {
+        qcow2_of(&self.raw, &self.www.join(name))
+    }
+
+    /// Pushes `source` (a URL path on the HTTP server, or a local path) to `repo`; the
+    /// push must succeed and leave nothing in TMPDIR. Returns the summary.
+    fn push(&self, source: &str, repo: &str, args: &[&str]) -> serde_json::Value {
+        let source = if source.starts_with('/') {
+            source.to_string()
+        } else {
+            self.http.url(source)
+        };
         let mut c = Command::new(bin("importer"));
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("TMPDIR", &tmpdir)
+            .env("TMPDIR", &self.tmpdir)
             .env("IMPORTER_ACCESS_KEY_ID", "user")
             .env("IMPORTER_SECRET_KEY", "pass")
-            .args([
-                "push",
-                "--source",
-                &http.url(source),
-                "--dest",
-                &reg.image(repo),
-            ])
+            .args(["push", "--source", &source, "--dest", &self.reg.image(repo)])
             .arg("--cert-dir")
-            .arg(reg.ca_dir.as_ref().expect("tls"))
+            .arg(self.reg.ca_dir.as_ref().expect("tls"))
             .args(args);
         let out = c.output().expect("push");
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{source} -> {repo}: {err}");
-        assert_eq!(spool_left(&tmpdir), 0, "{source}: nothing left in TMPDIR");
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary");
-        (s, err)
-    };
-    let two_passes = |err: &str, what: &str| {
-        assert!(err.contains("reading the source twice"), "{what}: {err}");
-        assert!(err.contains("pushed as streamed"), "{what}: {err}");
-        assert!(!err.contains("spooling the import"), "{what}: {err}");
-    };
+        assert_eq!(
+            spool_left(&self.tmpdir),
+            0,
+            "{source}: nothing left in TMPDIR"
+        );
+        serde_json::from_slice(&out.stdout).expect("summary")
+    }
 
-    // A qcow2 kept as it came, from a gzip'd HTTP source (its length is known only at
-    // the end): disk/disk.qcow2 holds the qcow2's own bytes.
-    let (s, err) = push_tmp(
+    /// [`Self::push`] with `--spool-dir` (a directory that must be left empty too).
+    fn push_spool_dir(&self, source: &str, repo: &str, args: &[&str]) -> serde_json::Value {
+        let spool = self.d.path().join("spool");
+        std::fs::create_dir_all(&spool).expect("mkdir");
+        let mut args = args.to_vec();
+        let spool_arg = spool.to_str().expect("utf8").to_string();
+        args.extend(["--spool-dir", &spool_arg]);
+        let s = self.push(source, repo, &args);
+        assert_eq!(spool_left(&spool), 0, "{source}: no spool left");
+        s
+    }
+
+    /// The pushed layer is the manifest's, a containerDisk's tar is strict, and the
+    /// import gives `want`; a containerDisk also unpacks with umoci to disk/<name>
+    /// owned by 107.
+    fn check(&self, repo: &str, s: &serde_json::Value, want: &Path, disk_name: &str) {
+        let m = image_manifest(&self.reg, repo);
+        assert_eq!(m["layers"][0]["digest"], s["layerDigest"]);
+        let dir = fresh_dir(
+            &self
+                .d
+                .path()
+                .join(format!("check-{}", repo.replace(['/', ':'], "-"))),
+        );
+        imports_equal(&self.reg, repo, &dir.join("import"), want);
+        if s["layerMediaType"] == "application/vnd.oci.image.layer.v1.tar" {
+            let disk = format!("disk/{disk_name}");
+            assert_strict_tar(
+                &self
+                    .reg
+                    .blob_path(s["layerDigest"].as_str().expect("digest")),
+                &["disk", &disk],
+            );
+            let rootfs = unpacked(&self.reg, repo, &fresh_dir(&dir.join("unpack")));
+            let meta = std::fs::metadata(rootfs.join(&disk)).expect("unpacked disk");
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((meta.uid(), meta.gid()), (107, 107), "{repo}");
+        }
+    }
+}
+
+/// The route a push took, from its summary: (route, spool reason, passes).
+fn route(s: &serde_json::Value) -> (&str, Option<&str>, u64) {
+    (
+        s["route"].as_str().expect("route"),
+        s["spoolReason"].as_str(),
+        s["passes"].as_u64().expect("passes"),
+    )
+}
+
+const RAW_ARTIFACT: &[&str] = &["--layout", "artifact", "--convert", "raw", "--zstd"];
+const RAW_CONTAINERDISK: &[&str] = &[
+    "--layout",
+    "containerdisk",
+    "--convert",
+    "raw",
+    "--disk-name",
+    "rootdisk",
+];
+
+#[test]
+fn a_raw_xz_goes_up_as_an_artifact_in_one_pass() {
+    let w = Streaming::new();
+    let s = w.push_spool_dir("disk.raw.xz", "one/xz-artifact:1", RAW_ARTIFACT);
+    assert_eq!(route(&s), ("streamed", None, 1), "{s}");
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.kubevirt.disk.raw+zstd"
+    );
+    assert_eq!(s["virtualSize"], 64 << 20);
+    w.check("one/xz-artifact:1", &s, &w.reference, "rootdisk");
+}
+
+#[test]
+fn a_qcow2_in_guest_order_goes_up_as_an_artifact_in_one_pass() {
+    let w = Streaming::new();
+    w.serve_qcow2("ordered.qcow2");
+    let s = w.push_spool_dir("ordered.qcow2", "one/q-artifact:1", RAW_ARTIFACT);
+    assert_eq!(route(&s), ("streamed", None, 1), "{s}");
+    w.check("one/q-artifact:1", &s, &w.reference, "rootdisk");
+}
+
+#[test]
+fn a_qcow2_in_guest_order_goes_up_as_a_raw_containerdisk_in_one_pass() {
+    // The qcow2 announces its virtual size before its data: the tar header can come
+    // first.
+    let w = Streaming::new();
+    w.serve_qcow2("ordered.qcow2");
+    let s = w.push_spool_dir("ordered.qcow2", "one/q-cd:1", RAW_CONTAINERDISK);
+    assert_eq!(route(&s), ("streamed", None, 1), "{s}");
+    assert_eq!(
+        s["layerMediaType"],
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+    w.check("one/q-cd:1", &s, &w.reference, "rootdisk");
+}
+
+#[test]
+fn a_raw_xz_as_a_containerdisk_spools_when_a_spool_dir_is_given() {
+    // Its length is known only at its end, and the tar header needs it first: with
+    // --spool-dir the push spools rather than read the source twice.
+    let w = Streaming::new();
+    let s = w.push_spool_dir("disk.raw.xz", "one/xz-cd:1", RAW_CONTAINERDISK);
+    assert_eq!(route(&s), ("spooled", Some("spool-dir"), 2), "{s}");
+    w.check("one/xz-cd:1", &s, &w.reference, "rootdisk");
+}
+
+#[test]
+fn data_out_of_guest_order_spools_as_an_artifact_and_as_a_containerdisk() {
+    let w = Streaming::new();
+    for (repo, args) in [
+        ("one/back-artifact:1", RAW_ARTIFACT),
+        ("one/back-cd:1", RAW_CONTAINERDISK),
+    ] {
+        let s = w.push_spool_dir("backwards.qcow2", repo, args);
+        assert_eq!(
+            route(&s),
+            ("spooled", Some("out-of-order"), 2),
+            "{repo}: {s}"
+        );
+        w.check(repo, &s, &w.backwards_ref, "rootdisk");
+    }
+}
+
+#[test]
+fn a_local_raw_file_converted_to_raw_goes_up_as_stored() {
+    // Already raw: `--convert raw` pushes it from the file, as `keep` would, with no
+    // spool and no import.
+    let w = Streaming::new();
+    let raw = w.raw.to_str().expect("utf8").to_string();
+    let s = w.push_spool_dir(&raw, "one/local-raw:1", &["--convert", "raw"]);
+    assert_eq!(route(&s), ("stored", None, 2), "{s}");
+    imports_equal(
+        &w.reg,
+        "one/local-raw:1",
+        &w.d.path().join("import"),
+        &w.reference,
+    );
+}
+
+#[test]
+fn a_qcow2_kept_from_a_gzip_source_streams_in_two_passes() {
+    // Its length is known only at the end: the first pass measures, the second
+    // streams; disk/disk.qcow2 holds the qcow2's own bytes.
+    let w = Streaming::new();
+    let q = w.serve_qcow2("disk.qcow2");
+    sh(Command::new("gzip").args(["-k", "-1"]).arg(&q));
+    let s = w.push(
         "disk.qcow2.gz",
         "two/kept:1",
         &["--disk-name", "disk.qcow2"],
     );
-    two_passes(&err, "kept qcow2");
+    assert_eq!(route(&s), ("streamed", None, 2), "{s}");
     assert_eq!(s["format"], "qcow2");
-    let rootfs = unpacked(&reg, "two/kept:1", &fresh_dir(&d.path().join("u1")));
+    let rootfs = unpacked(&w.reg, "two/kept:1", &fresh_dir(&w.d.path().join("u")));
     assert_same_bytes(&rootfs.join("disk/disk.qcow2"), &q);
-    // Another disk under the same tag: the digest pass finds a layer the registry does
+}
+
+#[test]
+fn another_disk_under_an_existing_tag_is_found_missing_and_uploaded() {
+    // The tag exists: a digest-only pass comes first, finds a layer the registry does
     // not have, and the import runs again into the upload.
-    let (s, err) = push_tmp(
-        "backwards.qcow2",
-        "two/kept:1",
-        &["--disk-name", "disk.qcow2"],
+    let w = Streaming::new();
+    let args = ["--disk-name", "disk.qcow2"];
+    w.serve_qcow2("disk.qcow2");
+    w.push("disk.qcow2", "two/retag:1", &args);
+    let s = w.push("backwards.qcow2", "two/retag:1", &args);
+    assert_eq!(route(&s), ("streamed", None, 3), "{s}");
+    assert_eq!(
+        (&s["digestFirst"], &s["layerUploaded"]),
+        (&true.into(), &true.into())
     );
-    assert!(err.contains("does not have this layer"), "{err}");
-    assert_eq!(s["layerUploaded"], true);
     imports_equal(
-        &reg,
-        "two/kept:1",
-        &d.path().join("import-retagged"),
-        &backwards_ref,
+        &w.reg,
+        "two/retag:1",
+        &w.d.path().join("import"),
+        &w.backwards_ref,
     );
+}
 
-    // A raw.xz as a raw containerDisk: the tar header needs the length the first pass
-    // found.
-    let (s, err) = push_tmp("disk.raw.xz", "two/raw:1", &["--convert", "raw"]);
-    two_passes(&err, "raw containerDisk");
+#[test]
+fn a_raw_xz_as_a_raw_containerdisk_streams_in_two_passes() {
+    // The tar header needs the length the first pass found. (A one-pass attempt comes
+    // first and stops where the data begins, with no length to write: three reads
+    // begun, two to the end.)
+    let w = Streaming::new();
+    let s = w.push("disk.raw.xz", "two/raw:1", &["--convert", "raw"]);
+    assert_eq!(route(&s), ("streamed", None, 3), "{s}");
     assert_eq!(s["format"], "raw");
-    let rootfs = unpacked(&reg, "two/raw:1", &fresh_dir(&d.path().join("u2")));
-    assert_same_bytes(&rootfs.join("disk/disk.img"), &reference);
+    w.check("two/raw:1", &s, &w.reference, "disk.img");
+}
 
-    // A vmdk converted to qcow2 (keep's default for a remote source): laid out header
-    // first from the measured clusters. qemu-img checks it, CDI's importer (qemu-img
-    // convert) and ours import it.
-    let (s, err) = push_tmp("disk.vmdk", "two/vmdk:1", &["--disk-name", "disk.qcow2"]);
-    two_passes(&err, "vmdk as qcow2");
-    assert!(err.contains("header and tables first"), "{err}");
-    assert_eq!(s["format"], "qcow2");
-    let info = skopeo_inspect(&reg, "two/vmdk:1");
+#[test]
+fn a_vmdk_becomes_a_qcow2_laid_out_header_first_that_qemu_and_cdi_read() {
+    // keep's default for a remote source: qcow2, its header, tables and refcounts
+    // computed from the clusters the first pass found, then the data in guest order.
+    let w = Streaming::new();
+    let vmdk = w.www.join("disk.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", path_str(&w.raw), path_str(&vmdk)]);
+    let s = w.push("disk.vmdk", "two/vmdk:1", &["--disk-name", "disk.qcow2"]);
+    assert_eq!(route(&s), ("streamed", None, 2), "{s}");
+    assert_eq!(
+        (s["format"].as_str(), s["sourceFormat"].as_str()),
+        (Some("qcow2"), Some("vmdk"))
+    );
+    let info = skopeo_inspect(&w.reg, "two/vmdk:1");
     assert_eq!(info["Labels"]["source-image-format"], "vmdk");
-    let rootfs = unpacked(&reg, "two/vmdk:1", &fresh_dir(&d.path().join("u3")));
+    let rootfs = unpacked(&w.reg, "two/vmdk:1", &fresh_dir(&w.d.path().join("u")));
     let disk = rootfs.join("disk/disk.qcow2");
-    {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(&disk).expect("unpacked disk");
-        assert_eq!((meta.uid(), meta.gid()), (107, 107));
-    }
     qemu_img(&["check", "-f", "qcow2", path_str(&disk)]);
     qemu_img(&[
         "compare",
@@ -1304,71 +1437,68 @@ fn every_payload_streams_in_two_passes_without_a_spool() {
         "-F",
         "raw",
         path_str(&disk),
-        path_str(&reference),
+        path_str(&w.reference),
     ]);
     assert_same_bytes(
-        &cdi_import(&reg, "two/vmdk:1", &d.path().join("cdi")),
-        &reference,
+        &cdi_import(&w.reg, "two/vmdk:1", &w.d.path().join("cdi")),
+        &w.reference,
     );
-    imports_equal(
-        &reg,
-        "two/vmdk:1",
-        &d.path().join("import-vmdk"),
-        &reference,
-    );
-    // The same push again: the tag exists, so the layer's digest is computed first and
-    // the registry, which has it, gets no blob data.
-    let before = blob_writes(&reg);
-    let (again, err) = push_tmp("disk.vmdk", "two/vmdk:1", &["--disk-name", "disk.qcow2"]);
-    assert!(err.contains("computing the layer's digest first"), "{err}");
-    assert_eq!(again["layerUploaded"], false, "{again}");
-    assert_eq!(again["layerDigest"], s["layerDigest"]);
-    assert_eq!(again["manifestDigest"], s["manifestDigest"]);
-    assert_eq!(blob_writes(&reg), before, "a repeated push wrote blob data");
-    // The same disk under a new tag (issue 29: dedup on any tag): the repository has
-    // tags, so the digest comes first here too and no layer data is sent.
-    let started = std::time::Instant::now();
-    let (other, err) = push_tmp("disk.vmdk", "two/vmdk:2", &["--disk-name", "disk.qcow2"]);
-    assert!(err.contains("computing the layer's digest first"), "{err}");
-    assert_eq!(other["layerUploaded"], false, "{other}");
-    assert_eq!(other["layerDigest"], s["layerDigest"]);
-    assert_eq!(
-        blob_writes(&reg),
-        before,
-        "a push to a new tag wrote blob data"
-    );
-    eprintln!(
-        "the same disk to a new tag: {:?}, no layer data",
-        started.elapsed()
-    );
+    w.check("two/vmdk:1", &s, &w.reference, "disk.qcow2");
+}
 
-    // The same as a zstd qcow2 containerDisk from the raw.xz.
-    let (s, err) = push_tmp(
+#[test]
+fn the_same_disk_pushed_again_or_under_a_new_tag_sends_no_layer_data() {
+    // The repository has tags: the layer's digest is computed first (issue 29: dedup on
+    // any tag), and the registry, which has it, gets no blob data.
+    let w = Streaming::new();
+    let vmdk = w.www.join("disk.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", path_str(&w.raw), path_str(&vmdk)]);
+    let args = ["--disk-name", "disk.qcow2"];
+    let first = w.push("disk.vmdk", "two/again:1", &args);
+    let before = blob_writes(&w.reg);
+    for tag in ["two/again:1", "two/again:2"] {
+        let s = w.push("disk.vmdk", tag, &args);
+        assert_eq!(route(&s), ("streamed", None, 2), "{tag}: {s}");
+        assert_eq!(s["digestFirst"], true, "{tag}: {s}");
+        assert_eq!(s["layerUploaded"], false, "{tag}: {s}");
+        assert_eq!(s["layerDigest"], first["layerDigest"]);
+        assert_eq!(s["manifestDigest"], first["manifestDigest"]);
+        assert_eq!(blob_writes(&w.reg), before, "{tag}: blob data was written");
+    }
+}
+
+#[test]
+fn a_zstd_qcow2_containerdisk_streams_in_two_passes() {
+    let w = Streaming::new();
+    let s = w.push(
         "disk.raw.xz",
-        "two/artifact:1",
+        "two/zstd:1",
         &["--convert", "qcow2", "--zstd", "--disk-name", "disk.qcow2"],
     );
-    two_passes(&err, "zstd qcow2 containerDisk");
+    assert_eq!(route(&s), ("streamed", None, 2), "{s}");
     assert_eq!(
         s["layerMediaType"],
         "application/vnd.oci.image.layer.v1.tar+zstd"
     );
     imports_equal(
-        &reg,
-        "two/artifact:1",
-        &d.path().join("import-artifact"),
-        &reference,
+        &w.reg,
+        "two/zstd:1",
+        &w.d.path().join("import"),
+        &w.reference,
     );
+}
 
-    // Data out of guest order as raw: only a spool takes it, and says so.
-    let (_, err) = push_tmp("backwards.qcow2", "two/backwards:1", &["--convert", "raw"]);
-    assert!(err.contains("not in guest order"), "{err}");
-    assert!(err.contains("spooling the import"), "{err}");
+#[test]
+fn data_out_of_guest_order_spools_without_a_spool_dir() {
+    // Only a spool takes it: the one-pass attempt stops, the import runs into a file.
+    let w = Streaming::new();
+    let s = w.push("backwards.qcow2", "two/backwards:1", &["--convert", "raw"]);
+    assert_eq!(route(&s), ("spooled", Some("out-of-order"), 2), "{s}");
     imports_equal(
-        &reg,
+        &w.reg,
         "two/backwards:1",
-        &d.path().join("import-backwards"),
-        &backwards_ref,
+        &w.d.path().join("import"),
+        &w.backwards_ref,
     );
 }
 

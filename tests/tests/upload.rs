@@ -340,135 +340,125 @@ fn upload_server_refusals_busy_done_intruder_disconnect() {
     assert_eq!(code, 503);
 }
 
-#[test]
-fn kubernetes_mode_reads_the_pvc() {
-    let d = tmp();
-    let pki = Pki::default();
-    let (raw, files) = images(d.path());
-    let api = KubeApi::start(d.path());
-    let run = tmp();
-    let mut server = upload_server(&pki, run.path());
-    let p = proxy(
-        &pki,
-        run.path(),
-        server.port,
-        Mode::Kube {
-            api_port: api.port,
-            token_file: &api.token_file,
-        },
-        "client",
-    );
-    let url = format!("https://127.0.0.1:{}/v1alpha1/upload", p.port);
-    let q = files[1].to_str().expect("utf8").to_string();
-    let up = |ns: &str, pvc: &str| {
-        curl(
+/// The proxy in Kubernetes mode, against the API stand-in, before one upload server.
+struct KubeProxy {
+    d: tempfile::TempDir,
+    pki: Pki,
+    api: KubeApi,
+    run: tempfile::TempDir,
+    server: ferrydisk_tests::upload::Proc,
+    proxy: ferrydisk_tests::upload::Proc,
+}
+
+impl KubeProxy {
+    fn new() -> Self {
+        let d = tmp();
+        let pki = Pki::default();
+        let api = KubeApi::start(d.path());
+        let run = tmp();
+        let server = upload_server(&pki, run.path());
+        let proxy = proxy(
             &pki,
+            run.path(),
+            server.port,
+            Mode::Kube {
+                api_port: api.port,
+                token_file: &api.token_file,
+            },
+            "client",
+        );
+        KubeProxy {
+            d,
+            pki,
+            api,
+            run,
+            server,
+            proxy,
+        }
+    }
+
+    /// `curl -T file` to `path` with a token for `ns/pvc`: (status, body).
+    fn upload(&self, ns: &str, pvc: &str, file: &Path, path: &str) -> (u16, String) {
+        let tok = mint(&self.pki.key("api.key"), &Claims::upload(ns, pvc));
+        curl(
+            &self.pki,
             &[
                 "-H",
-                &bearer(&mint(&pki.key("api.key"), &Claims::upload(ns, pvc))),
+                &bearer(&tok),
                 "-T",
-                &q,
-                &url,
+                file.to_str().expect("utf8"),
+                &format!("https://127.0.0.1:{}{path}", self.proxy.port),
             ],
         )
-    };
+    }
+}
 
-    let (code, body) = up("default", "missing");
-    assert_eq!(
-        (code, body.as_str()),
-        (
-            503,
-            "rejecting Upload Request for PVC missing that doesn&#39;t exist"
-        )
-    );
-    api.put_pvc("default", "plain", &[]);
-    let (code, body) = up("default", "plain");
-    assert_eq!(
-        (code, body.as_str()),
-        (503, "PVC plain is not an upload target")
-    );
-    api.put_pvc(
+const UPLOAD_TARGET: (&str, &str) = ("cdi.kubevirt.io/storage.upload.target", "");
+const POD_READY: (&str, &str) = ("cdi.kubevirt.io/storage.pod.ready", "true");
+
+#[test]
+fn the_proxy_refuses_pvcs_that_take_no_upload_in_cdis_words() {
+    let k = KubeProxy::new();
+    let (_, files) = images(k.d.path());
+    k.api.put_pvc("default", "plain", &[]);
+    k.api.put_pvc(
         "default",
         "finished",
         &[
-            ("cdi.kubevirt.io/storage.upload.target", ""),
+            UPLOAD_TARGET,
             ("cdi.kubevirt.io/storage.pod.phase", "Succeeded"),
         ],
     );
-    assert!(up("default", "finished")
-        .1
-        .contains("already finished uploading"));
-    api.put_pvc(
-        "default",
-        "notready",
-        &[("cdi.kubevirt.io/storage.upload.target", "")],
-    );
-    let (code, body) = up("default", "notready");
-    assert_eq!(code, 503);
-    assert!(
-        body.contains("timed out waiting for the condition"),
-        "{body}"
-    );
-    // Ready: proxied.
-    api.put_pvc(
-        "default",
-        "disk",
-        &[
-            ("cdi.kubevirt.io/storage.upload.target", ""),
-            ("cdi.kubevirt.io/storage.pod.ready", "true"),
-        ],
-    );
-    let (code, body) = up("default", "disk");
-    assert_eq!(code, 200, "{body}\n{}", server.log());
-    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
-    assert_same_bytes(&disk_of(run.path()), &raw);
+    k.api.put_pvc("default", "notready", &[UPLOAD_TARGET]);
+    for (pvc, want) in [
+        ("missing", "rejecting Upload Request for PVC missing that doesn&#39;t exist"),
+        ("plain", "PVC plain is not an upload target"),
+        ("finished", "rejecting Upload Request for PVC finished that already finished uploading"),
+        ("notready", "upload server for PVC default/notready is not ready: timed out waiting for the condition"),
+    ] {
+        let (code, body) = k.upload("default", pvc, &files[1], "/v1alpha1/upload");
+        assert_eq!((code, body.as_str()), (503, want), "{pvc}");
+    }
+}
 
-    // An archive PVC: the path is rewritten to upload-archive and the tar is unpacked.
-    let run = tmp();
-    let server = upload_server(&pki, run.path());
-    let p = proxy(
-        &pki,
-        run.path(),
-        server.port,
-        Mode::Kube {
-            api_port: api.port,
-            token_file: &api.token_file,
-        },
-        "client",
-    );
-    api.put_pvc(
+#[test]
+fn a_ready_pvc_is_proxied_to_its_upload_server() {
+    let mut k = KubeProxy::new();
+    let (raw, files) = images(k.d.path());
+    k.api
+        .put_pvc("default", "disk", &[UPLOAD_TARGET, POD_READY]);
+    let (code, body) = k.upload("default", "disk", &files[1], "/v1alpha1/upload");
+    assert_eq!(code, 200, "{body}\n{}", k.server.log());
+    assert_eq!(k.server.wait(Duration::from_secs(10)), Some(0));
+    assert_same_bytes(&disk_of(k.run.path()), &raw);
+}
+
+#[test]
+fn an_archive_pvc_takes_the_upload_archive_path_and_is_unpacked() {
+    let k = KubeProxy::new();
+    k.api.put_pvc(
         "default",
         "files",
         &[
-            ("cdi.kubevirt.io/storage.upload.target", ""),
-            ("cdi.kubevirt.io/storage.pod.ready", "true"),
+            UPLOAD_TARGET,
+            POD_READY,
             ("cdi.kubevirt.io/storage.contentType", "archive"),
         ],
     );
-    let tree = d.path().join("tree");
+    let tree = k.d.path().join("tree");
     std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
     std::fs::write(tree.join("etc/config"), "x=1\n").expect("write");
-    let tarball = d.path().join("tree.tar.gz");
+    let tarball = k.d.path().join("tree.tar.gz");
     sh(Command::new("tar")
         .arg("-C")
         .arg(&tree)
         .arg("-czf")
         .arg(&tarball)
         .arg("."));
-    let tok = mint(&pki.key("api.key"), &Claims::upload("default", "files"));
-    let (code, body) = curl(
-        &pki,
-        &[
-            "-H",
-            &bearer(&tok),
-            "-T",
-            tarball.to_str().expect("utf8"),
-            &format!("https://127.0.0.1:{}/v1beta1/upload", p.port),
-        ],
-    );
-    assert_eq!(code, 200, "{body}\n{}", server.log());
+    let (code, body) = k.upload("default", "files", &tarball, "/v1beta1/upload");
+    assert_eq!(code, 200, "{body}\n{}", k.server.log());
     assert_eq!(
-        std::fs::read_to_string(run.path().join("data/etc/config")).expect("unpacked"),
+        std::fs::read_to_string(k.run.path().join("data/etc/config")).expect("unpacked"),
         "x=1\n"
     );
 }

@@ -86,14 +86,29 @@ pub const ANN_CONTENT_TYPE: &str = "cdi.kubevirt.io/storage.contentType";
 pub const ANN_PVC_PRIME: &str = "cdi.kubevirt.io/storage.populator.pvcPrime";
 
 /// What one look at the PVC says (docs/cdi-contract.md section 5.4).
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Readiness {
     /// Upload to this PVC (the name may be the populator's PVC'), with this content type.
     Ready { pvc: String, content_type: String },
     /// Look again in a second.
     NotYet,
-    /// Refuse now, with this message.
-    Refused(String),
+    /// Refuse now.
+    Refused(Refusal),
+}
+
+/// Why the PVC takes no upload, in CDI's words.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("rejecting Upload Request for PVC {0} that doesn't exist")]
+    NoPvc(String),
+    #[error("rejecting Upload Request for PVC {0}, PVC' wasn't created yet")]
+    NoPrime(String),
+    #[error("PVC {0} is not an upload target")]
+    NotTarget(String),
+    #[error("rejecting Upload Request for PVC {0} that already finished uploading")]
+    Finished(String),
+    #[error(transparent)]
+    Api(KubeError),
 }
 
 fn annotation<'a>(pvc: &'a PersistentVolumeClaim, key: &str) -> Option<&'a str> {
@@ -107,12 +122,8 @@ fn annotation<'a>(pvc: &'a PersistentVolumeClaim, key: &str) -> Option<&'a str> 
 pub async fn readiness(kube: &Kube, namespace: &str, name: &str) -> Readiness {
     let pvc = match kube.pvc(namespace, name).await {
         Ok(p) => p,
-        Err(KubeError::NotFound) => {
-            return Readiness::Refused(format!(
-                "rejecting Upload Request for PVC {name} that doesn't exist"
-            ))
-        }
-        Err(e) => return Readiness::Refused(e.to_string()),
+        Err(KubeError::NotFound) => return Readiness::Refused(Refusal::NoPvc(name.to_string())),
+        Err(e) => return Readiness::Refused(Refusal::Api(e)),
     };
     let mut target = pvc;
     let mut target_name = name.to_string();
@@ -128,21 +139,17 @@ pub async fn readiness(kube: &Kube, namespace: &str, name: &str) -> Readiness {
         target = match kube.pvc(namespace, &prime).await {
             Ok(p) => p,
             Err(KubeError::NotFound) => {
-                return Readiness::Refused(format!(
-                    "rejecting Upload Request for PVC {name}, PVC' wasn't created yet"
-                ))
+                return Readiness::Refused(Refusal::NoPrime(name.to_string()))
             }
-            Err(e) => return Readiness::Refused(e.to_string()),
+            Err(e) => return Readiness::Refused(Refusal::Api(e)),
         };
         target_name = prime;
     }
     if annotation(&target, ANN_UPLOAD_TARGET).is_none() {
-        return Readiness::Refused(format!("PVC {name} is not an upload target"));
+        return Readiness::Refused(Refusal::NotTarget(name.to_string()));
     }
     if annotation(&target, ANN_POD_PHASE) == Some("Succeeded") {
-        return Readiness::Refused(format!(
-            "rejecting Upload Request for PVC {name} that already finished uploading"
-        ));
+        return Readiness::Refused(Refusal::Finished(name.to_string()));
     }
     if annotation(&target, ANN_POD_READY)
         .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1" || v == "t")

@@ -1,8 +1,10 @@
 //! `uploadproxy`: CDI's cdi-uploadproxy (docs/cdi-contract.md section 5). Checks the upload token,
 //! waits for the PVC's upload server, and streams the body to it over mTLS.
 
+mod app;
 mod kube;
 mod proxy;
+mod ready;
 mod token;
 mod upstream;
 
@@ -15,18 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// CDI's upload paths, all proxied whatever the method (the server enforces it).
-const PATHS: &[&str] = &[
-    "/v1beta1/upload",
-    "/v1alpha1/upload",
-    "/v1beta1/upload-async",
-    "/v1alpha1/upload-async",
-    "/v1beta1/upload-form",
-    "/v1alpha1/upload-form",
-    "/v1beta1/upload-form-async",
-    "/v1alpha1/upload-form-async",
-];
-
 #[derive(Parser, Debug)]
 #[command(
     name = "uploadproxy",
@@ -37,6 +27,9 @@ struct Args {
     /// Log verbosity, klog style (`-v=<n>`).
     #[arg(short = 'v', long = "v", default_value_t = 0)]
     verbosity: u8,
+    /// How long clients may take (the handshake, the headers, a stalled body).
+    #[command(flatten)]
+    timeouts: listen::TimeoutArgs,
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
     #[arg(
@@ -96,6 +89,20 @@ struct Args {
     /// Kubernetes API URL [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
     #[arg(long = "kube-api")]
     kube_api: Option<String>,
+    /// The API server's address inside a pod (set by the kubelet).
+    #[arg(
+        long = "kube-service-host",
+        env = "KUBERNETES_SERVICE_HOST",
+        hide = true
+    )]
+    kube_service_host: Option<String>,
+    #[arg(
+        long = "kube-service-port",
+        env = "KUBERNETES_SERVICE_PORT",
+        default_value = "443",
+        hide = true
+    )]
+    kube_service_port: String,
     #[arg(
         long = "kube-token-file",
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -135,6 +142,7 @@ fn main() {
     ));
     process::keep_freed_memory();
     process::init_logging(args.verbosity);
+    args.timeouts.apply();
     // No termination-log flag here: the container's default path, if writable.
     ferrydisk_common::cdi::termination::install_panic_hook(
         Some("/dev/termination-log".into()),
@@ -162,11 +170,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let base = match &args.kube_api {
             Some(u) => u.clone(),
             None => {
-                let host = std::env::var("KUBERNETES_SERVICE_HOST")
+                let host = args
+                    .kube_service_host
+                    .as_deref()
+                    .filter(|h| !h.is_empty())
                     .context("not in a cluster: pass --kube-api or --no-kubernetes")?;
-                let port =
-                    std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-                format!("https://{host}:{port}")
+                format!("https://{host}:{}", args.kube_service_port)
             }
         };
         Some(kube::Kube::new(
@@ -176,7 +185,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?)
     };
     let upstream_ca = match (&args.upload_server_ca, &kube) {
-        (Some(f), _) => proxy::CaSource::File(f.clone()),
+        (Some(f), _) => app::CaSource::File(f.clone()),
         (None, Some(_)) => {
             let ns = args
                 .namespace
@@ -188,15 +197,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .ok()
                 })
                 .unwrap_or_else(|| "cdi".into());
-            proxy::CaSource::ConfigMap {
+            app::CaSource::ConfigMap {
                 namespace: ns.trim().to_string(),
                 name: args.upload_server_ca_configmap.clone(),
             }
         }
         (None, None) => anyhow::bail!("--upload-server-ca is required with --no-kubernetes"),
     };
-    let app = Arc::new(proxy::App::new(
-        proxy::Config {
+    let app = Arc::new(app::App::new(
+        app::Config {
             upstream_template: args.upstream_template.clone(),
             ready_timeout: Duration::from_secs(args.ready_timeout),
             client_cert: args.client_cert.clone(),
@@ -214,12 +223,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut router = axum::Router::new()
         .route("/healthz", any(|| async { "OK" }))
         .route("/upload/{token}", any(proxy::with_path_token));
-    for p in PATHS {
-        router = router.route(p, any(proxy::with_header));
+    // CDI's upload paths, all proxied whatever the method (the server enforces it).
+    for p in ferrydisk_common::cdi::upload::client_paths() {
+        router = router.route(&p, any(proxy::with_header));
     }
     // CDI wraps the proxy in an allow-all CORS handler (browser uploads).
     let router = router
         .layer(tower_http::cors::CorsLayer::very_permissive())
+        .layer(axum::middleware::from_fn(proxy::access_log))
         .with_state(app);
     serve(&args, router).await
 }

@@ -1,145 +1,18 @@
-//! The proxy handler: token, readiness, then the body streamed to the upload server over
-//! mTLS with back-pressure (never buffered), and the answer streamed back verbatim.
+//! The proxy handlers: token, readiness (`ready.rs`), then the body streamed to the
+//! upload server over mTLS with back-pressure (never buffered), the answer streamed
+//! back verbatim, and the access log as a layer around them.
 
-use crate::kube::{readiness, Kube, Readiness};
-use crate::token::{from_header, TokenError, UploadTarget, Verifier};
+use crate::app::App;
+use crate::ready::wait_ready;
+use crate::token::{from_header, TokenError};
 use crate::upstream;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use ferrydisk_common::serve::{linger, listen};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
-
-pub struct Config {
-    pub upstream_template: String,
-    pub ready_timeout: Duration,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-    /// Where the CA that signs upload server certificates comes from.
-    pub upstream_ca: CaSource,
-}
-
-/// The upload-server CA bundle: a file (`--upload-server-ca`, re-read when it changes)
-/// or CDI's ConfigMap, which `refresh_ca` re-reads periodically (CDI renews the signer
-/// and republishes the bundle).
-#[derive(Debug, Clone)]
-pub enum CaSource {
-    File(PathBuf),
-    ConfigMap { namespace: String, name: String },
-}
-
-/// The mTLS client with what it was built from: the certificate and key files' mtimes
-/// and the CA bundle.
-type CachedClient = (Vec<SystemTime>, Vec<u8>, reqwest::Client);
-
-pub struct App {
-    pub cfg: Config,
-    pub verifier: Verifier,
-    pub kube: Option<Kube>,
-    clients: Mutex<Option<CachedClient>>,
-    /// The CA bundle last read.
-    ca: Mutex<Vec<u8>>,
-}
-
-impl App {
-    pub fn new(cfg: Config, verifier: Verifier, kube: Option<Kube>) -> Self {
-        App {
-            cfg,
-            verifier,
-            kube,
-            clients: Mutex::new(None),
-            ca: Mutex::new(Vec::new()),
-        }
-    }
-
-    pub fn set_ca(&self, ca: Vec<u8>) {
-        *self.ca.lock().unwrap_or_else(|e| e.into_inner()) = ca;
-    }
-
-    /// Reads the CA bundle from its source.
-    pub async fn read_ca(&self) -> anyhow::Result<Vec<u8>> {
-        use anyhow::Context;
-        match &self.cfg.upstream_ca {
-            CaSource::File(f) => {
-                std::fs::read(f).with_context(|| format!("reading {}", f.display()))
-            }
-            CaSource::ConfigMap { namespace, name } => {
-                let k = self.kube.as_ref().context("no Kubernetes API")?;
-                let cm = k
-                    .config_map(namespace, name)
-                    .await
-                    .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?;
-                Ok(cm
-                    .data
-                    .and_then(|d| d.get("ca-bundle.crt").cloned())
-                    .context("the upload server CA ConfigMap has no ca-bundle.crt")?
-                    .into_bytes())
-            }
-        }
-    }
-
-    /// Re-reads the CA bundle every `every`; a changed bundle is used by the next
-    /// upstream connection (connections open keep theirs).
-    pub async fn refresh_ca(self: std::sync::Arc<Self>, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            match self.read_ca().await {
-                Ok(ca) => {
-                    let changed = *self.ca.lock().unwrap_or_else(|e| e.into_inner()) != ca;
-                    if changed {
-                        tracing::info!(
-                            "upload server CA bundle changed: new upstream connections use it"
-                        );
-                        self.set_ca(ca);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "could not re-read the upload server CA bundle; keeping the last one")
-                }
-            }
-        }
-    }
-
-    /// The mTLS client; rebuilt when the client certificate or key file changes (CDI
-    /// re-reads them on every request so rotated certificates take effect).
-    fn client(&self) -> anyhow::Result<reqwest::Client> {
-        let ca = self.ca.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let stamp: Vec<SystemTime> = [&self.cfg.client_cert, &self.cfg.client_key]
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH)
-            })
-            .collect();
-        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, a, c)) = cache.as_ref() {
-            if *s == stamp && *a == ca {
-                return Ok(c.clone());
-            }
-        }
-        let mut pem = std::fs::read(&self.cfg.client_cert)?;
-        pem.push(b'\n');
-        pem.extend(std::fs::read(&self.cfg.client_key)?);
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .identity(reqwest::Identity::from_pem(&pem)?)
-            .tls_built_in_root_certs(false)
-            .min_tls_version(reqwest::tls::Version::TLS_1_2)
-            .connect_timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy();
-        for c in reqwest::Certificate::from_pem_bundle(&ca)? {
-            b = b.add_root_certificate(c);
-        }
-        let c = b.build()?;
-        *cache = Some((stamp, ca, c.clone()));
-        Ok(c)
-    }
-}
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Body::from(body.into()));
@@ -238,135 +111,159 @@ fn feed(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
 }
 
+/// What the access log says of a proxied upload besides the request line.
+#[derive(Clone)]
+pub struct Transfer {
+    /// `namespace/pvc`, once the token named one.
+    pub pvc: Option<String>,
+    /// Body bytes passed upstream.
+    pub bytes: Arc<AtomicU64>,
+}
+
+/// The access log, as a layer around the router: one line per request, never the
+/// token (it is only ever in a header or a redacted path), with the PVC and the bytes
+/// an upload handler recorded in the response.
+pub async fn access_log(req: Request<Body>, next: axum::middleware::Next) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = if req.uri().path().starts_with("/upload/") {
+        "/upload/<token>".to_string()
+    } else {
+        req.uri().path().to_string()
+    };
+    let resp = next.run(req).await;
+    let Some(t) = resp.extensions().get::<Transfer>() else {
+        return resp; // not an upload (`/healthz`, a 404): probes are not logged
+    };
+    let n = t.bytes.load(Ordering::Relaxed);
+    let pvc = t.pvc.as_deref().unwrap_or("-");
+    let secs = started.elapsed().as_secs_f64();
+    let mb_per_s = if secs > 0.0 {
+        n as f64 / secs / 1e6
+    } else {
+        0.0
+    };
+    tracing::info!(method = %method, path = %path, pvc = %pvc, bytes = n, duration_ms = (secs * 1000.0) as u64, mb_per_s = format!("{mb_per_s:.1}"), status = resp.status().as_u16(), "request");
+    resp
+}
+
 async fn forward(
     app: Arc<App>,
     token: Result<String, TokenError>,
     path: String,
     req: Request<Body>,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    let shown_path = if req.uri().path().starts_with("/upload/") {
-        "/upload/<token>".to_string()
-    } else {
-        req.uri().path().to_string()
-    };
     let bytes = Arc::new(AtomicU64::new(0));
-    let mut pvc_shown = String::from("-");
-    let resp = async {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let target = match token.and_then(|t| app.verifier.verify(&t, now)) {
-            Ok(t) => t,
-            Err(e) => {
-                linger(req);
-                return text(
-                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-                    e.to_string(),
-                );
-            }
-        };
-        pvc_shown = format!("{}/{}", target.namespace, target.pvc);
-        let (pvc, upstream_path) = match wait_ready(&app, &target).await {
-            Ok(r) => r,
-            Err(msg) => {
-                linger(req);
-                let mut r = text(StatusCode::SERVICE_UNAVAILABLE, escape(&msg));
-                r.headers_mut()
-                    .insert("retry-after", HeaderValue::from_static("5"));
-                return r;
-            }
-        };
-        let path = match upstream_path {
-            Some(ct) => match upstream::path_for(&ct, &path) {
-                Ok(p) => p,
-                Err(e) => {
-                    linger(req);
-                    return text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        escape(&format!(
-                            "rejecting upload request for PVC {} - {e}",
-                            target.pvc
-                        )),
-                    );
-                }
-            },
-            None => path,
-        };
-        // The query goes along (CDI's reverse proxy keeps it): an upload's `checksum`.
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        let url = format!(
-            "{}{path}{query}",
-            upstream::base_url(&app.cfg.upstream_template, &target.namespace, &pvc)
-        );
-        let client = match app.client() {
-            Ok(c) => c,
-            Err(e) => {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("error in upload-proxy: {e:#}"),
-                )
-            }
-        };
-        let (parts, body) = req.into_parts();
-        let mut out = client
-            .request(parts.method.clone(), &url)
-            .body(reqwest::Body::wrap_stream(feed(body, bytes.clone())));
-        for (k, v) in forwarded_headers(&parts.headers).iter() {
-            out = out.header(k, v);
+    // The query goes along (CDI's reverse proxy keeps it): an upload's `checksum`.
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let (mut resp, pvc) = match upstream_url(&app, token, path + &query).await {
+        Ok((url, pvc)) => (send(&app, &url, req, bytes.clone()).await, Some(pvc)),
+        Err((refused, pvc)) => {
+            linger(req);
+            (refused, pvc)
         }
-        match out.send().await {
-            Ok(r) => {
-                let mut resp = Response::builder().status(r.status().as_u16());
-                for (k, v) in forwarded_headers(r.headers()).iter() {
-                    resp = resp.header(k, v);
-                }
-                resp.body(Body::from_stream(r.bytes_stream()))
-                    .unwrap_or_else(|e| {
-                        text(
-                            StatusCode::BAD_GATEWAY,
-                            format!("error in upload-proxy: {e}"),
-                        )
-                    })
+    };
+    resp.extensions_mut().insert(Transfer { pvc, bytes });
+    resp
+}
+
+/// The token checked, the PVC's upload server ready, and the URL to send to (the
+/// archive rewrite applied); or the refusal to answer, with the PVC when one was named.
+async fn upstream_url(
+    app: &App,
+    token: Result<String, TokenError>,
+    path_and_query: String,
+) -> Result<(String, String), (Response<Body>, Option<String>)> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p.to_string(), format!("?{q}")),
+        None => (path_and_query, String::new()),
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let target = token
+        .and_then(|t| app.verifier.verify(&t, now))
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            (text(status, e.to_string()), None)
+        })?;
+    let shown = format!("{}/{}", target.namespace, target.pvc);
+    let (pvc, content_type) = wait_ready(app, &target).await.map_err(|e| {
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, escape(&e.to_string()));
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("5"));
+        (r, Some(shown.clone()))
+    })?;
+    let path = match content_type {
+        Some(ct) => upstream::path_for(&ct, &path).map_err(|e| {
+            let m = format!("rejecting upload request for PVC {} - {e}", target.pvc);
+            (
+                text(StatusCode::SERVICE_UNAVAILABLE, escape(&m)),
+                Some(shown.clone()),
+            )
+        })?,
+        None => path,
+    };
+    let base = upstream::base_url(&app.cfg.upstream_template, &target.namespace, &pvc);
+    Ok((format!("{base}{path}{query}"), shown))
+}
+
+/// The request to the upload server over mTLS, its body streamed as it arrives, and
+/// the answer streamed back verbatim.
+async fn send(app: &App, url: &str, req: Request<Body>, bytes: Arc<AtomicU64>) -> Response<Body> {
+    let client = match app.client() {
+        Ok(c) => c,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("error in upload-proxy: {e:#}"),
+            )
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let mut out = client
+        .request(parts.method.clone(), url)
+        .body(reqwest::Body::wrap_stream(feed(body, bytes)));
+    for (k, v) in forwarded_headers(&parts.headers).iter() {
+        out = out.header(k, v);
+    }
+    match out.send().await {
+        Ok(r) => {
+            let mut resp = Response::builder().status(r.status().as_u16());
+            for (k, v) in forwarded_headers(r.headers()).iter() {
+                resp = resp.header(k, v);
             }
-            Err(e) => {
-                // A refused certificate says why (unknown authority: the upload
-                // server's CA bundle is not the one its certificate was issued by).
-                let m = ferrydisk_common::tls_failure::diagnose(&e)
-                    .map(|t| {
-                        format!(
-                            "TLS: {}; check the proxy's upload-server CA bundle",
-                            t.cause
-                        )
-                    })
-                    .unwrap_or_else(|| ferrydisk_common::error::chain_line(&e));
-                tracing::warn!(error = %m, "the upload server could not be reached");
-                text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("error in upload-proxy: {m}"),
-                )
-            }
+            resp.body(Body::from_stream(r.bytes_stream()))
+                .unwrap_or_else(|e| {
+                    text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("error in upload-proxy: {e}"),
+                    )
+                })
+        }
+        Err(e) => {
+            // A refused certificate says why (unknown authority: the upload server's
+            // CA bundle is not the one its certificate was issued by).
+            let m = ferrydisk_common::tls_failure::diagnose(&e)
+                .map(|t| {
+                    format!(
+                        "TLS: {}; check the proxy's upload-server CA bundle",
+                        t.cause
+                    )
+                })
+                .unwrap_or_else(|| ferrydisk_common::error::chain_line(&e));
+            tracing::warn!(error = %m, "the upload server could not be reached");
+            text(
+                StatusCode::BAD_GATEWAY,
+                format!("error in upload-proxy: {m}"),
+            )
         }
     }
-    .await;
-    // The access log: never the token (it is only ever in a header or a redacted path).
-    let (n, secs) = (
-        bytes.load(Ordering::Relaxed),
-        started.elapsed().as_secs_f64(),
-    );
-    let mb_per_s = if secs > 0.0 {
-        n as f64 / secs / 1e6
-    } else {
-        0.0
-    };
-    tracing::info!(method = %method, path = %shown_path, pvc = %pvc_shown, bytes = n, duration_ms = (secs * 1000.0) as u64, mb_per_s = format!("{mb_per_s:.1}"), status = resp.status().as_u16(), "request");
-    resp
 }
 
 /// Hop-by-hop headers stay on their hop; `Expect` was answered by us.
@@ -386,51 +283,4 @@ fn forwarded_headers(h: &HeaderMap) -> HeaderMap {
         out.remove(k);
     }
     out
-}
-
-/// Waits up to the configured time for the upload server (CDI polls the PVC every
-/// second for 10 s). Returns the PVC to route to and, in Kubernetes mode, its content
-/// type for the archive rewrite.
-async fn wait_ready(app: &App, t: &UploadTarget) -> Result<(String, Option<String>), String> {
-    let deadline = Instant::now() + app.cfg.ready_timeout;
-    loop {
-        match &app.kube {
-            Some(kube) => match readiness(kube, &t.namespace, &t.pvc).await {
-                Readiness::Ready { pvc, content_type } => return Ok((pvc, Some(content_type))),
-                Readiness::Refused(m) => return Err(m),
-                Readiness::NotYet => {}
-            },
-            None => {
-                let url = format!(
-                    "{}/healthz",
-                    upstream::base_url(&app.cfg.upstream_template, &t.namespace, &t.pvc)
-                );
-                if let Ok(c) = app.client() {
-                    match c.get(&url).timeout(Duration::from_secs(2)).send().await {
-                        Ok(r) if r.status().is_success() => return Ok((t.pvc.clone(), None)),
-                        Ok(_) => {}
-                        // A certificate the proxy will never accept does not get better
-                        // by waiting: say so at once.
-                        Err(e) => {
-                            if let Some(tls) = ferrydisk_common::tls_failure::diagnose(&e)
-                                .filter(|f| f.kind == ferrydisk_common::ErrorKind::Config)
-                            {
-                                return Err(format!(
-                                    "upload server for PVC {}/{}: TLS: {}; check the proxy's upload-server CA bundle",
-                                    t.namespace, t.pvc, tls.cause
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "upload server for PVC {}/{} is not ready: timed out waiting for the condition",
-                t.namespace, t.pvc
-            ));
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }

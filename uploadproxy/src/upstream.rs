@@ -24,13 +24,18 @@ pub fn base_url(template: &str, namespace: &str, pvc: &str) -> String {
         .replace("{namespace}", namespace)
 }
 
+/// A PVC whose content-type annotation names nothing an upload can be.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("upload content-type {0} is invalid")]
+pub struct InvalidContentType(pub String);
+
 /// CDI's rewrite by the PVC's content type: archive PVCs take the archive endpoint.
-pub fn path_for(content_type: &str, request_path: &str) -> Result<String, String> {
+pub fn path_for(content_type: &str, request_path: &str) -> Result<String, InvalidContentType> {
     match content_type {
         "" | "kubevirt" => Ok(request_path.to_string()),
         "archive" if request_path.contains("alpha") => Ok("/v1alpha1/upload-archive".into()),
         "archive" => Ok("/v1beta1/upload-archive".into()),
-        other => Err(format!("upload content-type {other} is invalid")),
+        other => Err(InvalidContentType(other.to_string())),
     }
 }
 

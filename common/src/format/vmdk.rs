@@ -296,6 +296,8 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
 
 /// streamOptimized: `[lba u64][size u32][deflate data]` grains and
 /// `[sectors u64][0 u32][type u32]` metadata markers, each padded to a sector.
+// One function on purpose (85 lines): the stream-optimized marker loop, one arm per
+// marker type, sharing the read position and the pool of grains being inflated.
 fn stream_markers(
     rd: &mut HostReader<'_>,
     writer: &mut SparseWriter,

@@ -10,25 +10,81 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// How long a client may take to complete the TLS handshake (10 s;
-/// `FERRYDISK_HANDSHAKE_TIMEOUT` seconds overrides it).
+/// How long clients nobody vouches for may take, set once by the binary from its
+/// command line (`--handshake-timeout`, `--header-timeout`, `--body-idle-timeout`, or
+/// their `FERRYDISK_*` environment variables, read by clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The TLS handshake (10 s).
+    pub handshake: Duration,
+    /// A request's headers (hyper's `header_read_timeout`, also between requests on a
+    /// kept-alive connection): 30 s.
+    pub header: Duration,
+    /// An upload's body without a byte, before the upload is failed as stalled (a
+    /// client gone without a FIN, a link that stopped): 300 s. CDI has none (its
+    /// proxy's request timeout is 24 h), so one stalled client holds its upload server.
+    pub body_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            header: Duration::from_secs(30),
+            body_idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The timeouts on the command line of every serving binary, env vars read by clap.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TimeoutArgs {
+    /// Seconds a client may take to complete the TLS handshake.
+    #[arg(long = "handshake-timeout", env = "FERRYDISK_HANDSHAKE_TIMEOUT", value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake: u64,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long = "header-timeout", env = "FERRYDISK_HEADER_TIMEOUT", value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header: u64,
+    /// Seconds an upload's body may go without a byte before it is failed as stalled.
+    #[arg(long = "body-idle-timeout", env = "FERRYDISK_BODY_IDLE_TIMEOUT", value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_idle: u64,
+}
+
+impl TimeoutArgs {
+    /// Sets them for the process.
+    pub fn apply(&self) {
+        set_timeouts(Timeouts {
+            handshake: Duration::from_secs(self.handshake),
+            header: Duration::from_secs(self.header),
+            body_idle: Duration::from_secs(self.body_idle),
+        });
+    }
+}
+
+static TIMEOUTS: std::sync::OnceLock<Timeouts> = std::sync::OnceLock::new();
+
+/// Sets the process's timeouts (once, before serving; later calls are ignored).
+pub fn set_timeouts(t: Timeouts) {
+    let _ = TIMEOUTS.set(t);
+}
+
+fn timeouts() -> Timeouts {
+    TIMEOUTS.get().copied().unwrap_or_default()
+}
+
+/// How long a client may take to complete the TLS handshake.
 pub fn handshake_timeout() -> Duration {
-    from_env("FERRYDISK_HANDSHAKE_TIMEOUT", 10)
+    timeouts().handshake
 }
 
-/// How long a client may take to send a request's headers (hyper's
-/// `header_read_timeout`, also between requests on a kept-alive connection): 30 s,
-/// `FERRYDISK_HEADER_TIMEOUT` seconds overrides it.
+/// How long a client may take to send a request's headers.
 pub fn header_timeout() -> Duration {
-    from_env("FERRYDISK_HEADER_TIMEOUT", 30)
+    timeouts().header
 }
 
-/// How long an upload's body may go without a byte before the upload is failed as
-/// stalled (a client gone without a FIN, a link that stopped): 300 s,
-/// `FERRYDISK_BODY_IDLE_TIMEOUT` seconds overrides it. CDI has none (its proxy's
-/// request timeout is 24 h), so one stalled client holds its upload server busy.
+/// How long an upload's body may go without a byte.
 pub fn body_idle_timeout() -> Duration {
-    from_env("FERRYDISK_BODY_IDLE_TIMEOUT", 300)
+    timeouts().body_idle
 }
 
 /// A body that sent nothing for the idle timeout.
@@ -50,14 +106,6 @@ where
         .map_err(|_| Stalled(idle))
 }
 
-fn from_env(name: &str, default_s: u64) -> Duration {
-    let s = std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&s| s > 0)
-        .unwrap_or(default_s);
-    Duration::from_secs(s)
-}
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 512;
 /// The longest pause after accept errors (EMFILE, ENFILE, ENOBUFS), as Go's net/http.

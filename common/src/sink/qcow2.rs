@@ -357,6 +357,8 @@ impl Qcow2Target {
     }
 
     /// Writes the tables, refcounts and header after the data; returns the file length.
+    // One function on purpose (83 lines): header, L1, refcount table and blocks laid out
+    // and written together: their offsets depend on each other.
     fn write_metadata(&mut self, virtual_size: u64) -> io::Result<u64> {
         let l1_size = virtual_size.div_ceil(CS * L2_ENTRIES);
         if (self.l1.len() as u64) > l1_size {

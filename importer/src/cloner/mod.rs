@@ -10,6 +10,7 @@
 pub mod volume;
 
 use crate::cli::ClonerArgs;
+use crate::config::CloneConfig;
 use bytes::Bytes;
 use ferrydisk_common::progress::Progress;
 use std::io::{self, Write};
@@ -24,46 +25,19 @@ fn fatal(msg: String) -> i32 {
 
 pub async fn run(args: ClonerArgs) -> i32 {
     tracing::info!(content_type = %args.content_type, mount = %args.mount.display(), upload_bytes = args.upload_bytes, "cloner starting");
-    let block = match args.content_type.as_str() {
-        "filesystem-clone" => false,
-        "blockdevice-clone" => true,
-        other => return fatal(format!("Invalid content-type {other:?}")),
-    };
-    if args.mount.as_os_str().is_empty() {
-        return fatal("Invalid mount \"\"".into());
-    }
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let mut missing = None;
-    let mut need = |name: &'static str| {
-        env(name).unwrap_or_else(|| {
-            missing.get_or_insert(name);
-            String::new()
-        })
-    };
-    let owner = need("OWNER_UID");
-    let key = need("CLIENT_KEY");
-    let cert = need("CLIENT_CERT");
-    let ca = need("SERVER_CA_CERT");
-    let url = need("UPLOAD_URL");
-    let prealloc = need("PREALLOCATION");
-    if let Some(name) = missing {
-        return fatal(format!("Error getting env var {name}"));
-    }
-    // CDI: strconv.ParseBool, false when it does not parse.
-    let preallocation = crate::cli::parse_go_bool(&prealloc).unwrap_or(false);
-    let client = match client(&cert, &key, &ca) {
+    let cfg = match CloneConfig::from_args(args) {
         Ok(c) => c,
-        Err(e) => return fatal(format!("Error {e} creating client keypair")),
+        Err(e) => return fatal(e.to_string()),
     };
     let progress = Arc::new(Progress::default());
-    progress.set_source_total(Some(args.upload_bytes).filter(|&n| n > 0));
-    if let Some(addr) = args.metrics_addr() {
+    progress.set_source_total(Some(cfg.upload_bytes).filter(|&n| n > 0));
+    if let Some(addr) = cfg.metrics_addr {
         match crate::metrics::bind(addr).await {
             Ok((listener, acceptor)) => {
                 tokio::spawn(crate::metrics::serve_named(
                     listener,
                     acceptor,
-                    owner.clone(),
+                    cfg.owner_uid.clone(),
                     progress.clone(),
                     (CLONE_METRIC, "The clone progress in percentage"),
                 ));
@@ -71,10 +45,63 @@ pub async fn run(args: ClonerArgs) -> i32 {
             Err(e) => tracing::warn!(%addr, error = %e, "progress metric not served"),
         }
     }
+    let (producer, body) = produce(&cfg, progress.clone());
+    tracing::info!(url = %cfg.upload_url, "posting the clone stream");
+    let response = cfg
+        .client
+        .post(&cfg.upload_url)
+        .header("x-cdi-content-type", &cfg.content_type)
+        .body(body)
+        .send()
+        .await;
+    let produced = producer.await;
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            return fatal(format!(
+                "Error {} POSTing to {}",
+                ferrydisk_common::error::chain_line(&e),
+                cfg.upload_url
+            ))
+        }
+    };
+    let status = response.status();
+    // The target's answer is a line of text; read bounded, as every remote body.
+    let text = crate::net::body::error_text(response).await;
+    // A refusal stops the body early: the target's answer is the error, not the pipe.
+    if !status.is_success() {
+        tracing::error!(status = status.as_u16(), response = %text, "the clone target refused the stream");
+        return fatal(format!("Unexpected status code {}", status.as_u16()));
+    }
+    match produced {
+        Ok(Ok(n)) => tracing::info!(bytes = n, "read the source volume"),
+        Ok(Err(e)) => return fatal(format!("reading {}: {e}", cfg.mount.display())),
+        Err(e) => return fatal(format!("the reader thread failed: {e}")),
+    }
+    tracing::info!(response = %text, "clone complete");
+    progress.complete();
+    let mut message = String::from("Clone Complete");
+    if cfg.preallocation {
+        message.push_str(", Preallocation applied");
+    }
+    match ferrydisk_common::cdi::termination::write_failure(&cfg.termination_log, &message) {
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "could not write the termination message");
+            1
+        }
+    }
+}
+
+/// The volume read on a blocking thread (the device, or a sparse tar of the
+/// filesystem), snappy-framed into a bounded channel that the request body drains.
+fn produce(
+    cfg: &CloneConfig,
+    progress: Arc<Progress>,
+) -> (tokio::task::JoinHandle<io::Result<u64>>, reqwest::Body) {
     let (tx, rx) =
         tokio::sync::mpsc::channel::<io::Result<Bytes>>(ferrydisk_common::stream::CHANNEL_CHUNKS);
-    let mount = args.mount.clone();
-    let p = progress.clone();
+    let (mount, block, sparse) = (cfg.mount.clone(), cfg.block, !cfg.preallocation);
     let producer = tokio::task::spawn_blocking(move || {
         let mut out = snap::write::FrameEncoder::new(ChannelWriter {
             tx: tx.clone(),
@@ -82,7 +109,7 @@ pub async fn run(args: ClonerArgs) -> i32 {
         });
         let counted = CountingWriter {
             inner: &mut out,
-            progress: &p,
+            progress: &progress,
         };
         let result = if block {
             std::fs::File::open(&mount).and_then(|mut dev| {
@@ -90,7 +117,7 @@ pub async fn run(args: ClonerArgs) -> i32 {
                 io::copy(&mut dev, &mut counted)
             })
         } else {
-            volume::write_tar(&mount, !preallocation, counted)
+            volume::write_tar(&mount, sparse, counted)
         };
         let result = result.and_then(|n| {
             out.flush()?;
@@ -107,49 +134,7 @@ pub async fn run(args: ClonerArgs) -> i32 {
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|item| (item, rx))
     }));
-    tracing::info!(url = %url, "posting the clone stream");
-    let response = client
-        .post(&url)
-        .header("x-cdi-content-type", &args.content_type)
-        .body(body)
-        .send()
-        .await;
-    let produced = producer.await;
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => {
-            return fatal(format!(
-                "Error {} POSTing to {url}",
-                ferrydisk_common::error::chain_line(&e)
-            ))
-        }
-    };
-    let status = response.status();
-    // The target's answer is a line of text; read bounded, as every remote body.
-    let text = crate::net::body::error_text(response).await;
-    // A refusal stops the body early: the target's answer is the error, not the pipe.
-    if !status.is_success() {
-        tracing::error!(status = status.as_u16(), response = %text, "the clone target refused the stream");
-        return fatal(format!("Unexpected status code {}", status.as_u16()));
-    }
-    match produced {
-        Ok(Ok(n)) => tracing::info!(bytes = n, "read the source volume"),
-        Ok(Err(e)) => return fatal(format!("reading {}: {e}", args.mount.display())),
-        Err(e) => return fatal(format!("the reader thread failed: {e}")),
-    }
-    tracing::info!(response = %text, "clone complete");
-    progress.complete();
-    let mut message = String::from("Clone Complete");
-    if preallocation {
-        message.push_str(", Preallocation applied");
-    }
-    match ferrydisk_common::cdi::termination::write_failure(&args.termination_log, &message) {
-        Ok(_) => 0,
-        Err(e) => {
-            tracing::error!(error = %e, "could not write the termination message");
-            1
-        }
-    }
+    (producer, body)
 }
 
 /// CDI's clone progress metric (`pkg/monitoring/metrics/cdi-cloner`).
@@ -157,25 +142,6 @@ pub const CLONE_METRIC: &str = "kubevirt_cdi_clone_progress_total";
 
 /// Chunks handed to the HTTP body.
 const CHUNK: usize = 256 << 10;
-
-/// The mTLS client: CDI's cloner trusts only `SERVER_CA_CERT` and presents
-/// `CLIENT_CERT`/`CLIENT_KEY`, TLS 1.2 at least.
-fn client(cert: &str, key: &str, ca: &str) -> Result<reqwest::Client, reqwest::Error> {
-    let mut pem = cert.as_bytes().to_vec();
-    pem.push(b'\n');
-    pem.extend_from_slice(key.as_bytes());
-    let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .identity(reqwest::Identity::from_pem(&pem)?)
-        .tls_built_in_root_certs(false)
-        .min_tls_version(reqwest::tls::Version::TLS_1_2)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy();
-    for c in reqwest::Certificate::from_pem_bundle(ca.as_bytes())? {
-        b = b.add_root_certificate(c);
-    }
-    b.build()
-}
 
 /// Counts source bytes for the progress metric (CDI counts what it reads from tar or
 /// the device, before compression).
@@ -226,9 +192,8 @@ impl Write for ChannelWriter {
 /// `MOUNT_POINT` from the pod spec, the byte count for the progress metric (the
 /// device's size; for a filesystem `du -sb` with preallocation, else the allocated
 /// bytes), then the cloner with CDI's flags.
-pub async fn startup() -> i32 {
-    let env = |n: &str| std::env::var(n).unwrap_or_default();
-    let (mode, mount) = (env("VOLUME_MODE"), env("MOUNT_POINT"));
+pub async fn startup(args: crate::cli::StartupArgs) -> i32 {
+    let (mode, mount) = (args.volume_mode, args.mount_point);
     if mode.is_empty() {
         eprintln!("VOLUME_MODE missing");
         return 1;
@@ -248,7 +213,7 @@ pub async fn startup() -> i32 {
             Err(e) => return fatal(format!("sizing {}: {e}", mount.display())),
         }
     } else {
-        let apparent = env("PREALLOCATION") == "true";
+        let apparent = args.env.preallocation.as_deref() == Some("true");
         ("filesystem-clone", volume::du(&mount, apparent))
     };
     println!("UPLOAD_BYTES={bytes}");
@@ -259,6 +224,8 @@ pub async fn startup() -> i32 {
         upload_bytes: bytes,
         termination_log: "/dev/termination-log".into(),
         metrics_addr: "0.0.0.0:8443".into(),
+        env: args.env,
+        timeouts: args.timeouts,
     })
     .await
 }

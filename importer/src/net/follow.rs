@@ -15,13 +15,19 @@ use std::time::Duration;
 /// At most this many redirects, as CDI's (Go's) client.
 pub const MAX_REDIRECTS: usize = 10;
 
+/// Credentials that could not be computed (a token endpoint refused the key): the
+/// source's own error, which says why.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct AuthError(pub Box<dyn std::error::Error + Send + Sync>);
+
 /// What a request carries only to its own origin: a signature, a token, secret headers.
 pub trait Credentials: Send + Sync {
     fn apply<'a>(
         &'a self,
         req: RequestBuilder,
         url: &'a Url,
-    ) -> BoxFuture<'a, Result<RequestBuilder, String>>;
+    ) -> BoxFuture<'a, Result<RequestBuilder, AuthError>>;
 }
 
 /// Fixed headers (an Authorization value, the user's extra headers).
@@ -32,7 +38,7 @@ impl Credentials for SecretHeaders {
         &'a self,
         req: RequestBuilder,
         _url: &'a Url,
-    ) -> BoxFuture<'a, Result<RequestBuilder, String>> {
+    ) -> BoxFuture<'a, Result<RequestBuilder, AuthError>> {
         Box::pin(async move { Ok(req.headers(self.0.clone())) })
     }
 }
@@ -46,7 +52,7 @@ pub enum FollowError {
     Redirect(String),
     /// The credentials could not be computed (a token endpoint refused the key).
     #[error("{0}")]
-    Credentials(String),
+    Credentials(AuthError),
     #[error("no response within {0} s (idle timeout)")]
     Timeout(u64),
 }

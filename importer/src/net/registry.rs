@@ -97,9 +97,8 @@ impl ApiError {
                 what: what.to_string(),
                 secs,
             },
-            FollowError::Redirect(m) | FollowError::Credentials(m) => {
-                ApiError::Protocol(format!("{what}: {m}"))
-            }
+            FollowError::Redirect(m) => ApiError::Protocol(format!("{what}: {m}")),
+            FollowError::Credentials(e) => ApiError::Protocol(format!("{what}: {e}")),
         }
     }
 }

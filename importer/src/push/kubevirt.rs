@@ -178,19 +178,17 @@ pub fn vm_config(vm: Option<&Value>, volumes: &[&str]) -> Value {
 pub fn index(entries: Vec<Value>, created: &str) -> Value {
     json!({
         "schemaVersion": 2,
-        "mediaType": super::OCI_INDEX,
+        "mediaType": crate::net::registry::OCI_INDEX,
         "artifactType": ARTIFACT_TYPE,
         "manifests": entries,
         "annotations": {CREATED: created},
     })
 }
 
-/// Now, RFC 3339 (`2026-12-07T13:20:00Z`); `SOURCE_DATE_EPOCH` when set, so a build
-/// can be reproduced.
-pub fn created_now() -> String {
-    let t = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
+/// `epoch` (seconds since 1970: `SOURCE_DATE_EPOCH`, so that a build can be
+/// reproduced), else now, as RFC 3339 (`2026-12-07T13:20:00Z`).
+pub fn created(epoch: Option<u64>) -> String {
+    let t = epoch
         .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
         .unwrap_or_else(std::time::SystemTime::now);
     humantime::format_rfc3339_seconds(t).to_string()

@@ -71,8 +71,17 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// A `--disk-name` that cannot be `disk/<name>` in a tar.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskNameError {
+    #[error("disk name {0:?} must be one plain file name (no '/', not '.' or '..')")]
+    NotPlain(String),
+    #[error("disk name {name:?} is {} bytes; at most 95 fit the tar entry disk/<name>", name.len())]
+    TooLong { name: String },
+}
+
 /// A disk name for `disk/<name>`: one plain path component that fits a ustar name.
-pub fn check_disk_name(name: &str) -> Result<(), String> {
+pub fn check_disk_name(name: &str) -> Result<(), DiskNameError> {
     let plain = !name.is_empty()
         && name != "."
         && name != ".."
@@ -80,15 +89,12 @@ pub fn check_disk_name(name: &str) -> Result<(), String> {
         && !name.contains('\0')
         && !name.chars().any(char::is_control);
     if !plain {
-        return Err(format!(
-            "disk name {name:?} must be one plain file name (no '/', not '.' or '..')"
-        ));
+        return Err(DiskNameError::NotPlain(name.to_string()));
     }
     if name.len() > 95 {
-        return Err(format!(
-            "disk name {name:?} is {} bytes; at most 95 fit the tar entry disk/<name>",
-            name.len()
-        ));
+        return Err(DiskNameError::TooLong {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }

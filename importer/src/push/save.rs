@@ -10,91 +10,38 @@
 //!   straight into the tar after its header. The archive is built under a temporary
 //!   name and renamed when complete, so a failed save leaves no half archive.
 
+use super::error::SaveError;
+use super::image::{blobs as image_blobs, Top};
 use super::layer::{self, Layout, Produced};
-use super::{image_blobs, summary, SkipHoles, Source, Summary};
-use crate::cli::PushArgs;
+use super::source::{SkipHoles, Source};
+use super::summary::Summary;
+use super::target::{Kind, Local};
+use crate::config::push::ImageSettings;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Layout,
-    OciArchive,
-    DockerArchive,
-}
-
-/// A local destination: where, and the tag (or `name:tag` for docker-archive).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Local {
-    pub kind: Kind,
-    pub path: PathBuf,
-    pub tag: String,
-}
-
-const PREFIXES: [(&str, Kind); 3] = [
-    ("oci:", Kind::Layout),
-    ("oci-archive:", Kind::OciArchive),
-    ("docker-archive:", Kind::DockerArchive),
-];
-
-impl Local {
-    pub fn is_local(dest: &str) -> bool {
-        PREFIXES.iter().any(|(p, _)| dest.starts_with(p))
-    }
-
-    /// The same syntax the import reads: `oci:DIR:TAG` splits at the last `:` (a tag has
-    /// no `/`), `docker-archive:FILE:NAME:TAG` at the first.
-    pub fn parse(dest: &str) -> Result<Self, String> {
-        let (rest, kind) = PREFIXES
-            .iter()
-            .find_map(|(p, k)| dest.strip_prefix(p).map(|r| (r, *k)))
-            .ok_or_else(|| format!("--dest {dest:?}: not a local layout or archive"))?;
-        let (path, tag) = match kind {
-            Kind::DockerArchive => match rest.split_once(':') {
-                Some((f, t)) => (f, t.to_string()),
-                None => (rest, "ferrydisk/disk:latest".to_string()),
-            },
-            _ => match rest.rsplit_once(':') {
-                Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, t.to_string()),
-                _ => (rest, "latest".to_string()),
-            },
-        };
-        if path.is_empty() || tag.is_empty() {
-            return Err(format!("--dest {dest:?}: a path and a tag are needed"));
-        }
-        Ok(Local {
-            kind,
-            path: PathBuf::from(path),
-            tag,
-        })
-    }
-
-    fn shown(&self) -> String {
-        let prefix = PREFIXES
-            .iter()
-            .find(|(_, k)| *k == self.kind)
-            .map_or("", |(p, _)| p);
-        format!("{prefix}{}:{}", self.path.display(), self.tag)
-    }
-}
-
-pub fn save(args: &PushArgs, local: &Local, src: Source) -> Result<Summary, String> {
+pub fn save(image: &ImageSettings, local: &Local, src: Source) -> Result<Summary, SaveError> {
     if local.kind == Kind::DockerArchive
-        && (args.layout == Layout::Artifact || src.spec.zstd.is_some())
+        && (src.spec.layout == Layout::Artifact || src.spec.zstd.is_some())
     {
-        return Err(
-            "a docker-archive holds a container image with uncompressed tar layers: save an artifact or a zstd layer as oci: or oci-archive:".into(),
-        );
+        return Err(SaveError::NotDockerArchive);
     }
     let made = match local.kind {
-        Kind::Layout => save_layout(args, local, &src),
-        Kind::OciArchive | Kind::DockerArchive => save_archive(args, local, &src),
+        Kind::Layout => save_layout(image, local, &src),
+        Kind::OciArchive | Kind::DockerArchive => save_archive(image, local, &src),
     };
-    let (manifest_digest, pre, written) =
-        made.map_err(|e| format!("saving {}: {e}", local.shown()))?;
+    let (manifest_digest, pre, written) = made.map_err(|source| SaveError::Io {
+        dest: local.shown(),
+        source,
+    })?;
     tracing::info!(dest = %local.shown(), digest = %manifest_digest, layer = %pre.digest, "saved");
-    Ok(summary(local.shown(), manifest_digest, pre, written, &src))
+    let mut s = Summary::new(local.shown(), manifest_digest, pre, &src);
+    s.layer_uploaded = written;
+    // A layout's blob is written in one pass; an archive's needs its size first.
+    s.passes = if local.kind == Kind::Layout { 1 } else { 2 };
+    s.digest_first = local.kind != Kind::Layout;
+    Ok(s)
 }
 
 fn blob_name(digest: &str) -> String {
@@ -108,7 +55,7 @@ fn hex(digest: &str) -> &str {
 /// An OCI layout directory; returns (manifest digest, layer, whether the layer blob
 /// was written rather than found).
 fn save_layout(
-    args: &PushArgs,
+    image: &ImageSettings,
     local: &Local,
     src: &Source,
 ) -> io::Result<(String, Produced, bool)> {
@@ -145,12 +92,26 @@ fn save_layout(
         tracing::info!(digest = %pre.digest, "the layout has this layer; kept");
         fs::remove_file(&tmp)?;
     }
-    let blobs = image_blobs(args, src, &pre).map_err(io::Error::other)?;
+    let blobs = image_blobs(image, src, &pre);
     for (digest, data) in blobs.all() {
         write_blob(&local.path, digest, data)?;
     }
-    let (top_media, manifest_digest, top_size) = blobs.top();
-    // index.json: the other tags stay, this tag points at the new manifest.
+    let Top {
+        media_type: top_media,
+        digest: manifest_digest,
+        size: top_size,
+    } = blobs.top();
+    write_index(local, top_media, &manifest_digest, top_size)?;
+    Ok((manifest_digest, pre, written))
+}
+
+/// `index.json`: the other tags stay, this tag points at the new manifest.
+fn write_index(
+    local: &Local,
+    top_media: &str,
+    manifest_digest: &str,
+    top_size: usize,
+) -> io::Result<()> {
     let index_path = local.path.join("index.json");
     let mut index = match fs::read(&index_path) {
         Ok(b) => serde_json::from_slice(&b)
@@ -173,7 +134,7 @@ fn save_layout(
         .collect();
     entries.push(manifest_entry(
         top_media,
-        &manifest_digest,
+        manifest_digest,
         top_size,
         &local.tag,
     ));
@@ -182,7 +143,7 @@ fn save_layout(
     let tmp_index = local.path.join(".index.json.tmp");
     fs::write(&tmp_index, serde_json::to_vec(&index).expect("json"))?;
     fs::rename(&tmp_index, &index_path)?;
-    Ok((manifest_digest, pre, written))
+    Ok(())
 }
 
 fn manifest_entry(media_type: &str, digest: &str, size: usize, tag: &str) -> serde_json::Value {
@@ -241,7 +202,7 @@ impl<W: Write> TarOut<W> {
 
 /// An oci-archive or docker-archive; returns (manifest digest, layer, true).
 fn save_archive(
-    args: &PushArgs,
+    image: &ImageSettings,
     local: &Local,
     src: &Source,
 ) -> io::Result<(String, Produced, bool)> {
@@ -252,13 +213,13 @@ fn save_archive(
         &src.spec,
         io::sink(),
     )?;
-    let blobs = image_blobs(args, src, &pre).map_err(io::Error::other)?;
+    let blobs = image_blobs(image, src, &pre);
     if local.kind == Kind::DockerArchive && blobs.index.is_some() {
         return Err(io::Error::other(
             "a docker-archive holds one platform: save a multi-arch index as oci: or oci-archive:",
         ));
     }
-    let (top_media, manifest_digest, top_size) = blobs.top();
+    let manifest_digest = blobs.top().digest;
     let name = local
         .path
         .file_name()
@@ -294,29 +255,7 @@ fn save_archive(
             )));
         }
         tar.pad(pre.size)?;
-        match local.kind {
-            Kind::DockerArchive => {
-                let (config_digest, config) = &blobs.configs[0];
-                let config_name = format!("{}.json", hex(config_digest));
-                tar.file(&config_name, config)?;
-                let m = serde_json::json!([{
-                    "Config": config_name,
-                    "RepoTags": [local.tag],
-                    "Layers": [layer_name],
-                }]);
-                tar.file("manifest.json", &serde_json::to_vec(&m).expect("json"))?;
-            }
-            _ => {
-                for (digest, data) in blobs.all() {
-                    tar.file(&blob_name(digest), data)?;
-                }
-                let index = serde_json::json!({
-                    "schemaVersion": 2,
-                    "manifests": [manifest_entry(top_media, &manifest_digest, top_size, &local.tag)],
-                });
-                tar.file("index.json", &serde_json::to_vec(&index).expect("json"))?;
-            }
-        }
+        archive_metadata(&mut tar, local, &blobs, &layer_name)?;
         let f = tar.finish()?.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         fs::rename(&tmp, &local.path)
@@ -327,26 +266,41 @@ fn save_archive(
     result.map(|()| (manifest_digest, pre, true))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn destinations_parse_as_the_import_reads_them() {
-        let l = Local::parse("oci:/tmp/x:41").expect("oci");
-        assert_eq!(
-            (l.kind, l.path.as_path(), l.tag.as_str()),
-            (Kind::Layout, Path::new("/tmp/x"), "41")
-        );
-        assert_eq!(Local::parse("oci:/tmp/x").expect("oci").tag, "latest");
-        let l = Local::parse("oci-archive:/a/b.tar:v1").expect("archive");
-        assert_eq!((l.kind, l.tag.as_str()), (Kind::OciArchive, "v1"));
-        let l = Local::parse("docker-archive:/a/d.tar:cd/fedora:41").expect("docker");
-        assert_eq!(
-            (l.kind, l.path.as_path(), l.tag.as_str()),
-            (Kind::DockerArchive, Path::new("/a/d.tar"), "cd/fedora:41")
-        );
-        assert!(Local::is_local("oci:x") && !Local::is_local("docker://h/r:t"));
-        assert!(Local::parse("oci:").is_err());
+/// After the layer: the config and `manifest.json` (docker-archive), or the blobs and
+/// `index.json` (oci-archive).
+fn archive_metadata<W: Write>(
+    tar: &mut TarOut<W>,
+    local: &Local,
+    blobs: &super::image::ImageBlobs,
+    layer_name: &str,
+) -> io::Result<()> {
+    let Top {
+        media_type: top_media,
+        digest: manifest_digest,
+        size: top_size,
+    } = blobs.top();
+    match local.kind {
+        Kind::DockerArchive => {
+            let (config_digest, config) = &blobs.configs[0];
+            let config_name = format!("{}.json", hex(config_digest));
+            tar.file(&config_name, config)?;
+            let m = serde_json::json!([{
+                "Config": config_name,
+                "RepoTags": [local.tag],
+                "Layers": [layer_name],
+            }]);
+            tar.file("manifest.json", &serde_json::to_vec(&m).expect("json"))?;
+        }
+        _ => {
+            for (digest, data) in blobs.all() {
+                tar.file(&blob_name(digest), data)?;
+            }
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [manifest_entry(top_media, &manifest_digest, top_size, &local.tag)],
+            });
+            tar.file("index.json", &serde_json::to_vec(&index).expect("json"))?;
+        }
     }
+    Ok(())
 }

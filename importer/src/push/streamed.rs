@@ -27,9 +27,18 @@
 //! that blob: a second pass over the source is cheaper than sending the layer again.
 //! A push into an empty or new repository uploads at once.
 
+use super::error::PushFailure;
+use super::image;
 use super::layer::{BlobWriter, LayerSpec, Layout, Produced};
-use super::{connect, put_image, spool, summary, Chunks, Dest, Source, Summary, PIECE};
-use crate::cli::PushArgs;
+use super::source::{self, Source};
+use super::spool::{self, SpoolError};
+use super::summary::{Route, SpoolReason, Summary};
+use super::target::Dest;
+use super::upload::{Chunks, PIECE};
+use crate::cli::{Convert, OutputFormat};
+use crate::config::PushConfig;
+use crate::failure::Failure;
+use crate::net::registry::Registry;
 use bytes::Bytes;
 use ferrydisk_common::sink::measure::{MeasureTarget, Measured};
 use ferrydisk_common::sink::qcow2_stream::{self, Qcow2Stream};
@@ -39,14 +48,8 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Whether this push can stream in one pass (to a registry): a disk converted to raw.
-/// A local file kept as stored is never converted, and streams from the file already.
-pub(super) fn applies(args: &PushArgs) -> bool {
-    args.convert == "raw"
-}
-
 /// How a streamed push ended.
-pub(super) enum Streamed {
+enum Streamed {
     Pushed(Box<Summary>),
     /// A one-pass containerDisk whose length the source did not say before its data.
     NoLength,
@@ -56,19 +59,58 @@ pub(super) enum Streamed {
     NotThere,
 }
 
+/// Pushes `cfg`'s source into `dest` as it is imported: in one pass when the layout is
+/// known before the data (a disk converted to raw), else in two (the first measures).
+/// Why not, when the push must spool instead (data out of guest order, or
+/// `--spool-dir`), with the passes already made over the source.
+pub(super) async fn try_push(
+    cfg: &PushConfig,
+    dest: &Dest,
+) -> Result<Result<Summary, (SpoolReason, u32)>, PushFailure> {
+    let mut passes = 0;
+    let mut reason = cfg
+        .payload
+        .spool_dir
+        .is_some()
+        .then_some(SpoolReason::SpoolDir);
+    if cfg.payload.convert == Convert::Raw {
+        match push(cfg, dest, None, &mut passes).await? {
+            Streamed::Pushed(s) => return Ok(Ok(*s)),
+            Streamed::OutOfOrder => reason = Some(SpoolReason::OutOfOrder),
+            Streamed::NoLength | Streamed::NotThere => {}
+        }
+    }
+    if let Some(r) = reason {
+        return Ok(Err((r, passes)));
+    }
+    let output = super::plan::output(cfg);
+    passes += 1;
+    match measure(cfg, output).await? {
+        Some(m) => match push(cfg, dest, Some((output, m)), &mut passes).await? {
+            Streamed::Pushed(s) => Ok(Ok(*s)),
+            Streamed::OutOfOrder | Streamed::NoLength | Streamed::NotThere => {
+                Ok(Err((SpoolReason::OutOfOrder, passes)))
+            }
+        },
+        None => {
+            tracing::info!("the source's data is not in guest order: the push spools instead");
+            Ok(Err((SpoolReason::OutOfOrder, passes)))
+        }
+    }
+}
+
 /// The first of two passes: the import, writing nothing, measures the disk `output`
-/// (`raw` or `qcow2`) would be. `None` when its data is not in guest order.
-pub(super) async fn measure(args: &PushArgs, output: &str) -> Result<Option<Measured>, String> {
-    let limit = max_size(args)?;
+/// would be. `None` when its data is not in guest order.
+async fn measure(cfg: &PushConfig, output: OutputFormat) -> Result<Option<Measured>, PushFailure> {
     let found = std::sync::Arc::new(Mutex::new(None));
     let target = MeasureTarget::new(found.clone(), "the measuring pass");
-    tracing::info!(output, "reading the source twice, with no spool: this pass measures the disk (a containerDisk's tar header needs its size, a qcow2 its tables, before the data); --spool-dir spools instead");
-    spool::import_into(args, output, Some((Box::new(target), limit))).await?;
+    tracing::info!(?output, "reading the source twice, with no spool: this pass measures the disk (a containerDisk's tar header needs its size, a qcow2 its tables, before the data); --spool-dir spools instead");
+    spool::import_into(cfg, output, Some((Box::new(target), cfg.payload.max_size))).await?;
     let m = found
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-        .ok_or("the measuring pass ended without a result")?;
+        .ok_or(PushFailure::NotMeasured)?;
     tracing::info!(
         len = m.len,
         clusters_with_data = m.clusters.total(),
@@ -79,14 +121,11 @@ pub(super) async fn measure(args: &PushArgs, output: &str) -> Result<Option<Meas
     Ok(m.in_order.then_some(m))
 }
 
-fn max_size(args: &PushArgs) -> Result<u64, String> {
-    ferrydisk_common::cdi::space::parse_quantity(&args.max_size)
-        .map_err(|e| format!("--max-size {:?}: {e}", args.max_size))
-}
-
 /// Why a containerDisk stream did not begin: the disk's length was not known before
 /// its first byte.
-const NO_LENGTH: &str = "a containerDisk's tar header needs the disk's size before its data";
+#[derive(Debug, thiserror::Error)]
+#[error("a containerDisk's tar header needs the disk's size before its data")]
+struct NoLength;
 
 struct UploadOut {
     blob: Option<BlobWriter<Chunks>>,
@@ -94,6 +133,15 @@ struct UploadOut {
     produced: Arc<Mutex<Option<Produced>>>,
     /// A containerDisk: the disk's name, and its length once the stream began.
     tar: Option<(String, Option<u64>)>,
+    /// Set when the stream could not begin for want of a length.
+    no_length: Arc<AtomicBool>,
+}
+
+impl UploadOut {
+    fn no_length(&self) -> io::Error {
+        self.no_length.store(true, Ordering::Relaxed);
+        io::Error::other(NoLength)
+    }
 }
 
 impl Write for UploadOut {
@@ -113,18 +161,24 @@ impl Write for UploadOut {
 
 impl StreamOut for UploadOut {
     fn begin(&mut self, len: Option<u64>) -> io::Result<()> {
-        let Some((name, begun)) = &mut self.tar else {
+        let Some((name, _)) = &self.tar else {
             return Ok(());
         };
-        let len = len.ok_or_else(|| io::Error::other(NO_LENGTH))?;
-        *begun = Some(len);
+        let Some(len) = len else {
+            return Err(self.no_length());
+        };
         let prefix = super::layer::tar_prefix(name, len)?;
+        if let Some((_, begun)) = &mut self.tar {
+            *begun = Some(len);
+        }
         self.write_all(&prefix)
     }
 
     fn close(mut self: Box<Self>) -> io::Result<()> {
         if let Some((_, len)) = self.tar {
-            let len = len.ok_or_else(|| io::Error::other(NO_LENGTH))?;
+            let Some(len) = len else {
+                return Err(self.no_length());
+            };
             self.write_all(&super::layer::tar_suffix(len))?;
         }
         let blob = self
@@ -143,26 +197,30 @@ impl StreamOut for UploadOut {
 }
 
 /// Streams the push: in one pass (`measured` is `None`: raw output), or as the second
-/// of two, `measured` saying what the disk `output` is (`raw` or `qcow2`) will be.
+/// of two, `measured` saying what the disk `output` will be.
 ///
 /// When the repository has tags already (a push repeated, or another tag of it), the
 /// layer is first produced only to learn its digest: if the registry has that blob,
 /// nothing is uploaded; if not, the import runs once more into the upload.
-pub(super) async fn push(
-    args: &PushArgs,
+async fn push(
+    cfg: &PushConfig,
     dest: &Dest,
-    measured: Option<(&str, Measured)>,
-) -> Result<Streamed, String> {
-    let reg = connect(args, dest).await?;
+    measured: Option<(OutputFormat, Measured)>,
+    passes: &mut u32,
+) -> Result<Streamed, PushFailure> {
+    let reg = super::connect::connect(&cfg.access, cfg.transfer.idle, dest).await?;
     let measured = measured.as_ref().map(|(o, m)| (*o, m));
-    let tag_exists = reg
-        .manifest_exists(&dest.tag)
-        .await
-        .map_err(|e| super::chain(&e))?;
-    let repo_has_tags = tag_exists || reg.has_tags().await.map_err(|e| super::chain(&e))?;
+    let tag_exists = reg.manifest_exists(&dest.tag).await?;
+    let repo_has_tags = tag_exists || reg.has_tags().await?;
     if repo_has_tags {
         tracing::info!(tag = %dest.tag, tag_exists, "the repository has tags: computing the layer's digest first, so that a layer the registry has is not sent again");
-        match once(args, dest, &reg, measured, true).await? {
+        *passes += 1;
+        match once(cfg, dest, &reg, measured, true).await? {
+            Streamed::Pushed(mut s) => {
+                s.passes = *passes;
+                s.digest_first = true;
+                return Ok(Streamed::Pushed(s));
+            }
             Streamed::NotThere => {
                 tracing::info!(
                     "the registry does not have this layer: importing again into the upload"
@@ -171,137 +229,184 @@ pub(super) async fn push(
             done => return Ok(done),
         }
     }
-    once(args, dest, &reg, measured, false).await
+    *passes += 1;
+    Ok(match once(cfg, dest, &reg, measured, false).await? {
+        Streamed::Pushed(mut s) => {
+            s.passes = *passes;
+            s.digest_first = repo_has_tags;
+            Streamed::Pushed(s)
+        }
+        other => other,
+    })
 }
 
-/// One import into the upload, or with `digest_only` into nothing but the digest (and
-/// then the image is tagged only if the registry has the layer).
-async fn once(
-    args: &PushArgs,
-    dest: &Dest,
-    reg: &crate::net::registry::Registry,
-    measured: Option<(&str, &Measured)>,
-    digest_only: bool,
-) -> Result<Streamed, String> {
-    let limit = max_size(args)?;
-    let spec = LayerSpec {
-        layout: args.layout,
-        disk_name: args.disk_name.clone(),
-        zstd: args
-            .zstd
-            .then_some((args.zstd_level, super::zstd_threads())),
-    };
-    let chunk = args.chunk_mib.map(|m| (m as usize) << 20);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunk.is_some() { 1 } else { 4 });
-    let (dtx, drx) = tokio::sync::oneshot::channel();
-    let chunks = Chunks {
-        buf: Vec::new(),
-        piece: chunk.unwrap_or(PIECE),
-        tx,
-        skip: 0,
-    };
-    let blob = BlobWriter::new(chunks, spec.zstd).map_err(|e| format!("zstd: {e}"))?;
-    let produced = Arc::new(Mutex::new(None));
-    let out = UploadOut {
-        blob: Some(blob),
-        digest: Some(dtx),
-        produced: produced.clone(),
-        tar: (spec.layout == Layout::ContainerDisk).then(|| (spec.disk_name.clone(), None)),
-    };
-    let backwards = Arc::new(AtomicBool::new(false));
-    let shown = format!("the upload to {}/{}", dest.host, dest.repo);
-    // What goes out: the disk as it is imported (raw, or a qcow2 kept as it came), or
-    // qcow2 laid out from the measured clusters.
-    let (output, format, out): (&str, Format, Box<dyn StreamOut>) = match measured {
-        None => ("raw", Format::Raw, Box::new(out)),
-        Some(("qcow2", m)) if !m.verbatim => {
+/// What goes out: the disk as it is imported (raw, or a qcow2 kept as it came), or
+/// qcow2 laid out from the measured clusters.
+fn output_stream(
+    out: UploadOut,
+    measured: Option<(OutputFormat, &Measured)>,
+) -> Result<(OutputFormat, Format, Box<dyn StreamOut>), PushFailure> {
+    Ok(match measured {
+        None => (OutputFormat::Raw, Format::Raw, Box::new(out)),
+        Some((OutputFormat::Qcow2, m)) if !m.verbatim => {
             let layout = qcow2_stream::Layout::new(m.len, &m.clusters)
-                .map_err(|e| format!("laying out the qcow2: {e}"))?;
+                .map_err(|e| PushFailure::Qcow2Layout(e.to_string()))?;
             tracing::info!(
                 virtual_size = m.len,
                 qcow2_size = layout.len(),
                 "streaming qcow2: header and tables first, then the data clusters in guest order"
             );
             let q = Qcow2Stream::new(Box::new(out), layout, m.clusters.clone());
-            ("qcow2", Format::Qcow2, Box::new(q))
+            (OutputFormat::Qcow2, Format::Qcow2, Box::new(q))
         }
-        Some(("qcow2", _)) => ("qcow2", Format::Qcow2, Box::new(out)),
-        Some((o, _)) => (o, Format::Raw, Box::new(out)),
+        Some((OutputFormat::Qcow2, _)) => (OutputFormat::Qcow2, Format::Qcow2, Box::new(out)),
+        Some((OutputFormat::Raw, _)) => (OutputFormat::Raw, Format::Raw, Box::new(out)),
+    })
+}
+
+/// The upload a streamed import writes into: the target the import writes, the
+/// pieces and digest the registry upload reads, and what tells why a stream stopped.
+struct Wired {
+    target: StreamTarget,
+    output: OutputFormat,
+    format: Format,
+    spec: LayerSpec,
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    digest: tokio::sync::oneshot::Receiver<Option<String>>,
+    produced: Arc<Mutex<Option<Produced>>>,
+    /// The containerDisk stream found no length before its data.
+    no_length: Arc<AtomicBool>,
+    /// The data came out of guest order.
+    backwards: Arc<AtomicBool>,
+    /// The upload stopped taking pieces (its own error is the cause).
+    upload_stopped: Arc<AtomicBool>,
+}
+
+fn wire(
+    cfg: &PushConfig,
+    dest: &Dest,
+    measured: Option<(OutputFormat, &Measured)>,
+) -> Result<Wired, PushFailure> {
+    let spec = source::layer_spec(&cfg.payload);
+    let chunk = cfg.transfer.chunk;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(if chunk.is_some() { 1 } else { 4 });
+    let (dtx, digest) = tokio::sync::oneshot::channel();
+    let chunks = Chunks::new(tx, chunk.unwrap_or(PIECE));
+    let upload_stopped = chunks.closed.clone();
+    let blob = BlobWriter::new(chunks, spec.zstd)?;
+    let produced = Arc::new(Mutex::new(None));
+    let no_length = Arc::new(AtomicBool::new(false));
+    let out = UploadOut {
+        blob: Some(blob),
+        digest: Some(dtx),
+        produced: produced.clone(),
+        tar: (spec.layout == Layout::ContainerDisk).then(|| (spec.disk_name.clone(), None)),
+        no_length: no_length.clone(),
     };
+    let backwards = Arc::new(AtomicBool::new(false));
+    let shown = format!("the upload to {}/{}", dest.host, dest.repo);
+    let (output, format, out) = output_stream(out, measured)?;
     let mut target = StreamTarget::new(out, &shown, backwards.clone());
     if let Some((_, m)) = measured {
         target = target.with_len(m.len);
     }
-    tracing::info!(dest = %shown, max_size = limit, "pushing as the import decodes: no spool");
+    tracing::info!(dest = %shown, max_size = cfg.payload.max_size, "pushing as the import decodes: no spool");
+    Ok(Wired {
+        target,
+        output,
+        format,
+        spec,
+        rx,
+        digest,
+        produced,
+        no_length,
+        backwards,
+        upload_stopped,
+    })
+}
+
+/// One import into the upload, or with `digest_only` into nothing but the digest (and
+/// then the image is tagged only if the registry has the layer).
+async fn once(
+    cfg: &PushConfig,
+    dest: &Dest,
+    reg: &Registry,
+    measured: Option<(OutputFormat, &Measured)>,
+    digest_only: bool,
+) -> Result<Streamed, PushFailure> {
+    let w = wire(cfg, dest, measured)?;
+    let chunked = cfg.transfer.chunk.is_some();
+    let (rx, digest) = (w.rx, w.digest);
     let upload = async {
         if digest_only {
             let mut rx = rx;
             while rx.recv().await.is_some() {}
-            drop(drx);
+            drop(digest);
             Ok(())
         } else {
-            reg.upload(rx, drx, None, chunk.is_some()).await
+            reg.upload(rx, digest, None, chunked).await
         }
     };
+    let limit = cfg.payload.max_size;
     let (uploaded, imported) = tokio::join!(
         upload,
-        spool::import_into(args, output, Some((Box::new(target), limit)))
+        spool::import_into(cfg, w.output, Some((Box::new(w.target), limit)))
     );
     let spooled = match imported {
         Ok(s) => s,
-        Err(e) if e.contains(NO_LENGTH) => {
-            tracing::info!("the source is raw, whose length is known only at its end, and {NO_LENGTH}: the upload is dropped");
+        Err(_) if w.no_length.load(Ordering::Relaxed) => {
+            tracing::info!("the source is raw, whose length is known only at its end, and {NoLength}: the upload is dropped");
             return Ok(Streamed::NoLength);
         }
-        Err(e) if backwards.load(Ordering::Relaxed) || e.contains(crate::disk::STREAM_RESTART) => {
+        Err(SpoolError::Import {
+            failure: Failure::StreamTaken,
+            ..
+        }) => {
+            tracing::info!("the source writes the disk twice (an overlay chain): the upload is dropped and the push spools instead");
+            return Ok(Streamed::OutOfOrder);
+        }
+        Err(_) if w.backwards.load(Ordering::Relaxed) => {
             tracing::info!("the source's data is not in guest order: the upload is dropped and the push spools instead");
             return Ok(Streamed::OutOfOrder);
         }
-        // A failed upload stops the import ("the upload stopped"); its own error says why.
+        // A failed upload stops the import; its own error says why.
         Err(e) => {
             return Err(match uploaded {
-                Err(u) if e.contains("the upload stopped") => super::chain(&u),
-                _ => e,
+                Err(u) if w.upload_stopped.load(Ordering::Relaxed) => u.into(),
+                _ => e.into(),
             })
         }
     };
-    uploaded.map_err(|e| super::chain(&e))?;
-    let pre = produced
+    uploaded?;
+    let pre = w
+        .produced
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take()
-        .ok_or("the stream ended without its digest")?;
+        .ok_or(PushFailure::NoDigest)?;
     if digest_only {
-        if !reg
-            .blob_exists(&pre.digest, pre.size)
-            .await
-            .map_err(|e| super::chain(&e))?
-        {
+        if !reg.blob_exists(&pre.digest, pre.size).await? {
             return Ok(Streamed::NotThere);
         }
         tracing::info!(digest = %pre.digest, "the registry has this layer; not uploading it");
     }
-    let media = super::media_type(&spec, format)?;
     let src = Source {
         // Nothing local: the disk went up as it was decoded.
-        file: Arc::new(tempfile::tempfile().map_err(|e| format!("temp file: {e}"))?),
+        file: Arc::new(tempfile::tempfile()?),
         len: 0,
-        shown: args.source.display().to_string(),
-        format,
+        shown: cfg.source.display().to_string(),
+        format: w.format,
         virtual_size: spooled.origin.virtual_size,
-        spec,
-        media,
+        media: source::media_type(&w.spec, w.format)?,
+        spec: w.spec,
         origin: spooled.origin.clone(),
     };
-    let args = &super::with_source_env(args, &spooled.env);
-    let manifest_digest = put_image(args, dest, reg, &src, &pre).await?;
-    let reference = format!("{}/{}:{}", dest.host, dest.repo, dest.tag);
+    let image = image::with_source_env(&cfg.image, &spooled.env);
+    let manifest_digest = image::publish(&image, dest, reg, &src, &pre).await?;
+    let reference = dest.reference();
     tracing::info!(%reference, digest = %manifest_digest, layer = %pre.digest, size = pre.size, uploaded = !digest_only, "pushed as streamed");
-    Ok(Streamed::Pushed(Box::new(summary(
-        reference,
-        manifest_digest,
-        pre,
-        !digest_only,
-        &src,
-    ))))
+    let mut s = Summary::new(reference, manifest_digest, pre, &src);
+    s.layer_uploaded = !digest_only;
+    s.route = Route::Streamed;
+    Ok(Streamed::Pushed(Box::new(s)))
 }

@@ -24,12 +24,19 @@ pub enum ClientError {
     Build(String),
 }
 
+/// The proxies requests go through (read from flags and the environment at the edge,
+/// in `cli.rs`); none means direct.
+#[derive(Debug, Clone, Default)]
+pub struct Proxies {
+    pub http: Option<String>,
+    pub https: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
 pub struct ClientOptions<'a> {
     pub ca_dirs: Vec<&'a Path>,
     pub insecure: bool,
-    pub http_proxy: Option<String>,
-    pub https_proxy: Option<String>,
-    pub no_proxy: Option<String>,
+    pub proxies: Proxies,
     /// Names under `.localhost` to resolve to the loopback addresses ourselves, as RFC
     /// 6761 (6.3) asks of applications and curl does; glibc sends them to DNS. A
     /// virtual-hosted S3 bucket on a local endpoint (`disks.localhost:9000`) needs it.
@@ -109,20 +116,12 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
         }
     }
     let no_proxy = opts
+        .proxies
         .no_proxy
-        .clone()
-        .or_else(|| std::env::var("NO_PROXY").ok())
-        .and_then(|s| reqwest::NoProxy::from_string(&s));
-    let http_proxy = opts
-        .http_proxy
-        .clone()
-        .or_else(|| std::env::var("HTTP_PROXY").ok())
-        .filter(|s| !s.is_empty());
-    let https_proxy = opts
-        .https_proxy
-        .clone()
-        .or_else(|| std::env::var("HTTPS_PROXY").ok())
-        .filter(|s| !s.is_empty());
+        .as_deref()
+        .and_then(reqwest::NoProxy::from_string);
+    let http_proxy = opts.proxies.http.clone();
+    let https_proxy = opts.proxies.https.clone();
     if let Some(p) = http_proxy {
         b = b.proxy(
             reqwest::Proxy::http(&p)

@@ -134,7 +134,7 @@ impl ServiceAccount {
     }
 
     /// The signed JWT asking `token_uri` for a read-only storage token.
-    fn assertion(&self, now: u64) -> Result<String, String> {
+    fn assertion(&self, now: u64) -> Result<String, TokenError> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
         if let Some(kid) = &self.key_id {
@@ -160,12 +160,12 @@ impl ServiceAccount {
                 signing_input.as_bytes(),
                 &mut sig,
             )
-            .map_err(|_| "signing the token request failed".to_string())?;
+            .map_err(|_| TokenError::Sign)?;
         Ok(format!("{signing_input}.{}", b64.encode(sig)))
     }
 
     /// The cached access token, fetched again a minute before it expires.
-    async fn access_token(&self) -> Result<String, String> {
+    async fn access_token(&self) -> Result<String, TokenError> {
         let mut cached = self.token.lock().await;
         if let Some((t, until)) = cached.as_ref() {
             if Instant::now() + Duration::from_secs(60) < *until {
@@ -187,17 +187,15 @@ impl ServiceAccount {
             ])
             .send();
         let resp = match tokio::time::timeout(self.idle, send).await {
-            Ok(r) => r.map_err(|e| {
-                format!(
-                    "token request to {shown} failed: {}",
-                    crate::net::describe(&e).1
-                )
+            Ok(r) => r.map_err(|e| TokenError::Send {
+                shown: shown.clone(),
+                message: crate::net::describe(&e).1,
             })?,
             Err(_) => {
-                return Err(format!(
-                    "token request to {shown}: no answer within {} s (idle timeout)",
-                    self.idle.as_secs()
-                ))
+                return Err(TokenError::Idle {
+                    shown,
+                    secs: self.idle.as_secs(),
+                })
             }
         };
         let status = resp.status();
@@ -208,16 +206,16 @@ impl ServiceAccount {
             expires_in: Option<u64>,
         }
         if status.is_redirection() {
-            return Err(format!(
-                "token request to {shown} answered {status}: a token endpoint is not followed to another URL (the signed assertion goes only to token_uri)"
-            ));
+            return Err(TokenError::Redirected { shown, status });
         }
         if !status.is_success() {
             let text = crate::net::body::error_text(resp).await;
-            return Err(format!(
-                "token request to {shown} for {} answered {status}: {text}",
-                self.email
-            ));
+            return Err(TokenError::Refused {
+                shown,
+                email: self.email.clone(),
+                status,
+                text,
+            });
         }
         let body = crate::net::body::read(
             resp,
@@ -225,10 +223,9 @@ impl ServiceAccount {
             self.idle,
             &format!("the token response from {shown}"),
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        let token: Token = serde_json::from_slice(&body)
-            .map_err(|e| format!("token response from {shown}: {e}"))?;
+        .await?;
+        let token: Token =
+            serde_json::from_slice(&body).map_err(|e| TokenError::Parse { shown, source: e })?;
         let life = Duration::from_secs(token.expires_in.unwrap_or(3600).clamp(60, 86_400));
         tracing::info!(account = %self.email, expires_in_s = life.as_secs(), "got a GCS access token");
         *cached = Some((token.access_token.clone(), Instant::now() + life));
@@ -236,13 +233,49 @@ impl ServiceAccount {
     }
 }
 
+/// Why no access token was had from the service account's token endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("signing the token request failed")]
+    Sign,
+    #[error("token request to {shown} failed: {message}")]
+    Send { shown: String, message: String },
+    #[error("token request to {shown}: no answer within {secs} s (idle timeout)")]
+    Idle { shown: String, secs: u64 },
+    #[error("token request to {shown} answered {status}: a token endpoint is not followed to another URL (the signed assertion goes only to token_uri)")]
+    Redirected {
+        shown: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("token request to {shown} for {email} answered {status}: {text}")]
+    Refused {
+        shown: String,
+        email: String,
+        status: reqwest::StatusCode,
+        text: String,
+    },
+    #[error(transparent)]
+    Body(#[from] crate::net::body::BodyError),
+    #[error("token response from {shown}: {source}")]
+    Parse {
+        shown: String,
+        source: serde_json::Error,
+    },
+}
+
 impl Authorize for ServiceAccount {
     fn authorize<'a>(
         &'a self,
         req: RequestBuilder,
         _url: &'a Url,
-    ) -> BoxFuture<'a, Result<RequestBuilder, String>> {
-        Box::pin(async move { Ok(req.bearer_auth(self.access_token().await?)) })
+    ) -> BoxFuture<'a, Result<RequestBuilder, crate::net::follow::AuthError>> {
+        Box::pin(async move {
+            let token = self
+                .access_token()
+                .await
+                .map_err(|e| crate::net::follow::AuthError(Box::new(e)))?;
+            Ok(req.bearer_auth(token))
+        })
     }
 }
 

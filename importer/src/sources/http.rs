@@ -6,6 +6,7 @@
 
 use super::redact;
 use super::resume::{self as pump, backoff, Body, Labels, Opened, Policy, Reopen, Resumable};
+use crate::net::follow::AuthError;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::resume::{self, Continue, Headers, Restart, Validators};
 use ferrydisk_common::stream::{self, ChannelReader};
@@ -65,7 +66,7 @@ pub trait Authorize: Send + Sync + 'static {
         &'a self,
         req: RequestBuilder,
         url: &'a reqwest::Url,
-    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, String>>;
+    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, AuthError>>;
 }
 
 #[derive(Clone)]
@@ -119,20 +120,20 @@ fn resume_headers(resp: &Response) -> Headers<'_> {
     }
 }
 
-/// Connects (retrying transient failures) and starts pumping the body.
-pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Download, HttpError> {
-    let parsed = reqwest::Url::parse(url).map_err(|_| HttpError::BadUrl(redact::url(url)))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(HttpError::BadUrl(redact::url(url)));
-    }
-    let shown = redact::url(url);
+/// The first response, retrying what is transient (a 5xx, a reset) up to `retries`.
+async fn connect(
+    client: &Client,
+    parsed: &reqwest::Url,
+    opts: &HttpOptions,
+    shown: &str,
+) -> Result<Response, HttpError> {
     let mut attempt = 0;
-    let resp = loop {
-        match get(&client, &parsed, &opts, None).await {
-            Ok(r) if r.status().is_success() => break r,
+    loop {
+        match get(client, parsed, opts, None).await {
+            Ok(r) if r.status().is_success() => return Ok(r),
             Ok(r) => {
                 let status = r.status();
-                let mut e = status_error(&shown, status, opts.credentials_hint);
+                let mut e = status_error(shown, status, opts.credentials_hint);
                 if let HttpError::Status { detail, .. } = &mut e {
                     *detail = error_detail(r).await;
                 }
@@ -143,21 +144,21 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
             }
             Err(Failed::Auth(m)) => {
                 return Err(HttpError::Request {
-                    url: shown.clone(),
+                    url: shown.to_string(),
                     message: m,
                     kind: ErrorKind::Network,
                 })
             }
             Err(Failed::Redirect(m)) => {
                 return Err(HttpError::Redirect(Box::new(HttpError::Request {
-                    url: shown.clone(),
+                    url: shown.to_string(),
                     message: m,
                     kind: ErrorKind::SourceRefused,
                 })))
             }
             Err(Failed::Http(kind, message)) => {
                 let e = HttpError::Request {
-                    url: shown.clone(),
+                    url: shown.to_string(),
                     message,
                     kind,
                 };
@@ -169,7 +170,17 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
         }
         tokio::time::sleep(backoff(attempt)).await;
         attempt += 1;
-    };
+    }
+}
+
+/// Connects (retrying transient failures) and starts pumping the body.
+pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Download, HttpError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| HttpError::BadUrl(redact::url(url)))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(HttpError::BadUrl(redact::url(url)));
+    }
+    let shown = redact::url(url);
+    let resp = connect(&client, &parsed, &opts, &shown).await?;
     let content_length = resp.content_length();
     let ranges = resp
         .headers()
@@ -214,7 +225,10 @@ pub async fn open(client: Client, url: &str, opts: HttpOptions) -> Result<Downlo
 }
 
 fn body_of(resp: Response) -> Body {
-    Box::pin(resp.bytes_stream().map(|r| r.map_err(|e| error_text(&e))))
+    Box::pin(
+        resp.bytes_stream()
+            .map(|r| r.map_err(|e| pump::Broken(error_text(&e)))),
+    )
 }
 
 /// Why a request gave no response.
@@ -239,7 +253,7 @@ impl crate::net::follow::Credentials for SourceCredentials<'_> {
         &'a self,
         req: RequestBuilder,
         url: &'a reqwest::Url,
-    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, String>> {
+    ) -> futures_util::future::BoxFuture<'a, Result<RequestBuilder, AuthError>> {
         Box::pin(async move {
             let req = req.headers(self.headers.clone());
             match self.auth {
@@ -293,7 +307,7 @@ async fn get(
                 format!("no response within {secs} s (idle timeout)"),
             ),
             FollowError::Redirect(m) => Failed::Redirect(m),
-            FollowError::Credentials(m) => Failed::Auth(m),
+            FollowError::Credentials(e) => Failed::Auth(e.to_string()),
         })
 }
 

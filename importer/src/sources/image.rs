@@ -123,6 +123,30 @@ pub fn is_image_config(media_type: &str) -> bool {
     )
 }
 
+/// Why no one layer of an artifact is the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobChoiceError {
+    #[error("no layer matches {selector} in {image}; it has {layers}")]
+    NoMatch {
+        selector: String,
+        image: String,
+        layers: String,
+    },
+    #[error("{count} layers match {selector} in {image}: {layers}; add a selector")]
+    SeveralMatch {
+        count: usize,
+        selector: String,
+        image: String,
+        layers: String,
+    },
+    #[error("{image} holds {count} disk blobs: {layers}; choose one with FERRYDISK_LAYER_ANNOTATIONS (io.kubevirt.disk.name=NAME) or FERRYDISK_LAYER_DIGEST")]
+    Several {
+        image: String,
+        count: usize,
+        layers: String,
+    },
+}
+
 /// The layer whose blob *is* the disk (no tar around it), or `None` for a containerDisk
 /// (the disk is a file in a tar layer). In order: the one layer `want` selects by digest
 /// and annotations (CDI's VEP 395); the one layer with KubeVirt's disk media type; the
@@ -131,7 +155,7 @@ pub fn is_image_config(media_type: &str) -> bool {
 pub fn disk_blob(
     image: &dyn ContainerImage,
     want: &LayerSelector,
-) -> Result<Option<usize>, String> {
+) -> Result<Option<usize>, BlobChoiceError> {
     let n = image.layer_count();
     let list = |idx: &[usize]| {
         idx.iter()
@@ -158,19 +182,17 @@ pub fn disk_blob(
             .collect();
         return match found.as_slice() {
             [one] => Ok(Some(*one)),
-            [] => Err(format!(
-                "no layer matches {} in {}; it has {}",
-                want.describe(),
-                image.describe(),
-                list(&(0..n).collect::<Vec<_>>())
-            )),
-            many => Err(format!(
-                "{} layers match {} in {}: {}; add a selector",
-                many.len(),
-                want.describe(),
-                image.describe(),
-                list(many)
-            )),
+            [] => Err(BlobChoiceError::NoMatch {
+                selector: want.describe(),
+                image: image.describe().to_string(),
+                layers: list(&(0..n).collect::<Vec<_>>()),
+            }),
+            many => Err(BlobChoiceError::SeveralMatch {
+                count: many.len(),
+                selector: want.describe(),
+                image: image.describe().to_string(),
+                layers: list(many),
+            }),
         };
     }
     let kubevirt: Vec<usize> = (0..n)
@@ -193,11 +215,10 @@ pub fn disk_blob(
     match candidates.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(*one)),
-        many => Err(format!(
-            "{} holds {} disk blobs: {}; choose one with FERRYDISK_LAYER_ANNOTATIONS (io.kubevirt.disk.name=NAME) or FERRYDISK_LAYER_DIGEST",
-            image.describe(),
-            many.len(),
-            list(many)
-        )),
+        many => Err(BlobChoiceError::Several {
+            image: image.describe().to_string(),
+            count: many.len(),
+            layers: list(many),
+        }),
     }
 }

@@ -172,12 +172,14 @@ fn str_field<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
     v.get(k).and_then(|x| x.as_str()).unwrap_or("")
 }
 
-fn oci_layout(
-    files: Files,
+/// The manifest descriptor a tag names in `index.json` (through an image index, the
+/// platform `arch` or the node's).
+fn top_manifest(
+    files: &Files,
     tag: Option<&str>,
     arch: Option<&str>,
     shown: &str,
-) -> Result<LocalImage, RegistryError> {
+) -> Result<serde_json::Value, RegistryError> {
     let index = files.json("index.json")?;
     let entries = index
         .get("manifests")
@@ -227,22 +229,12 @@ fn oci_layout(
         let chosen = select_platform(&platforms, &want)?.digest.clone();
         desc = serde_json::json!({ "digest": chosen });
     }
-    let manifest = files.json(&blob_name(str_field(&desc, "digest"))?)?;
-    let config_desc = manifest.get("config").unwrap_or(&serde_json::Value::Null);
-    let config = files.json(&blob_name(str_field(config_desc, "digest"))?)?;
-    let artifact_type = manifest
-        .get("artifactType")
-        .and_then(|v| v.as_str())
-        .map(String::from)
-        .or_else(|| {
-            let mt = str_field(config_desc, "mediaType");
-            (!super::image::is_image_config(mt)).then(|| mt.to_string())
-        });
-    let env = match artifact_type {
-        None => check_config(&config, arch)?,
-        Some(_) => Vec::new(),
-    };
-    let layers = manifest
+    Ok(desc)
+}
+
+/// A manifest's layers as the reader takes them.
+fn layers_of(manifest: &serde_json::Value) -> Result<Vec<Layer>, RegistryError> {
+    manifest
         .get("layers")
         .and_then(|l| l.as_array())
         .cloned()
@@ -264,7 +256,32 @@ fn oci_layout(
                     .and_then(|a| serde_json::from_value(a.clone()).ok()),
             })
         })
-        .collect::<Result<Vec<_>, RegistryError>>()?;
+        .collect::<Result<Vec<_>, RegistryError>>()
+}
+
+fn oci_layout(
+    files: Files,
+    tag: Option<&str>,
+    arch: Option<&str>,
+    shown: &str,
+) -> Result<LocalImage, RegistryError> {
+    let desc = top_manifest(&files, tag, arch, shown)?;
+    let manifest = files.json(&blob_name(str_field(&desc, "digest"))?)?;
+    let config_desc = manifest.get("config").unwrap_or(&serde_json::Value::Null);
+    let config = files.json(&blob_name(str_field(config_desc, "digest"))?)?;
+    let artifact_type = manifest
+        .get("artifactType")
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .or_else(|| {
+            let mt = str_field(config_desc, "mediaType");
+            (!super::image::is_image_config(mt)).then(|| mt.to_string())
+        });
+    let env = match artifact_type {
+        None => check_config(&config, arch)?,
+        Some(_) => Vec::new(),
+    };
+    let layers = layers_of(&manifest)?;
     Ok(LocalImage {
         files,
         layers,

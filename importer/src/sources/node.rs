@@ -2,7 +2,7 @@
 //! container on the node and serves its disk on loopback; the importer waits for its
 //! ready file and reads the image environment for labels.
 
-use crate::cli::ImportArgs;
+use crate::config::import::NodePull;
 use crate::failure::Failure;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,14 +34,14 @@ pub async fn labels(client: &reqwest::Client, endpoint: &str) -> Option<BTreeMap
 
 /// Node pull: wait for the ready file, whose content names the disk file served at the
 /// endpoint's directory (docs/cdi-contract.md section 3). CDI waits 60 s; we wait `--ready-timeout`.
-pub async fn endpoint(args: &ImportArgs) -> Result<String, Failure> {
-    let Some(ready) = &args.ready_file else {
-        return Ok(args.endpoint.clone());
+pub async fn endpoint(endpoint: &str, node: &NodePull) -> Result<String, Failure> {
+    let Some(ready) = &node.ready_file else {
+        return Ok(endpoint.to_string());
     };
     let start = std::time::Instant::now();
     let mut last_log = start;
     while !ready.exists() {
-        if start.elapsed() >= Duration::from_secs(args.ready_timeout) {
+        if start.elapsed() >= node.ready_timeout {
             return Err(Failure::ReadyTimeout(ready.display().to_string()));
         }
         if last_log.elapsed() >= Duration::from_secs(30) {
@@ -53,10 +53,7 @@ pub async fn endpoint(args: &ImportArgs) -> Result<String, Failure> {
     let name = std::fs::read_to_string(ready).unwrap_or_default();
     let name = name.trim();
     if name.is_empty() || name.contains('/') {
-        return Ok(args.endpoint.clone());
+        return Ok(endpoint.to_string());
     }
-    Ok(format!(
-        "{}{name}",
-        args.endpoint.trim_end_matches("disk.img")
-    ))
+    Ok(format!("{}{name}", endpoint.trim_end_matches("disk.img")))
 }

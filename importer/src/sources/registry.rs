@@ -72,9 +72,7 @@ pub struct RegistryOptions {
     pub arch: Option<String>,
     pub retries: u32,
     pub idle_timeout: Duration,
-    pub https_proxy: Option<String>,
-    pub http_proxy: Option<String>,
-    pub no_proxy: Option<String>,
+    pub proxies: super::client::Proxies,
     /// containers-registries.conf(5) with mirrors (`None`: the default file, if any).
     pub registries_conf: Option<PathBuf>,
 }
@@ -130,9 +128,7 @@ async fn connect(opts: &RegistryOptions, ep: &Endpoint) -> Result<Registry, Regi
     let http = super::client::build(&super::client::ClientOptions {
         ca_dirs: opts.ca_dirs.iter().map(PathBuf::as_path).collect(),
         insecure: ep.insecure,
-        http_proxy: opts.http_proxy.clone().filter(|s| !s.is_empty()),
-        https_proxy: opts.https_proxy.clone().filter(|s| !s.is_empty()),
-        no_proxy: opts.no_proxy.clone(),
+        proxies: opts.proxies.clone(),
         localhost_names: Vec::new(),
     })
     .map_err(pull_err)?;
@@ -589,7 +585,7 @@ impl Resumable for LayerSource {
         let skip = if partial { 0 } else { offset };
         let body: Body = Box::pin(
             resp.bytes_stream()
-                .map(|r| r.map_err(|e| crate::net::describe(&e).1)),
+                .map(|r| r.map_err(|e| pump::Broken(crate::net::describe(&e).1))),
         );
         Ok(Opened { body, skip })
     }

@@ -18,7 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A response body as the pump reads it; an item's error says what broke.
-pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+pub type Body = Pin<Box<dyn Stream<Item = Result<Bytes, Broken>> + Send>>;
+
+/// A body that broke off mid-transfer, as the HTTP client described it (the pump
+/// resumes after it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Broken(pub String);
 
 /// A (re)opened transfer.
 pub struct Opened {
@@ -173,7 +179,7 @@ async fn pump_body(
                     return Pumped::Stopped;
                 }
             }
-            Ok(Some(Err(e))) => return Pumped::Failed(e),
+            Ok(Some(Err(e))) => return Pumped::Failed(e.0),
             Ok(None) if opened.skip > 0 => {
                 return Pumped::Failed(format!(
                     "body ended {} bytes before the resume point {offset}",
@@ -206,7 +212,7 @@ mod tests {
         reopens: u32,
     }
 
-    fn body(chunks: Vec<Result<Bytes, String>>) -> Body {
+    fn body(chunks: Vec<Result<Bytes, Broken>>) -> Body {
         Box::pin(futures_util::stream::iter(chunks))
     }
 
@@ -238,7 +244,7 @@ mod tests {
     async fn pumped(honour_range: bool) -> Vec<u8> {
         let data = Bytes::from((0..100u8).collect::<Vec<_>>());
         let first = Opened {
-            body: body(vec![Ok(data.slice(..37)), Err("reset".into())]),
+            body: body(vec![Ok(data.slice(..37)), Err(Broken("reset".into()))]),
             skip: 0,
         };
         let (tx, mut rx) = stream::channel();
@@ -278,7 +284,7 @@ mod tests {
             }
         }
         let first = Opened {
-            body: body(vec![Err("reset".into())]),
+            body: body(vec![Err(Broken("reset".into()))]),
             skip: 0,
         };
         let (tx, mut rx) = stream::channel();

@@ -102,21 +102,19 @@ fn dns_bucket(b: &str) -> bool {
         && !b.ends_with('-')
 }
 
-/// Parses `endpoint` into the object and the URL to GET. `region` overrides what the
-/// host implies (AWS hosts name theirs; anything else is `us-east-1`, what MinIO and
-/// Ceph RGW expect by default; CDI would sign with the host's first label).
-pub fn resolve(
+/// Where `endpoint` says the object is: (bucket, key, base host[:port], scheme, an
+/// explicit non-AWS endpoint?), for the three forms (`s3://bucket/key`, AWS virtual-
+/// hosted and path-style URLs, any other endpoint path-style).
+fn locate(
     endpoint: &str,
     region: Option<&str>,
-    addressing: Addressing,
-) -> Result<Object, S3Error> {
+) -> Result<(String, String, String, &'static str, bool), S3Error> {
     let bad = || S3Error::Endpoint(redact::url(endpoint));
     let url = Url::parse(endpoint.trim()).map_err(|_| bad())?;
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(bad)?;
     let path = url.path().trim_start_matches('/');
     let decoded = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-    // (bucket, key, base host[:port], scheme, an explicit non-AWS endpoint?)
-    let (bucket, key, base, scheme, explicit) = match url.scheme() {
+    Ok(match url.scheme() {
         "s3" => {
             let region = region.unwrap_or("us-east-1");
             let base = if region == "us-east-1" {
@@ -136,7 +134,7 @@ pub fn resolve(
                         host[..at].to_string(),
                         decoded(path),
                         format!("{}{port}", &host[at + 1..]),
-                        url.scheme(),
+                        scheme_of(&url),
                         false,
                     )
                 }
@@ -146,14 +144,34 @@ pub fn resolve(
                         decoded(b),
                         decoded(k),
                         format!("{host}{port}"),
-                        url.scheme(),
+                        scheme_of(&url),
                         aws.is_none(),
                     )
                 }
             }
         }
         _ => return Err(bad()),
-    };
+    })
+}
+
+fn scheme_of(url: &Url) -> &'static str {
+    if url.scheme() == "http" {
+        "http"
+    } else {
+        "https"
+    }
+}
+
+/// Parses `endpoint` into the object and the URL to GET. `region` overrides what the
+/// host implies (AWS hosts name theirs; anything else is `us-east-1`, what MinIO and
+/// Ceph RGW expect by default; CDI would sign with the host's first label).
+pub fn resolve(
+    endpoint: &str,
+    region: Option<&str>,
+    addressing: Addressing,
+) -> Result<Object, S3Error> {
+    let bad = || S3Error::Endpoint(redact::url(endpoint));
+    let (bucket, key, base, scheme, explicit) = locate(endpoint, region)?;
     if bucket.is_empty() || key.is_empty() {
         return Err(bad());
     }
@@ -308,7 +326,7 @@ impl Authorize for SigV4 {
         &'a self,
         mut req: RequestBuilder,
         url: &'a Url,
-    ) -> BoxFuture<'a, Result<RequestBuilder, String>> {
+    ) -> BoxFuture<'a, Result<RequestBuilder, crate::net::follow::AuthError>> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())

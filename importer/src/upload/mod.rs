@@ -2,18 +2,18 @@
 //! The body goes through the same pipeline as an import while it arrives, so a sync
 //! upload answers as soon as the last byte is durable.
 
+mod admit;
 mod clone;
 mod handler;
+mod pump;
 
 use crate::cli::UploadArgs;
-use crate::destination::Destination;
-use crate::disk::{DiskPlan, DiskRequest, Parsing};
+use crate::config::UploadServerConfig;
+use crate::disk::DiskPlan;
 use crate::failure::Failure;
 use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::progress::{metric_text, Progress};
 use ferrydisk_common::serve::listen::{GuardedListener, MAX_CONNECTIONS};
-use ferrydisk_common::serve::tls;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,12 +26,22 @@ pub enum Phase {
 }
 
 pub struct Server {
-    pub args: UploadArgs,
+    pub config: UploadServerConfig,
     pub phase: std::sync::Mutex<Phase>,
     /// Set once, with the message to write, when the upload is complete.
-    pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, String>>>,
+    pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, UploadFailed>>>,
     /// The progress of the current (or last) upload, which `/metrics` reports.
     pub progress: std::sync::Mutex<Arc<Progress>>,
+}
+
+/// Why an upload that was accepted did not complete (an async upload after its 200,
+/// or the push after it): logged, exit 1, as CDI.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UploadFailed {
+    #[error("{}", .0.detail())]
+    Processing(Failure),
+    #[error("push failed: {0}")]
+    Push(Arc<crate::push::error::PushFailure>),
 }
 
 /// The upload server's progress counter: the shape of the importer's (CDI's controller
@@ -39,20 +49,12 @@ pub struct Server {
 pub const UPLOAD_METRIC: &str = "kubevirt_cdi_upload_progress_total";
 
 impl Server {
-    /// CDI's upload server is lenient: a value that does not parse means the default.
-    pub fn disk_plan(&self, archive: bool) -> Result<DiskPlan, Failure> {
-        let a = &self.args;
-        DiskPlan::new(
-            DiskRequest {
-                volume: &a.volume,
-                dest: a.dest.as_deref(),
-                archive,
-                preallocation: Some(&a.preallocation),
-                image_size: &a.image_size,
-                checksum: None,
-            },
-            Parsing::Lenient,
-        )
+    /// A new upload's plan: a disk image, or an archive unpacked into the volume.
+    pub fn disk_plan(&self, archive: bool) -> DiskPlan {
+        match archive {
+            false => self.config.disk.for_volume(),
+            true => self.config.archive.for_volume(),
+        }
     }
 
     /// A new upload's counters replace the last one's.
@@ -71,7 +73,7 @@ impl Server {
         metric_text(
             UPLOAD_METRIC,
             "The upload progress in percentage",
-            &self.args.owner_uid,
+            &self.config.owner_uid,
             p.percent(),
         )
     }
@@ -80,19 +82,45 @@ impl Server {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_phase(&self, p: Phase) {
+    fn set_phase(&self, p: Phase) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
 
-    /// Idle -> Busy atomically; otherwise the phase that refused it.
-    pub fn try_start(&self) -> Result<(), Phase> {
+    /// Idle -> Busy atomically, held by the returned guard (back to Idle when it drops,
+    /// Done through [`Busy::complete`]); otherwise the phase that refused it.
+    pub fn try_start(self: &Arc<Self>) -> Result<Busy, Phase> {
         let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
         match *p {
             Phase::Idle => {
                 *p = Phase::Busy;
-                Ok(())
+                Ok(Busy {
+                    server: self.clone(),
+                    completed: false,
+                })
             }
             other => Err(other),
+        }
+    }
+}
+
+/// The server is busy with one upload while this lives: dropped, the server takes a
+/// new upload (a refused or failed one); completed, it takes no more.
+pub struct Busy {
+    server: Arc<Server>,
+    completed: bool,
+}
+
+impl Busy {
+    pub fn complete(mut self) {
+        self.completed = true;
+        self.server.set_phase(Phase::Done);
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if !self.completed {
+            self.server.set_phase(Phase::Idle);
         }
     }
 }
@@ -100,103 +128,39 @@ impl Server {
 /// Runs the server until an upload completes (exit 0 with "Upload Complete"), the
 /// deadline passes while idle (exit 0 with `deadlinePassed`) or it fails to serve (1).
 pub async fn run(args: UploadArgs) -> i32 {
-    let deadline = match args.deadline.as_deref().filter(|d| !d.is_empty()) {
-        None => None,
-        Some(d) => match humantime::parse_rfc3339_weak(d) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                // CDI: klog.Fatal -> exit 255.
-                tracing::error!(deadline = d, error = %e, "invalid DEADLINE");
-                return 255;
-            }
-        },
-    };
-    let client_ca = (!args.no_client_auth).then_some(args.client_ca.as_path());
-    let config = match tls::server_config(
-        &args.tls_cert,
-        &args.tls_key,
-        tls::ServerTls {
-            client_ca,
-            min_version: &args.tls_min_version,
-            http11_only: false,
-        },
-    ) {
+    let config = match UploadServerConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "invalid TLS config");
-            return 1;
-        }
-    };
-    let port: u16 = args.listen_port.parse().unwrap_or(8443);
-    let addr: SocketAddr = match format!(
-        "{}:{port}",
-        if args.listen_address.is_empty() {
-            "0.0.0.0"
-        } else {
-            &args.listen_address
-        }
-    )
-    .parse()
-    {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "invalid listen address");
-            return 1;
+            tracing::error!(error = %e, "the upload server cannot start");
+            return e.exit_code();
         }
     };
     ferrydisk_common::serve::listen::raise_nofile_limit();
-    let mut listener = match tokio::net::TcpListener::bind(addr).await {
+    let addr = config.addr;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => GuardedListener::new(l, MAX_CONNECTIONS),
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot listen");
             return 1;
         }
     };
-    let disk_dest = Destination::choose(
-        args.dest.as_deref(),
-        &args.volume.block_device,
-        &args.volume.data_dir,
-        false,
-    );
-    let (finished, mut done_rx) = tokio::sync::watch::channel(None);
+    tracing::info!(%addr, dest = %config.disk.dest.path().display(), client_auth = config.client_name.is_some(), "upload server listening");
     let server = Arc::new(Server {
         phase: std::sync::Mutex::new(Phase::Idle),
-        finished,
+        finished: tokio::sync::watch::channel(None).0,
         progress: Default::default(),
-        args,
+        config,
     });
-    tracing::info!(%addr, dest = %disk_dest.path().display(), client_auth = !server.args.no_client_auth, "upload server listening");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let deadline_hit = deadline_watch(server.clone(), deadline);
-    tokio::pin!(deadline_hit);
-    let outcome: Result<TerminationMessage, String> = loop {
-        tokio::select! {
-            (tcp, permit) = listener.accept() => {
-                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, permit, graceful.watcher());
-            }
-            _ = done_rx.changed() => {
-                if let Some(result) = done_rx.borrow().clone() {
-                    break result;
-                }
-            }
-            msg = &mut deadline_hit => break Ok(msg),
-        }
-    };
-    drop(listener);
-    // Let the answer to the last request reach the client before exiting.
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
-    let log = server.args.volume.termination_log.clone();
-    let outcome = match (outcome, server.args.push_dest.clone()) {
-        (Ok(msg), Some(dest)) if msg.deadline_passed.is_none() => {
-            push_upload(&dest, disk_dest.path(), &msg)
-                .await
-                .map(|()| msg)
-        }
+    let outcome = serve(server.clone(), listener).await;
+    let outcome = match (outcome, &server.config.push) {
+        (Ok(msg), Some(push)) if msg.deadline_passed.is_none() => push_upload(push, &msg)
+            .await
+            .map(|()| msg)
+            .map_err(|e| UploadFailed::Push(Arc::new(e))),
         (o, _) => o,
     };
     match outcome {
-        Ok(msg) => match msg.write(&log) {
+        Ok(msg) => match msg.write(&server.config.termination_log) {
             Ok(json) => {
                 tracing::info!(termination_message = %json, "done");
                 0
@@ -212,6 +176,35 @@ pub async fn run(args: UploadArgs) -> i32 {
             1
         }
     }
+}
+
+/// Takes connections until an upload is finished or the deadline passes idle, then
+/// lets the answer to the last request reach its client.
+async fn serve(
+    server: Arc<Server>,
+    mut listener: GuardedListener,
+) -> Result<TerminationMessage, UploadFailed> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.config.tls.clone()));
+    let mut done_rx = server.finished.subscribe();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let deadline_hit = deadline_watch(server.clone(), server.config.deadline);
+    tokio::pin!(deadline_hit);
+    let outcome = loop {
+        tokio::select! {
+            (tcp, permit) = listener.accept() => {
+                handler::spawn_connection(server.clone(), acceptor.clone(), tcp, permit, graceful.watcher());
+            }
+            _ = done_rx.changed() => {
+                if let Some(result) = done_rx.borrow().clone() {
+                    break result;
+                }
+            }
+            msg = &mut deadline_hit => break Ok(msg),
+        }
+    };
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    outcome
 }
 
 /// Resolves when the deadline passes while no upload is running.
@@ -241,34 +234,15 @@ async fn deadline_watch(server: Arc<Server>, deadline: Option<SystemTime>) -> Te
 /// `--push-dest`: the uploaded disk into a registry, its labels describing what was
 /// uploaded (format, sizes) rather than what the volume now holds.
 async fn push_upload(
-    dest: &str,
-    disk: &std::path::Path,
+    push: &crate::config::PushConfig,
     msg: &TerminationMessage,
-) -> Result<(), String> {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct PushCli {
-        #[command(flatten)]
-        push: crate::cli::PushArgs,
-    }
-    let argv = [
-        "importer".to_string(),
-        format!("--source={}", disk.display()),
-        format!("--dest={dest}"),
-        // The volume as it was written (a qcow2 volume stays qcow2).
-        "--convert=keep".to_string(),
-    ];
-    let args = PushCli::try_parse_from(argv)
-        .map_err(|e| format!("push settings: {}", e.to_string().trim()))?
-        .push;
+) -> Result<(), crate::push::error::PushFailure> {
     let origin = msg
         .import_info
         .as_ref()
         .map(crate::push::spool::Origin::from);
-    tracing::info!(%dest, disk = %disk.display(), "pushing the uploaded disk");
-    let summary = crate::push::push_with(&args, origin)
-        .await
-        .map_err(|e| format!("push failed: {e}"))?;
+    tracing::info!(dest = %push.dest_shown, disk = %push.source.display(), "pushing the uploaded disk");
+    let summary = crate::push::push(push, origin).await?;
     tracing::info!(summary = %serde_json::to_string(&summary).unwrap_or_default(), "pushed the uploaded disk");
     Ok(())
 }

@@ -286,6 +286,8 @@ impl<'w> State<'w> {
         Ok(())
     }
 
+    // One function on purpose (82 lines): every L2 entry form (standard, compressed,
+    // zero, unallocated) checked in the one loop that bounds it against the image.
     fn parse_l2(&mut self, guest_base: u64, table: &[u8]) -> Result<(), FormatError> {
         if (table.len() as u64) < self.cs {
             return Err(Qcow2Error::Truncated {

@@ -36,6 +36,10 @@ const STATE_FULLY_PRESENT: u64 = 6;
 const STATE_PARTIALLY_PRESENT: u64 = 7;
 
 /// Converts the VHDX image read from `r` into `writer`; the caller drains the rest.
+// One function on purpose (114 lines): the steps MS-VHDX prescribes in its order
+// (identifier, the newer valid header, region table, log, metadata, BAT walk), each
+// step's result feeding the next; split, each piece would take most of the others'
+// state. The vhdx fuzz target covers it whole.
 pub fn convert(
     r: &mut dyn Read,
     writer: &mut SparseWriter,
