@@ -100,8 +100,8 @@ pub struct ImportArgs {
     pub internal_panic_test: bool,
 
     // ---- what to import ----
-    /// Source type: http, registry, s3, gcs, none (blank disk). CDI's imageio and vddk
-    /// sources are refused with a one-line error (not implemented).
+    /// Source type: http, registry, s3, gcs, imageio, none (blank disk). CDI's vddk
+    /// source is refused with a one-line error (it needs VMware's proprietary library).
     #[arg(long, env = "IMPORTER_SOURCE", default_value = "http")]
     pub source: String,
     /// URL of the image (http(s)://..., or file:///path with --allow-local-files).
@@ -277,22 +277,44 @@ pub struct ImportArgs {
     #[arg(long = "registry-arch", env = "IMPORTER_REGISTRY_IMAGE_ARCHITECTURE")]
     pub registry_arch: Option<String>,
 
-    // ---- accepted for contract compatibility; used by CDI sources ferrydisk does not
-    // implement (imageio, vddk) ----
-    #[arg(long, env = "IMPORTER_DISK_ID", hide = true)]
+    // ---- imageio (oVirt/OLVM, Forklift's warm migrations) ----
+    /// The oVirt disk to import (`IMPORTER_SOURCE=imageio`).
+    #[arg(long = "disk-id", env = "IMPORTER_DISK_ID")]
     pub disk_id: Option<String>,
+    /// The snapshot (or the disk's image id) this stage copies.
+    #[arg(long = "current-checkpoint", env = "IMPORTER_CURRENT_CHECKPOINT")]
+    pub current_checkpoint: Option<String>,
+    /// The snapshot the previous stage copied: this stage is a delta applied onto it.
+    #[arg(long = "previous-checkpoint", env = "IMPORTER_PREVIOUS_CHECKPOINT")]
+    pub previous_checkpoint: Option<String>,
+    /// The last stage of a multi-stage import (`true`/`false`).
+    #[arg(long = "final-checkpoint", env = "IMPORTER_FINAL_CHECKPOINT")]
+    pub final_checkpoint: Option<String>,
+    /// How long an image transfer may stay `initializing` before the import gives up
+    /// (and cancels it), in seconds.
+    #[arg(
+        long = "imageio-transfer-timeout",
+        value_name = "SECONDS",
+        default_value_t = 300
+    )]
+    pub imageio_transfer_timeout: u64,
+    /// Seconds between tries while the engine says the disk is locked (CDI: 15).
+    #[arg(
+        long = "imageio-lock-wait",
+        value_name = "SECONDS",
+        default_value_t = 15,
+        hide = true
+    )]
+    pub imageio_lock_wait: u64,
+
+    // ---- accepted for contract compatibility; used by the vddk source, which needs
+    // VMware's proprietary library ----
     #[arg(long, env = "IMPORTER_UUID", hide = true)]
     pub uuid: Option<String>,
     #[arg(long, env = "IMPORTER_BACKING_FILE", hide = true)]
     pub backing_file: Option<String>,
     #[arg(long, env = "IMPORTER_THUMBPRINT", hide = true)]
     pub thumbprint: Option<String>,
-    #[arg(long, env = "IMPORTER_CURRENT_CHECKPOINT", hide = true)]
-    pub current_checkpoint: Option<String>,
-    #[arg(long, env = "IMPORTER_PREVIOUS_CHECKPOINT", hide = true)]
-    pub previous_checkpoint: Option<String>,
-    #[arg(long, env = "IMPORTER_FINAL_CHECKPOINT", hide = true)]
-    pub final_checkpoint: Option<String>,
 }
 
 impl ImportArgs {

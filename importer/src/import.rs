@@ -1,12 +1,13 @@
 //! `importer import`: the CDI importer's main flow (docs/cdi-contract.md section 1.5): pick the
 //! source, open it, hand it to the blocking write half in `disk.rs`.
 
-use crate::config::import::{ImportConfig, Net, SourceKind};
+use crate::config::import::{ImportConfig, SourceKind};
 use crate::destination::Destination;
-use crate::disk::{blocking, write_image, write_stream, DiskPlan};
+use crate::disk::{blocking, write_image, write_stream};
 use crate::failure::Failure;
 use crate::sources::image::ContainerImage;
-use crate::sources::{client, gcs, http, local_image, node, redact, registry, s3};
+use crate::sources::{gcs, http, local_image, node, redact, registry, s3};
+use crate::transfer::{connect_err, download, http_client, http_options};
 use ferrydisk_common::cdi::termination::TerminationMessage;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::stream::CountingReader;
@@ -40,6 +41,11 @@ async fn run_in_span(
         SourceKind::Registry => import_registry(plan, progress).await?,
         SourceKind::S3 => import_s3(plan, progress).await?,
         SourceKind::Gcs => import_gcs(plan, progress).await?,
+        SourceKind::Imageio => {
+            tracing::info!(source = "imageio", endpoint = %redact::url(&plan.endpoint), disk = %plan.imageio.disk_id, dest = %plan.disk.dest.path().display(), "starting import");
+            let client = http_client(&plan.net, "imageio", Vec::new())?;
+            crate::sources::imageio::import(plan, client, progress).await?
+        }
         SourceKind::Unsupported(source) => {
             return Err(Failure::Connect {
                 source_name: source.into(),
@@ -59,53 +65,6 @@ async fn run_in_span(
         }
     }
     Ok(Some(msg))
-}
-
-/// The HTTP client every URL source uses: CA dirs, proxies, TLS policy.
-fn http_client(
-    net: &Net,
-    source_name: &str,
-    localhost_names: Vec<String>,
-) -> Result<reqwest::Client, Failure> {
-    client::build(&client::ClientOptions {
-        ca_dirs: net.ca_dirs.iter().map(PathBuf::as_path).collect(),
-        insecure: net.insecure,
-        proxies: net.proxies.clone(),
-        localhost_names,
-    })
-    .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))
-}
-
-/// The download settings every URL source shares; object stores override a few. The
-/// extra headers (env and secret files) travel with the credentials: only to the URL's
-/// own origin.
-fn http_options(
-    net: &Net,
-    source_name: &str,
-    auth: http::Auth,
-    progress: Arc<Progress>,
-) -> Result<http::HttpOptions, Failure> {
-    let secret_headers = client::parse_headers(&net.extra_headers)
-        .map_err(|e| connect_err(source_name, ErrorKind::Config, e.to_string()))?;
-    Ok(http::HttpOptions {
-        auth,
-        if_match: false,
-        what: None,
-        credentials_hint: http::ACCESS_KEY_HINT,
-        retries: net.retries,
-        idle_timeout: net.idle_timeout,
-        progress,
-        secret_headers,
-        refuse_internal_redirects: net.refuse_internal_redirects,
-    })
-}
-
-fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failure {
-    Failure::Connect {
-        source_name: source_name.into(),
-        kind,
-        message,
-    }
 }
 
 async fn import_http(
@@ -137,40 +96,6 @@ async fn import_http(
         msg.labels = node::labels(&client, &endpoint).await;
     }
     Ok(msg)
-}
-
-/// Streams `url` onto the disk, starting again from byte 0 up to `max_restarts` times
-/// when the source changed under a resume.
-async fn download(
-    disk: DiskPlan,
-    client: &reqwest::Client,
-    url: &str,
-    opts: http::HttpOptions,
-    source_name: &str,
-    max_restarts: u32,
-) -> Result<TerminationMessage, Failure> {
-    let progress = opts.progress.clone();
-    let disk = Arc::new(disk);
-    let mut restarts = 0;
-    loop {
-        let download = http::open(client.clone(), url, opts.clone())
-            .await
-            .map_err(|e| connect_err(source_name, e.kind(), e.to_string()))?;
-        let content_length = download.content_length;
-        let reader = download.reader;
-        let (d, p) = (disk.clone(), progress.clone());
-        let result =
-            blocking(move || write_stream(&d, reader, content_length, p, None, false)).await;
-        match result {
-            // The destination was emptied when the attempt failed; a new one rewrites it.
-            Err(f) if f.kind() == ErrorKind::SourceChanged && restarts < max_restarts => {
-                restarts += 1;
-                tracing::warn!(restart = restarts, error = %f.detail(), "the source changed under a resumed download; importing again from byte 0");
-                progress.restart();
-            }
-            other => return other,
-        }
-    }
 }
 
 /// `IMPORTER_SOURCE=s3`: the object's URL and a SigV4 signer (anonymous without keys),

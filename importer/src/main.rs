@@ -18,6 +18,7 @@ mod report;
 mod serve_disk;
 mod size_detection;
 mod sources;
+mod transfer;
 mod upload;
 
 use clap::Parser;

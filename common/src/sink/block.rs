@@ -59,6 +59,9 @@ pub struct BlockTarget {
     /// Bytes that went through the page cache since the last checkpoint (everything
     /// without O_DIRECT; with it, unaligned writes and zeros written as zeros).
     buffered: u64,
+    /// The device holds a disk being changed in place ([`BlockTarget::over_existing`]):
+    /// nothing is zeroed ahead of random-order writes, nothing zeroed back on abort.
+    existing: bool,
 }
 
 impl BlockTarget {
@@ -95,6 +98,7 @@ impl BlockTarget {
             skip_zeros: false,
             flusher: None,
             buffered: 0,
+            existing: false,
         })
     }
 
@@ -123,6 +127,16 @@ impl BlockTarget {
 
     /// Trust that the device reads as zeros: zero runs cost nothing (`--target-zeroed`).
     /// Ignored with preallocation, which must leave the device allocated.
+    /// The device holds the disk of a previous stage, which this write changes in place
+    /// (a warm migration's delta): random-order writes do not clear the device first,
+    /// zero runs are zeroed, and a failure leaves the device as it stands (the next
+    /// attempt applies the delta again whole).
+    pub fn over_existing(mut self) -> Self {
+        self.existing = true;
+        self.skip_zeros = false;
+        self
+    }
+
     pub fn assume_zeroed(mut self, yes: bool) -> Self {
         self.skip_zeros = yes && self.zero_offload != Zeroing::Allocate;
         if self.skip_zeros {
@@ -273,6 +287,10 @@ impl Target for BlockTarget {
         // failed (or checksum-refused) import leaves no disk content behind.
         self.pending_zero = None;
         self.flusher = None;
+        if self.existing {
+            let _ = self.file.sync_all();
+            return;
+        }
         let end = self.written_end.min(self.size);
         if end > 0 {
             tracing::info!(device = %self.path.display(), bytes = end, "zeroing what the failed import wrote");
@@ -287,7 +305,7 @@ impl Target for BlockTarget {
         // Zero runs are only seen for bytes we write; with random-order writes the gaps
         // are never seen at all, so clear the image's range up front (offloaded to the
         // device where it supports write-zeroes).
-        if self.skip_zeros {
+        if self.skip_zeros || self.existing {
             return Ok(());
         }
         tracing::info!(device = %self.path.display(), bytes = len, "zeroing the image range before a random-order conversion");

@@ -22,6 +22,9 @@ pub struct FileTarget {
     preallocate: bool,
     /// Write-behind for checkpoints (buffered writes only), started at the first one.
     flusher: Option<Flusher>,
+    /// Opened over a disk that holds data ([`FileTarget::open_existing`]): zero runs are
+    /// zeroed, the file is never shortened, and a failure leaves it as it is.
+    existing: bool,
 }
 
 impl FileTarget {
@@ -60,7 +63,46 @@ impl FileTarget {
             buffered: 0,
             preallocate,
             flusher: None,
+            existing: false,
         })
+    }
+
+    /// Opens the disk at `path` as it is, to change part of it (a warm migration's
+    /// delta): nothing is truncated, zero runs are punched out (or written where the
+    /// filesystem cannot punch), and a failed write leaves the disk as it stands; the
+    /// delta is applied again whole by the next attempt.
+    pub fn open_existing(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        Ok(FileTarget {
+            path: path.to_path_buf(),
+            file,
+            direct: None,
+            buffered: 0,
+            preallocate: false,
+            flusher: None,
+            existing: true,
+        })
+    }
+
+    /// Zeroes `[offset, offset + len)` of an existing disk: a punched hole, else zeros.
+    fn zero_existing(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if fallocate(&self.file, flags, offset, len).is_ok() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            self.buffered += n as u64;
+            at += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -75,7 +117,10 @@ impl Target for FileTarget {
         }
     }
 
-    fn zero(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.existing {
+            return self.zero_existing(offset, len);
+        }
         Ok(()) // a hole in a freshly truncated file already reads as zeros
     }
 
@@ -88,7 +133,9 @@ impl Target for FileTarget {
 
     fn finish(&mut self, final_len: u64) -> io::Result<FinishInfo> {
         flush::settle(&mut self.flusher)?;
-        if self.file.metadata()?.len() != final_len {
+        let len = self.file.metadata()?.len();
+        // An existing disk is only ever grown (the disk the last stage sized stays).
+        if len != final_len && !(self.existing && final_len < len) {
             self.file.set_len(final_len)?;
         }
         let mut preallocated = false;
@@ -110,6 +157,11 @@ impl Target for FileTarget {
 
     fn abort(&mut self) {
         self.flusher = None;
+        if self.existing {
+            // The disk of earlier stages stays; the next attempt applies the delta again.
+            let _ = self.file.sync_all();
+            return;
+        }
         // A half-written disk must not look like a disk: empty it (and free its space).
         let _ = self.file.set_len(0);
         let _ = self.file.sync_all();
@@ -128,6 +180,31 @@ impl Target for FileTarget {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn an_existing_disk_is_changed_in_place_zeroed_where_asked_and_kept_on_abort() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, vec![0xffu8; 1 << 20]).expect("old content");
+        let mut t = FileTarget::open_existing(&p).expect("open");
+        t.write_at(4096, &[1u8; 4096]).expect("write");
+        t.zero(65536, 65536).expect("zero");
+        t.finish(512 << 10).expect("finish: never shortened");
+        let data = std::fs::read(&p).expect("read");
+        assert_eq!(data.len(), 1 << 20);
+        assert!(data[..4096].iter().all(|&b| b == 0xff), "untouched");
+        assert!(data[4096..8192].iter().all(|&b| b == 1), "written");
+        assert!(data[65536..131072].iter().all(|&b| b == 0), "zeroed");
+        assert!(data[131072..].iter().all(|&b| b == 0xff), "untouched");
+        let mut t = FileTarget::open_existing(&p).expect("open");
+        t.write_at(0, &[2u8; 512]).expect("write");
+        t.abort();
+        assert_eq!(
+            std::fs::read(&p).expect("read").len(),
+            1 << 20,
+            "kept on abort"
+        );
+    }
 
     #[test]
     fn truncates_and_sets_length_sparsely() {

@@ -19,9 +19,11 @@ pub enum SourceKind {
     Registry,
     S3,
     Gcs,
+    /// oVirt/OLVM through its engine API and ovirt-imageio.
+    Imageio,
     /// `none`: a blank disk.
     Blank,
-    /// CDI's sources ferrydisk does not implement (`imageio`, `vddk`).
+    /// CDI's source ferrydisk does not implement (`vddk`).
     Unsupported(&'static str),
 }
 
@@ -33,7 +35,7 @@ impl SourceKind {
             "s3" => SourceKind::S3,
             "gcs" => SourceKind::Gcs,
             "none" => SourceKind::Blank,
-            "imageio" => SourceKind::Unsupported("imageio"),
+            "imageio" => SourceKind::Imageio,
             "vddk" => SourceKind::Unsupported("vddk"),
             other => return Err(Failure::UnknownSource(other.to_string())),
         })
@@ -46,6 +48,7 @@ impl SourceKind {
             SourceKind::Registry => "registry",
             SourceKind::S3 => "s3",
             SourceKind::Gcs => "gcs",
+            SourceKind::Imageio => "imageio",
             SourceKind::Blank => "none",
             SourceKind::Unsupported(n) => n,
         }
@@ -98,6 +101,28 @@ pub struct NodePull {
     pub ready_timeout: Duration,
 }
 
+/// An oVirt disk, whole or one stage of a multi-stage (warm) import.
+#[derive(Debug, Clone, Default)]
+pub struct Imageio {
+    pub disk_id: String,
+    /// The snapshot (or the disk's image id) this stage copies.
+    pub current: Option<String>,
+    /// Set with `current`: the stage is a delta onto the disk the previous stage wrote.
+    pub previous: Option<String>,
+    pub last_stage: bool,
+    /// How long a transfer may stay `initializing`.
+    pub transfer_timeout: Duration,
+    /// Between tries while the disk is locked.
+    pub lock_wait: Duration,
+}
+
+impl Imageio {
+    /// A delta stage: a snapshot applied onto the previous one.
+    pub fn is_delta(&self) -> bool {
+        self.current.is_some() && self.previous.is_some()
+    }
+}
+
 /// One import: what to read, how to reach it, where it goes.
 pub struct ImportConfig {
     pub source: SourceKind,
@@ -110,6 +135,7 @@ pub struct ImportConfig {
     pub gcs_credentials: Option<PathBuf>,
     pub registry: Registry,
     pub node: NodePull,
+    pub imageio: Imageio,
 }
 
 impl ImportConfig {
@@ -184,6 +210,18 @@ impl ImportConfig {
                 done_file: a.done_file,
                 ready_timeout: Duration::from_secs(a.ready_timeout),
             },
+            imageio: Imageio {
+                disk_id: a.disk_id.unwrap_or_default(),
+                current: nonempty(a.current_checkpoint),
+                previous: nonempty(a.previous_checkpoint),
+                last_stage: a
+                    .final_checkpoint
+                    .as_deref()
+                    .and_then(parse_go_bool)
+                    .unwrap_or(false),
+                transfer_timeout: Duration::from_secs(a.imageio_transfer_timeout.max(1)),
+                lock_wait: Duration::from_secs(a.imageio_lock_wait),
+            },
         })
     }
 
@@ -211,6 +249,7 @@ impl ImportConfig {
             gcs_credentials: None,
             registry,
             node: NodePull::default(),
+            imageio: Imageio::default(),
         }
     }
 

@@ -4,6 +4,7 @@ pub mod client;
 pub mod gcs;
 pub mod http;
 pub mod image;
+pub mod imageio;
 pub mod local_image;
 pub mod mirrors;
 pub mod node;

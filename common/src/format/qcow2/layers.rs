@@ -21,6 +21,10 @@ pub struct Stack {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The layer below the stack is an existing disk (a delta applied onto the disk a
+    /// previous stage wrote): a zero cluster a layer decides must be written as zeros,
+    /// since what lies below does not read as zeros.
+    overlay: bool,
     cluster_bits: u32,
     virtual_size: u64,
     claimed: Vec<u64>,
@@ -29,6 +33,23 @@ struct State {
 }
 
 impl Stack {
+    /// A stack over an existing disk: its layers decide clusters of a disk that already
+    /// holds data (a warm migration's delta). Unallocated clusters leave the disk as it
+    /// is; zero clusters zero it.
+    pub fn overlay() -> Self {
+        Stack {
+            inner: Mutex::new(State {
+                overlay: true,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Whether the stack lies over an existing disk ([`Stack::overlay`]).
+    pub fn is_overlay(&self) -> bool {
+        self.inner.lock().expect("layer stack").overlay
+    }
+
     /// A layer's header, before its tables are read. Returns whether it is the top
     /// layer (the first one begun), which alone sizes and prepares the disk.
     pub fn begin(&self, h: &Header, backing: Option<String>) -> Result<bool, Qcow2Error> {

@@ -165,6 +165,15 @@ impl<'w> State<'w> {
         }
     }
 
+    /// Writes a zero cluster at `guest` (clipped to the disk): the sink turns it into
+    /// a hole or a zeroed range.
+    fn zero_cluster(&mut self, guest: u64) -> Result<(), FormatError> {
+        let len = self.cs.min(self.h.virtual_size - guest) as usize;
+        let zeros = vec![0u8; len];
+        self.writer.write_at(guest, &zeros)?;
+        Ok(())
+    }
+
     fn run(&mut self, r: &mut dyn Read) -> Result<(), FormatError> {
         let mut buf = vec![0u8; self.cs as usize];
         let mut pos = self.cs;
@@ -318,6 +327,12 @@ impl<'w> State<'w> {
                 let host = entry & L2_OFFSET_MASK;
                 let decided = entry & (COMPRESSED | ZERO_FLAG) != 0 || host != 0;
                 if !decided || !stack.claim(guest) {
+                    continue;
+                }
+                // Over an existing disk a zero cluster zeroes what is there (a fresh
+                // disk already reads as zeros).
+                if entry & ZERO_FLAG != 0 && entry & COMPRESSED == 0 && stack.is_overlay() {
+                    self.zero_cluster(guest)?;
                     continue;
                 }
             }
