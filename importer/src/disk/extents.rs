@@ -22,45 +22,75 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// Opens `[start, start + length)` of the source for reading.
+pub type OpenRange = dyn Fn(u64, u64) -> std::io::Result<Box<dyn Read>> + Send + Sync;
+
+/// The data is read in pieces of at most this many bytes, each over one request.
+const PIECE: u64 = 32 << 20;
+/// Pieces read and not yet written, at most (1 MiB each).
+const QUEUED: usize = 8;
+
 /// Writes the disk of `size` bytes whose runs are `extents` (contiguous from 0),
-/// reading each data extent through `open(start, length)`.
+/// reading the data extents through `open(start, length)` on `readers` connections at
+/// once (the daemon serves each connection from one thread; a single one is bounded by
+/// it), while this thread writes what they read, in bounded memory.
 pub fn write_extents(
     plan: &DiskPlan,
     size: u64,
     extents: &[Extent],
-    open: &mut dyn FnMut(u64, u64) -> std::io::Result<Box<dyn Read>>,
+    open: Arc<OpenRange>,
+    readers: usize,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     let data: u64 = extents.iter().filter(|e| !e.zero).map(|e| e.length).sum();
     progress.set_source_total(Some(data));
     progress.set_virtual_total(Some(size));
+    let mut pieces = std::collections::VecDeque::new();
+    for e in extents.iter().filter(|e| !e.zero) {
+        let mut at = e.start;
+        while at < e.start + e.length {
+            let len = PIECE.min(e.start + e.length - at);
+            pieces.push_back((at, len));
+            at += len;
+        }
+    }
     let mut disk = open_disk(plan, progress.clone(), Some(data))?;
     let sink = |e: SinkError| process_failure(PipelineError::Sink(e));
     let result = (|| {
         disk.writer.prepare_random(size).map_err(sink)?;
-        let mut buf = vec![0u8; 1 << 20];
-        for e in extents.iter().filter(|e| !e.zero) {
-            let mut r = open(e.start, e.length)
-                .map_err(|err| io_fail(format!("reading bytes {}+{}", e.start, e.length), err))?;
-            let mut at = e.start;
-            while at < e.start + e.length {
-                let want = buf.len().min((e.start + e.length - at) as usize);
-                let n = r
-                    .read(&mut buf[..want])
-                    .map_err(|err| io_fail(format!("reading byte {at}"), err))?;
-                if n == 0 {
-                    return Err(io_fail(
-                        format!("the extent at {} ended at {at}", e.start),
-                        std::io::ErrorKind::UnexpectedEof.into(),
-                    ));
+        let queue = Arc::new(std::sync::Mutex::new(pieces));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>), Failure>>(QUEUED);
+        let workers: Vec<_> = (0..readers.max(1))
+            .map(|_| {
+                let (queue, tx, open) = (queue.clone(), tx.clone(), open.clone());
+                std::thread::spawn(move || read_pieces(&queue, &tx, open.as_ref()))
+            })
+            .collect();
+        drop(tx);
+        let mut written = Ok(());
+        for got in rx.iter() {
+            match got.and_then(|(at, buf)| {
+                disk.writer
+                    .write_at(at, &buf)
+                    .map_err(sink)
+                    .map(|()| buf.len())
+            }) {
+                Ok(n) => {
+                    progress.add_source(n as u64);
+                    progress.add_decoded(n as u64);
                 }
-                disk.writer.write_at(at, &buf[..n]).map_err(sink)?;
-                progress.add_source(n as u64);
-                progress.add_decoded(n as u64);
-                at += n as u64;
+                Err(f) => {
+                    written = Err(f);
+                    break;
+                }
             }
         }
-        Ok(())
+        // Stops the readers (their sends fail) before they are joined.
+        drop(rx);
+        for w in workers {
+            let _ = w.join();
+        }
+        written
     })();
     match result {
         Ok(()) => {
@@ -74,6 +104,54 @@ pub fn write_extents(
         Err(f) => {
             disk.writer.abort();
             Err(f)
+        }
+    }
+}
+
+/// One reader: takes pieces off the queue until it is empty (or the writer stopped),
+/// sending each as 1 MiB chunks.
+fn read_pieces(
+    queue: &std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    tx: &std::sync::mpsc::SyncSender<Result<(u64, Vec<u8>), Failure>>,
+    open: &OpenRange,
+) {
+    loop {
+        let Some((start, len)) = queue.lock().ok().and_then(|mut q| q.pop_front()) else {
+            return;
+        };
+        let sent = (|| {
+            let mut r =
+                open(start, len).map_err(|e| io_fail(format!("reading bytes {start}+{len}"), e))?;
+            let mut at = start;
+            while at < start + len {
+                let mut buf = vec![0u8; (1usize << 20).min((start + len - at) as usize)];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = r
+                        .read(&mut buf[filled..])
+                        .map_err(|e| io_fail(format!("reading byte {}", at + filled as u64), e))?;
+                    if n == 0 {
+                        return Err(io_fail(
+                            format!("the range at {start} ended at {}", at + filled as u64),
+                            std::io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                    filled += n;
+                }
+                if tx.send(Ok((at, buf))).is_err() {
+                    return Ok(false);
+                }
+                at += filled as u64;
+            }
+            Ok(true)
+        })();
+        match sent {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(f) => {
+                let _ = tx.send(Err(f));
+                return;
+            }
         }
     }
 }

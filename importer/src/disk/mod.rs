@@ -17,7 +17,7 @@ mod plan;
 mod stream;
 
 pub use delta::write_delta;
-pub use extents::{write_extents, Extent};
+pub use extents::{write_extents, Extent, OpenRange};
 pub use image::write_image;
 pub use plan::{DiskPlan, DiskRequest, Inspected, Output, Parsing, StreamSink};
 pub use stream::{blocking, write_raw, write_stream};

@@ -163,6 +163,7 @@ pub struct RangeReader {
 
 impl RangeReader {
     pub fn new(
+        rt: tokio::runtime::Handle,
         client: Client,
         url: String,
         idle: Duration,
@@ -174,7 +175,7 @@ impl RangeReader {
             client,
             url,
             idle,
-            rt: tokio::runtime::Handle::current(),
+            rt,
             at: start,
             end: start + length,
             retries,

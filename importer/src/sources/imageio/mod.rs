@@ -30,6 +30,10 @@ use ferrydisk_common::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Connections reading data extents at once (imageio serves each from one thread and
+/// allows 8 readers per ticket).
+const READERS: usize = 2;
+
 fn connect_err(kind: ErrorKind, message: String) -> Failure {
     Failure::Connect {
         source_name: "imageio".into(),
@@ -188,21 +192,20 @@ async fn copy(
             "reading only the data extents"
         );
         let disk = plan.disk.for_volume();
-        let url = url.to_string();
-        return blocking(move || {
-            let mut open = |start: u64, length: u64| -> std::io::Result<Box<dyn std::io::Read>> {
-                Ok(Box::new(data::RangeReader::new(
-                    client.clone(),
-                    url.clone(),
-                    idle,
-                    start,
-                    length,
-                    retries,
-                )))
-            };
-            write_extents(&disk, size, &extents, &mut open, progress)
-        })
-        .await;
+        let (url, rt) = (url.to_string(), tokio::runtime::Handle::current());
+        let open: Arc<crate::disk::OpenRange> = Arc::new(move |start: u64, length: u64| {
+            Ok(Box::new(data::RangeReader::new(
+                rt.clone(),
+                client.clone(),
+                url.clone(),
+                idle,
+                start,
+                length,
+                retries,
+            )) as Box<dyn std::io::Read>)
+        });
+        return blocking(move || write_extents(&disk, size, &extents, open, READERS, progress))
+            .await;
     }
     let opts = crate::transfer::http_options(
         &plan.net,
