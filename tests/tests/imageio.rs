@@ -60,6 +60,9 @@ impl Engine {
         let ca_dir = dir.join("ca");
         std::fs::create_dir_all(&ca_dir).expect("mkdir");
         std::fs::copy(pki.path("ca.crt"), ca_dir.join("ca.crt")).expect("ca");
+        // What `openssl x509 -CAcreateserial` leaves beside a CA: not a certificate,
+        // skipped with a warning as CDI's loadCA skips it.
+        std::fs::write(ca_dir.join("ca.srl"), "3F\n").expect("serial");
         Engine {
             child,
             port,

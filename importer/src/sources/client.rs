@@ -14,8 +14,6 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    #[error("CA certificate {path} holds no usable PEM certificate: {message}")]
-    BadCert { path: PathBuf, message: String },
     #[error("invalid extra header {0:?}: expected `Name: value`")]
     Header(String),
     #[error("invalid proxy {0:?}")]
@@ -99,17 +97,19 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
                 path: path.clone(),
                 source,
             })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::BadCert {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            if certs.is_empty() {
-                return Err(ClientError::BadCert {
-                    path,
-                    message: "no certificate found".into(),
-                });
-            }
+            // A file with no certificate in it (a ConfigMap's other key, a CA's serial
+            // file) is skipped with a warning, as CDI's loadCA does.
+            let certs = match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "no certificate in this file of the CA directory; skipped");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "no usable certificate in this file of the CA directory; skipped");
+                    continue;
+                }
+            };
             for c in certs {
                 b = b.add_root_certificate(c);
             }
