@@ -41,4 +41,7 @@ ensure_python_packages() {
 TEST_PACKAGES+=(yamllint python3-pip)
 # The S3 tests' server: moto's standalone S3 server (flask_cors is only there with the
 # [server] extra; boto3 and cryptography come with it, the GCS stand-in uses the latter).
-TEST_PYTHON_PACKAGES=(kubernetes-validate "flask_cors=moto[server]")
+# The imageio tests' data server: the real ovirt-imageio daemon, whose sdist builds a C
+# extension (a compiler and Python's headers), serving raw disks through qemu-nbd.
+TEST_PYTHON_PACKAGES=(kubernetes-validate "flask_cors=moto[server]" "ovirt_imageio=ovirt-imageio==2.5.1")
+TEST_PACKAGES+=(gcc python3-dev)

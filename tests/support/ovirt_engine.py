@@ -120,8 +120,11 @@ class = logging.StreamHandler
 args = ()
 formatter = long
 """)
+# Started through this interpreter (what `ovirt-imageio` itself runs): the script may not
+# be on PATH after a `python3 -m pip install` (pyenv makes its shims on rehash only).
 daemon = subprocess.Popen(
-    ["ovirt-imageio", "--conf-dir", a.workdir],
+    [sys.executable, "-c", "from ovirt_imageio._internal import server; server.main()",
+     "--conf-dir", a.workdir],
     stdout=open(os.path.join(a.workdir, "imageio.log"), "w"),
     stderr=subprocess.STDOUT,
     preexec_fn=die_with_parent,
