@@ -132,6 +132,14 @@ fn one_disk(file: &Path, format: &str, snapshots: Value) -> Value {
     }})
 }
 
+/// `dir/disk.raw` (a sparse raw disk) as the engine's one disk, under `behaviour`.
+fn raw_disk_engine(dir: &Path, behaviour: &str) -> (PathBuf, Engine) {
+    let raw = dir.join("disk.raw");
+    sparse_raw(&raw);
+    let engine = Engine::start(dir, one_disk(&raw, "raw", json!({})), behaviour);
+    (raw, engine)
+}
+
 fn disk_of(run: &Path) -> PathBuf {
     run.join("data/disk.img")
 }
@@ -139,9 +147,7 @@ fn disk_of(run: &Path) -> PathBuf {
 #[test]
 fn a_whole_disk_downloads_only_its_data_extents_and_the_transfer_is_finalized() {
     let d = tmp();
-    let raw = d.path().join("disk.raw");
-    sparse_raw(&raw);
-    let engine = Engine::start(d.path(), one_disk(&raw, "raw", json!({})), "normal");
+    let (raw, engine) = raw_disk_engine(d.path(), "normal");
     let run = d.path().join("run");
     let o = engine.importer(&run, None, None).run();
     o.assert_success();
@@ -354,9 +360,7 @@ fn a_delta_whose_backing_file_is_not_the_previous_checkpoint_is_refused_before_w
 /// (if one was created) cancelled so the engine does not keep the disk locked.
 fn fails(behaviour: &str, env: &[(&str, &str)], args: &[&str], want: &str, transfers: usize) {
     let d = tmp();
-    let raw = d.path().join("disk.raw");
-    sparse_raw(&raw);
-    let engine = Engine::start(d.path(), one_disk(&raw, "raw", json!({})), behaviour);
+    let (_, engine) = raw_disk_engine(d.path(), behaviour);
     let run = d.path().join("run");
     let mut i = engine.importer(&run, None, None);
     for (k, v) in env {
@@ -424,9 +428,7 @@ fn a_transfer_stuck_initializing_or_failed_is_cancelled() {
 fn a_locked_disk_is_waited_for_and_a_proxy_url_is_used_when_no_transfer_url() {
     for behaviour in ["locked-once", "no-transfer-url"] {
         let d = tmp();
-        let raw = d.path().join("disk.raw");
-        sparse_raw(&raw);
-        let engine = Engine::start(d.path(), one_disk(&raw, "raw", json!({})), behaviour);
+        let (raw, engine) = raw_disk_engine(d.path(), behaviour);
         let run = d.path().join("run");
         engine
             .importer(&run, None, None)
@@ -436,6 +438,12 @@ fn a_locked_disk_is_waited_for_and_a_proxy_url_is_used_when_no_transfer_url() {
             .assert_success();
         assert_same_bytes(&disk_of(&run), &raw);
         assert_eq!(engine.count("finalize"), 1, "{behaviour}");
+        let locked = usize::from(behaviour == "locked-once");
+        assert_eq!(
+            engine.count("locked"),
+            locked,
+            "{behaviour}: the disk was locked once"
+        );
     }
 }
 

@@ -59,31 +59,45 @@ pub fn write_extents(
     let result = (|| {
         disk.writer.prepare_random(size).map_err(sink)?;
         let queue = Arc::new(std::sync::Mutex::new(pieces));
+        // Buffers go back to the readers once written: at most QUEUED + readers exist.
+        let free: Arc<Pool> = Arc::default();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>), Failure>>(QUEUED);
         let workers: Vec<_> = (0..readers.max(1))
             .map(|_| {
-                let (queue, tx, open) = (queue.clone(), tx.clone(), open.clone());
-                std::thread::spawn(move || read_pieces(&queue, &tx, open.as_ref()))
+                let (queue, free, tx, open) =
+                    (queue.clone(), free.clone(), tx.clone(), open.clone());
+                std::thread::spawn(move || read_pieces(&queue, &free, &tx, open.as_ref()))
             })
             .collect();
         drop(tx);
         let mut written = Ok(());
+        let mut total = 0u64;
         for got in rx.iter() {
-            match got.and_then(|(at, buf)| {
-                disk.writer
-                    .write_at(at, &buf)
-                    .map_err(sink)
-                    .map(|()| buf.len())
-            }) {
-                Ok(n) => {
-                    progress.add_source(n as u64);
-                    progress.add_decoded(n as u64);
+            match got
+                .and_then(|(at, buf)| disk.writer.write_at(at, &buf).map_err(sink).map(|()| buf))
+            {
+                Ok(buf) => {
+                    let n = buf.len() as u64;
+                    total += n;
+                    progress.add_source(n);
+                    progress.add_decoded(n);
+                    if let Ok(mut f) = free.lock() {
+                        f.push(buf);
+                    }
                 }
                 Err(f) => {
                     written = Err(f);
                     break;
                 }
             }
+        }
+        // Every data byte came, or the disk is not reported (a reader that stopped
+        // without saying why leaves a gap).
+        if written.is_ok() && total != data {
+            written = Err(io_fail(
+                format!("{total} of the image's {data} data bytes were read"),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
         }
         // Stops the readers (their sends fail) before they are joined.
         drop(rx);
@@ -108,10 +122,17 @@ pub fn write_extents(
     }
 }
 
+/// Buffers the writer is done with.
+type Pool = std::sync::Mutex<Vec<Vec<u8>>>;
+
+/// Bytes per buffer handed from a reader to the writer.
+const CHUNK: usize = 1 << 20;
+
 /// One reader: takes pieces off the queue until it is empty (or the writer stopped),
-/// sending each as 1 MiB chunks.
+/// sending each as 1 MiB chunks in buffers the writer hands back.
 fn read_pieces(
     queue: &std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    free: &Pool,
     tx: &std::sync::mpsc::SyncSender<Result<(u64, Vec<u8>), Failure>>,
     open: &OpenRange,
 ) {
@@ -124,7 +145,13 @@ fn read_pieces(
                 open(start, len).map_err(|e| io_fail(format!("reading bytes {start}+{len}"), e))?;
             let mut at = start;
             while at < start + len {
-                let mut buf = vec![0u8; (1usize << 20).min((start + len - at) as usize)];
+                let want = CHUNK.min((start + len - at) as usize);
+                let mut buf = free
+                    .lock()
+                    .ok()
+                    .and_then(|mut f| f.pop())
+                    .unwrap_or_default();
+                buf.resize(want, 0);
                 let mut filled = 0;
                 while filled < buf.len() {
                     let n = r

@@ -133,6 +133,9 @@ struct State<'w> {
     pool: Option<DecodePool>,
     /// Set for a layer of a layered image.
     layers: Option<std::sync::Arc<super::layers::Stack>>,
+    /// One cluster of zeros, made the first time a zero cluster is written over an
+    /// existing disk (an overlay stack).
+    zeros: Vec<u8>,
 }
 
 impl<'w> State<'w> {
@@ -161,6 +164,7 @@ impl<'w> State<'w> {
             mapping_done: l1_bytes == 0,
             eof: None,
             pool: None,
+            zeros: Vec::new(),
             h,
         }
     }
@@ -169,8 +173,10 @@ impl<'w> State<'w> {
     /// a hole or a zeroed range.
     fn zero_cluster(&mut self, guest: u64) -> Result<(), FormatError> {
         let len = self.cs.min(self.h.virtual_size - guest) as usize;
-        let zeros = vec![0u8; len];
-        self.writer.write_at(guest, &zeros)?;
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; self.cs as usize];
+        }
+        self.writer.write_at(guest, &self.zeros[..len])?;
         Ok(())
     }
 
@@ -295,7 +301,7 @@ impl<'w> State<'w> {
         Ok(())
     }
 
-    // One function on purpose (82 lines): every L2 entry form (standard, compressed,
+    // One function on purpose (88 lines): every L2 entry form (standard, compressed,
     // zero, unallocated) checked in the one loop that bounds it against the image.
     fn parse_l2(&mut self, guest_base: u64, table: &[u8]) -> Result<(), FormatError> {
         if (table.len() as u64) < self.cs {

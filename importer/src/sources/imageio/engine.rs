@@ -302,7 +302,8 @@ impl Engine {
         body["direction"] = "download".into();
         body["format"] = format.into();
         body["inactivity_timeout"] = 60.into();
-        for attempt in 0..40 {
+        let mut attempt = 0;
+        loop {
             match self
                 .call(
                     Method::POST,
@@ -320,11 +321,11 @@ impl Engine {
                         "the disk is locked; waiting to create the transfer"
                     );
                     tokio::time::sleep(lock_wait).await;
+                    attempt += 1;
                 }
                 other => return transfer(&other?),
             }
         }
-        locked_too_long()
     }
 
     /// Polls the transfer until it is `transferring` (within `timeout`).
@@ -379,14 +380,6 @@ impl Engine {
         .await
         .map(|_| ())
     }
-}
-
-/// After forty tries the last answer is returned above; this is for the compiler.
-fn locked_too_long() -> Result<Transfer, EngineError> {
-    Err(EngineError::Answer {
-        what: "creating the image transfer".into(),
-        detail: "the disk stayed locked".into(),
-    })
 }
 
 fn transfer(v: &Value) -> Result<Transfer, EngineError> {
