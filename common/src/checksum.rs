@@ -62,6 +62,8 @@ pub enum ChecksumError {
         "invalid Content-Digest {0:?}: expected sha-256=:base64: or sha-512=:base64: (RFC 9530)"
     )]
     InvalidContentDigest(String),
+    #[error("a {0} digest came at the end of the upload, but {0} was not named in the checksum metadata when the upload was created")]
+    NotHashed(String),
     #[error("two different {0} digests were given; give at most one per algorithm")]
     Conflicting(String),
     #[error("checksum mismatch: expected {algorithm}:{expected}, got {algorithm}:{actual}")]
@@ -195,6 +197,71 @@ impl Checksum {
 impl std::fmt::Display for Checksum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.algorithm, self.expected)
+    }
+}
+
+/// Hashers fed by hand, for bytes that do not pass through one reader (a resumable
+/// upload's body arrives over many requests): one per algorithm, checked at the end
+/// against digests that may only be known then.
+pub struct Digests {
+    hashers: Vec<(String, Box<dyn DynDigest + Send>)>,
+}
+
+impl Digests {
+    /// Hashers for these algorithms (names as [`Checksum::parse`] takes them; unknown
+    /// ones are refused, repeats hashed once).
+    pub fn new<'a>(algorithms: impl IntoIterator<Item = &'a str>) -> Result<Self, ChecksumError> {
+        let mut hashers: Vec<(String, Box<dyn DynDigest + Send>)> = Vec::new();
+        for alg in algorithms {
+            let alg = alg.trim().to_ascii_lowercase();
+            if hex_len(&alg).is_none() {
+                return Err(ChecksumError::Invalid(clip(&alg)));
+            }
+            if hashers.iter().all(|(a, _)| *a != alg) {
+                let probe = Checksum {
+                    algorithm: alg.clone(),
+                    expected: String::new(),
+                };
+                hashers.push((alg, probe.hasher()));
+            }
+        }
+        Ok(Digests { hashers })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashers.is_empty()
+    }
+
+    pub fn algorithms(&self) -> impl Iterator<Item = &str> {
+        self.hashers.iter().map(|(a, _)| a.as_str())
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        for (_, h) in &mut self.hashers {
+            h.update(data);
+        }
+    }
+
+    /// Every wanted digest against its hasher; one that no hasher ran for is refused.
+    pub fn check(self, wants: &[Checksum]) -> Result<(), ChecksumError> {
+        let mut done: Vec<(String, String)> = self
+            .hashers
+            .into_iter()
+            .map(|(a, h)| (a, hex::encode(h.finalize())))
+            .collect();
+        for want in wants {
+            let Some((_, actual)) = done.iter_mut().find(|(a, _)| *a == want.algorithm) else {
+                return Err(ChecksumError::NotHashed(want.algorithm.clone()));
+            };
+            if *actual != want.expected {
+                return Err(ChecksumError::Mismatch {
+                    algorithm: want.algorithm.clone(),
+                    expected: want.expected.clone(),
+                    actual: std::mem::take(actual),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -26,5 +26,6 @@ pub mod sniff;
 pub mod stream;
 #[cfg(feature = "server")]
 pub mod tls_failure;
+pub mod tus;
 
 pub use error::ErrorKind;

@@ -43,5 +43,5 @@ TEST_PACKAGES+=(yamllint python3-pip)
 # [server] extra; boto3 and cryptography come with it, the GCS stand-in uses the latter).
 # The imageio tests' data server: the real ovirt-imageio daemon, whose sdist builds a C
 # extension (a compiler and Python's headers), serving raw disks through qemu-nbd.
-TEST_PYTHON_PACKAGES=(kubernetes-validate "flask_cors=moto[server]" "ovirt_imageio=ovirt-imageio==2.5.1")
+TEST_PYTHON_PACKAGES=(kubernetes-validate "flask_cors=moto[server]" "ovirt_imageio=ovirt-imageio==2.5.1" "tusclient=tuspy")
 TEST_PACKAGES+=(gcc python3-dev)

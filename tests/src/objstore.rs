@@ -204,6 +204,7 @@ pub struct DropProxy {
     pub port: u16,
     cut: PathBuf,
     release: PathBuf,
+    stats: PathBuf,
 }
 
 impl DropProxy {
@@ -214,6 +215,15 @@ impl DropProxy {
     /// Cuts the client's bytes towards `port` instead: an upload broken mid-body.
     pub fn start_upward(dir: &Path, port: u16, after: u64, drops: u32) -> Self {
         Self::spawn(dir, port, after, drops, false, true, &[])
+    }
+
+    /// Bytes carried in the counted direction so far over all connections, and the
+    /// cuts made.
+    pub fn carried(&self) -> (u64, u32) {
+        let s = std::fs::read_to_string(&self.stats).unwrap_or_default();
+        let mut it = s.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        let bytes = it.next().unwrap_or(0);
+        (bytes, it.next().unwrap_or(0) as u32)
     }
 
     /// The client's bytes towards `port` stall for `secs` after `after` bytes, on the
@@ -240,6 +250,7 @@ impl DropProxy {
     ) -> Self {
         let cut = dir.join("cut");
         let release = dir.join("release");
+        let stats = dir.join(format!("drop-stats-{port}"));
         let to = port.to_string();
         let after = after.to_string();
         let drops = drops.to_string();
@@ -252,6 +263,7 @@ impl DropProxy {
             drops.as_ref(),
         ];
         args.extend(["--cut-file".as_ref(), cut.as_os_str()]);
+        args.extend(["--stats".as_ref(), stats.as_os_str()]);
         if hold {
             args.extend(["--hold-file".as_ref(), release.as_os_str()]);
         }
@@ -265,6 +277,7 @@ impl DropProxy {
             port,
             cut,
             release,
+            stats,
         }
     }
 

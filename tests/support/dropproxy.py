@@ -14,6 +14,9 @@ bytes (open, nothing sent either way in that direction), then carry on: a link t
 stalls. With --rate, the counted direction is paced to BYTES_PER_SECOND throughout: a
 slow link.
 
+With --stats FILE, FILE holds the bytes carried in the counted direction over all
+connections so far (and the cuts made), rewritten as they change: what a drop cost.
+
 With --cut-file, F is created at the first cut; with --hold-file, connections made
 after a cut wait until G exists: a test changes the source in between, deterministically.
 """
@@ -30,7 +33,21 @@ p.add_argument("--hold-file")
 p.add_argument("--up", action="store_true")
 p.add_argument("--stall", type=float)
 p.add_argument("--rate", type=float)
+p.add_argument("--stats")
 a = p.parse_args()
+carried = [0]
+cuts = [0]
+
+
+def write_stats():
+    if not a.stats:
+        return
+    import os
+
+    tmp = a.stats + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("%d %d\n" % (carried[0], cuts[0]))
+    os.replace(tmp, a.stats)
 cut_seen = threading.Event()
 lock = threading.Lock()
 left = [a.drops]
@@ -59,6 +76,10 @@ def pipe(src, dst, limit, counted=False):
                         left[0] -= 1
                 if hit:
                     dst.sendall(data[: limit - sent])
+                    with lock:
+                        carried[0] += limit - sent
+                        cuts[0] += 1
+                        write_stats()
                     cut_seen.set()
                     if a.cut_file:
                         open(a.cut_file, "w").close()
@@ -70,8 +91,14 @@ def pipe(src, dst, limit, counted=False):
                 limit = None
             dst.sendall(data)
             sent += len(data)
+            if counted:
+                with lock:
+                    carried[0] += len(data)
     except OSError:
         pass
+    if counted:
+        with lock:
+            write_stats()
     for s in (src, dst):
         try:
             s.shutdown(socket.SHUT_RDWR)
@@ -84,6 +111,7 @@ srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0))
 srv.listen(64)
+write_stats()
 print("PORT %d" % srv.getsockname()[1], flush=True)
 
 

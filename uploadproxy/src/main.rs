@@ -227,9 +227,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for p in ferrydisk_common::cdi::upload::client_paths() {
         router = router.route(&p, any(proxy::with_header));
     }
-    // CDI wraps the proxy in an allow-all CORS handler (browser uploads).
+    // Resumable uploads (tus): the creation URL and each upload under it.
+    let resumable = ferrydisk_common::cdi::upload::RESUMABLE;
+    router = router
+        .route(resumable, any(proxy::resumable))
+        .route(&format!("{resumable}/{{id}}"), any(proxy::resumable));
+    // CDI wraps the proxy in an allow-all CORS handler (browser uploads); a browser's
+    // tus client (Uppy, tus-js-client) also reads the tus headers of the answers.
     let router = router
-        .layer(tower_http::cors::CorsLayer::very_permissive())
+        .layer(
+            tower_http::cors::CorsLayer::very_permissive()
+                .expose_headers(proxy::TUS_HEADERS.map(axum::http::HeaderName::from_static)),
+        )
         .layer(axum::middleware::from_fn(proxy::access_log))
         .with_state(app);
     serve(&args, router).await

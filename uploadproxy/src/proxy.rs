@@ -40,6 +40,37 @@ pub async fn with_header(State(app): State<Arc<App>>, req: Request<Body>) -> Res
     forward(app, token, path, req).await
 }
 
+/// The headers of tus answers a browser's script may read.
+pub const TUS_HEADERS: [&str; 8] = [
+    "location",
+    "upload-offset",
+    "upload-length",
+    "upload-metadata",
+    "tus-resumable",
+    "tus-version",
+    "tus-extension",
+    "tus-checksum-algorithm",
+];
+
+/// Resumable uploads (tus): `OPTIONS` answered here, without a token (it only says
+/// what the protocol offers); every other request as any upload, its token checked.
+pub async fn resumable(State(app): State<Arc<App>>, req: Request<Body>) -> Response<Body> {
+    use ferrydisk_common::tus;
+    if req.method() == axum::http::Method::OPTIONS {
+        let mut r = text(StatusCode::NO_CONTENT, "");
+        for (k, v) in [
+            ("tus-resumable", tus::VERSION),
+            ("tus-version", tus::VERSION),
+            ("tus-extension", tus::EXTENSIONS),
+            ("tus-checksum-algorithm", tus::CHECKSUM_ALGORITHMS),
+        ] {
+            r.headers_mut().insert(k, HeaderValue::from_static(v));
+        }
+        return r;
+    }
+    with_header(State(app), req).await
+}
+
 /// `curl -T disk.img https://proxy/upload/<token>`: the token in the path, for clients
 /// that cannot set headers.
 pub async fn with_path_token(

@@ -31,8 +31,12 @@ pub struct InvalidContentType(pub String);
 
 /// CDI's rewrite by the PVC's content type: archive PVCs take the archive endpoint.
 pub fn path_for(content_type: &str, request_path: &str) -> Result<String, InvalidContentType> {
+    let resumable = request_path.starts_with(ferrydisk_common::cdi::upload::RESUMABLE);
     match content_type {
         "" | "kubevirt" => Ok(request_path.to_string()),
+        "archive" if resumable => Err(InvalidContentType(
+            "archive (an archive upload is not resumable: use /v1beta1/upload)".into(),
+        )),
         "archive" if request_path.contains("alpha") => Ok("/v1alpha1/upload-archive".into()),
         "archive" => Ok("/v1beta1/upload-archive".into()),
         other => Err(InvalidContentType(other.to_string())),
@@ -62,5 +66,10 @@ mod tests {
             Ok("/v1beta1/upload-async".into())
         );
         assert!(path_for("weird", "/v1beta1/upload").is_err());
+        assert!(path_for("archive", "/v1beta1/upload-resumable/ab").is_err());
+        assert_eq!(
+            path_for("kubevirt", "/v1beta1/upload-resumable/ab"),
+            Ok("/v1beta1/upload-resumable/ab".into())
+        );
     }
 }

@@ -52,6 +52,35 @@ pub fn client_paths() -> impl Iterator<Item = String> {
     })
 }
 
+/// The tus creation URL (docs/upload.md, "Resumable uploads"): `POST` here creates an
+/// upload whose `Location` is under it.
+pub const RESUMABLE: &str = "/v1beta1/upload-resumable";
+
+/// What a resumable-upload path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumable<'a> {
+    /// The creation URL.
+    Create,
+    /// One upload, by its id.
+    Upload(&'a str),
+}
+
+/// The resumable-upload path `path` names, if it is one: the creation URL or one
+/// segment under it (an id of URL-safe characters).
+pub fn resumable(path: &str) -> Option<Resumable<'_>> {
+    let rest = path.strip_prefix(RESUMABLE)?;
+    if rest.is_empty() || rest == "/" {
+        return Some(Resumable::Create);
+    }
+    let id = rest.strip_prefix('/')?;
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then_some(Resumable::Upload(id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +101,14 @@ mod tests {
         let paths: Vec<String> = client_paths().collect();
         assert_eq!(paths.len(), 8);
         assert!(paths.iter().all(|p| route(p).is_some_and(|r| !r.archive)));
+        assert_eq!(resumable(RESUMABLE), Some(Resumable::Create));
+        assert_eq!(
+            resumable("/v1beta1/upload-resumable/ab-9_Z"),
+            Some(Resumable::Upload("ab-9_Z"))
+        );
+        assert_eq!(resumable("/v1beta1/upload-resumable/a/b"), None);
+        assert_eq!(resumable("/v1beta1/upload-resumable/../x"), None);
+        assert_eq!(resumable("/v1beta1/upload-resumablex"), None);
+        assert_eq!(route(RESUMABLE), None);
     }
 }

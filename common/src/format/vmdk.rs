@@ -234,8 +234,9 @@ pub fn convert(
         "vmdk image"
     );
     if h.stream_optimized() {
+        let ends_after = last_grain_marker(&mut rd, &h)?;
         rd.stop_retaining()?;
-        stream_markers(&mut rd, writer, &h)?;
+        stream_markers(&mut rd, writer, &h, ends_after)?;
     } else {
         let extents = read_tables(&mut rd, &h)?;
         rd.stop_retaining()?;
@@ -251,6 +252,30 @@ pub fn convert(
 
 /// monolithicSparse: GD -> GTs -> grain extents.
 fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, FormatError> {
+    let gb = h.grain_bytes();
+    let size = h.virtual_size();
+    let mut extents = Vec::new();
+    grain_entries(rd, h, |guest, sector| {
+        push_extent(
+            F,
+            &mut extents,
+            Extent {
+                host: sector * 512,
+                guest,
+                len: gb.min(size - guest),
+            },
+        )
+    })?;
+    Ok(extents)
+}
+
+/// Every allocated grain's guest offset and host sector, through the grain directory at
+/// `gd_offset` and its tables, in host order of the tables.
+fn grain_entries(
+    rd: &mut HostReader<'_>,
+    h: &Header,
+    mut each: impl FnMut(u64, u64) -> Result<(), FormatError>,
+) -> Result<(), FormatError> {
     let gt_cover = u64::from(h.gtes_per_gt) * h.grain;
     let gts = h.capacity.div_ceil(gt_cover);
     // 4 bytes per grain table (32 MiB of disk with the usual 512 x 64 KiB): 4 MiB maps
@@ -268,7 +293,6 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
     let gb = h.grain_bytes();
     let size = h.virtual_size();
     let mut gt = vec![U32::ZERO; h.gtes_per_gt as usize];
-    let mut extents = Vec::new();
     for (sector, index) in tables {
         rd.read_at(sector * 512, gt.as_mut_bytes())?;
         for (j, e) in gt.iter().enumerate() {
@@ -280,28 +304,38 @@ fn read_tables(rd: &mut HostReader<'_>, h: &Header) -> Result<Vec<Extent>, Forma
             if guest >= size {
                 break;
             }
-            push_extent(
-                F,
-                &mut extents,
-                Extent {
-                    host: e * 512,
-                    guest,
-                    len: gb.min(size - guest),
-                },
-            )?;
+            each(guest, e)?;
         }
     }
-    Ok(extents)
+    Ok(())
+}
+
+/// A streamOptimized image whose grain directory is in its header (qemu-img writes
+/// it there) may end right after its last grain, with no end-of-stream marker
+/// (qemu-img 10 does when the data does not compress): the byte where that last
+/// grain's marker starts, from the tables, so the stream may end after it and only
+/// there (a stream cut anywhere before it is still truncated).
+fn last_grain_marker(rd: &mut HostReader<'_>, h: &Header) -> Result<Option<u64>, FormatError> {
+    if h.gd_offset == GD_AT_END || h.gd_offset == 0 || h.gd_offset >= h.overhead {
+        return Ok(None);
+    }
+    let mut last = 0u64;
+    grain_entries(rd, h, |_, sector| {
+        last = last.max(sector);
+        Ok(())
+    })?;
+    Ok(Some(last.saturating_mul(512)))
 }
 
 /// streamOptimized: `[lba u64][size u32][deflate data]` grains and
 /// `[sectors u64][0 u32][type u32]` metadata markers, each padded to a sector.
-// One function on purpose (85 lines): the stream-optimized marker loop, one arm per
+// One function on purpose (about 95 lines): the stream-optimized marker loop, one arm per
 // marker type, sharing the read position and the pool of grains being inflated.
 fn stream_markers(
     rd: &mut HostReader<'_>,
     writer: &mut SparseWriter,
     h: &Header,
+    ends_after: Option<u64>,
 ) -> Result<(), FormatError> {
     let gb = h.grain_bytes();
     let size = h.virtual_size();
@@ -326,7 +360,16 @@ fn stream_markers(
         Ok(())
     };
     loop {
-        rd.read_at(at, &mut sector)?;
+        match rd.read_at(at, &mut sector) {
+            Ok(()) => {}
+            // The end of the stream after the last grain the tables name.
+            Err(FormatError::Truncated { end, .. })
+                if end == at && ends_after.is_some_and(|last| at > last) =>
+            {
+                break
+            }
+            Err(e) => return Err(e),
+        }
         let (marker, _) = OnDiskMarker::ref_from_prefix(&sector[..])
             .map_err(|_| FormatError::corrupt(F, "short marker"))?;
         let lba = marker.lba.get();

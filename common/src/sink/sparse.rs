@@ -101,6 +101,12 @@ impl SparseWriter {
         }
     }
 
+    /// Continues a sequential stream at `pos` (a resumed upload: the bytes below are on
+    /// the target already).
+    pub fn start_at(&mut self, pos: u64) {
+        self.pos = pos;
+    }
+
     /// Bytes handed to the writer so far (the image size of a sequential stream).
     pub fn position(&self) -> u64 {
         self.pos

@@ -42,12 +42,8 @@ pub(super) fn admit(
     route: Route,
     req: &Request<Incoming>,
 ) -> Result<(Busy, Option<CloneKind>), Refusal> {
-    if let Some(name) = &server.config.client_name {
-        let authorized = peer_cns.is_some_and(|cns| cns.iter().any(|cn| cn == name));
-        if !authorized {
-            tracing::warn!("refused upload: no client certificate with the expected common name");
-            return Err(Refusal::new(StatusCode::UNAUTHORIZED, ""));
-        }
+    if !authorized(server, peer_cns) {
+        return Err(Refusal::new(StatusCode::UNAUTHORIZED, ""));
     }
     let clone = CloneKind::from_header(
         req.headers()
@@ -65,6 +61,19 @@ pub(super) fn admit(
         Err(Phase::Done) => Err(Refusal::new(StatusCode::CONFLICT, "")),
         Err(_) => Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "")),
     }
+}
+
+/// Whether the client may upload: it shows a certificate with the expected common
+/// name when the server was told one (CLIENT_NAME).
+pub(super) fn authorized(server: &Server, peer_cns: Option<&Vec<String>>) -> bool {
+    let Some(name) = &server.config.client_name else {
+        return true;
+    };
+    let ok = peer_cns.is_some_and(|cns| cns.iter().any(|cn| cn == name));
+    if !ok {
+        tracing::warn!("refused upload: no client certificate with the expected common name");
+    }
+    ok
 }
 
 /// What one upload writes and how its body is read, checked before a byte is taken.

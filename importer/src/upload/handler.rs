@@ -2,15 +2,13 @@
 //! body streamed (raw or the multipart `file` field) into the import pipeline.
 
 use super::admit::{admit, prepare, Prepared};
+use super::outcome::{failure_response, finish, join};
 use super::pump::pump;
 use super::{Busy, Server, UploadFailed};
-use crate::failure::Failure;
 use bytes::Bytes;
-use ferrydisk_common::cdi::termination::TerminationMessage;
-use ferrydisk_common::cdi::upload::{route, Route};
+use ferrydisk_common::cdi::upload::{resumable, route, Route};
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::serve::{conn, linger, tls};
-use ferrydisk_common::ErrorKind;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -68,6 +66,13 @@ async fn handle(
             hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         return Ok(r);
+    }
+    if let Some(at) = resumable(&path) {
+        if !super::admit::authorized(&server, peer_cns.as_deref()) {
+            linger(req);
+            return reply(StatusCode::UNAUTHORIZED, "");
+        }
+        return Ok(super::resumable::handle(server.clone(), at, req).await);
     }
     let Some(route) = route(&path) else {
         return reply(StatusCode::NOT_FOUND, "");
@@ -162,72 +167,4 @@ fn status_only(status: StatusCode) -> Resp {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
     r
-}
-
-/// CDI's answer to an upload the pipeline refused: the client's fault (400: a digest
-/// that does not match, a disk larger than the volume) or ours (500).
-fn failure_response(f: &Failure) -> Resp {
-    let detail = f.detail();
-    let (status, body) = match f.kind() {
-        // The client's bytes are not the ones it vouched for; the disk was emptied.
-        ErrorKind::ChecksumMismatch => (StatusCode::BAD_REQUEST, detail),
-        // A full volume is TooLarge by its io::ErrorKind where it was raised.
-        ErrorKind::TooLarge => (
-            StatusCode::BAD_REQUEST,
-            format!("effective image size is larger than the reported available storage: {detail}"),
-        ),
-        ErrorKind::ScratchRequired => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "scratch space required and none found".into(),
-        ),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, detail),
-    };
-    let mut r = Response::new(Full::new(Bytes::from(format!(
-        "Saving stream failed: {body}"
-    ))));
-    *r.status_mut() = status;
-    r
-}
-
-async fn join(
-    work: tokio::task::JoinHandle<Result<TerminationMessage, Failure>>,
-) -> Result<TerminationMessage, Failure> {
-    work.await.unwrap_or_else(|e| {
-        Err(Failure::Process {
-            kind: ErrorKind::Io,
-            message: format!("pipeline thread failed: {e}"),
-        })
-    })
-}
-
-/// Records the outcome; the server loop writes the termination message and exits.
-/// CDI's messages: a clone target says "Clone Complete", an upload "Upload Complete".
-fn finish(
-    server: &Server,
-    busy: Busy,
-    result: Result<TerminationMessage, UploadFailed>,
-    clone: bool,
-) {
-    let result = result.map(|m| {
-        TerminationMessage {
-            preallocation_applied: m.preallocation_applied,
-            // Deckhouse's report belongs to uploads; a clone target says only CDI's.
-            import_info: if clone { None } else { m.import_info },
-            message: Some(
-                if clone {
-                    "Clone Complete"
-                } else {
-                    "Upload Complete"
-                }
-                .into(),
-            ),
-            ..Default::default()
-        }
-    });
-    // Done before the server loop hears of it; a failure frees the server.
-    match &result {
-        Ok(_) => busy.complete(),
-        Err(_) => drop(busy),
-    }
-    let _ = server.finished.send(Some(result));
 }

@@ -5,7 +5,9 @@
 mod admit;
 mod clone;
 mod handler;
+mod outcome;
 mod pump;
+mod resumable;
 
 use crate::cli::UploadArgs;
 use crate::config::UploadServerConfig;
@@ -32,6 +34,8 @@ pub struct Server {
     pub finished: tokio::sync::watch::Sender<Option<Result<TerminationMessage, UploadFailed>>>,
     /// The progress of the current (or last) upload, which `/metrics` reports.
     pub progress: std::sync::Mutex<Arc<Progress>>,
+    /// The resumable upload, if one was created (`/v1beta1/upload-resumable`).
+    pub resumable: resumable::Registry,
 }
 
 /// Why an upload that was accepted did not complete (an async upload after its 200,
@@ -149,8 +153,10 @@ pub async fn run(args: UploadArgs) -> i32 {
         phase: std::sync::Mutex::new(Phase::Idle),
         finished: tokio::sync::watch::channel(None).0,
         progress: Default::default(),
+        resumable: Default::default(),
         config,
     });
+    resumable::restore(&server).await;
     let outcome = serve(server.clone(), listener).await;
     let outcome = match (outcome, &server.config.push) {
         (Ok(msg), Some(push)) if msg.deadline_passed.is_none() => push_upload(push, &msg)
