@@ -20,6 +20,7 @@ mod size_detection;
 mod sources;
 mod transfer;
 mod upload;
+mod uploader;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -81,6 +82,7 @@ impl Command {
             Command::CloneSource(a) => p(a.verbosity, Some(&a.termination_log), 2),
             Command::ClonerStartup(_) => p(3, Some(Path::new("/dev/termination-log")), 2),
             Command::Push(a) => p(a.verbosity, None, 2),
+            Command::Upload(a) => p(a.verbosity, None, 2),
         }
     }
 }
@@ -111,6 +113,7 @@ fn main() {
         Command::SourceUpdatePoller(args) => runtime.block_on(poller::run(args)),
         Command::Push(args) => runtime.block_on(push::run(*args)),
         Command::Inspect(args) => runtime.block_on(inspect::run(*args)),
+        Command::Upload(args) => runtime.block_on(uploader::run(*args)),
     };
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     std::process::exit(code);

@@ -251,3 +251,178 @@ fn an_oversized_upload_always_gets_its_400() {
         0
     );
 }
+
+/// `curl` through the proxy at a resumable upload URL, tus's version header and the
+/// token set; (status, headers and body).
+fn tus(pki: &Pki, args: &[&str]) -> (u16, String) {
+    let bearer = bearer(pki);
+    let mut all = vec!["-D", "-", "-H", "Tus-Resumable: 1.0.0", "-H", &bearer];
+    all.extend_from_slice(args);
+    curl(pki, &all)
+}
+
+fn upload_offset(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("upload-offset")
+            .then(|| v.trim().parse().ok())?
+    })
+}
+
+#[test]
+fn resumable_uploads_under_hostile_clients() {
+    let d = tmp();
+    let pki = Pki::default();
+    let raw = d.path().join("disk.raw");
+    raw_fixture(&raw, "8M", &[(0, 8 << 20, 0x3c)]);
+    let run = tmp();
+    let timeouts = [("FERRYDISK_BODY_IDLE_TIMEOUT", "3")];
+    let server = upload_server_with(&pki, run.path(), &timeouts);
+    let p = proxy_with(
+        &pki,
+        run.path(),
+        server.port,
+        Mode::Standalone,
+        "client",
+        &timeouts,
+        &[],
+    );
+    let base = format!("https://127.0.0.1:{}/v1beta1/upload-resumable", p.port);
+    let (code, text) = tus(&pki, &["-X", "POST", "-H", "Upload-Length: 8388608", &base]);
+    assert_eq!(code, 201, "{text}");
+    let location = text
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .expect("Location")
+        .trim()
+        .to_string();
+    let url = format!("https://127.0.0.1:{}{location}", p.port);
+    let patch = |offset: &str, extra: &[&str]| {
+        let at = format!("Upload-Offset: {offset}");
+        let mut args = vec![
+            "-X",
+            "PATCH",
+            "-H",
+            "Content-Type: application/offset+octet-stream",
+            "-H",
+            &at,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        tus(&pki, &args)
+    };
+    let small = ["--data-binary", "0123456789"];
+    // Offsets that are not plain non-negative integers, or not where the upload is.
+    for bad in ["-1", "abc", "1e3", "99999999999999999999999"] {
+        let (code, text) = patch(bad, &small);
+        assert_eq!(code, 400, "offset {bad}: {text}");
+    }
+    let (code, text) = patch("9000000000", &small);
+    assert_eq!(code, 409, "{text}");
+    assert_eq!(upload_offset(&text), Some(0));
+    // A body that would go past Upload-Length.
+    let big = d.path().join("big");
+    std::fs::write(&big, vec![1u8; 9 << 20]).expect("big");
+    let big_arg = format!("@{}", big.display());
+    let (code, text) = patch("0", &["--data-binary", &big_arg]);
+    assert_eq!(code, 413, "{text}");
+    // Another version of tus, another content type, an unknown upload.
+    let (code, _) = curl(
+        &pki,
+        &[
+            "-I",
+            "-H",
+            &bearer(&pki),
+            "-H",
+            "Tus-Resumable: 0.2.2",
+            &url,
+        ],
+    );
+    assert_eq!(code, 412);
+    let (code, _) = tus(
+        &pki,
+        &[
+            "-X",
+            "PATCH",
+            "-H",
+            "Upload-Offset: 0",
+            "--data-binary",
+            "x",
+            &url,
+        ],
+    );
+    assert_eq!(code, 415);
+    let (code, _) = tus(&pki, &["-I", &format!("{base}/0123456789abcdef")]);
+    assert_eq!(code, 404);
+    let (code, text) = tus(&pki, &["-I", &url]);
+    assert_eq!(
+        (code, upload_offset(&text)),
+        (200, Some(0)),
+        "nothing taken"
+    );
+    // A PATCH that never ends: 1 MiB, then silence; the idle timeout ends it and the
+    // upload keeps what came.
+    let mut never = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--cacert"])
+        .arg(pki.path("ca.crt"))
+        .args(["-X", "PATCH", "-T", "-", "-H", "Tus-Resumable: 1.0.0"])
+        .args(["-H", &bearer(&pki), "-H", "Upload-Offset: 0"])
+        .args(["-H", "Content-Type: application/offset+octet-stream", &url])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let mut stdin = never.stdin.take().expect("stdin");
+    stdin.write_all(&[0x3c; 1 << 20]).expect("write");
+    stdin.flush().expect("flush");
+    // A HEAD flood meanwhile: 500 on one connection, every one answered.
+    let flood = d.path().join("flood.cfg");
+    std::fs::write(
+        &flood,
+        (0..500)
+            .map(|_| format!("url = \"{url}\"\noutput = \"/dev/null\"\n"))
+            .collect::<String>(),
+    )
+    .expect("cfg");
+    let started = Instant::now();
+    let cpu_before = cpu_seconds(server.child.id());
+    let out = Command::new("curl")
+        .args(["-sS", "-I", "-w", "%{http_code}\n", "--cacert"])
+        .arg(pki.path("ca.crt"))
+        .args(["-H", &bearer(&pki), "-H", "Tus-Resumable: 1.0.0", "-K"])
+        .arg(&flood)
+        .output()
+        .expect("curl");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        500,
+        "{codes}"
+    );
+    let cpu = cpu_seconds(server.child.id()) - cpu_before;
+    eprintln!(
+        "500 HEADs in {:.2} s, {cpu:.2} CPU-s of the upload server",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(cpu < 2.0, "{cpu:.2} CPU-s for 500 HEADs");
+    // The server ends the silent PATCH by its idle timeout (3 s here).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !server.log().contains("the PATCH broke off") {
+        assert!(Instant::now() < deadline, "the silent PATCH was not ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = never.kill();
+    let _ = never.wait();
+    drop(stdin);
+    let (code, text) = tus(&pki, &["-I", &url]);
+    assert_eq!((code, upload_offset(&text)), (200, Some(1 << 20)), "{text}");
+    // The rest completes the upload.
+    let rest = d.path().join("rest");
+    std::fs::write(&rest, &std::fs::read(&raw).expect("raw")[1 << 20..]).expect("rest");
+    let (code, text) = patch(
+        "1048576",
+        &["--data-binary", &format!("@{}", rest.display())],
+    );
+    assert_eq!(code, 204, "{text}\n{}", server.log());
+    assert_same_bytes(&run.path().join("data/disk.img"), &raw);
+}

@@ -396,6 +396,42 @@ fn a_killed_upload_server_resumes_from_its_saved_state() {
     assert_same_bytes(&s.disk(), &raw);
 }
 
+#[test]
+fn ferrydisk_upload_completes_over_a_link_that_drops_every_64_mib() {
+    let d = tmp();
+    let raw = random_disk(&d.path().join("disk.raw"), 1024, 1000, 13);
+    let len = std::fs::metadata(&raw).expect("len").len();
+    let mut s = Stack::new(64 * MIB, 15);
+    let token_file = d.path().join("token");
+    std::fs::write(&token_file, s.token()).expect("token");
+    let base = format!("https://127.0.0.1:{}", s.link.port);
+    let out = Command::new(bin("importer"))
+        .arg("upload")
+        .arg(&raw)
+        .args(["--url", &base, "--token-file"])
+        .arg(&token_file)
+        .arg("--cacert")
+        .arg(s.pki.path("ca.crt"))
+        .output()
+        .expect("upload");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}\n{}", s.server.log());
+    s.finished();
+    let (sent, cuts) = s.link.carried();
+    eprintln!(
+        "{len} bytes, {sent} sent over the link, {cuts} cuts, {} bytes again per cut",
+        sent.saturating_sub(len) / u64::from(cuts.max(1))
+    );
+    assert_eq!(cuts, 15);
+    assert!(log.contains("\"message\":\"upload complete\""), "{log}");
+    assert!(log.contains("\"verified\":true"), "{log}");
+    assert!(s
+        .server
+        .log()
+        .contains("the whole image matches its digests"));
+    assert_same_bytes(&s.disk(), &raw);
+}
+
 fn tus_meta(pairs: &[(&str, &str)]) -> String {
     use base64::Engine;
     pairs

@@ -6,12 +6,14 @@ mod clone;
 mod import;
 mod push;
 mod upload;
+mod uploader;
 mod volume;
 
 pub use clone::{ClonerArgs, PollerArgs, ServeArgs, SizeArgs, StartupArgs};
 pub use import::{ImportArgs, InspectArgs};
 pub use push::{Convert, PushArgs, PushOptions};
 pub use upload::UploadArgs;
+pub use uploader::UploaderArgs;
 pub use volume::{InspectOutput, OutputFormat, ProxyArgs, VolumeArgs};
 
 use clap::{Parser, Subcommand};
@@ -69,6 +71,10 @@ pub enum Command {
     ///
     /// As JSON or a table.
     Inspect(Box<InspectArgs>),
+    /// Upload a disk image through CDI's upload proxy, resuming after drops.
+    ///
+    /// A progress bar on a terminal; the file's sha256 verified by the server.
+    Upload(Box<UploaderArgs>),
 }
 
 /// Subcommands the binary knows; anything else on the command line means `import`
@@ -83,6 +89,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "source-update-poller",
     "push",
     "inspect",
+    "upload",
     "help",
 ];
 

@@ -8,8 +8,10 @@ pub mod clone;
 pub mod import;
 pub mod push;
 pub mod upload;
+pub mod uploader;
 
 pub use clone::CloneConfig;
 pub use import::ImportConfig;
 pub use push::PushConfig;
 pub use upload::UploadServerConfig;
+pub use uploader::UploaderConfig;

@@ -303,7 +303,8 @@ async fn patch(server: &Arc<Server>, id: &str, req: Request<Incoming>) -> Resp {
         }
     };
     let declared = header(h, "content-length").and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| at.saturating_add(n) > session.length) {
+    // (At another offset than the upload's, the answer is 409 whatever the length.)
+    if at == session.offset() && declared.is_some_and(|n| at.saturating_add(n) > session.length) {
         linger(req);
         return tus_reply(
             StatusCode::PAYLOAD_TOO_LARGE,
