@@ -147,6 +147,11 @@ pub fn upload_server(pki: &Pki, dir: &Path) -> Proc {
 
 /// [`upload_server`] with more environment (`UPLOAD_IMAGE_SIZE`, timeouts).
 pub fn upload_server_with(pki: &Pki, dir: &Path, env: &[(&str, &str)]) -> Proc {
+    upload_server_on(pki, dir, &dir.join("no-block-device"), env)
+}
+
+/// [`upload_server_with`] writing to `block` when it is a block device.
+pub fn upload_server_on(pki: &Pki, dir: &Path, block: &Path, env: &[(&str, &str)]) -> Proc {
     std::fs::create_dir_all(dir.join("data")).expect("data");
     let port = free_port();
     let mut c = Command::new(bin("importer"));
@@ -162,7 +167,7 @@ pub fn upload_server_with(pki: &Pki, dir: &Path, env: &[(&str, &str)]) -> Proc {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--block-device")
-        .arg(dir.join("no-block-device"))
+        .arg(block)
         .arg("--termination-log")
         .arg(dir.join("termination-log"));
     c.envs(env.iter().copied());

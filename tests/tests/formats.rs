@@ -518,3 +518,50 @@ fn other_qemu_formats_are_refused_not_taken_as_raw() {
         );
     }
 }
+
+/// qemu-img 10 ends a streamOptimized vmdk whose data does not compress right after its
+/// last grain, with no end-of-stream marker (its grain directory is in the header): the
+/// stream is read to its end and checked against those tables; cut before the last
+/// grain, it is refused as truncated.
+#[test]
+fn a_stream_optimized_vmdk_without_an_end_marker() {
+    let d = tempfile::tempdir().expect("tmp");
+    let raw = d.path().join("disk.raw");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..(4 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let f = std::fs::File::create(&raw).expect("create");
+    f.set_len(8 << 20).expect("len");
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 1 << 20).expect("write");
+    let vmdk = d.path().join("disk.vmdk");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().expect("utf8"),
+        vmdk.to_str().expect("utf8"),
+    ]);
+    let run = tempfile::tempdir().expect("tmp");
+    Importer::new(run.path()).file(&vmdk).run().assert_success();
+    assert_same_bytes(&run.path().join("data/disk.img"), &raw);
+    // The last grain's marker is where the file's last 64 KiB-ish grain begins: cut
+    // there, the stream ends before a grain its tables name.
+    let bytes = std::fs::read(&vmdk).expect("read");
+    let cut = d.path().join("cut.vmdk");
+    std::fs::write(&cut, &bytes[..bytes.len() - 70_000]).expect("write");
+    let run = tempfile::tempdir().expect("tmp");
+    Importer::new(run.path())
+        .file(&cut)
+        .run()
+        .assert_failure("vmdk image ends at byte");
+}

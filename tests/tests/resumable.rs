@@ -5,7 +5,7 @@
 
 use ferrydisk_tests::objstore::DropProxy;
 use ferrydisk_tests::token::{mint, Claims};
-use ferrydisk_tests::upload::{curl, proxy, upload_server, Mode, Pki, Proc};
+use ferrydisk_tests::upload::{curl, proxy, upload_server, upload_server_on, Mode, Pki, Proc};
 use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -430,6 +430,78 @@ fn ferrydisk_upload_completes_over_a_link_that_drops_every_64_mib() {
         .log()
         .contains("the whole image matches its digests"));
     assert_same_bytes(&s.disk(), &raw);
+}
+
+#[test]
+fn a_restarted_server_on_a_block_volume_says_the_upload_starts_over() {
+    let d = tmp();
+    let Some(dev) = Loop::new(&d.path().join("backing"), 64 << 20) else {
+        return;
+    };
+    let raw = random_disk(&d.path().join("disk.raw"), 32, 30, 17);
+    let len = std::fs::metadata(&raw).expect("len").len();
+    let pki = Pki::default();
+    let run = tmp();
+    let block = Path::new(&dev.dev);
+    let server = upload_server_on(&pki, run.path(), block, &[]);
+    let p = proxy(&pki, run.path(), server.port, Mode::Standalone, "client");
+    let link = DropProxy::start_upward(run.path(), p.port, 8 * MIB, 1);
+    let mut s = Stack {
+        pki,
+        run,
+        server,
+        proxy: p,
+        link,
+    };
+    let upload = s.create(len, None);
+    let _ = s.patch(&upload, &raw, 0, 0, &[]);
+    assert!(s.offset(&upload) > 0);
+    let _ = s.server.child.kill();
+    let _ = s.server.child.wait();
+    assert!(!s.run.path().join("data/disk.img.upload-state").exists());
+    s.server = upload_server_on(&s.pki, s.run.path(), block, &[]);
+    s.proxy = proxy(
+        &s.pki,
+        s.run.path(),
+        s.server.port,
+        Mode::Standalone,
+        "client",
+    );
+    s.link = DropProxy::start_upward(s.run.path(), s.proxy.port, u64::MAX >> 2, 0);
+    let upload = format!(
+        "https://127.0.0.1:{}{}",
+        s.link.port,
+        &upload[upload.find(CREATE).expect("path")..]
+    );
+    let (code, text) = s.curl(&["-I", &upload]);
+    assert_eq!(code, 404, "{text}");
+    let (code, text) = s.curl(&[
+        "-X",
+        "PATCH",
+        "-H",
+        "Content-Type: application/offset+octet-stream",
+        "-H",
+        "Upload-Offset: 0",
+        "--data-binary",
+        "x",
+        &upload,
+    ]);
+    assert_eq!(code, 404);
+    assert!(
+        text.contains("resumes only a raw image on a filesystem volume")
+            && text.contains("start the upload again"),
+        "{text}"
+    );
+    // Started again, it completes.
+    let (ok, out) = s.tuspy(&raw, &[]);
+    assert!(ok, "{out}\n{}", s.server.log());
+    s.finished();
+    let on_device = std::fs::read(block).expect("read device");
+    let want = std::fs::read(&raw).expect("read");
+    assert!(
+        on_device[..want.len()] == want[..],
+        "the device holds the image"
+    );
 }
 
 fn tus_meta(pairs: &[(&str, &str)]) -> String {
