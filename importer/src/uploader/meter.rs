@@ -119,6 +119,19 @@ impl Meter {
         }
     }
 
+    /// Something a person should read (a drop, a resume): on its own line above the
+    /// bar, or a log line.
+    pub fn note(&self, message: &str, detail: &str) {
+        if self.bar {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "\r\x1b[K{message}: {detail}");
+            drop(err);
+            self.show();
+        } else {
+            tracing::warn!(error = %detail, "{message}");
+        }
+    }
+
     /// Ends the bar's line.
     pub fn close(&self) {
         if self.bar {

@@ -60,7 +60,10 @@ pub async fn upload(
     };
     if offset > 0 {
         meter.resumes.fetch_add(1, Relaxed);
-        tracing::info!(offset, "the server had this upload: going on from there");
+        meter.note(
+            "the server had this upload",
+            &format!("going on from byte {offset}"),
+        );
     }
     loop {
         if c.checksum {
@@ -92,7 +95,7 @@ pub async fn upload(
             Attempt::Fatal(e) => return Err(e),
             Attempt::Retry(why) => why,
             Attempt::Lost(why) => {
-                tracing::warn!(reason = %why, "the server lost the upload; starting it again");
+                meter.note("the server lost the upload; starting it again", &why);
                 failures += 1;
                 give_up(failures, c, why)?;
                 backoff(failures).await;
@@ -108,7 +111,7 @@ pub async fn upload(
         };
         failures += 1;
         give_up(failures, c, why.clone())?;
-        tracing::warn!(error = %why, attempt = failures, "the upload broke off; asking the server where it is");
+        meter.note("the upload broke off; asking the server where it is", &why);
         backoff(failures).await;
         match head_offset(client, &url, c).await {
             Ok(n) => {
@@ -120,7 +123,7 @@ pub async fn upload(
             }
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Lost(why)) => {
-                tracing::warn!(reason = %why, "the server lost the upload; starting it again");
+                meter.note("the server lost the upload; starting it again", &why);
                 if let Ok((u, o)) = create(client, create_url, c, len, &head).await {
                     (url, offset) = (u, o);
                 }
