@@ -235,29 +235,50 @@ fn tuspy_resumes_every_format_after_three_cuts() {
 fn curl_takes_the_offset_with_head_and_patches_the_rest() {
     let d = tmp();
     let raw = random_disk(&d.path().join("disk.raw"), 24, 12, 3);
-    let qcow2 = qcow2_of(&raw, &d.path().join("disk.qcow2"));
     let reference = qemu_reference(&raw, d.path());
-    let len = std::fs::metadata(&qcow2).expect("len").len();
-    let mut s = Stack::new(4 * MIB, 1);
-    let upload = s.create(len, None);
-    // The link cuts this PATCH after 4 MiB.
-    let (code, text) = s.patch(&upload, &qcow2, 0, 0, &[]);
-    assert_ne!(code, 204, "the first PATCH was cut: {text}");
-    let at = s.offset(&upload);
-    assert!(at > 0 && at <= 4 * MIB, "offset after the cut: {at}");
-    // A PATCH at another offset is refused and takes nothing.
-    let (code, text) = s.patch(&upload, &qcow2, 0, 0, &[]);
-    assert_eq!(code, 409, "{text}");
-    assert_eq!(header(&text, "upload-offset"), Some(at.to_string()));
-    assert_eq!(s.offset(&upload), at);
-    let (code, text) = s.patch(&upload, &qcow2, at, at, &[]);
-    assert_eq!(code, 204, "{text}\n{}", s.server.log());
-    assert_eq!(header(&text, "upload-offset"), Some(len.to_string()));
-    s.finished();
-    assert_same_bytes(&s.disk(), &reference);
-    // The upload server has exited: the proxy says it is not there.
-    let (code, _) = s.curl(&["-I", &upload]);
-    assert_eq!(code, 503);
+    for file in formats(d.path(), &raw) {
+        let len = std::fs::metadata(&file).expect("len").len();
+        // The link cuts the first two PATCHes after 4 MiB each.
+        let mut s = Stack::new(4 * MIB, 2);
+        let upload = s.create(len, None);
+        let mut at = 0;
+        for cut in 1..=2 {
+            let (code, text) = s.patch(&upload, &file, at, at, &[]);
+            assert_ne!(code, 204, "PATCH {cut} was cut: {text}");
+            let now = s.offset(&upload);
+            assert!(
+                now > at && now <= at + 4 * MIB,
+                "offset after cut {cut}: {now}"
+            );
+            at = now;
+        }
+        // While the upload waits: the progress metric is between 0 and 100.
+        let (code, metrics) = curl(
+            &s.pki,
+            &[&format!("https://127.0.0.1:{}/metrics", s.server.port)],
+        );
+        assert_eq!(code, 200);
+        let percent: f64 = metrics
+            .lines()
+            .find(|l| l.starts_with("kubevirt_cdi_upload_progress_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .expect("the metric");
+        assert!(percent > 0.0 && percent < 100.0, "{metrics}");
+        // A PATCH at another offset is refused and takes nothing.
+        let (code, text) = s.patch(&upload, &file, 0, 0, &[]);
+        assert_eq!(code, 409, "{text}");
+        assert_eq!(header(&text, "upload-offset"), Some(at.to_string()));
+        assert_eq!(s.offset(&upload), at);
+        let (code, text) = s.patch(&upload, &file, at, at, &[]);
+        assert_eq!(code, 204, "{}: {text}\n{}", file.display(), s.server.log());
+        assert_eq!(header(&text, "upload-offset"), Some(len.to_string()));
+        s.finished();
+        assert_same_bytes(&s.disk(), &reference);
+        // The upload server has exited: the proxy says it is not there.
+        let (code, _) = s.curl(&["-I", &upload]);
+        assert_eq!(code, 503);
+    }
 }
 
 #[test]
