@@ -10,7 +10,41 @@ use std::io::{self, Read};
 #[derive(Debug)]
 pub enum Chunk {
     Data(Bytes),
+    /// Several pieces in one hand-off (see [`Batcher`]).
+    Batch(Vec<Bytes>),
     End,
+}
+
+/// Bytes gathered before one hand-off to the pipeline.
+pub const BATCH: usize = 256 << 10;
+
+/// Gathers a source's pieces into hand-offs of at least [`BATCH`] bytes. A TLS stream
+/// yields one record (at most 16 KiB) at a time; handing each to the pipeline thread on
+/// its own costs a wake-up of one side or the other per record (35,000 for a 515 MB
+/// layer), more than the decryption. Nothing is copied: the pieces travel as they are.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batcher {
+    /// Adds `b`; a batch to send once there is enough.
+    pub fn push(&mut self, b: Bytes) -> Option<Vec<Bytes>> {
+        self.len += b.len();
+        self.parts.push(b);
+        (self.len >= BATCH).then(|| self.take_all())
+    }
+
+    /// What is gathered, if anything (before the end, or a failure that keeps what came).
+    pub fn take(&mut self) -> Option<Vec<Bytes>> {
+        (!self.parts.is_empty()).then(|| self.take_all())
+    }
+
+    fn take_all(&mut self) -> Vec<Bytes> {
+        self.len = 0;
+        std::mem::take(&mut self.parts)
+    }
 }
 
 /// Chunks in flight between an async source and the pipeline: enough to keep a socket
@@ -37,6 +71,14 @@ impl ChunkSender {
         self.0.send(Ok(Chunk::Data(b))).await.map_err(|_| Stopped)
     }
 
+    /// Several pieces in one hand-off (one wake-up of the pipeline for all of them).
+    pub async fn batch(&self, parts: Vec<Bytes>) -> Result<(), Stopped> {
+        self.0
+            .send(Ok(Chunk::Batch(parts)))
+            .await
+            .map_err(|_| Stopped)
+    }
+
     /// The stream is complete.
     pub async fn end(self) {
         let _ = self.0.send(Ok(Chunk::End)).await;
@@ -54,6 +96,8 @@ impl ChunkSender {
 pub struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<Chunk>>,
     cur: Bytes,
+    /// The rest of a batch.
+    queued: std::collections::VecDeque<Bytes>,
     ended: bool,
 }
 
@@ -62,6 +106,7 @@ impl ChannelReader {
         ChannelReader {
             rx,
             cur: Bytes::new(),
+            queued: Default::default(),
             ended: false,
         }
     }
@@ -70,11 +115,16 @@ impl ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
+            if let Some(b) = self.queued.pop_front() {
+                self.cur = b;
+                continue;
+            }
             if self.ended {
                 return Ok(0);
             }
             match self.rx.blocking_recv() {
                 Some(Ok(Chunk::Data(b))) => self.cur = b,
+                Some(Ok(Chunk::Batch(parts))) => self.queued.extend(parts),
                 Some(Ok(Chunk::End)) => self.ended = true,
                 Some(Err(e)) => return Err(e),
                 None => {
@@ -143,6 +193,29 @@ mod tests {
         let err = r.read_to_end(&mut out).expect_err("no End");
         assert!(crate::error::find_in_chain::<SourceError>(&err).is_some());
         assert_eq!(out, b"abc");
+    }
+
+    #[test]
+    fn batches_arrive_in_order_and_whole() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut b = Batcher::default();
+        let mut want = Vec::new();
+        for i in 0..40u8 {
+            let piece = Bytes::from(vec![i; 16 << 10]);
+            want.extend_from_slice(&piece);
+            if let Some(batch) = b.push(piece) {
+                assert_eq!(batch.iter().map(Bytes::len).sum::<usize>(), BATCH);
+                tx.blocking_send(Ok(Chunk::Batch(batch))).expect("send");
+            }
+        }
+        let rest = b.take().expect("the rest");
+        assert_eq!(rest.len(), 40 - 32);
+        assert!(b.take().is_none());
+        tx.blocking_send(Ok(Chunk::Batch(rest))).expect("send");
+        tx.blocking_send(Ok(Chunk::End)).expect("send");
+        let mut out = Vec::new();
+        ChannelReader::new(rx).read_to_end(&mut out).expect("end");
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
-use ferrydisk_common::stream::ChunkSender;
+use ferrydisk_common::stream::{Batcher, ChunkSender};
 use ferrydisk_common::ErrorKind;
 use futures_util::{Stream, StreamExt};
 use std::future::Future;
@@ -158,7 +158,8 @@ async fn pump_body(
     failures: &mut u32,
 ) -> Pumped {
     let mut since_failure = 0u64;
-    loop {
+    let mut batcher = Batcher::default();
+    let pumped = loop {
         match tokio::time::timeout(policy.idle_timeout, opened.body.next()).await {
             Ok(Some(Ok(mut b))) => {
                 if opened.skip > 0 {
@@ -175,28 +176,37 @@ async fn pump_body(
                     *failures = 0;
                 }
                 policy.progress.add_source(b.len() as u64);
-                if tx.data(b).await.is_err() {
-                    return Pumped::Stopped;
+                if let Some(batch) = batcher.push(b) {
+                    if tx.batch(batch).await.is_err() {
+                        return Pumped::Stopped;
+                    }
                 }
             }
-            Ok(Some(Err(e))) => return Pumped::Failed(e.0),
+            Ok(Some(Err(e))) => break Pumped::Failed(e.0),
             Ok(None) if opened.skip > 0 => {
-                return Pumped::Failed(format!(
+                break Pumped::Failed(format!(
                     "body ended {} bytes before the resume point {offset}",
                     opened.skip
                 ))
             }
             Ok(None) => match labels.total {
                 Some(len) if *offset < len => {
-                    return Pumped::Failed(format!("body ended after {offset} of {len} bytes"))
+                    break Pumped::Failed(format!("body ended after {offset} of {len} bytes"))
                 }
-                _ => return Pumped::Done,
+                _ => break Pumped::Done,
             },
             Err(_) => {
-                return Pumped::Failed(format!("no data for {} s", policy.idle_timeout.as_secs()))
+                break Pumped::Failed(format!("no data for {} s", policy.idle_timeout.as_secs()))
             }
         }
+    };
+    // What came before the end (or the failure a resume goes on from) is the stream's.
+    if let Some(batch) = batcher.take() {
+        if tx.batch(batch).await.is_err() {
+            return Pumped::Stopped;
+        }
     }
+    pumped
 }
 
 #[cfg(test)]

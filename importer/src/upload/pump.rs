@@ -5,7 +5,7 @@
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::serve::{linger, listen};
-use ferrydisk_common::stream::ChunkSender;
+use ferrydisk_common::stream::{Batcher, ChunkSender};
 use ferrydisk_common::ErrorKind;
 use hyper::body::Incoming;
 
@@ -57,6 +57,8 @@ enum Pumped {
 async fn pump_raw(mut body: Incoming, tx: &ChunkSender, progress: &Progress) -> Pumped {
     let idle = listen::body_idle_timeout();
     let mut n = 0u64;
+    // TLS yields a record at a time: gathered, they reach the pipeline in one hand-off.
+    let mut batcher = Batcher::default();
     loop {
         let frame = match listen::next_frame(&mut body, idle).await {
             Ok(Some(f)) => f,
@@ -72,7 +74,10 @@ async fn pump_raw(mut body: Incoming, tx: &ChunkSender, progress: &Progress) -> 
                 if let Ok(data) = f.into_data() {
                     n += data.len() as u64;
                     progress.add_source(data.len() as u64);
-                    if tx.data(data).await.is_err() {
+                    let Some(batch) = batcher.push(data) else {
+                        continue;
+                    };
+                    if tx.batch(batch).await.is_err() {
                         linger::body(body);
                         return Pumped::PipelineStopped;
                     }
@@ -81,6 +86,11 @@ async fn pump_raw(mut body: Incoming, tx: &ChunkSender, progress: &Progress) -> 
             Err(e) => {
                 return Pumped::ClientFailed(format!("upload body ended after {n} bytes: {e}"))
             }
+        }
+    }
+    if let Some(batch) = batcher.take() {
+        if tx.batch(batch).await.is_err() {
+            return Pumped::PipelineStopped;
         }
     }
     Pumped::Complete(n)
