@@ -5,7 +5,7 @@
 
 use ferrydisk_tests::objstore::DropProxy;
 use ferrydisk_tests::token::{mint, Claims};
-use ferrydisk_tests::upload::{curl, proxy, upload_server, upload_server_on, Mode, Pki, Proc};
+use ferrydisk_tests::upload::{curl, proxy, upload_server_on, Mode, Pki, Proc};
 use ferrydisk_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,9 +68,13 @@ struct Stack {
 
 impl Stack {
     fn new(after: u64, drops: u32) -> Self {
+        Self::with_env(after, drops, &[])
+    }
+
+    fn with_env(after: u64, drops: u32, env: &[(&str, &str)]) -> Self {
         let pki = Pki::default();
         let run = tmp();
-        let server = upload_server(&pki, run.path());
+        let server = upload_server_on(&pki, run.path(), &run.path().join("no-block"), env);
         let p = proxy(&pki, run.path(), server.port, Mode::Standalone, "client");
         let link = DropProxy::start_upward(run.path(), p.port, after, drops);
         Stack {
@@ -522,6 +526,36 @@ fn a_restarted_server_on_a_block_volume_says_the_upload_starts_over() {
     assert!(
         on_device[..want.len()] == want[..],
         "the device holds the image"
+    );
+}
+
+#[test]
+fn a_deadline_ends_a_resumable_upload_nobody_sends_to() {
+    let d = tmp();
+    let raw = random_disk(&d.path().join("disk.raw"), 16, 8, 19);
+    let len = std::fs::metadata(&raw).expect("len").len();
+    let out =
+        sh(Command::new("date").args(["-u", "-d", "+6 seconds", "+%Y-%m-%dT%H:%M:%SZ"])).stdout;
+    let deadline = String::from_utf8_lossy(&out).trim().to_string();
+    let mut s = Stack::with_env(2 * MIB, 1, &[("DEADLINE", &deadline)]);
+    let upload = s.create(len, None);
+    let _ = s.patch(&upload, &raw, 0, 0, &[]);
+    assert!(s.offset(&upload) > 0);
+    assert_eq!(
+        s.server.wait(Duration::from_secs(30)),
+        Some(0),
+        "the server ends at its deadline: {}",
+        s.server.log()
+    );
+    assert_eq!(
+        cdi_part(&std::fs::read_to_string(s.run.path().join("termination-log")).expect("term")),
+        r#"{"deadlinePassed":true,"message":"Deadline Passed"}"#
+    );
+    assert!(!s.run.path().join("data/disk.img.upload-state").exists());
+    assert_eq!(
+        std::fs::metadata(s.disk()).map(|m| m.len()).unwrap_or(0),
+        0,
+        "the half-sent disk is emptied"
     );
 }
 

@@ -231,8 +231,12 @@ async fn deadline_watch(server: Arc<Server>, deadline: Option<SystemTime>) -> Te
                     ..Default::default()
                 };
             }
-            // An upload in flight finishes first (CDI polls every 2 s).
-            _ => tokio::time::sleep(Duration::from_secs(2)).await,
+            // An upload in flight finishes first (CDI polls every 2 s); a resumable one
+            // that nobody is sending to is put away, and the server ends.
+            _ => {
+                resumable::abandon_if_idle(&server).await;
+                tokio::time::sleep(Duration::from_secs(2)).await
+            }
         }
     }
 }

@@ -110,6 +110,20 @@ pub async fn restore(server: &Arc<Server>) {
     server.resumable.retire(&saved.id, &why);
 }
 
+/// The deadline passed: a resumable upload no request is sending to is terminated (its
+/// disk emptied), so the server can end as CDI's does when idle.
+pub async fn abandon_if_idle(server: &Arc<Server>) {
+    if let Some(s) = server.resumable.current() {
+        if !s.in_use() {
+            s.terminate(
+                server,
+                "the upload's deadline passed while nothing was sent",
+            )
+            .await;
+        }
+    }
+}
+
 /// Answers one request under `/v1beta1/upload-resumable`.
 pub async fn handle(server: Arc<Server>, at: Resumable<'_>, req: Request<Incoming>) -> Resp {
     if req.method() == Method::OPTIONS {
