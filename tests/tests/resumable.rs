@@ -223,7 +223,7 @@ fn tuspy_resumes_every_format_after_three_cuts() {
         assert_eq!(cuts, 3, "{}", file.display());
         let lag = sent.saturating_sub(len);
         eprintln!(
-            "{}: {len} bytes, {sent} sent over the link, {cuts} cuts, {} bytes re-sent per cut",
+            "{}: {len} bytes, {sent} sent over the link, {cuts} cuts, {} bytes over the file per cut (TLS framing included)",
             file.display(),
             lag / u64::from(cuts)
         );
@@ -444,7 +444,7 @@ fn ferrydisk_upload_completes_over_a_link_that_drops_every_64_mib() {
     s.finished();
     let (sent, cuts) = s.link.carried();
     eprintln!(
-        "{len} bytes, {sent} sent over the link, {cuts} cuts, {} bytes again per cut",
+        "{len} bytes, {sent} sent over the link, {cuts} cuts, {} bytes over the file per cut (TLS framing included)",
         sent.saturating_sub(len) / u64::from(cuts.max(1))
     );
     assert_eq!(cuts, 15);
