@@ -228,12 +228,15 @@ impl Digests {
         Ok(Digests { hashers })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.hashers.is_empty()
-    }
-
-    pub fn algorithms(&self) -> impl Iterator<Item = &str> {
-        self.hashers.iter().map(|(a, _)| a.as_str())
+    /// Hashers for the algorithms of these (parsed) digests.
+    pub fn for_checksums(wants: &[Checksum]) -> Self {
+        let mut hashers: Vec<(String, Box<dyn DynDigest + Send>)> = Vec::new();
+        for w in wants {
+            if hashers.iter().all(|(a, _)| *a != w.algorithm) {
+                hashers.push((w.algorithm.clone(), w.hasher()));
+            }
+        }
+        Digests { hashers }
     }
 
     pub fn update(&mut self, data: &[u8]) {
@@ -270,38 +273,34 @@ impl Digests {
 /// [`HashingReader::verify`] at the end.
 pub struct HashingReader<R> {
     inner: R,
-    checks: Vec<(Box<dyn DynDigest + Send>, Checksum)>,
+    /// Taken by the first [`HashingReader::verify`].
+    digests: Option<Digests>,
+    wants: Vec<Checksum>,
 }
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R, wants: Vec<Checksum>) -> Self {
         HashingReader {
             inner,
-            checks: wants.into_iter().map(|w| (w.hasher(), w)).collect(),
+            digests: Some(Digests::for_checksums(&wants)),
+            wants,
         }
     }
 
     /// Call after the stream has been read to its end. The first mismatch is the error.
     pub fn verify(&mut self) -> Result<(), ChecksumError> {
-        for (hasher, want) in std::mem::take(&mut self.checks) {
-            let actual = hex::encode(hasher.finalize());
-            if actual != want.expected {
-                return Err(ChecksumError::Mismatch {
-                    algorithm: want.algorithm,
-                    expected: want.expected,
-                    actual,
-                });
-            }
+        match self.digests.take() {
+            Some(d) => d.check(&self.wants),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        for (h, _) in &mut self.checks {
-            h.update(&buf[..n]);
+        if let Some(d) = &mut self.digests {
+            d.update(&buf[..n]);
         }
         Ok(n)
     }

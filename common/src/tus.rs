@@ -14,6 +14,9 @@ pub const CHECKSUM_ALGORITHMS: &str = "sha1,sha256,sha512,md5";
 pub const PATCH_CONTENT_TYPE: &str = "application/offset+octet-stream";
 /// tus's status for an `Upload-Checksum` that does not match the PATCH's body.
 pub const CHECKSUM_MISMATCH: u16 = 460;
+/// The first bytes of an upload whose sha256 names it (ferrydisk's `head` metadata key):
+/// what the server computes and a returning client sends.
+pub const HEAD_LEN: u64 = 1 << 20;
 
 /// A header the spec defines whose value is not what it must be.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -559,6 +559,58 @@ fn a_deadline_ends_a_resumable_upload_nobody_sends_to() {
     );
 }
 
+#[test]
+fn a_client_back_on_a_new_connection_takes_over_a_silent_one() {
+    let d = tmp();
+    let raw = random_disk(&d.path().join("disk.raw"), 16, 12, 23);
+    let len = std::fs::metadata(&raw).expect("len").len();
+    let s = Stack::new(u64::MAX >> 2, 0);
+    // A second link that goes silent after 4 MiB for a minute: the old connection the
+    // server still waits on (its idle timeout is 300 s).
+    let silent = DropProxy::stall_upward(s.run.path(), s.proxy.port, 4 * MIB, 1, 60.0);
+    let upload = s.create(len, None);
+    let stalled = upload.replace(
+        &format!("127.0.0.1:{}", s.link.port),
+        &format!("127.0.0.1:{}", silent.port),
+    );
+    let whole = s.run.path().join("whole");
+    std::fs::copy(&raw, &whole).expect("copy");
+    let bearer = format!("Authorization: Bearer {}", s.token());
+    let mut old = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--cacert"])
+        .arg(s.pki.path("ca.crt"))
+        .args(["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", &bearer])
+        .args(["-H", "Content-Type: application/offset+octet-stream"])
+        .args(["-H", "Upload-Offset: 0", "--data-binary"])
+        .arg(format!("@{}", whole.display()))
+        .arg(&stalled)
+        .spawn()
+        .expect("curl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut at = 0;
+    while at < 2 * MIB {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first PATCH never got going"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        at = s.offset(&upload);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let at = s.offset(&upload);
+    let started = std::time::Instant::now();
+    let (code, text) = s.patch(&upload, &raw, at, at, &[]);
+    assert_eq!(code, 204, "{text}\n{}", s.server.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the new PATCH waited for the silent one: {:?}",
+        started.elapsed()
+    );
+    let _ = old.kill();
+    let _ = old.wait();
+    assert_same_bytes(&s.disk(), &raw);
+}
+
 fn tus_meta(pairs: &[(&str, &str)]) -> String {
     use base64::Engine;
     pairs

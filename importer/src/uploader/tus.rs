@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The first bytes whose digest names the upload (the server's `head`).
-const HEAD_LEN: u64 = 1 << 20;
 /// The last bytes, sent with the whole file's digest.
 const TAIL: u64 = 1 << 20;
 /// Bytes per read of the file into a request.
@@ -50,12 +48,11 @@ pub async fn upload(
         match create(client, create_url, c, len, &head).await {
             Ok(v) => break v,
             Err(Attempt::Fatal(e)) => return Err(e),
-            Err(Attempt::Retry(why) | Attempt::Lost(why)) => {
+            Err(other) => {
                 failures += 1;
-                give_up(failures, c, why)?;
+                give_up(failures, c, other.why())?;
                 backoff(failures).await;
             }
-            Err(Attempt::Moved(_)) => {}
         }
     };
     if offset > 0 {
@@ -133,6 +130,16 @@ pub async fn upload(
     }
 }
 
+impl Attempt {
+    fn why(self) -> String {
+        match self {
+            Attempt::Retry(why) | Attempt::Lost(why) => why,
+            Attempt::Moved(n) => format!("the server is at byte {n}"),
+            Attempt::Fatal(e) => e.to_string(),
+        }
+    }
+}
+
 fn give_up(failures: u32, c: &UploaderConfig, last: String) -> Result<(), UploadError> {
     if failures > c.retries {
         return Err(UploadError::GaveUp {
@@ -149,7 +156,7 @@ fn lock(l: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
 
 /// `sha256:<hex>` of the file's first MiB (or all of a smaller file).
 fn head_digest(f: &mut std::fs::File, len: u64) -> std::io::Result<String> {
-    let mut buf = vec![0u8; HEAD_LEN.min(len) as usize];
+    let mut buf = vec![0u8; tus::HEAD_LEN.min(len) as usize];
     f.read_exact(&mut buf)?;
     Ok(ferrydisk_common::checksum::sha256_digest(&buf))
 }

@@ -11,7 +11,7 @@ use super::outcome::failure_response;
 use super::Server;
 use bytes::Bytes;
 use ferrydisk_common::cdi::upload::Resumable;
-use ferrydisk_common::checksum::Checksum;
+use ferrydisk_common::checksum::{Checksum, Digests};
 use ferrydisk_common::tus;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -202,7 +202,7 @@ async fn create(server: &Arc<Server>, h: &HeaderMap, base: &str) -> Resp {
         Some(Err(e)) => return tus_reply(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let value = |k: &str| meta.iter().find(|(m, _)| m == k).map(|(_, v)| v.as_str());
-    let (wants, algorithms) = match parse_checksums(value("checksum").unwrap_or("")) {
+    let (wants, algorithms, digests) = match parse_checksums(value("checksum").unwrap_or("")) {
         Ok(c) => c,
         Err(e) => return tus_reply(StatusCode::BAD_REQUEST, e),
     };
@@ -224,7 +224,7 @@ async fn create(server: &Arc<Server>, h: &HeaderMap, base: &str) -> Resp {
     if let Some(name) = value("filename") {
         tracing::info!(filename = %name.chars().take(200).collect::<String>(), "upload names its file");
     }
-    match Session::start(server, new_id(), length, wants, algorithms) {
+    match Session::start(server, new_id(), length, wants, algorithms, digests) {
         Ok(s) => {
             server.resumable.install(s.clone());
             created(base, &s)
@@ -249,20 +249,27 @@ fn created(base: &str, s: &Session) -> Resp {
 }
 
 /// The `checksum` metadata: `algorithm:hex` digests checked at the end, or bare
-/// algorithm names whose digests the last PATCH brings (`X-Checksum`).
-fn parse_checksums(v: &str) -> Result<(Vec<Checksum>, Vec<String>), String> {
+/// algorithm names whose digests the last PATCH brings (`X-Checksum`); and the hashers
+/// for all of them.
+fn parse_checksums(v: &str) -> Result<(Vec<Checksum>, Vec<String>, Digests), String> {
     let mut wants = Vec::new();
     let mut algorithms = Vec::new();
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if part.contains(':') {
             wants.push(Checksum::parse(part).map_err(|e| e.to_string())?);
         } else {
-            ferrydisk_common::checksum::Digests::new([part]).map_err(|e| e.to_string())?;
             algorithms.push(part.to_ascii_lowercase());
         }
     }
     let wants = Checksum::one_per_algorithm(wants).map_err(|e| e.to_string())?;
-    Ok((wants, algorithms))
+    let digests = Digests::new(
+        wants
+            .iter()
+            .map(|c| c.algorithm())
+            .chain(algorithms.iter().map(String::as_str)),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((wants, algorithms, digests))
 }
 
 async fn patch(server: &Arc<Server>, id: &str, req: Request<Incoming>) -> Resp {
@@ -368,6 +375,7 @@ async fn patch(server: &Arc<Server>, id: &str, req: Request<Incoming>) -> Resp {
             StatusCode::from_u16(tus::CHECKSUM_MISMATCH).unwrap_or(StatusCode::BAD_REQUEST),
             "Upload-Checksum does not match the body; nothing was taken",
         ),
+        Patched::Ended => tus_reply(StatusCode::GONE, "the upload has ended"),
         Patched::ClientFailed { at, why } => {
             let mut r = tus_reply(StatusCode::BAD_REQUEST, format!("the body broke off: {why}"));
             set(&mut r, "upload-offset", at.to_string());

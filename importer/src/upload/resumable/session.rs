@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::task::JoinHandle;
 
-/// The first bytes whose digest identifies an upload (the `head` metadata key).
-pub const HEAD_LEN: u64 = 1 << 20;
+use ferrydisk_common::tus::HEAD_LEN;
 /// Source bytes between two syncs of a raw image's disk: the saved offset trails the
 /// bytes taken by about this plus what the pipeline holds (a few MiB).
 const SYNC_EVERY: u64 = 32 << 20;
@@ -95,6 +94,8 @@ pub enum Patched {
     ChecksumBodyTooLarge,
     /// `Upload-Checksum` did not match: nothing was taken.
     ChecksumMismatch,
+    /// The upload ended (completed, failed or terminated) while this request waited.
+    Ended,
     /// The body broke off or stalled; what came before was taken.
     ClientFailed { at: u64, why: String },
     /// The upload failed (the pipeline refused the data, or the whole-image digest did
@@ -110,12 +111,15 @@ pub const MAX_CHECKSUMMED: u64 = 64 << 20;
 
 impl Session {
     /// A new upload: the server taken, the pipeline started and waiting for bytes.
+    /// `digests` hash for `wants` and for `algorithms`, whose digests the last PATCH
+    /// brings.
     pub fn start(
         server: &Arc<Server>,
         id: String,
         length: u64,
         wants: Vec<Checksum>,
         algorithms: Vec<String>,
+        digests: Digests,
     ) -> Result<Arc<Session>, StartRefused> {
         let busy = server.try_start().map_err(|p| match p {
             Phase::Done => StartRefused::Done,
@@ -127,7 +131,7 @@ impl Session {
             &id,
             length,
             wants.iter().map(|c| c.to_string()).collect(),
-            algorithms.clone(),
+            algorithms,
         );
         if let Some(p) = &state_path {
             save(p, &saved);
@@ -137,7 +141,7 @@ impl Session {
         let feed = spawn(server, plan, busy, progress.clone(), length, None);
         tracing::info!(%id, length, "resumable upload created");
         Ok(Self::new(
-            id, length, 0, wants, algorithms, progress, feed, saved, state_path, disk_path,
+            id, length, 0, wants, digests, progress, feed, saved, state_path, disk_path,
         ))
     }
 
@@ -147,20 +151,13 @@ impl Session {
         length: u64,
         offset: u64,
         wants: Vec<Checksum>,
-        algorithms: Vec<String>,
+        digests: Digests,
         progress: Arc<Progress>,
         feed: Feed,
         saved: Saved,
         state_path: Option<PathBuf>,
         disk_path: PathBuf,
     ) -> Arc<Session> {
-        let digests = Digests::new(
-            wants
-                .iter()
-                .map(|c| c.algorithm())
-                .chain(algorithms.iter().map(String::as_str)),
-        )
-        .unwrap_or_else(|_| Digests::new([]).expect("no algorithm"));
         let head = OnceLock::new();
         if let Some(h) = &saved.head {
             let _ = head.set(h.clone());
@@ -201,12 +198,11 @@ impl Session {
             .map(|c| Checksum::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let algorithms = saved.algorithms.clone();
         let mut digests = Digests::new(
             wants
                 .iter()
                 .map(|c| c.algorithm())
-                .chain(algorithms.iter().map(String::as_str)),
+                .chain(saved.algorithms.iter().map(String::as_str)),
         )
         .map_err(|e| e.to_string())?;
         let (offset, head) = (saved.offset, saved.head.clone());
@@ -229,20 +225,18 @@ impl Session {
             Some(saved.offset),
         );
         tracing::info!(id = %saved.id, offset = saved.offset, length = saved.length, "resumable upload taken back after a restart");
-        let s = Self::new(
+        Ok(Self::new(
             saved.id.clone(),
             saved.length,
             saved.offset,
             wants,
-            algorithms,
+            digests,
             progress,
             feed,
             saved,
             Some(state_path),
             disk_path,
-        );
-        s.inner.lock().await.digests = digests;
-        Ok(s)
+        ))
     }
 
     pub fn offset(&self) -> u64 {
@@ -282,7 +276,7 @@ impl Session {
         let mut turn = self.turn.subscribe();
         if inner.feed.is_none() {
             ferrydisk_common::serve::linger::body(body);
-            return Patched::Failed(Failure::Config("the upload has ended".into()));
+            return Patched::Ended;
         }
         let now = self.offset();
         if at != now {
@@ -506,7 +500,7 @@ impl Session {
         finals: Vec<Checksum>,
     ) -> Patched {
         let Some(feed) = inner.feed.take() else {
-            return Patched::Failed(Failure::Config("the upload has ended".into()));
+            return Patched::Ended;
         };
         let mut wants = self.wants.clone();
         wants.extend(finals);
@@ -534,7 +528,7 @@ impl Session {
             }
         };
         feed.reporter.abort();
-        self.end(server);
+        self.end();
         match result {
             Ok(msg) => {
                 self.progress.complete();
@@ -555,7 +549,7 @@ impl Session {
     /// The pipeline stopped taking bytes: its error ends the upload.
     async fn fail_after_pipeline(&self, server: &Arc<Server>, inner: &mut Inner) -> Patched {
         let Some(feed) = inner.feed.take() else {
-            return Patched::Failed(Failure::Config("the upload has ended".into()));
+            return Patched::Ended;
         };
         feed.reporter.abort();
         let f = match join(feed.work).await {
@@ -563,7 +557,7 @@ impl Session {
             Ok(_) => Failure::Config("the pipeline ended before the last byte".into()),
         };
         drop(feed.busy);
-        self.end(server);
+        self.end();
         server.resumable.retire(&self.id, &f.detail());
         tracing::error!(error = %f.detail(), "resumable upload failed");
         Patched::Failed(f)
@@ -583,7 +577,7 @@ impl Session {
             let _ = join(feed.work).await;
             drop(feed.busy);
         }
-        self.end(server);
+        self.end();
         server.resumable.retire(&self.id, why);
         tracing::info!(id = %self.id, reason = why, "resumable upload terminated");
     }
@@ -593,7 +587,7 @@ impl Session {
         self.inner.try_lock().is_err()
     }
 
-    fn end(&self, _server: &Arc<Server>) {
+    fn end(&self) {
         if let Some(p) = &self.state_path {
             state::remove(p);
         }
