@@ -18,6 +18,7 @@ pub mod format;
 pub mod origin;
 pub mod pipeline;
 pub mod progress;
+pub mod readahead;
 pub mod resume;
 #[cfg(feature = "server")]
 pub mod serve;

@@ -145,7 +145,7 @@ async fn import_gcs(
     let client = http_client(net, "gcs", Vec::new())?;
     let auth = match plan.gcs_credentials.as_deref() {
         Some(path) => {
-            let sa = gcs::ServiceAccount::load(path, client.clone(), net.idle_timeout)
+            let sa = gcs::ServiceAccount::load(path, client.reqwest.clone(), net.idle_timeout)
                 .map_err(|e| connect_err("gcs", ErrorKind::Config, e.to_string()))?;
             tracing::info!(account = %sa.email(), "using the GCS service-account key");
             http::Auth::Per(Arc::new(sa))

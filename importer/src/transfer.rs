@@ -17,7 +17,7 @@ pub fn http_client(
     net: &Net,
     source_name: &str,
     localhost_names: Vec<String>,
-) -> Result<reqwest::Client, Failure> {
+) -> Result<client::HttpClient, Failure> {
     client::build(&client::ClientOptions {
         ca_dirs: net.ca_dirs.iter().map(PathBuf::as_path).collect(),
         insecure: net.insecure,
@@ -63,7 +63,7 @@ pub fn connect_err(source_name: &str, kind: ErrorKind, message: String) -> Failu
 /// when the source changed under a resume.
 pub async fn download(
     disk: DiskPlan,
-    client: &reqwest::Client,
+    client: &client::HttpClient,
     url: &str,
     opts: http::HttpOptions,
     source_name: &str,

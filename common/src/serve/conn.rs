@@ -3,6 +3,7 @@
 //! server, the progress metric and the upload proxy.
 
 use super::listen::{header_timeout, with_handshake_timeout};
+use crate::readahead::ReadAhead;
 use hyper::body::{Body, Incoming};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -14,6 +15,15 @@ use tokio_rustls::TlsAcceptor;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A served connection's transport: TLS over a socket read ahead in 64 KiB gulps (an
+/// upload body arrives in a few large reads, not one read per TLS record; an idle
+/// connection holds no buffer).
+pub type Transport = TlsStream<ReadAhead<TcpStream>>;
+
+/// The read-ahead of a served connection: smaller than a client's, as a server holds
+/// many at once.
+const SERVER_READ_AHEAD: usize = 64 << 10;
+
 /// Serves `tcp` on a task of its own; `make` builds the service once the handshake is
 /// done (it may read the peer's certificates). The permit is held until the connection
 /// ends, so the listener's connection bound covers handshakes and bodies alike.
@@ -24,7 +34,7 @@ pub fn spawn<F, S, B>(
     watcher: Option<Watcher>,
     make: F,
 ) where
-    F: FnOnce(&TlsStream<TcpStream>) -> S + Send + 'static,
+    F: FnOnce(&Transport) -> S + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -34,7 +44,13 @@ pub fn spawn<F, S, B>(
 {
     tokio::spawn(async move {
         let _permit = permit;
-        let tls = match with_handshake_timeout(acceptor.accept(tcp)).await {
+        let tls = match with_handshake_timeout(acceptor.accept(ReadAhead::with_capacity(
+            SERVER_READ_AHEAD,
+            true,
+            tcp,
+        )))
+        .await
+        {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");

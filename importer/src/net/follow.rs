@@ -6,10 +6,11 @@
 //! the credentials only on hops to the origin they belong to and puts a timeout on each
 //! hop's response headers.
 
+use crate::sources::client::HttpClient;
 use ferrydisk_common::origin::{self, Carry, Origin};
 use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, LOCATION};
-use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use std::time::Duration;
 
 /// At most this many redirects, as CDI's (Go's) client.
@@ -47,6 +48,9 @@ impl Credentials for SecretHeaders {
 pub enum FollowError {
     #[error("{0}")]
     Http(#[source] reqwest::Error),
+    /// The request failed on the direct HTTPS transport.
+    #[error("{0}")]
+    Direct(#[source] super::direct::DirectError),
     /// A redirect loop, a refused target, a bad Location: terminal.
     #[error("{0}")]
     Redirect(String),
@@ -70,7 +74,7 @@ pub struct Policy {
 /// `creds` only on hops to `url`'s own origin, following up to [`MAX_REDIRECTS`]
 /// redirects. The final response is returned whatever its status.
 pub async fn send(
-    client: &Client,
+    client: &HttpClient,
     method: Method,
     url: &Url,
     public: &HeaderMap,
@@ -91,8 +95,17 @@ pub async fn send(
                 .await
                 .map_err(FollowError::Credentials)?;
         }
-        let resp = match tokio::time::timeout(policy.idle, req.send()).await {
-            Ok(r) => r.map_err(FollowError::Http)?,
+        let sent = async {
+            match &client.direct {
+                Some(direct) if next.scheme() == "https" => {
+                    let req = req.build().map_err(FollowError::Http)?;
+                    direct.send(req).await.map_err(FollowError::Direct)
+                }
+                _ => req.send().await.map_err(FollowError::Http),
+            }
+        };
+        let resp = match tokio::time::timeout(policy.idle, sent).await {
+            Ok(r) => r?,
             Err(_) => return Err(FollowError::Timeout(policy.idle.as_secs())),
         };
         if !is_redirect(resp.status()) {

@@ -1,9 +1,11 @@
 //! Talking to remote parties, all of which are treated as hostile: the bounded body
 //! reader (`body`), redirects that keep credentials on their origin (`follow`), and the
-//! distribution-registry client (`registry`). Every request has a connect timeout (the
+//! distribution-registry client (`registry`), and the HTTPS transport for large bodies
+//! (`direct`). Every request has a connect timeout (the
 //! client's) and an idle timeout on its response; every small body is read bounded.
 
 pub mod body;
+pub mod direct;
 pub mod follow;
 pub mod registry;
 

@@ -93,6 +93,15 @@ impl ApiError {
     fn follow(what: &str, e: FollowError) -> ApiError {
         match e {
             FollowError::Http(e) => ApiError::http(what, &e),
+            FollowError::Direct(e) => {
+                let (kind, message) = super::direct::describe(&e);
+                ApiError::Http {
+                    what: what.to_string(),
+                    message,
+                    kind,
+                    connect: e.connect,
+                }
+            }
             FollowError::Timeout(secs) => ApiError::Timeout {
                 what: what.to_string(),
                 secs,
@@ -121,7 +130,7 @@ pub enum Access {
 /// How to reach a registry.
 #[derive(Clone)]
 pub struct Connect {
-    pub http: reqwest::Client,
+    pub http: crate::sources::client::HttpClient,
     /// `host[:port]` as the reference names it (Docker Hub already resolved).
     pub host: String,
     pub repo: String,
@@ -136,7 +145,7 @@ pub struct Connect {
 
 /// One repository of one registry, authenticated.
 pub struct Registry {
-    http: reqwest::Client,
+    http: crate::sources::client::HttpClient,
     /// `https://host[:port]` (or `http://` for an insecure registry without TLS).
     base: Url,
     origin: Origin,

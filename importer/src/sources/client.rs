@@ -5,6 +5,7 @@
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -71,14 +72,39 @@ fn internal_ip(ip: std::net::IpAddr) -> bool {
 
 pub const USER_AGENT: &str = concat!("ferrydisk-importer/", env!("CARGO_PKG_VERSION"));
 
-pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
+/// The client of the network sources: reqwest, and for a GET of an `https://` URL when
+/// no proxy is set, the direct transport (`net::direct`: the same TLS configuration,
+/// with reads under TLS in large gulps). Everything else is reqwest's, reached through
+/// `Deref`.
+#[derive(Clone)]
+pub struct HttpClient {
+    pub reqwest: reqwest::Client,
+    pub direct: Option<crate::net::direct::Direct>,
+}
+
+impl std::ops::Deref for HttpClient {
+    type Target = reqwest::Client;
+
+    fn deref(&self) -> &reqwest::Client {
+        &self.reqwest
+    }
+}
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
+pub fn build(opts: &ClientOptions<'_>) -> Result<HttpClient, ClientError> {
+    let tls = tls_config(opts)?;
     let mut b = reqwest::Client::builder()
-        .use_rustls_tls()
+        .use_preconfigured_tls(tls.clone())
         .user_agent(USER_AGENT)
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .tcp_keepalive(std::time::Duration::from_secs(30))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_keepalive(KEEPALIVE)
         .redirect(reqwest::redirect::Policy::none())
-        .danger_accept_invalid_certs(opts.insecure)
+        // A disk is one long body: HTTP/1.1 hands it over in large reads, where HTTP/2
+        // (which a TLS server offers by ALPN) cuts it into 16 KiB frames, each with its
+        // flow-control bookkeeping.
+        .http1_only()
         .no_proxy();
     for name in &opts.localhost_names {
         if name.ends_with(".localhost") {
@@ -89,30 +115,6 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
                     std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
                 ],
             );
-        }
-    }
-    for dir in &opts.ca_dirs {
-        for path in pem_files(dir) {
-            let pem = std::fs::read(&path).map_err(|source| ClientError::Cert {
-                path: path.clone(),
-                source,
-            })?;
-            // A file with no certificate in it (a ConfigMap's other key, a CA's serial
-            // file) is skipped with a warning, as CDI's loadCA does.
-            let certs = match reqwest::Certificate::from_pem_bundle(&pem) {
-                Ok(c) if !c.is_empty() => c,
-                Ok(_) => {
-                    tracing::warn!(path = %path.display(), "no certificate in this file of the CA directory; skipped");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "no usable certificate in this file of the CA directory; skipped");
-                    continue;
-                }
-            };
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
         }
     }
     let no_proxy = opts
@@ -129,6 +131,17 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
                 .no_proxy(no_proxy.clone()),
         );
     }
+    // An HTTPS proxy sees every https:// request: the direct transport (which speaks
+    // to origins only) is left out.
+    let direct = opts.proxies.https.is_none().then(|| {
+        crate::net::direct::Direct::new(
+            USER_AGENT,
+            tls,
+            &opts.localhost_names,
+            CONNECT_TIMEOUT,
+            KEEPALIVE,
+        )
+    });
     if let Some(p) = https_proxy {
         b = b.proxy(
             reqwest::Proxy::https(&p)
@@ -136,7 +149,107 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<reqwest::Client, ClientError> {
                 .no_proxy(no_proxy),
         );
     }
-    b.build().map_err(|e| ClientError::Build(e.to_string()))
+    let reqwest = b.build().map_err(|e| ClientError::Build(e.to_string()))?;
+    Ok(HttpClient { reqwest, direct })
+}
+
+/// The one TLS configuration of both transports: the compiled-in Mozilla roots, the
+/// system's, and every certificate in the CA directories CDI mounts (a file with none
+/// is skipped with a warning, as CDI's loadCA does); CDI's insecure switch accepts any
+/// certificate. HTTP/1.1 only.
+fn tls_config(opts: &ClientOptions<'_>) -> Result<rustls::ClientConfig, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Native stores may hold ancient or malformed certificates: those are skipped.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    for dir in &opts.ca_dirs {
+        for path in pem_files(dir) {
+            let pem = std::fs::read(&path).map_err(|source| ClientError::Cert {
+                path: path.clone(),
+                source,
+            })?;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                .filter_map(Result::ok)
+                .collect();
+            if certs.is_empty() {
+                tracing::warn!(path = %path.display(), "no certificate in this file of the CA directory; skipped");
+                continue;
+            }
+            for c in certs {
+                if let Err(e) = roots.add(c) {
+                    tracing::warn!(path = %path.display(), error = %e, "an unusable certificate in this file of the CA directory; skipped");
+                }
+            }
+        }
+    }
+    let provider = ferrydisk_common::serve::tls::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::ALL_VERSIONS)
+        .map_err(|e| ClientError::Build(e.to_string()))?;
+    let mut config = if opts.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// CDI's insecure switch (`INSECURE_TLS`, an insecure registry): any certificate is
+/// taken; the handshake's signatures are still checked.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// Every regular, non-dot file in `dir` (CDI adds each as PEM). A missing dir is empty.

@@ -7,6 +7,7 @@
 use super::redact;
 use super::resume::{self as pump, backoff, Body, Labels, Opened, Policy, Reopen, Resumable};
 use crate::net::follow::AuthError;
+use crate::sources::client::HttpClient as Client;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::resume::{self, Continue, Headers, Restart, Validators};
 use ferrydisk_common::stream::{self, ChannelReader};
@@ -15,7 +16,7 @@ use futures_util::StreamExt;
 use reqwest::header::{
     ACCEPT_RANGES, CONTENT_RANGE, ETAG, IF_MATCH, IF_RANGE, LAST_MODIFIED, RANGE,
 };
-use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -300,6 +301,10 @@ async fn get(
         .map_err(|e| match e {
             FollowError::Http(e) => {
                 let (kind, message) = crate::net::describe(&e);
+                Failed::Http(kind, message)
+            }
+            FollowError::Direct(e) => {
+                let (kind, message) = crate::net::direct::describe(&e);
                 Failed::Http(kind, message)
             }
             FollowError::Timeout(secs) => Failed::Http(

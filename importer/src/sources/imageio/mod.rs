@@ -77,7 +77,7 @@ async fn plan_transfer(
 
 pub async fn import(
     plan: ImportConfig,
-    client: reqwest::Client,
+    client: crate::sources::client::HttpClient,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     let io = plan.imageio.clone();
@@ -94,9 +94,15 @@ pub async fn import(
         )
     })?;
     let idle = plan.net.idle_timeout;
-    let engine = Engine::login(client.clone(), &plan.endpoint, &user, &password, idle)
-        .await
-        .map_err(engine_err)?;
+    let engine = Engine::login(
+        client.reqwest.clone(),
+        &plan.endpoint,
+        &user,
+        &password,
+        idle,
+    )
+    .await
+    .map_err(engine_err)?;
     let (target, format) = plan_transfer(&engine, &plan).await?;
     tracing::info!(disk = %io.disk_id, ?target, format, stage = if io.is_delta() { "delta" } else { "full" }, last_stage = io.last_stage, "creating the image transfer");
     let transfer = engine
@@ -121,7 +127,7 @@ async fn read(
     engine: &Engine,
     transfer: &engine::Transfer,
     plan: &ImportConfig,
-    client: reqwest::Client,
+    client: crate::sources::client::HttpClient,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
     let io = &plan.imageio;
@@ -152,7 +158,7 @@ async fn read(
 /// The image onto the disk: extents, a whole raw stream, or a delta.
 async fn copy(
     plan: &ImportConfig,
-    client: reqwest::Client,
+    client: crate::sources::client::HttpClient,
     url: &str,
     progress: Arc<Progress>,
 ) -> Result<TerminationMessage, Failure> {
@@ -196,7 +202,7 @@ async fn copy(
         let open: Arc<crate::disk::OpenRange> = Arc::new(move |start: u64, length: u64| {
             Ok(Box::new(data::RangeReader::new(
                 rt.clone(),
-                client.clone(),
+                client.reqwest.clone(),
                 url.clone(),
                 idle,
                 start,
