@@ -302,6 +302,73 @@ fn tls_with_a_private_ca_and_htpasswd_auth() {
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);
 }
 
+/// With `https_proxy` set, every request to a TLS registry goes through the proxy (a
+/// CONNECT tunnel per origin): the direct HTTPS transport for blobs never bypasses it.
+/// Without it, the same import reads the blobs directly.
+#[test]
+fn an_https_proxy_carries_every_request_and_none_bypass_it() {
+    let d = tmp();
+    let (ctx, reference) = context(d.path(), 0x3c);
+    let reg = Registry::start(true, None);
+    let b = Buildah::default();
+    b.build(&ctx, CONTAINERFILE, "cd");
+    b.push("cd", &reg, "proxied/cd:1", &[]);
+    let ca = reg.ca_dir.clone().expect("ca");
+    let log = d.path().join("connect.log");
+    let (mut proxy, port) = ferrydisk_tests::httpserver::spawn_support(
+        "connectproxy.py",
+        &["--log".as_ref(), log.as_os_str()],
+    );
+    let run = tmp();
+    let o = registry_import(run.path(), &reg, "proxied/cd:1")
+        .env("IMPORTER_CERT_DIR", ca.to_str().expect("utf8"))
+        .env("https_proxy", &format!("http://127.0.0.1:{port}"))
+        .run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+    // The importer has exited: every tunnel is closed and counted.
+    let mut tunnels = String::new();
+    for _ in 0..50 {
+        tunnels = std::fs::read_to_string(&log).unwrap_or_default();
+        if tunnels.matches("BYTES").count() == tunnels.matches("CONNECT").count() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(
+        tunnels.contains(&format!("CONNECT {}", reg.host())),
+        "no tunnel to the registry through the proxy: {tunnels:?}"
+    );
+    // The layer itself came through the tunnel, not around it.
+    let carried: u64 = tunnels
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("BYTES ")?
+                .split(' ')
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let layer = reg.raw_manifest("proxied/cd:1")["layers"][0]["size"]
+        .as_u64()
+        .expect("layer size");
+    assert!(
+        carried > layer,
+        "{carried} bytes through the proxy, the disk's layer is {layer}: {tunnels:?}"
+    );
+
+    // No proxy: the same import, read directly.
+    let run = tmp();
+    let o = registry_import(run.path(), &reg, "proxied/cd:1")
+        .env("IMPORTER_CERT_DIR", ca.to_str().expect("utf8"))
+        .run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+}
+
 #[test]
 fn tampered_blob_fails_with_a_digest_error() {
     let d = tmp();
