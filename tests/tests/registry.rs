@@ -369,6 +369,23 @@ fn an_https_proxy_carries_every_request_and_none_bypass_it() {
     assert_same_bytes(&run.path().join("data/disk.img"), &reference);
 }
 
+/// `INSECURE_TLS=true` takes any certificate, as CDI's Go client does: one that is
+/// self-signed with a 1024-bit RSA key (which ring will not verify a signature with)
+/// is taken over TLS, not refused into the plain-HTTP fallback.
+#[test]
+fn an_insecure_registry_with_a_weak_self_signed_key_is_read_over_tls() {
+    let d = tmp();
+    let (ctx, reference) = context(d.path(), 0x5a);
+    let reg = Registry::start_self_signed(1024);
+    let b = Buildah::default();
+    b.build(&ctx, CONTAINERFILE, "cd");
+    b.push("cd", &reg, "weak/cd:1", &[]);
+    let run = tmp();
+    let o = registry_import(run.path(), &reg, "weak/cd:1").run();
+    assert_eq!(o.code, 0, "{}\n{}", o.termination, o.stderr);
+    assert_same_bytes(&run.path().join("data/disk.img"), &reference);
+}
+
 #[test]
 fn tampered_blob_fails_with_a_digest_error() {
     let d = tmp();
