@@ -44,17 +44,15 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// Bytes read from the socket and not yet handed on.
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.filled - self.pos
     }
 
     /// The buffer's size now (0 while released).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.buf.len()
     }
 }

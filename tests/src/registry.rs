@@ -25,8 +25,19 @@ pub struct Registry {
     _pki: Option<Pki>,
 }
 
+/// How a test registry serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    Off,
+    /// A certificate from the test PKI, whose CA is in `ca_dir`.
+    PrivateCa,
+    /// A self-signed certificate with an RSA key of this many bits; no CA dir.
+    SelfSigned(u32),
+}
+
 impl Registry {
     pub fn start(tls: bool, creds: Option<(&str, &str)>) -> Self {
+        let tls = if tls { Tls::PrivateCa } else { Tls::Off };
         Self::start_with(tls, creds, None)
     }
 
@@ -34,64 +45,17 @@ impl Registry {
     /// an insecure registry may serve; ring verifies no RSA key under 2048 bits): no CA
     /// dir, so imports from it run with `INSECURE_TLS=true`.
     pub fn start_self_signed(bits: u32) -> Self {
-        let mut r = Self::start_with(false, None, None);
-        let _ = r.child.kill();
-        let _ = r.child.wait();
-        let d = r._dir.path().to_path_buf();
-        sh(Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=insecure",
-            ])
-            .args(["-newkey", &format!("rsa:{bits}")])
-            .arg("-keyout")
-            .arg(d.join("self.key"))
-            .arg("-out")
-            .arg(d.join("self.crt")));
-        let mut cfg = std::fs::read_to_string(d.join("config.yml")).expect("config");
-        cfg.push_str(&format!(
-            "  tls:\n    certificate: {}\n    key: {}\n",
-            d.join("self.crt").display(),
-            d.join("self.key").display()
-        ));
-        std::fs::write(d.join("config.yml"), cfg).expect("config");
-        r.child = Self::serve(&d, &r.log, r.port);
-        r
-    }
-
-    fn serve(d: &Path, log: &Path, port: u16) -> Child {
-        let out = std::fs::File::create(log).expect("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(d.join("config.yml"))
-            .stdout(Stdio::from(out.try_clone().expect("log")))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
+        Self::start_with(Tls::SelfSigned(bits), None, None)
     }
 
     /// A registry with Docker's token authentication: `grants` say who may do what;
     /// `creds` (one of them) is what the helpers (skopeo, the importer) log in with.
     pub fn start_token(tls: bool, grants: &'static [Grant], creds: (&str, &str)) -> Self {
+        let tls = if tls { Tls::PrivateCa } else { Tls::Off };
         Self::start_with(tls, Some(creds), Some(grants))
     }
 
-    fn start_with(
-        tls: bool,
-        creds: Option<(&str, &str)>,
-        grants: Option<&'static [Grant]>,
-    ) -> Self {
+    fn start_with(tls: Tls, creds: Option<(&str, &str)>, grants: Option<&'static [Grant]>) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let d = dir.path();
         let storage = d.join("storage");
@@ -101,7 +65,29 @@ impl Registry {
             storage.display()
         );
         let mut ca_dir = None;
-        let pki = tls.then(Pki::default);
+        let pki = (tls == Tls::PrivateCa).then(Pki::default);
+        if let Tls::SelfSigned(bits) = tls {
+            sh(Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=insecure",
+                ])
+                .args(["-newkey", &format!("rsa:{bits}")])
+                .arg("-keyout")
+                .arg(d.join("self.key"))
+                .arg("-out")
+                .arg(d.join("self.crt")));
+            cfg.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                d.join("self.crt").display(),
+                d.join("self.key").display()
+            ));
+        }
         if let Some(pki) = &pki {
             let ca = d.join("ca");
             std::fs::create_dir(&ca).expect("ca dir");
@@ -129,7 +115,19 @@ impl Registry {
         }
         std::fs::write(d.join("config.yml"), cfg).expect("config");
         let log = d.join("registry.log");
-        let child = Self::serve(d, &log, port);
+        let out = std::fs::File::create(&log).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(Stdio::from(out.try_clone().expect("log")))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Registry {
             child,
             port,

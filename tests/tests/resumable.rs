@@ -178,6 +178,47 @@ impl Stack {
         self.curl(&args)
     }
 
+    /// PATCHes all of `file` from offset 0 (curl, in the background) through a link that
+    /// goes silent for a minute after `after` bytes, nothing telling the server the body
+    /// stopped; returns once the server has taken `reached` bytes (within `wait`, else
+    /// `what` is the failure) and settled: the link (keep it), curl, and the offset then.
+    fn patch_into_silence(
+        &self,
+        upload: &str,
+        file: &Path,
+        after: u64,
+        reached: u64,
+        wait: Duration,
+        what: &str,
+    ) -> (DropProxy, std::process::Child, u64) {
+        let silent = DropProxy::stall_upward(self.run.path(), self.proxy.port, after, 1, 60.0);
+        let stalled = upload.replace(
+            &format!("127.0.0.1:{}", self.link.port),
+            &format!("127.0.0.1:{}", silent.port),
+        );
+        let whole = self.run.path().join("whole");
+        std::fs::copy(file, &whole).expect("copy");
+        let bearer = format!("Authorization: Bearer {}", self.token());
+        let curl = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(self.pki.path("ca.crt"))
+            .args(["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", &bearer])
+            .args(["-H", "Content-Type: application/offset+octet-stream"])
+            .args(["-H", "Upload-Offset: 0", "--data-binary"])
+            .arg(format!("@{}", whole.display()))
+            .arg(&stalled)
+            .spawn()
+            .expect("curl");
+        let deadline = std::time::Instant::now() + wait;
+        while self.offset(upload) < reached {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let at = self.offset(upload);
+        (silent, curl, at)
+    }
+
     fn finished(&mut self) {
         assert_eq!(
             self.server.wait(Duration::from_secs(20)),
@@ -347,39 +388,17 @@ fn a_killed_upload_server_resumes_from_its_saved_state() {
     let len = std::fs::metadata(&raw).expect("len").len();
     let digest = sha256_file(&raw);
     let mut s = Stack::new(u64::MAX >> 2, 0);
+    let upload = s.create(len, Some(&tus_meta(&[("checksum", &digest)])));
     // The link goes silent after 100 MiB of the PATCH: the server is killed while the
     // upload is in flight, with nothing telling it the body stopped.
-    let stall = DropProxy::stall_upward(s.run.path(), s.proxy.port, 100 * MIB, 1, 60.0);
-    let upload = s.create(len, Some(&tus_meta(&[("checksum", &digest)])));
-    let stalled = upload.replace(
-        &format!("127.0.0.1:{}", s.link.port),
-        &format!("127.0.0.1:{}", stall.port),
+    let (_stall, mut patch, cut) = s.patch_into_silence(
+        &upload,
+        &raw,
+        100 * MIB,
+        100 * MIB - 8 * MIB,
+        Duration::from_secs(60),
+        "the upload did not reach the stall",
     );
-    let part = s.run.path().join("whole");
-    std::fs::copy(&raw, &part).expect("copy");
-    let bearer = format!("Authorization: Bearer {}", s.token());
-    let mut patch = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "--cacert"])
-        .arg(s.pki.path("ca.crt"))
-        .args(["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", &bearer])
-        .args(["-H", "Content-Type: application/offset+octet-stream"])
-        .args(["-H", "Upload-Offset: 0", "--data-binary"])
-        .arg(format!("@{}", part.display()))
-        .arg(&stalled)
-        .spawn()
-        .expect("curl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut cut = 0;
-    while cut < 100 * MIB - 8 * MIB {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload did not reach the stall"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        cut = s.offset(&upload);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let cut = s.offset(&upload);
     // kill -9: nothing runs on the way out.
     let _ = s.server.child.kill();
     let _ = s.server.child.wait();
@@ -565,39 +584,17 @@ fn a_client_back_on_a_new_connection_takes_over_a_silent_one() {
     let raw = random_disk(&d.path().join("disk.raw"), 16, 12, 23);
     let len = std::fs::metadata(&raw).expect("len").len();
     let s = Stack::new(u64::MAX >> 2, 0);
+    let upload = s.create(len, None);
     // A second link that goes silent after 4 MiB for a minute: the old connection the
     // server still waits on (its idle timeout is 300 s).
-    let silent = DropProxy::stall_upward(s.run.path(), s.proxy.port, 4 * MIB, 1, 60.0);
-    let upload = s.create(len, None);
-    let stalled = upload.replace(
-        &format!("127.0.0.1:{}", s.link.port),
-        &format!("127.0.0.1:{}", silent.port),
+    let (_silent, mut old, at) = s.patch_into_silence(
+        &upload,
+        &raw,
+        4 * MIB,
+        2 * MIB,
+        Duration::from_secs(30),
+        "the first PATCH never got going",
     );
-    let whole = s.run.path().join("whole");
-    std::fs::copy(&raw, &whole).expect("copy");
-    let bearer = format!("Authorization: Bearer {}", s.token());
-    let mut old = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "--cacert"])
-        .arg(s.pki.path("ca.crt"))
-        .args(["-X", "PATCH", "-H", "Tus-Resumable: 1.0.0", "-H", &bearer])
-        .args(["-H", "Content-Type: application/offset+octet-stream"])
-        .args(["-H", "Upload-Offset: 0", "--data-binary"])
-        .arg(format!("@{}", whole.display()))
-        .arg(&stalled)
-        .spawn()
-        .expect("curl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut at = 0;
-    while at < 2 * MIB {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first PATCH never got going"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        at = s.offset(&upload);
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let at = s.offset(&upload);
     let started = std::time::Instant::now();
     let (code, text) = s.patch(&upload, &raw, at, at, &[]);
     assert_eq!(code, 204, "{text}\n{}", s.server.log());

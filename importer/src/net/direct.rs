@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -22,6 +22,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a `.localhost` name resolves (RFC 6761 6.3), for both transports.
+pub const LOOPBACK: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+];
 
 /// The HTTPS client; cheap to clone (a pool of connections behind an `Arc`).
 #[derive(Clone)]
@@ -135,11 +141,7 @@ impl tower_service::Service<Name> for Resolver {
         Box::pin(async move {
             let host = name.as_str();
             if host.ends_with(".localhost") && localhost.iter().any(|n| n == host) {
-                return Ok(vec![
-                    SocketAddr::from(([127, 0, 0, 1], 0)),
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
-                ]
-                .into_iter());
+                return Ok(LOOPBACK.to_vec().into_iter());
             }
             let found = hickory()?.lookup_ip(host).await?;
             Ok(found

@@ -108,13 +108,7 @@ pub fn build(opts: &ClientOptions<'_>) -> Result<HttpClient, ClientError> {
         .no_proxy();
     for name in &opts.localhost_names {
         if name.ends_with(".localhost") {
-            b = b.resolve_to_addrs(
-                name,
-                &[
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
-                ],
-            );
+            b = b.resolve_to_addrs(name, &crate::net::direct::LOOPBACK);
         }
     }
     let no_proxy = opts

@@ -11,7 +11,7 @@ use super::outcome::failure_response;
 use super::Server;
 use bytes::Bytes;
 use ferrydisk_common::cdi::upload::Resumable;
-use ferrydisk_common::checksum::{Checksum, Digests};
+use ferrydisk_common::checksum::{Checksum, ChecksumError, Digests};
 use ferrydisk_common::tus;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -204,7 +204,7 @@ async fn create(server: &Arc<Server>, h: &HeaderMap, base: &str) -> Resp {
     let value = |k: &str| meta.iter().find(|(m, _)| m == k).map(|(_, v)| v.as_str());
     let (wants, algorithms, digests) = match parse_checksums(value("checksum").unwrap_or("")) {
         Ok(c) => c,
-        Err(e) => return tus_reply(StatusCode::BAD_REQUEST, e),
+        Err(e) => return tus_reply(StatusCode::BAD_REQUEST, e.to_string()),
     };
     if let Some(s) = server.resumable.current() {
         let same = value("head").is_some_and(|h| s.head() == Some(h)) && s.length == length;
@@ -251,24 +251,18 @@ fn created(base: &str, s: &Session) -> Resp {
 /// The `checksum` metadata: `algorithm:hex` digests checked at the end, or bare
 /// algorithm names whose digests the last PATCH brings (`X-Checksum`); and the hashers
 /// for all of them.
-fn parse_checksums(v: &str) -> Result<(Vec<Checksum>, Vec<String>, Digests), String> {
+fn parse_checksums(v: &str) -> Result<(Vec<Checksum>, Vec<String>, Digests), ChecksumError> {
     let mut wants = Vec::new();
     let mut algorithms = Vec::new();
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if part.contains(':') {
-            wants.push(Checksum::parse(part).map_err(|e| e.to_string())?);
+            wants.push(Checksum::parse(part)?);
         } else {
             algorithms.push(part.to_ascii_lowercase());
         }
     }
-    let wants = Checksum::one_per_algorithm(wants).map_err(|e| e.to_string())?;
-    let digests = Digests::new(
-        wants
-            .iter()
-            .map(|c| c.algorithm())
-            .chain(algorithms.iter().map(String::as_str)),
-    )
-    .map_err(|e| e.to_string())?;
+    let wants = Checksum::one_per_algorithm(wants)?;
+    let digests = session::hashers(&wants, &algorithms)?;
     Ok((wants, algorithms, digests))
 }
 

@@ -11,7 +11,7 @@ use crate::upload::outcome::{finish, join};
 use crate::upload::{Busy, Phase, Server};
 use bytes::Bytes;
 use ferrydisk_common::cdi::termination::TerminationMessage;
-use ferrydisk_common::checksum::{Checksum, Digests};
+use ferrydisk_common::checksum::{Checksum, ChecksumError, Digests};
 use ferrydisk_common::error::SourceError;
 use ferrydisk_common::progress::Progress;
 use ferrydisk_common::sniff::{sniff, Format};
@@ -198,13 +198,7 @@ impl Session {
             .map(|c| Checksum::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let mut digests = Digests::new(
-            wants
-                .iter()
-                .map(|c| c.algorithm())
-                .chain(saved.algorithms.iter().map(String::as_str)),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut digests = hashers(&wants, &saved.algorithms).map_err(|e| e.to_string())?;
         let (offset, head) = (saved.offset, saved.head.clone());
         let digests = tokio::task::spawn_blocking(move || {
             rehash(&disk, offset, head.as_deref(), &mut digests).map(|()| digests)
@@ -648,6 +642,17 @@ fn spawn(
         busy,
         reporter,
     }
+}
+
+/// The hashers of an upload: for the digests it is checked against (`wants`) and for
+/// the algorithms whose digests its last PATCH brings.
+pub fn hashers(wants: &[Checksum], algorithms: &[String]) -> Result<Digests, ChecksumError> {
+    Digests::new(
+        wants
+            .iter()
+            .map(|c| c.algorithm())
+            .chain(algorithms.iter().map(String::as_str)),
+    )
 }
 
 /// Reads the disk's first `len` bytes into `digests`, checking its head against `head`.
